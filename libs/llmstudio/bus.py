@@ -1,0 +1,240 @@
+"""The event bus: JetStream streams, an event publisher, and durable consumers with a dead letter.
+
+Every service gets one `Bus`. It publishes events (CloudEvents JSON, `Nats-Msg-Id` = event id for
+JetStream dedup, `traceparent` header) and registers handlers as durable pull consumers with
+explicit ack and `max_deliver`. A message that is not a valid event, or whose handler keeps
+failing until `max_deliver`, is parked on `llmstudio.deadletter.<consumer>` with the reason and
+terminated: never redelivered forever, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+from faststream import AckPolicy
+from faststream.nats import (
+    ConsumerConfig,
+    DeliverPolicy,
+    JStream,
+    NatsBroker,
+    NatsMessage,
+    PullSub,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+from opentelemetry import trace
+
+from . import telemetry
+from .config import Settings
+from .events import DeadLettered, Envelope, EventData, InvalidEvent, decode, make_envelope
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope, EventData], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    subjects: list[str]
+    retention: RetentionPolicy = RetentionPolicy.LIMITS
+    max_age_s: float = 0  # 0 = forever
+    audited: bool = True  # governance copies every message of the stream into the audit log
+
+
+# One stream per domain. METRICS samples and WORK items are operational, not domain events.
+STREAMS: dict[str, StreamSpec] = {
+    "DATASETS": StreamSpec(["llmstudio.dataset.>"]),
+    "JOBS": StreamSpec(["llmstudio.job.>"]),
+    "EVALS": StreamSpec(["llmstudio.eval.>"]),
+    "MODELS": StreamSpec(["llmstudio.model.>"]),
+    "GOVERNANCE": StreamSpec(["llmstudio.governance.>", "llmstudio.policy.>"]),
+    "DEADLETTER": StreamSpec(["llmstudio.deadletter.>"]),
+    "METRICS": StreamSpec(["llmstudio.metrics.>"], max_age_s=7 * 86400, audited=False),
+    "WORK": StreamSpec(["llmstudio.work.>"], retention=RetentionPolicy.WORK_QUEUE, audited=False),
+}
+AUDITED_STREAMS = [name for name, spec in STREAMS.items() if spec.audited]
+DEDUP_WINDOW_S = 120
+APIKEY_BUCKET = "llmstudio-apikeys"
+
+
+def stream_for(subject: str) -> str:
+    for name, spec in STREAMS.items():
+        for pattern in spec.subjects:
+            if subject.startswith(pattern[:-1]):
+                return name
+    raise KeyError(f"no stream holds subject {subject!r}")
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update every stream; safe to run from every service at start."""
+    for name, spec in STREAMS.items():
+        config = StreamConfig(
+            name=name,
+            subjects=spec.subjects,
+            retention=spec.retention,
+            storage=StorageType.FILE,
+            duplicate_window=DEDUP_WINDOW_S,
+            max_age=spec.max_age_s or None,
+        )
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+@dataclass
+class Bus:
+    settings: Settings
+    service: str
+    broker: NatsBroker = field(init=False)
+    js: JetStreamContext | None = field(init=False, default=None)
+    _tracer: trace.Tracer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.broker = NatsBroker(
+            self.settings.nats_url,
+            max_reconnect_attempts=-1,
+            logger=logging.getLogger(f"llmstudio.bus.{self.service}"),
+        )
+        self._tracer = trace.get_tracer(self.service)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.broker.connect()
+        self.js = self.broker.connection.jetstream()
+        await ensure_streams(self.js)
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    @property
+    def nc(self) -> nats.aio.client.Client:
+        return self.broker.connection
+
+    # -- publishing ------------------------------------------------------------------------
+    async def publish(self, data: EventData, *, tenant: str, actor: str = "") -> Envelope:
+        """Publish a domain event to its stream and wait for JetStream's ack."""
+        env = make_envelope(data, source=self.service, tenant=tenant, actor=actor)
+        await self.publish_envelope(env, data.subject())
+        return env
+
+    async def publish_envelope(self, env: Envelope, subject: str) -> None:
+        headers = telemetry.inject({"Nats-Msg-Id": env.id, "ce-type": env.type})
+        assert self.js is not None, "bus not started"
+        await self.js.publish(subject, env.model_dump_json().encode(), headers=headers)
+
+    async def publish_core(self, data: EventData, *, tenant: str = "system") -> None:
+        """Fire-and-forget on core NATS (heartbeats): not stored, not audited."""
+        env = make_envelope(data, source=self.service, tenant=tenant)
+        await self.nc.publish(data.subject(), env.model_dump_json().encode())
+
+    # -- consuming -------------------------------------------------------------------------
+    def subscribe(
+        self,
+        name: str,
+        subject: str,
+        handler: Handler,
+        *,
+        deliver_new: bool = False,
+        inactive_threshold_s: float | None = None,
+    ) -> None:
+        """Register `handler` as the durable pull consumer `<service>-<name>` on `subject`.
+
+        Must be called before `start()`. The handler gets a validated envelope and its data; it
+        must be idempotent (delivery is at least once). Raising makes the message redelivered
+        after a backoff, up to max_deliver, then parked on the dead-letter subject.
+        """
+        durable = f"{self.service}-{name}"
+        max_deliver = self.settings.max_deliver
+        stream = stream_for(subject)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subject,
+            max_deliver=max_deliver,
+            ack_wait=self.settings.ack_wait_s,
+            deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+            inactive_threshold=inactive_threshold_s,
+        )
+        subscriber = self.broker.subscriber(
+            subject,
+            stream=JStream(stream, declare=False),
+            durable=durable,
+            config=config,
+            pull_sub=PullSub(batch_size=16, timeout=1.0),
+            ack_policy=AckPolicy.MANUAL,
+        )
+
+        async def on_message(msg: NatsMessage) -> None:
+            await self._dispatch(durable, msg, handler, max_deliver)
+
+        subscriber(on_message)
+
+    def subscribe_core(self, subject: str, handler: Handler) -> None:
+        """Plain core-NATS subscription (heartbeats); invalid messages are logged and skipped."""
+
+        async def on_message(msg: NatsMessage) -> None:
+            try:
+                env, data = decode(msg.body)
+            except InvalidEvent as e:
+                log.warning("ignoring invalid message on %s: %s", subject, e)
+                return
+            await handler(env, data)
+
+        self.broker.subscriber(subject)(on_message)
+
+    async def _dispatch(self, consumer: str, msg: NatsMessage, handler: Handler, max_deliver: int):
+        raw = msg.raw_message
+        deliveries = raw.metadata.num_delivered if raw.metadata else 1
+        try:
+            env, data = decode(msg.body)
+        except InvalidEvent as e:
+            await self._park(consumer, raw.subject, msg.body, f"invalid event: {e}", deliveries)
+            await msg.reject()
+            return
+        ctx = telemetry.extract(raw.headers)
+        with self._tracer.start_as_current_span(
+            f"{consumer} {env.type}",
+            context=ctx,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.destination": raw.subject, "event.id": env.id},
+        ) as span:
+            try:
+                await handler(env, data)
+            except Exception as e:  # noqa: BLE001 - any failure is retried, then parked
+                span.record_exception(e)
+                if deliveries >= max_deliver:
+                    reason = f"handler failed {deliveries} times: {type(e).__name__}: {e}"
+                    log.error("%s: parking %s: %s", consumer, raw.subject, reason)
+                    await self._park(consumer, raw.subject, msg.body, reason, deliveries)
+                    await msg.reject()
+                else:
+                    log.warning("%s: %s failed (%s), will retry", consumer, raw.subject, e)
+                    await msg.nack(delay=min(2.0**deliveries * 0.25, 10.0))
+                return
+            await msg.ack()
+
+    async def _park(self, consumer: str, subject: str, body: bytes, reason: str, deliveries: int):
+        data = DeadLettered(
+            consumer=consumer,
+            original_subject=subject,
+            reason=reason[:2000],
+            deliveries=deliveries,
+            payload=body.decode("utf-8", errors="replace")[:65536],
+        )
+        await self.publish(data, tenant="system", actor=self.service)
+
+    # -- key-value -------------------------------------------------------------------------
+    async def kv(self, bucket: str = APIKEY_BUCKET):
+        assert self.js is not None, "bus not started"
+        try:
+            return await self.js.key_value(bucket)
+        except (NotFoundError, nats.js.errors.BucketNotFoundError):
+            return await self.js.create_key_value(bucket=bucket, history=1)
+

@@ -1,0 +1,86 @@
+"""Settings for every service, the CLI and the SDK.
+
+Read from `LLMSTUDIO_*` environment variables (pydantic-settings); defaults point at a local,
+single-machine setup under `.llmstudio/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Default gRPC ports of the services; the embedded stack picks free ports instead.
+DEFAULT_PORTS = {
+    "dataset": 50051,
+    "scheduler": 50052,
+    "registry": 50053,
+    "evaluator": 50054,
+    "governance": 50055,
+}
+GRPC_SERVICES = tuple(DEFAULT_PORTS)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMSTUDIO_", extra="ignore")
+
+    data_dir: Path = Path(".llmstudio")
+    nats_url: str = "nats://127.0.0.1:4222"
+
+    # Artifact store: "file" (under data_dir/artifacts) or "s3".
+    artifact_store: str = "file"
+    artifact_root: Path | None = None
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_bucket: str = "llmstudio"
+    s3_secure: bool = False
+    s3_region: str | None = None
+
+    # Metadata: one database per service. Empty -> sqlite under data_dir.
+    database_url: str = ""
+
+    # gRPC: the port this service listens on (0 = its default), and where clients find each one.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0
+    dataset_addr: str = f"127.0.0.1:{DEFAULT_PORTS['dataset']}"
+    scheduler_addr: str = f"127.0.0.1:{DEFAULT_PORTS['scheduler']}"
+    registry_addr: str = f"127.0.0.1:{DEFAULT_PORTS['registry']}"
+    evaluator_addr: str = f"127.0.0.1:{DEFAULT_PORTS['evaluator']}"
+    governance_addr: str = f"127.0.0.1:{DEFAULT_PORTS['governance']}"
+
+    # Identity: the key a client sends; the admin key governance creates on first start.
+    api_key: str = ""
+    bootstrap_admin_key: str = ""
+
+    # Telemetry: "none", "console", "file:<path>" (JSON lines) or "otlp" (needs the exporter).
+    otel_exporter: str = "none"
+    otel_endpoint: str = "http://127.0.0.1:4317"
+
+    # Trainer-worker
+    worker_id: str = ""
+    heartbeat_interval_s: float = 2.0
+    worker_ttl_s: float = 10.0
+
+    # Bus consumers: deliveries before a message is parked on the dead-letter subject.
+    max_deliver: int = 5
+    ack_wait_s: float = 60.0
+
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    def db_url(self, service: str) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def addr(self, service: str) -> str:
+        return getattr(self, f"{service}_addr")
+
+    def listen_port(self, service: str) -> int:
+        return self.grpc_port or DEFAULT_PORTS[service]
+
+
+def get_settings(**overrides) -> Settings:
+    return Settings(**overrides)

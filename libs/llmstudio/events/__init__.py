@@ -1,0 +1,33 @@
+"""Event contracts: a CloudEvents envelope around one pydantic model per event type."""
+
+from . import datasets, evaluation, governance, jobs, registry  # noqa: F401  (registers types)
+from .base import EVENT_TYPES, Envelope, EventData, InvalidEvent, decode, make_envelope
+from .datasets import DatasetRegistered, DatasetRejected, DatasetValidated
+from .evaluation import EvalCompleted, EvalFailed
+from .governance import ApiKeyCreated, ApiKeyRevoked, DeadLettered
+from .jobs import (
+    JobAssigned,
+    JobCancelled,
+    JobCancelRequested,
+    JobCheckpointed,
+    JobCompleted,
+    JobFailed,
+    JobMetrics,
+    JobQueued,
+    JobStarted,
+    JobSubmitted,
+    WorkerHeartbeat,
+    WorkItem,
+)
+from .registry import ModelStageChanged, ModelVersionRegistered
+
+__all__ = [
+    "EVENT_TYPES", "Envelope", "EventData", "InvalidEvent", "decode", "make_envelope",
+    "DatasetRegistered", "DatasetRejected", "DatasetValidated",
+    "EvalCompleted", "EvalFailed",
+    "ApiKeyCreated", "ApiKeyRevoked", "DeadLettered",
+    "JobAssigned", "JobCancelled", "JobCancelRequested", "JobCheckpointed", "JobCompleted",
+    "JobFailed", "JobMetrics", "JobQueued", "JobStarted", "JobSubmitted", "WorkerHeartbeat",
+    "WorkItem",
+    "ModelStageChanged", "ModelVersionRegistered",
+]

@@ -1,0 +1,197 @@
+"""gRPC plumbing shared by every service: server with health, reflection, auth and tracing, and
+client channels that carry the API key and the trace context.
+
+Servicers declare `PERMISSIONS = {"MethodName": "read" | "write" | "admin"}` and raise domain
+errors (`llmstudio.errors`); the interceptor authenticates, authorizes, opens a server span in the
+caller's trace, and maps domain errors to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+
+from . import telemetry
+from .auth import KeyDirectory, Principal, set_current_principal
+from .errors import StudioError
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def api_key_from_metadata(metadata: Iterable[tuple[str, str]]) -> str:
+    for k, v in metadata or ():
+        if k == "x-api-key":
+            return v
+        if k == "authorization" and v.lower().startswith("bearer "):
+            return v[7:]
+    return ""
+
+
+class StudioInterceptor(grpc.aio.ServerInterceptor):
+    """Auth (API key -> principal -> permission), a server span, domain error mapping."""
+
+    def __init__(self, service: str, directory: KeyDirectory, permissions: dict[str, str]):
+        self.directory = directory
+        self.permissions = permissions  # full method name -> permission
+        self.tracer = trace.get_tracer(service)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        metadata = list(details.invocation_metadata or ())
+        required = self.permissions.get(method)
+        principal = self.directory.lookup(api_key_from_metadata(metadata))
+        if required is None:
+            return _abort_handler(handler, grpc.StatusCode.UNIMPLEMENTED, f"{method} not routed")
+        if principal is None:
+            return _abort_handler(
+                handler, grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown API key (send it as 'x-api-key' metadata)",
+            )
+        if not principal.can(required):
+            return _abort_handler(
+                handler, grpc.StatusCode.PERMISSION_DENIED,
+                f"role {','.join(principal.roles)} may not {required} ({method})",
+            )
+        return self._wrap(handler, method, principal, dict(metadata))
+
+    def _wrap(self, handler, method: str, principal: Principal, metadata: dict[str, str]):
+        tracer = self.tracer
+
+        def start_span():
+            return tracer.start_as_current_span(
+                method, context=telemetry.extract(metadata), kind=trace.SpanKind.SERVER,
+                attributes={"rpc.method": method, "tenant": principal.tenant},
+            )
+
+        # Each RPC runs in its own task, so the principal set here is seen by that call only.
+        async def unary(request, context):
+            set_current_principal(principal)
+            try:
+                with start_span():
+                    return await handler.unary_unary(request, context)
+            except StudioError as e:
+                await context.abort(e.code, str(e))
+
+        async def stream(request, context):
+            set_current_principal(principal)
+            try:
+                with start_span():
+                    async for item in handler.unary_stream(request, context):
+                        yield item
+            except StudioError as e:
+                await context.abort(e.code, str(e))
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def _abort_handler(handler, code: grpc.StatusCode, message: str):
+    async def deny(request, context):
+        await context.abort(code, message)
+
+    async def deny_stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            deny_stream, handler.request_deserializer, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(
+        deny, handler.request_deserializer, handler.response_serializer)
+
+
+@dataclass
+class Registration:
+    """One servicer: its `add_XServicer_to_server` function, instance and full service name."""
+
+    add: Callable
+    servicer: object
+    full_name: str  # e.g. "llmstudio.v1.JobService"
+
+
+async def start_server(
+    service: str,
+    registrations: list[Registration],
+    directory: KeyDirectory,
+    host: str,
+    port: int,
+) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    permissions = {
+        f"/{r.full_name}/{m}": perm
+        for r in registrations
+        for m, perm in getattr(r.servicer, "PERMISSIONS", {}).items()
+    }
+    server = grpc.aio.server(interceptors=[StudioInterceptor(service, directory, permissions)])
+    for r in registrations:
+        r.add(r.servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [r.full_name for r in registrations]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ["", *names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health, bound
+
+
+async def stop_server(server: grpc.aio.Server, health: HealthServicer, grace: float = 5.0):
+    await health.enter_graceful_shutdown()
+    await server.stop(grace)
+
+
+# -- client side ------------------------------------------------------------------------------
+
+
+class _ClientMetadata(
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
+):
+    """Adds the API key and the current trace context to every call of a sync channel."""
+
+    def __init__(self, api_key: str):
+        self.api_key = api_key
+
+    def _details(self, details):
+        metadata = list(details.metadata or [])
+        if self.api_key:
+            metadata.append(("x-api-key", self.api_key))
+        metadata.extend(telemetry.inject().items())
+        return details._replace(metadata=metadata)  # grpc's call details are a namedtuple
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def channel(addr: str, api_key: str = "") -> grpc.Channel:
+    return grpc.intercept_channel(grpc.insecure_channel(addr), _ClientMetadata(api_key))
+
+
+def health_check(addr: str, timeout: float = 2.0) -> str:
+    """SERVING / NOT_SERVING / UNREACHABLE, through grpc.health.v1."""
+    with grpc.insecure_channel(addr) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -1,0 +1,1 @@
+"""The six LLM Studio services; each runs as `python -m services.<name>`."""

@@ -1,0 +1,107 @@
+"""The bus against a real nats-server: delivery, dedup, retries, dead letter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+import pytest
+
+from llmstudio.bus import Bus
+from llmstudio.config import Settings
+from llmstudio.events import DeadLettered, JobQueued, decode
+
+
+async def _wait(pred, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def settings(nats_server, tmp_path):
+    return Settings(nats_url=nats_server.url, data_dir=tmp_path, max_deliver=3, ack_wait_s=5)
+
+
+async def test_event_delivered_once_and_deduplicated(settings):
+    seen = []
+
+    async def on_queued(env, data):
+        seen.append((env.id, data.job_id))
+
+    bus = Bus(settings, "t1")
+    bus.subscribe("queued", "llmstudio.job.queued.*", on_queued)
+    await bus.start()
+    try:
+        env = await bus.publish(JobQueued(job_id="job-1", dataset_sha256="ab"), tenant="acme")
+        await bus.publish_envelope(env, "llmstudio.job.queued.job-1")  # same id: dropped
+        await _wait(lambda: len(seen) >= 1)
+        await asyncio.sleep(0.5)
+        assert seen == [(env.id, "job-1")]
+        assert env.tenant == "acme" and env.type == "llmstudio.job.queued.v1"
+    finally:
+        await bus.stop()
+
+
+async def test_invalid_event_is_dead_lettered_not_redelivered(settings):
+    calls = []
+    parked = []
+
+    async def on_queued(env, data):
+        calls.append(data)
+
+    async def on_dead(env, data):
+        parked.append(data)
+
+    bus = Bus(settings, "t2")
+    bus.subscribe("queued", "llmstudio.job.queued.*", on_queued)
+    bus.subscribe("dead", "llmstudio.deadletter.>", on_dead)
+    await bus.start()
+    try:
+        nc = await nats.connect(settings.nats_url)
+        js = nc.jetstream()
+        bad = {"specversion": "1.0", "id": "x1", "type": "llmstudio.job.queued.v1",
+               "source": "evil", "subject": "job-2", "tenant": "acme", "data": {"job_id": "job-2"}}
+        await js.publish("llmstudio.job.queued.job-2", json.dumps(bad).encode())
+        await js.publish("llmstudio.job.queued.job-3", b"not json at all")
+        await _wait(lambda: len(parked) >= 2)
+        await asyncio.sleep(1.0)
+        assert calls == []
+        assert len(parked) == 2
+        reasons = sorted(p.reason for p in parked)
+        assert "dataset_sha256" in reasons[0] or "dataset_sha256" in reasons[1]
+        assert all(isinstance(p, DeadLettered) and p.consumer == "t2-queued" for p in parked)
+        assert {p.original_subject for p in parked} == {
+            "llmstudio.job.queued.job-2", "llmstudio.job.queued.job-3"}
+        await nc.close()
+    finally:
+        await bus.stop()
+
+
+async def test_failing_handler_retried_then_parked(settings):
+    attempts = []
+    parked = []
+
+    async def flaky(env, data):
+        attempts.append(data.job_id)
+        raise RuntimeError("database is down")
+
+    async def on_dead(env, data):
+        parked.append(data)
+
+    bus = Bus(settings, "t3")
+    bus.subscribe("queued", "llmstudio.job.queued.*", flaky)
+    bus.subscribe("dead", "llmstudio.deadletter.>", on_dead)
+    await bus.start()
+    try:
+        await bus.publish(JobQueued(job_id="job-9", dataset_sha256="cd"), tenant="acme")
+        await _wait(lambda: parked, timeout=20)
+        await asyncio.sleep(1.0)
+        assert attempts == ["job-9"] * settings.max_deliver
+        assert "database is down" in parked[0].reason and parked[0].deliveries == 3
+        env, data = decode(parked[0].payload.encode())
+        assert data.job_id == "job-9"
+    finally:
+        await bus.stop()
