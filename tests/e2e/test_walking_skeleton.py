@@ -1,0 +1,240 @@
+"""The walking skeleton end to end: the embedded stack (real nats-server, every service as a
+subprocess), a tiny Llama, real training steps, evaluation, registration, audit and tracing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+
+from llmstudio import local
+from llmstudio.bus import AUDITED_STREAMS
+from llmstudio.client import Client, job_status_name, to_dict
+from llmstudio.demo_data import word_reversal_rows
+from llmstudio.events import JobQueued, make_envelope
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+
+
+def _wait_for(fetch, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = fetch()
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from llmstudio.ml.tiny import build_tiny_model
+
+    data_dir = tmp_path_factory.mktemp("stack")
+    model_dir = build_tiny_model(data_dir / "models" / "tiny")
+    local.up(data_dir, timeout=240)
+    client = Client(data_dir=data_dir)
+    yield data_dir, model_dir, client
+    client.close()
+    local.down(data_dir)
+
+
+@pytest.fixture(scope="module")
+def finished_job(stack):
+    """Push a dataset, submit a job over gRPC and watch it to the end."""
+    data_dir, model_dir, client = stack
+    path = data_dir / "reverse.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in word_reversal_rows(48, seed=1)))
+    ds = client.datasets.push(path, name="reverse", validation_fraction=0.2)
+    spec = {
+        "name": "tiny-reverse", "base_model": str(model_dir), "dataset": ds.id,
+        "lora": {"r": 8, "alpha": 16},
+        "hyperparameters": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 3e-3,
+                            "checkpoint_every": 6, "max_seq_length": 64},
+        "eval": {"max_samples": 8, "max_new_tokens": 8},
+    }
+    job = client.jobs.create(spec)
+    updates = list(client.jobs.watch(job.id, timeout=300))
+    return ds, job, updates
+
+
+def test_watch_streams_metrics_and_job_succeeds(stack, finished_job):
+    _, _, client = stack
+    ds, job, updates = finished_job
+    assert job_status_name(job.status) == "validating_files"
+    statuses = [job_status_name(u.job.status) for u in updates if u.kind == "status"]
+    assert statuses[-1] == "succeeded", (statuses, updates[-1].job.error)
+    assert "running" in statuses
+    steps = [u.step for u in updates if u.kind == "metrics"]
+    assert len(steps) >= 3 and steps == sorted(steps) and max(steps) == STEPS
+    assert all("loss" in u.metrics for u in updates if u.kind == "metrics")
+    assert any(u.kind == "checkpoint" for u in updates)
+
+
+def test_checkpoint_is_complete_in_the_artifact_store(stack, finished_job):
+    data_dir, _, client = stack
+    _, job, _ = finished_job
+    final = client.jobs.get(job.id)
+    key = final.artifacts["checkpoint"]
+    manifest = data_dir / "artifacts" / key / "manifest.json"
+    assert manifest.exists(), key
+    listed = json.loads(manifest.read_text())
+    names = json.dumps(listed)
+    assert "adapter_model.safetensors" in names and "trainer_state.json" in names
+
+
+def test_evaluation_and_registered_version_with_lineage(stack, finished_job):
+    _, _, client = stack
+    ds, job, _ = finished_job
+    ev = _wait_for(lambda: next((e for e in client.evaluations.list(job.id)
+                                 if e.status in ("completed", "failed")), None), 180, "evaluation")
+    assert ev.status == "completed", ev.error
+    assert set(ev.base_metrics) >= {"eval_loss", "exact_match", "perplexity"}
+    assert ev.tuned_metrics["eval_loss"] < ev.base_metrics["eval_loss"]
+
+    def version():
+        try:
+            m = client.models.get("tiny-reverse")
+        except grpc.RpcError:
+            return None
+        return next((v for v in m.versions if "tuned_eval_loss" in v.metrics), None)
+
+    v = _wait_for(version, 60, "registered version with metrics")
+    assert v.lineage.dataset_sha256 == ds.sha256
+    assert v.lineage.job_id == job.id and v.lineage.dataset_id == ds.id
+    assert v.lineage.evaluation_id == ev.id
+    assert v.lineage.trace_id == client.jobs.get(job.id).trace_id
+    promoted = client.models.set_stage("tiny-reverse", v.version, "staging")
+    assert promoted.stage == 2
+
+
+def test_one_trace_links_every_service_of_the_job(stack, finished_job):
+    data_dir, _, client = stack
+    _, job, _ = finished_job
+    trace_id = client.jobs.get(job.id).trace_id
+    assert len(trace_id) == 32
+
+    def services():
+        spans = [json.loads(line) for line in
+                 (data_dir / "traces.jsonl").read_text().splitlines() if line.strip()]
+        found = {s["service"] for s in spans if s["trace_id"] == trace_id}
+        return found if found >= {"dataset", "scheduler", "trainer", "evaluator",
+                                  "registry"} else None
+
+    assert _wait_for(services, 60, "spans of every service in the job's trace")
+
+
+async def _stream_event_ids(nats_url: str) -> list[str]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    ids = []
+    for stream in AUDITED_STREAMS:
+        info = await js.stream_info(stream)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if info.state.messages == 0:
+                break
+            msg = await js.get_msg(stream, seq)
+            ids.append(json.loads(msg.data)["id"])
+    await nc.close()
+    return ids
+
+
+def test_bad_input_is_refused_with_the_right_status(stack):
+    data_dir, model_dir, client = stack
+    broken = data_dir / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
+    with pytest.raises(grpc.RpcError) as e:
+        client.datasets.push(broken, name="broken")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "broken.jsonl:2" in e.value.details()
+
+    with pytest.raises(grpc.RpcError) as e:
+        client.jobs.create({"base_model": str(data_dir / "no-such-model"), "dataset": "ds-x"})
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "base_model" in e.value.details()
+
+    anonymous = Client(api_key="", data_dir=data_dir)
+    anonymous.api_key = ""
+    anonymous._channels.clear()
+    with pytest.raises(grpc.RpcError) as e:
+        anonymous.jobs.list()
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    viewer_secret = client.governance.create_key("viewer", name="e2e-viewer").secret
+    viewer = Client(api_key=viewer_secret, data_dir=data_dir)
+    assert _wait_for(lambda: _whoami_ok(viewer), 10, "viewer key to propagate")
+    assert viewer.jobs.list() is not None
+    with pytest.raises(grpc.RpcError) as e:
+        viewer.jobs.create({"base_model": str(model_dir), "dataset": "ds-x"})
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _whoami_ok(c: Client) -> bool:
+    try:
+        return c.governance.whoami().roles == ["viewer"]
+    except grpc.RpcError:
+        return False
+
+
+def test_invalid_event_is_dead_lettered_and_audited(stack):
+    data_dir, _, client = stack
+    state = local.running_stack(data_dir)
+
+    async def publish_bad():
+        nc = await nats.connect(state.nats_url)
+        env = make_envelope(JobQueued(job_id="job-bad", dataset_sha256="x"),
+                            source="e2e", tenant="default")
+        raw = json.loads(env.model_dump_json())
+        del raw["data"]["dataset_sha256"]
+        await nc.jetstream().publish("llmstudio.job.queued.job-bad", json.dumps(raw).encode())
+        await nc.close()
+        return env.id
+
+    asyncio.run(publish_bad())
+    records = _wait_for(lambda: client.governance.query_audit("llmstudio.deadletter."), 30,
+                        "dead-letter record in the audit log")
+    payloads = [json.loads(r.data_json) for r in records]
+    assert any(p["original_subject"] == "llmstudio.job.queued.job-bad"
+               and "dataset_sha256" in p["reason"] for p in payloads)
+
+
+def test_audit_has_every_event_once_and_detects_tampering(stack, finished_job):
+    data_dir, _, client = stack
+    state = local.running_stack(data_dir)
+    # Wait for the evaluation's and the registry's events to be audited too.
+    _wait_for(lambda: client.governance.query_audit("llmstudio.model."), 60, "model events")
+    _wait_for(lambda: client.governance.query_audit("llmstudio.eval."), 60, "eval events")
+
+    def audited_matches_streams():
+        stream_ids = asyncio.run(_stream_event_ids(state.nats_url))
+        audit_ids = [r.event_id for r in client.governance.query_audit(limit=10000)]
+        return (stream_ids, audit_ids) if set(stream_ids) == set(audit_ids) else None
+
+    stream_ids, audit_ids = _wait_for(audited_matches_streams, 30, "audit to catch up")
+    counts = collections.Counter(audit_ids)
+    assert counts and max(counts.values()) == 1
+    types = {r.event_type for r in client.governance.query_audit(limit=10000)}
+    assert {"llmstudio.dataset.registered.v1", "llmstudio.job.submitted.v1",
+            "llmstudio.job.completed.v1", "llmstudio.eval.completed.v1",
+            "llmstudio.model.version_registered.v1"} <= types
+
+    ok = client.governance.verify_audit()
+    assert ok.ok and ok.records == len(audit_ids)
+
+    db = sqlite3.connect(Path(data_dir) / "governance.db")
+    target = len(audit_ids) // 2
+    db.execute("UPDATE audit_log SET data_json = ? WHERE sequence = ?", ('{"forged":true}', target))
+    db.commit()
+    db.close()
+    broken = client.governance.verify_audit()
+    assert not broken.ok and broken.first_bad_sequence == target
+    assert to_dict(broken)["reason"]
