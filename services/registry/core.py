@@ -1,0 +1,170 @@
+"""Registry domain logic, pure: versions built from finished jobs, evaluation metrics, and the
+stage lifecycle of a model version.
+
+Stage lifecycle (`ALLOWED_TRANSITIONS`)::
+
+    development -> staging | archived
+    staging     -> production | development | archived
+    production  -> archived
+    archived    -> development
+
+A version reaches production only through staging (someone looked at it there first). Production
+is left only by archiving: rolling back means promoting an older version again, which archives
+the current one. An archived version can be revived, but only into development, so it has to
+pass staging again before it can serve. At most one version of a model is in production:
+promoting one archives the previous production version.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from llmstudio.errors import FailedPrecondition, NotFound
+from llmstudio.events import EvalCompleted, JobCompleted
+
+
+class Stage(enum.StrEnum):
+    DEVELOPMENT = "development"
+    STAGING = "staging"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
+
+
+ALLOWED_TRANSITIONS: dict[Stage, frozenset[Stage]] = {
+    Stage.DEVELOPMENT: frozenset({Stage.STAGING, Stage.ARCHIVED}),
+    Stage.STAGING: frozenset({Stage.PRODUCTION, Stage.DEVELOPMENT, Stage.ARCHIVED}),
+    Stage.PRODUCTION: frozenset({Stage.ARCHIVED}),
+    Stage.ARCHIVED: frozenset({Stage.DEVELOPMENT}),
+}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    tenant: str
+    model_name: str
+    version: int
+    stage: Stage
+    job_id: str
+    lineage: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+
+    @property
+    def ref(self) -> str:
+        return ref(self.model_name, self.version)
+
+
+@dataclass(frozen=True)
+class Model:
+    tenant: str
+    name: str
+    created_at: str
+    versions: list[ModelVersion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """One version moving from one stage to another, as a SetStage applies and announces it."""
+
+    version: ModelVersion  # already in its new stage
+    from_stage: Stage
+    to_stage: Stage
+
+
+def ref(model_name: str, version: int) -> str:
+    """`<model>-v<version>`: the entity id of model events (subject-token safe)."""
+    return f"{model_name}-v{version}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def version_from_job(
+    tenant: str, job: JobCompleted, version: int, trace_id: str, now: str
+) -> ModelVersion:
+    """The version a finished fine-tuning job registers, with its full lineage."""
+    spec = job.spec
+    method = spec.get("method")
+    return ModelVersion(
+        tenant=tenant,
+        model_name=job.model_name,
+        version=version,
+        stage=Stage.DEVELOPMENT,
+        job_id=job.job_id,
+        lineage={
+            "dataset_id": job.dataset_id,
+            "dataset_sha256": job.dataset_sha256,
+            "base_model": spec.get("base_model", ""),
+            "job_id": job.job_id,
+            "method": method or "",
+            "hyperparameters": {
+                "method": method,
+                "lora": spec.get("lora"),
+                **spec.get("hyperparameters", {}),
+            },
+            "trace_id": trace_id,
+            "evaluation_id": "",
+        },
+        metrics={"final_loss": float(job.final_loss), "steps": float(job.steps)},
+        artifacts={"checkpoint": job.checkpoint_key, "adapter": job.adapter_key},
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def with_evaluation(v: ModelVersion, ev: EvalCompleted, now: str) -> ModelVersion:
+    """`v` with an evaluation's base-vs-tuned metrics, its id and its report attached.
+
+    Applying the same evaluation twice gives the same version (but for `updated_at`)."""
+    metrics = dict(v.metrics)
+    metrics.update({f"base_{k}": float(x) for k, x in ev.base_metrics.items()})
+    metrics.update({f"tuned_{k}": float(x) for k, x in ev.tuned_metrics.items()})
+    return replace(
+        v,
+        metrics=metrics,
+        lineage={**v.lineage, "evaluation_id": ev.evaluation_id},
+        artifacts={**v.artifacts, "eval_report": ev.report_key},
+        updated_at=now,
+    )
+
+
+def check_transition(from_stage: Stage, to_stage: Stage) -> None:
+    if to_stage not in ALLOWED_TRANSITIONS[from_stage]:
+        allowed = ", ".join(sorted(ALLOWED_TRANSITIONS[from_stage]))
+        raise FailedPrecondition(
+            f"cannot move a version from {from_stage} to {to_stage} (from {from_stage}: {allowed})"
+        )
+
+
+def plan_stage_change(
+    versions: list[ModelVersion], version: int, to_stage: Stage, now: str
+) -> tuple[ModelVersion, list[StageChange]]:
+    """Move `version` of a model (all of whose `versions` are given) to `to_stage`.
+
+    Returns the version as it ends up and the changes to apply, in order: promoting to
+    production first archives the model's current production version. Moving a version to
+    the stage it is in changes nothing (an idempotent retry)."""
+    by_number = {v.version: v for v in versions}
+    target = by_number.get(version)
+    if target is None:
+        name = versions[0].model_name if versions else "?"
+        raise NotFound(f"model {name} has no version {version}")
+    if target.stage == to_stage:
+        return target, []
+    check_transition(target.stage, to_stage)
+    changes = []
+    if to_stage == Stage.PRODUCTION:
+        changes += [
+            StageChange(replace(v, stage=Stage.ARCHIVED, updated_at=now), v.stage, Stage.ARCHIVED)
+            for v in versions
+            if v.stage == Stage.PRODUCTION and v.version != version
+        ]
+    moved = replace(target, stage=to_stage, updated_at=now)
+    changes.append(StageChange(moved, target.stage, to_stage))
+    return moved, changes
