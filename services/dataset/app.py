@@ -1,0 +1,40 @@
+"""Wiring of the dataset service: its store, artifact store, bus handler and gRPC servicer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llmstudio.grpcutil import Registration
+from llmstudio.service import Runtime
+from llmstudio.v1 import datasets_pb2_grpc
+
+from .api import DatasetApi, announce
+from .handlers import JobDatasetCheck
+from .store import DatasetStore
+
+
+async def build(rt: Runtime) -> list[Registration]:
+    store = DatasetStore(rt.settings.db_url("dataset"))
+    await asyncio.to_thread(store.create_tables)
+    artifacts = rt.artifact_store()
+    jobs = JobDatasetCheck(store, artifacts, rt.bus)
+    rt.bus.subscribe("job-submitted", "llmstudio.job.submitted.*", jobs.on_job_submitted)
+
+    async def announce_pending() -> None:
+        # Datasets stored just before a crash, whose DatasetRegistered never went out.
+        for record in await asyncio.to_thread(store.unannounced):
+            await announce(rt.bus, store, record)
+
+    async def close() -> None:
+        store.close()
+
+    rt.on_started.append(announce_pending)
+    rt.on_stop.append(close)
+    servicer = DatasetApi(store, artifacts, rt.bus)
+    return [
+        Registration(
+            add=datasets_pb2_grpc.add_DatasetServiceServicer_to_server,
+            servicer=servicer,
+            full_name="llmstudio.v1.DatasetService",
+        )
+    ]

@@ -1,0 +1,344 @@
+"""The dataset service in-process against a real nats-server, over real gRPC on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import grpc
+import nats
+import pytest
+import sqlalchemy as sa
+from llmstudio.config import Settings
+from llmstudio.events import (
+    DatasetRegistered,
+    DatasetRejected,
+    DatasetValidated,
+    JobSubmitted,
+    decode,
+    make_envelope,
+)
+from llmstudio.natsserver import free_port
+from llmstudio.storage import LocalArtifactStore
+from llmstudio.v1 import datasets_pb2, datasets_pb2_grpc
+
+from services.dataset import core
+from services.dataset.app import build
+from services.dataset.store import DatasetRecord, DatasetStore, DuplicateIdempotencyKey
+from tests.support.harness import put_api_key, running
+
+ROWS = [{"prompt": f"Reverse: w{i} v{i}\nAnswer:", "completion": f" v{i} w{i}"} for i in range(40)]
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture
+def settings(nats_server, tmp_path):
+    return Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port())
+
+
+@pytest.fixture
+async def events(nats_server):
+    """Every dataset event published from now on, decoded, in order."""
+    seen: list = []
+    nc = await nats.connect(nats_server.url)
+
+    async def on_msg(msg):
+        seen.append(decode(msg.data))
+
+    await nc.subscribe("llmstudio.dataset.>", cb=on_msg)
+    yield seen
+    await nc.close()
+
+
+@pytest.fixture
+async def service(settings):
+    async with running("dataset", build, settings) as port:
+        yield port
+
+
+def stub(port: int, key: str | None):
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    metadata = (("x-api-key", key),) if key else ()
+    return ch, datasets_pb2_grpc.DatasetServiceStub(ch), metadata
+
+
+async def wait_for(pred, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (found := pred()):
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting for an event"
+        await asyncio.sleep(0.05)
+    return found
+
+
+def of_type(events, cls, **fields):
+    return [(env, data) for env, data in events if isinstance(data, cls)
+            and all(getattr(data, k) == v for k, v in fields.items())]
+
+
+async def create(port, key, **kw):
+    ch, client, md = stub(port, key)
+    async with ch:
+        return await client.CreateDataset(datasets_pb2.CreateDatasetRequest(**kw), metadata=md)
+
+
+async def test_create_get_list_with_stable_sha_and_deterministic_split(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    reformatted = "\n\n".join(
+        json.dumps({"completion": r["completion"], "id": i, "prompt": r["prompt"]}, indent=None)
+        for i, r in enumerate(ROWS)
+    ).encode()
+    first = await create(service, key, name="reverse", content=jsonl(ROWS), filename="a.jsonl")
+    second = await create(service, key, name="reverse", content=reformatted, filename="b.jsonl")
+
+    expected = core.prepare("reverse", jsonl(ROWS), "a.jsonl")
+    assert first.id != second.id and first.id.startswith("ds-") and len(first.id) == 15
+    assert first.sha256 == second.sha256 == expected.sha256
+    assert (first.format, first.num_rows) == ("prompt_completion", 40)
+    assert first.train_rows == expected.counts["train"] and first.validation_rows >= 1
+    assert first.train_rows + first.validation_rows == 40
+    assert first.tenant == "acme" and first.created_by.startswith("key-")
+    assert first.created_at.endswith("Z") and first.created_at[:4].isdigit()
+    assert set(first.artifacts) == {"raw", "train", "validation"}
+    assert dict(first.artifacts) == dict(second.artifacts) | {"raw": first.artifacts["raw"]}
+
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    assert artifacts.get_bytes(first.artifacts["raw"]) == jsonl(ROWS)
+    assert artifacts.get_bytes(second.artifacts["raw"]) == reformatted
+    prefix = f"datasets/{expected.sha256}/seed0-val0.1"
+    for split in core.SPLITS:
+        assert first.artifacts[split] == f"{prefix}/{split}.jsonl"
+        assert artifacts.get_bytes(first.artifacts[split]) == expected.files[split]
+
+    ch, client, md = stub(service, key)
+    async with ch:
+        got = await client.GetDataset(datasets_pb2.GetDatasetRequest(id=first.id), metadata=md)
+        assert got == first
+        listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+        assert [d.id for d in listed.datasets] == [first.id, second.id]
+        by_name = await client.ListDatasets(
+            datasets_pb2.ListDatasetsRequest(name="other"), metadata=md)
+        assert list(by_name.datasets) == []
+
+    env, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=first.id)))[0]
+    assert (env.tenant, env.actor) == ("acme", first.created_by)
+    assert (registered.sha256, registered.num_rows) == (first.sha256, 40)
+    assert registered.artifacts == dict(first.artifacts)
+
+
+async def test_other_split_parameters_do_not_overwrite_existing_split_files(settings, service):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    default = await create(service, key, name="r", content=jsonl(ROWS))
+    reseeded = await create(service, key, name="r", content=jsonl(ROWS), seed=5,
+                            validation_fraction=0.5)
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    assert default.sha256 == reseeded.sha256
+    assert default.artifacts["train"] != reseeded.artifacts["train"]
+    assert 10 < reseeded.validation_rows < 30
+    train = artifacts.get_bytes(default.artifacts["train"]).decode().splitlines()
+    assert len(train) == default.train_rows
+
+
+async def test_idempotency_key_returns_the_same_dataset(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    other_tenant = await put_api_key(settings.nats_url, "developer", "globex")
+    req = dict(name="r", content=jsonl(ROWS), idempotency_key="upload-1")
+    a = await create(service, key, **req)
+    b = await create(service, key, **req)
+    c = await create(service, other_tenant, **req)
+    assert a == b and c.id != a.id and c.tenant == "globex"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create(service, key, **(req | {"content": jsonl(ROWS[:5])}))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert a.id in e.value.details()
+    await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=c.id))
+    assert len(of_type(events, DatasetRegistered, dataset_id=a.id)) == 1
+
+
+async def test_invalid_line_rejected_with_line_number_and_nothing_stored(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    content = jsonl(ROWS[:1]) + b'{"prompt": "x" "completion": "y"}\n' + jsonl(
+        [{"prompt": "p"}, {"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create(service, key, name="broken", content=content, filename="data.jsonl")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = e.value.details()
+    assert details.startswith("3 invalid lines; data.jsonl:2: invalid JSON: Expecting ',' delimiter")
+    assert "data.jsonl:3: field 'completion': missing" in details
+
+    env, rejected = (await wait_for(lambda: of_type(events, DatasetRejected, ref="broken")))[0]
+    assert env.tenant == "acme" and env.actor.startswith("key-")
+    assert rejected.job_id == "" and rejected.reason == details
+    assert rejected.errors[0].startswith("data.jsonl:2: invalid JSON")
+    assert len(rejected.errors) == 4
+
+    ch, client, md = stub(service, key)
+    async with ch:
+        listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+    assert list(listed.datasets) == []
+    assert LocalArtifactStore(settings.data_dir / "artifacts").list() == []
+    assert of_type(events, DatasetRegistered) == []
+
+
+async def test_invalid_name_is_rejected_as_unnamed(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create(service, key, name="../etc", content=jsonl(ROWS))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("name: must match")
+    (_, rejected), = await wait_for(lambda: of_type(events, DatasetRejected))
+    assert rejected.ref == "unnamed" and "'../etc'" in rejected.reason
+
+
+async def test_auth_roles_and_tenancy(settings, service):
+    dev = await put_api_key(settings.nats_url, "developer", "acme")
+    viewer = await put_api_key(settings.nats_url, "viewer", "acme")
+    stranger = await put_api_key(settings.nats_url, "admin", "globex")
+    ds = await create(service, dev, name="r", content=jsonl(ROWS))
+
+    ch, client, md = stub(service, stranger)
+    async with ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.GetDataset(datasets_pb2.GetDatasetRequest(id=ds.id), metadata=md)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+        assert list(listed.datasets) == []
+
+    ch, client, md = stub(service, viewer)
+    async with ch:
+        got = await client.GetDataset(datasets_pb2.GetDatasetRequest(id=ds.id), metadata=md)
+        assert got.id == ds.id
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.CreateDataset(
+                datasets_pb2.CreateDatasetRequest(name="v", content=jsonl(ROWS)), metadata=md)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    ch, client, md = stub(service, None)
+    async with ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.GetDataset(datasets_pb2.GetDatasetRequest(id=ds.id), metadata=md)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def publish_job(nats_url, tenant, job_id, dataset_id):
+    data = JobSubmitted(job_id=job_id, dataset_id=dataset_id, model_name="tiny", spec={})
+    env = make_envelope(data, source="scheduler", tenant=tenant, actor="key-sched")
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().publish(
+            data.subject(), env.model_dump_json().encode(), headers={"Nats-Msg-Id": env.id})
+    finally:
+        await nc.close()
+
+
+async def test_job_submitted_validates_the_dataset_files(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    ds = await create(service, key, name="r", content=jsonl(ROWS))
+
+    await publish_job(settings.nats_url, "acme", "job-ok", ds.id)
+    env, ok = (await wait_for(lambda: of_type(events, DatasetValidated, job_id="job-ok")))[0]
+    assert (env.tenant, env.actor) == ("acme", "key-sched")
+    assert (ok.dataset_id, ok.sha256, ok.artifacts) == (ds.id, ds.sha256, dict(ds.artifacts))
+
+    await publish_job(settings.nats_url, "acme", "job-missing", "ds-000000000000")
+    await publish_job(settings.nats_url, "globex", "job-foreign", ds.id)
+    for job_id, dataset_id in (("job-missing", "ds-000000000000"), ("job-foreign", ds.id)):
+        env, bad = (await wait_for(lambda j=job_id: of_type(events, DatasetRejected, job_id=j)))[0]
+        assert bad.ref == job_id and bad.dataset_id == dataset_id
+        assert bad.reason == f"dataset {dataset_id} not found"
+
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    path = artifacts.root / ds.artifacts["validation"]
+    path.write_bytes(path.read_bytes().replace(b"v", b"V", 1))
+    await publish_job(settings.nats_url, "acme", "job-tampered", ds.id)
+    _, bad = (await wait_for(lambda: of_type(events, DatasetRejected, job_id="job-tampered")))[0]
+    assert bad.reason.startswith(f"dataset {ds.id}: validation split is corrupt")
+    assert ds.artifacts["validation"] in bad.reason and "train" not in bad.reason
+
+    path.unlink()
+    await publish_job(settings.nats_url, "acme", "job-deleted", ds.id)
+    _, bad = (await wait_for(lambda: of_type(events, DatasetRejected, job_id="job-deleted")))[0]
+    assert bad.errors == [f"validation split is missing: no artifact {ds.artifacts['validation']}"]
+    assert of_type(events, DatasetValidated, job_id="job-tampered") == []
+
+
+async def test_dataset_stored_but_not_announced_is_announced_on_start(settings, events):
+    store = DatasetStore(settings.db_url("dataset"))
+    store.create_tables()
+    store.add(record(tenant="acme", id="ds-0123456789ab"))
+    store.close()
+    async with running("dataset", build, settings):
+        env, data = (await wait_for(lambda: of_type(events, DatasetRegistered)))[0]
+    assert data.dataset_id == "ds-0123456789ab" and env.tenant == "acme"
+    assert DatasetStore(settings.db_url("dataset")).unannounced() == []
+
+
+# -- the store on SQLite and PostgreSQL ------------------------------------------------------------
+
+
+def record(**kw) -> DatasetRecord:
+    fields = dict(
+        id="ds-" + uuid.uuid4().hex[:12], tenant="acme", name="r", sha256="a" * 64,
+        format="prompt_completion", num_rows=3, train_rows=2, validation_rows=1,
+        artifacts={"raw": "blobs/sha256/x", "train": "t", "validation": "v"},
+        split_sha256={"train": "1" * 64, "validation": "2" * 64}, validation_fraction=0.1,
+        seed=2**40, created_at="2025-01-01T00:00:00.000000Z", created_by="key-1",
+        request_sha256="f" * 64,
+    )
+    return DatasetRecord(**(fields | kw))
+
+
+def postgres_url() -> tuple[str, sa.Engine, str]:
+    """A fresh schema in the local PostgreSQL `test` database, or skip."""
+    base = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    try:
+        engine = sa.create_engine(base, connect_args={"connect_timeout": 2})
+        schema = f"dataset_{uuid.uuid4().hex[:8]}"
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    except Exception as e:  # noqa: BLE001 - no server, no database, no rights
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    return schema, engine, f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = DatasetStore(f"sqlite:///{tmp_path / 'dataset.db'}")
+        s.create_tables()
+        yield s
+        s.close()
+        return
+    schema, admin, url = postgres_url()
+    s = DatasetStore(url)
+    s.create_tables()
+    try:
+        yield s
+    finally:
+        s.close()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+def test_store_is_tenant_scoped_and_round_trips(store):
+    a = record(name="r", created_at="2025-01-01T00:00:01.000000Z")
+    b = record(name="s", created_at="2025-01-01T00:00:02.000000Z", idempotency_key="k")
+    foreign = record(tenant="globex", idempotency_key="k")
+    for r in (a, b, foreign):
+        store.add(r)
+    assert store.get("acme", a.id) == a
+    assert store.get("globex", a.id) is None
+    assert store.list("acme") == [a, b]
+    assert store.list("acme", name="s") == [b]
+    assert store.by_idempotency_key("acme", "k") == b
+    assert store.by_idempotency_key("globex", "k") == foreign
+    with pytest.raises(DuplicateIdempotencyKey):
+        store.add(record(idempotency_key="k"))
+    assert {r.id for r in store.unannounced()} == {a.id, b.id, foreign.id}
+    store.mark_announced(a.id)
+    assert a.id not in {r.id for r in store.unannounced()}
+    assert store.get("acme", a.id).announced is True
