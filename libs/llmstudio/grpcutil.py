@@ -25,6 +25,12 @@ from .errors import StudioError
 log = logging.getLogger(__name__)
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Dataset uploads travel in one message (streaming upload comes later): allow 256 MiB.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MESSAGE_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def api_key_from_metadata(metadata: Iterable[tuple[str, str]]) -> str:
@@ -138,7 +144,9 @@ async def start_server(
         for r in registrations
         for m, perm in getattr(r.servicer, "PERMISSIONS", {}).items()
     }
-    server = grpc.aio.server(interceptors=[StudioInterceptor(service, directory, permissions)])
+    server = grpc.aio.server(
+        interceptors=[StudioInterceptor(service, directory, permissions)], options=MESSAGE_OPTIONS
+    )
     for r in registrations:
         r.add(r.servicer, server)
     health = HealthServicer()
@@ -183,7 +191,9 @@ class _ClientMetadata(
 
 
 def channel(addr: str, api_key: str = "") -> grpc.Channel:
-    return grpc.intercept_channel(grpc.insecure_channel(addr), _ClientMetadata(api_key))
+    return grpc.intercept_channel(
+        grpc.insecure_channel(addr, options=MESSAGE_OPTIONS), _ClientMetadata(api_key)
+    )
 
 
 def health_check(addr: str, timeout: float = 2.0) -> str:

