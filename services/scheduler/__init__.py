@@ -1,0 +1,2 @@
+"""Scheduler: owns fine-tuning jobs: validation at submit, queue, placement on workers, watch,
+cancel."""

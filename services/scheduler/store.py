@@ -1,0 +1,231 @@
+"""Scheduler persistence (SQLAlchemy 2 Core; SQLite or PostgreSQL).
+
+Tables are prefixed `scheduler_` because the services may share one PostgreSQL database. Each
+use case runs in one transaction (`SchedulerStore.unit()`), and the events it announces go into
+the outbox table in that same transaction (see `outbox.py`). A job row carries a version: a save
+applies only to the version that was read, so two writers never silently overwrite each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from llmstudio.db import make_engine
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    select,
+)
+
+from .core import Job, Status, now_iso
+
+metadata = MetaData()
+
+jobs = Table(
+    "scheduler_jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("model_name", String(256), nullable=False),
+    Column("dataset_id", String(256), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("created_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+    Column("trace_id", String(32), nullable=False),
+    Column("traceparent", String(128), nullable=False),
+    Column("idempotency_key", String(256), nullable=True),
+    Column("dataset_sha256", String(64), nullable=False),
+    Column("dataset_artifacts", JSON, nullable=False),
+    Column("worker_id", String(256), nullable=False),
+    Column("assigned_at", String(40), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("artifacts", JSON, nullable=False),
+    Column("version", Integer, nullable=False),
+    # A retried CreateJob with the same key finds the job it created (NULL keys never clash).
+    UniqueConstraint("tenant", "idempotency_key", name="scheduler_jobs_idempotency"),
+    Index("scheduler_jobs_tenant_status", "tenant", "status"),
+    Index("scheduler_jobs_status", "status"),
+)
+
+# Every metrics sample of a job, replayed to a new WatchJob; one row per (job, step).
+samples = Table(
+    "scheduler_job_metrics",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("step", Integer, primary_key=True, autoincrement=False),
+    Column("metrics", JSON, nullable=False),
+    Column("recorded_at", String(40), nullable=False),
+)
+
+outbox = Table(
+    "scheduler_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("subject", String(512), nullable=False),
+    Column("envelope", Text, nullable=False),
+    Column("traceparent", String(128), nullable=False),
+    Column("created_at", String(40), nullable=False),
+)
+
+
+class Conflict(Exception):
+    """The job changed between read and save; the caller reads it again (or the bus retries)."""
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    id: int
+    subject: str
+    envelope: str
+    traceparent: str
+
+
+class SchedulerStore:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+
+    def create_tables(self) -> None:
+        metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def unit(self) -> Iterator[Unit]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self.engine.begin() as conn:
+            yield Unit(conn)
+
+
+class Unit:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    # -- jobs -------------------------------------------------------------------------------
+    def job(self, job_id: str, tenant: str | None = None) -> Job | None:
+        query = select(jobs).where(jobs.c.id == job_id)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        row = self.conn.execute(query).first()
+        return _job(row) if row else None
+
+    def job_by_key(self, tenant: str, idempotency_key: str) -> Job | None:
+        row = self.conn.execute(
+            select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == idempotency_key)
+        ).first()
+        return _job(row) if row else None
+
+    def jobs(self, tenant: str, status: Status | None = None) -> list[Job]:
+        query = select(jobs).where(jobs.c.tenant == tenant)
+        if status is not None:
+            query = query.where(jobs.c.status == status.value)
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id)
+        return [_job(r) for r in self.conn.execute(query)]
+
+    def add_job(self, job: Job) -> None:
+        self.conn.execute(jobs.insert().values(_row(job)))
+
+    def save(self, job: Job) -> Job:
+        """Write `job` over the version it was read at; return it with the new version."""
+        saved = dataclasses.replace(job, version=job.version + 1, updated_at=now_iso())
+        row = _row(saved)
+        del row["id"]
+        result = self.conn.execute(
+            jobs.update().where(jobs.c.id == job.id, jobs.c.version == job.version).values(row)
+        )
+        if result.rowcount != 1:
+            raise Conflict(f"job {job.id} changed since version {job.version}")
+        return saved
+
+    def waiting_jobs(self) -> list[Job]:
+        """Queued jobs no worker holds: what placement hands out."""
+        rows = self.conn.execute(
+            select(jobs).where(
+                jobs.c.status == Status.QUEUED.value,
+                jobs.c.worker_id == "",
+                jobs.c.cancel_requested.is_(False),
+            )
+        )
+        return [_job(r) for r in rows]
+
+    def assigned_jobs(self) -> list[Job]:
+        """Active jobs a worker holds (assigned, or running)."""
+        rows = self.conn.execute(
+            select(jobs).where(
+                jobs.c.status.in_([Status.QUEUED.value, Status.RUNNING.value]),
+                jobs.c.worker_id != "",
+            )
+        )
+        return [_job(r) for r in rows]
+
+    # -- metrics samples --------------------------------------------------------------------
+    def add_sample(self, job_id: str, step: int, metrics: dict[str, float]) -> bool:
+        """Record a sample once; False if this step is already stored (a redelivery)."""
+        exists = self.conn.execute(
+            select(samples.c.step).where(samples.c.job_id == job_id, samples.c.step == step)
+        ).first()
+        if exists:
+            return False
+        self.conn.execute(
+            samples.insert().values(
+                job_id=job_id, step=step, metrics=metrics, recorded_at=now_iso()
+            )
+        )
+        return True
+
+    def samples(self, job_id: str) -> list[tuple[int, dict[str, float]]]:
+        rows = self.conn.execute(
+            select(samples.c.step, samples.c.metrics)
+            .where(samples.c.job_id == job_id)
+            .order_by(samples.c.step)
+        )
+        return [(r.step, r.metrics) for r in rows]
+
+    # -- outbox -----------------------------------------------------------------------------
+    def enqueue(self, subject: str, envelope: str, traceparent: str) -> None:
+        self.conn.execute(
+            outbox.insert().values(
+                subject=subject, envelope=envelope, traceparent=traceparent,
+                created_at=now_iso(),
+            )
+        )
+
+    def pending_events(self, limit: int = 100) -> list[PendingEvent]:
+        rows = self.conn.execute(select(outbox).order_by(outbox.c.id).limit(limit))
+        return [PendingEvent(r.id, r.subject, r.envelope, r.traceparent) for r in rows]
+
+    def remove_event(self, event_id: int) -> None:
+        self.conn.execute(outbox.delete().where(outbox.c.id == event_id))
+
+
+_JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
+
+
+def _row(job: Job) -> dict:
+    row = {name: getattr(job, name) for name in _JOB_FIELDS}
+    row["status"] = job.status.value
+    return row
+
+
+def _job(row) -> Job:
+    values = {name: row._mapping[name] for name in _JOB_FIELDS}
+    values["status"] = Status(values["status"])
+    return Job(**values)

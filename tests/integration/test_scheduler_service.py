@@ -1,0 +1,559 @@
+"""The scheduler against a real nats-server, over real gRPC: the job flow from submit to
+completion, placement in the job's trace, watch, cancel, rejection, lost workers; its store on
+SQLite (and on PostgreSQL where one runs at 127.0.0.1:5432)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import nats
+import pytest
+from google.protobuf.struct_pb2 import Struct
+from llmstudio.bus import Bus
+from llmstudio.config import Settings
+from llmstudio.events import (
+    DatasetRejected,
+    DatasetValidated,
+    EventData,
+    InvalidEvent,
+    JobAssigned,
+    JobCancelled,
+    JobCancelRequested,
+    JobCheckpointed,
+    JobCompleted,
+    JobFailed,
+    JobMetrics,
+    JobStarted,
+    JobSubmitted,
+    WorkerHeartbeat,
+    WorkItem,
+    decode,
+)
+from llmstudio.natsserver import free_port
+from llmstudio.v1 import jobs_pb2 as pb
+from llmstudio.v1 import jobs_pb2_grpc
+from sqlalchemy.exc import IntegrityError
+
+from services.scheduler.app import build
+from services.scheduler.core import Job, Status, now_iso
+from services.scheduler.store import Conflict, SchedulerStore
+from tests.support.harness import put_api_key, running
+
+TENANT = "acme"
+SHA = "ab" * 32
+ARTIFACTS = {"train": "datasets/ds-1/train.jsonl", "validation": "datasets/ds-1/validation.jsonl"}
+
+
+# -- test-side peers: a bus tap, a publisher for the other services, heartbeating workers -------
+
+@dataclass
+class Seen:
+    subject: str
+    headers: dict[str, str]
+    tenant: str
+    data: EventData
+
+    @property
+    def trace_id(self) -> str:
+        return self.headers.get("traceparent", "---").split("-")[1]
+
+
+class Peers:
+    """What the dataset service and the workers would do, and a tap on every bus message."""
+
+    def __init__(self, settings: Settings):
+        self.bus = Bus(settings, "peers")
+        self.seen: list[Seen] = []
+        self.workers: dict[str, str] = {}  # worker id -> state it heartbeats
+        self._nc = None
+        self._beating: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Peers:
+        await self.bus.start()
+        self._nc = await nats.connect(self.bus.settings.nats_url)
+        await self._nc.subscribe("llmstudio.>", cb=self._record)
+        self._beating = asyncio.create_task(self._heartbeats())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._beating
+        await self._nc.close()
+        await self.bus.stop()
+
+    async def _record(self, msg) -> None:
+        try:
+            env, data = decode(msg.data)
+        except InvalidEvent:
+            return
+        self.seen.append(Seen(msg.subject, dict(msg.headers or {}), env.tenant, data))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            for worker_id, state in list(self.workers.items()):
+                await self.bus.publish_core(WorkerHeartbeat(worker_id=worker_id, state=state))
+            await asyncio.sleep(0.2)
+
+    async def publish(self, data: EventData, tenant: str = TENANT) -> None:
+        await self.bus.publish(data, tenant=tenant, actor="peer")
+
+    async def wait_for(self, kind: type[EventData], timeout: float = 10.0, **fields) -> Seen:
+        def match(s: Seen) -> bool:
+            return isinstance(s.data, kind) and all(
+                getattr(s.data, k) == v for k, v in fields.items())
+
+        await eventually(lambda: any(match(s) for s in self.seen), timeout)
+        return next(s for s in self.seen if match(s))
+
+    def count(self, kind: type[EventData], **fields) -> int:
+        return sum(
+            1 for s in self.seen
+            if isinstance(s.data, kind) and all(getattr(s.data, k) == v for k, v in fields.items())
+        )
+
+
+async def eventually(pred, timeout: float = 10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = pred()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def settings(nats_server, tmp_path):
+    return Settings(nats_url=nats_server.url, data_dir=tmp_path / "data", grpc_port=free_port(),
+                    worker_ttl_s=1.0, max_deliver=3, ack_wait_s=5)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "tiny-model"
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    return path
+
+
+@pytest.fixture
+async def env(settings):
+    """(stub, keys by role, peers) with the scheduler running."""
+    keys = {role: await put_api_key(settings.nats_url, role, TENANT)
+            for role in ("developer", "viewer")}
+    keys["other-tenant"] = await put_api_key(settings.nats_url, "developer", "globex")
+    async with running("scheduler", build, settings) as port, Peers(settings) as peers:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield jobs_pb2_grpc.JobServiceStub(channel), keys, peers
+
+
+def md(key: str) -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", key),)
+
+
+def struct(d: dict) -> Struct:
+    s = Struct()
+    s.update(d)
+    return s
+
+
+def spec(model_dir, **overrides) -> dict:
+    return {"base_model": str(model_dir), "dataset": "ds-1",
+            "hyperparameters": {"max_steps": 3, "learning_rate": 1e-3}, **overrides}
+
+
+async def create(stub, key: str, model_dir, priority: int = 0, **overrides) -> pb.Job:
+    return await stub.CreateJob(
+        pb.CreateJobRequest(spec=struct(spec(model_dir, **overrides)), priority=priority),
+        metadata=md(key))
+
+
+async def status_of(stub, key: str, job_id: str) -> int:
+    return (await stub.GetJob(pb.GetJobRequest(id=job_id), metadata=md(key))).status
+
+
+async def wait_status(stub, key: str, job_id: str, status: int, timeout: float = 10.0) -> pb.Job:
+    async def reached():
+        job = await stub.GetJob(pb.GetJobRequest(id=job_id), metadata=md(key))
+        return job if job.status == status else None
+
+    return await eventually(reached, timeout)
+
+
+async def validate(peers: Peers, job_id: str) -> None:
+    await peers.publish(DatasetValidated(job_id=job_id, dataset_id="ds-1", sha256=SHA,
+                                         artifacts=ARTIFACTS))
+
+
+# -- the job flow -------------------------------------------------------------------------------
+
+async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+
+    job = await create(stub, dev, model_dir, priority=3)
+    assert job.status == pb.JOB_STATUS_VALIDATING_FILES
+    assert job.id.startswith("job-") and len(job.id) == 16
+    assert job.model_name == "tiny-model-lora" and job.priority == 3 and job.tenant == TENANT
+    assert len(job.trace_id) == 32 and job.created_by.startswith("key-")
+    assert job.spec["hyperparameters"]["max_steps"] == 3
+    assert job.spec["base_model"] == str(model_dir.resolve())
+
+    submitted = await peers.wait_for(JobSubmitted, job_id=job.id)
+    assert submitted.tenant == TENANT and submitted.trace_id == job.trace_id
+    assert submitted.data.dataset_id == "ds-1" and submitted.data.priority == 3
+    assert submitted.data.spec["hyperparameters"]["max_steps"] == 3  # an int again, defaults in
+    assert submitted.data.spec["lora"]["r"] == 8
+
+    updates: list[pb.JobUpdate] = []
+
+    async def watch():
+        async for update in stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=md(dev)):
+            updates.append(update)
+
+    watcher = asyncio.create_task(watch())
+    await eventually(lambda: updates)
+
+    await validate(peers, job.id)
+    queued = await wait_status(stub, dev, job.id, pb.JOB_STATUS_QUEUED)
+    assert queued.dataset_sha256 == SHA and queued.worker_id == ""
+
+    peers.workers["w-1"] = "idle"
+    work = await peers.wait_for(WorkItem, job_id=job.id)
+    assert work.subject == "llmstudio.work.w-1"
+    assert work.trace_id == job.trace_id  # the trainer's spans join the job's trace
+    assert work.data.attempt == 1 and work.data.dataset_sha256 == SHA
+    assert work.data.dataset_artifacts == ARTIFACTS and work.data.model_name == "tiny-model-lora"
+    assert work.data.spec == submitted.data.spec
+    assigned = await peers.wait_for(JobAssigned, job_id=job.id)
+    assert assigned.data.worker_id == "w-1" and assigned.trace_id == job.trace_id
+    assert (await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))).worker_id == "w-1"
+
+    peers.workers["w-1"] = "busy"
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-1"))
+    await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
+    for step, loss in [(1, 2.5), (2, 2.0), (3, 1.5)]:
+        await peers.publish(JobMetrics(job_id=job.id, step=step, max_steps=3, loss=loss,
+                                       learning_rate=1e-3, tokens_per_s=100.0))
+    await peers.publish(JobCheckpointed(job_id=job.id, step=3, checkpoint_key="ck/3"))
+
+    async def latest_step():
+        j = await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))
+        return j.metrics.get("step") == 3 and j.artifacts.get("checkpoint") == "ck/3"
+
+    await eventually(latest_step)
+    await peers.publish(JobCompleted(
+        job_id=job.id, worker_id="w-1", model_name="tiny-model-lora", spec=work.data.spec,
+        dataset_id="ds-1", dataset_sha256=SHA, dataset_artifacts=ARTIFACTS,
+        checkpoint_key="ck/3", adapter_key="adapters/x", steps=3, final_loss=1.5,
+    ))
+    await asyncio.wait_for(watcher, 10)  # the stream ends after the terminal status
+
+    kinds = [(u.kind, pb.JobStatus.Name(u.job.status)) for u in updates if u.kind == "status"]
+    assert kinds == [("status", "JOB_STATUS_VALIDATING_FILES"), ("status", "JOB_STATUS_QUEUED"),
+                     ("status", "JOB_STATUS_RUNNING"), ("status", "JOB_STATUS_SUCCEEDED")]
+    assert updates[-1].kind == "status" and updates[-1].job.status == pb.JOB_STATUS_SUCCEEDED
+    metrics = [u for u in updates if u.kind == "metrics"]
+    assert [u.step for u in metrics] == [1, 2, 3]
+    assert [u.metrics["loss"] for u in metrics] == [2.5, 2.0, 1.5]
+    checkpoints = [u for u in updates if u.kind == "checkpoint"]
+    assert [(u.step, u.message) for u in checkpoints] == [(3, "ck/3")]
+    running_at = next(i for i, u in enumerate(updates) if u.job.status == pb.JOB_STATUS_RUNNING)
+    assert all(i > running_at for i, u in enumerate(updates) if u.kind == "metrics")
+
+    done = await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))
+    assert done.status == pb.JOB_STATUS_SUCCEEDED
+    assert dict(done.artifacts) == {"checkpoint": "ck/3", "adapter": "adapters/x"}
+    assert done.metrics["final_loss"] == 1.5 and done.metrics["steps"] == 3
+    assert done.metrics["tokens_per_s"] == 100.0
+
+    # A watcher that comes later gets the whole story of the finished job, then the end.
+    replay = [u async for u in stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=md(dev))]
+    assert [u.kind for u in replay] == ["status", "metrics", "metrics", "metrics"]
+    assert replay[0].job.status == pb.JOB_STATUS_SUCCEEDED
+
+    # A late failure changes nothing. The JobCancelled after it, on the same consumer, shows
+    # the late event was handled (in order) by the time the second job is cancelled.
+    other = await create(stub, dev, model_dir)
+    await peers.publish(JobFailed(job_id=job.id, reason="late", worker_id="w-1"))
+    await peers.publish(JobCancelled(job_id=other.id, reason="by the worker"))
+    await wait_status(stub, dev, other.id, pb.JOB_STATUS_CANCELLED)
+    again = await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))
+    assert again.status == pb.JOB_STATUS_SUCCEEDED and again.error == ""
+
+
+async def test_bad_specs_auth_and_tenancy(env, model_dir, tmp_path):
+    stub, keys, peers = env
+    dev = keys["developer"]
+
+    async def create_error(spec_dict: dict, key: str = dev) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateJob(pb.CreateJobRequest(spec=struct(spec_dict)), metadata=md(key))
+        return e.value
+
+    err = await create_error(spec(tmp_path / "no-such-model"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.base_model" in err.details() and "config.json missing" in err.details()
+    (tmp_path / "not-a-model").mkdir()
+    err = await create_error(spec(tmp_path / "not-a-model"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec.base_model" in err.details()
+    err = await create_error(spec(model_dir, hyperparameters={"learning_rate": -1}))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("spec.hyperparameters.learning_rate:")
+    err = await create_error(spec(model_dir, epochs=3))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec.epochs" in err.details()
+    err = await create_error({"base_model": "HuggingFaceTB/SmolLM2-135M"})
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec.dataset" in err.details()
+
+    assert (await create_error(spec(model_dir), keys["viewer"])).code() == \
+        grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.CreateJob(pb.CreateJobRequest(spec=struct(spec(model_dir))))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await stub.ListJobs(pb.ListJobsRequest(), metadata=md(dev)) == pb.ListJobsResponse()
+
+    # a hub id is accepted as is (workers with network load it)
+    hub = await stub.CreateJob(pb.CreateJobRequest(spec=struct(
+        {"base_model": "HuggingFaceTB/SmolLM2-135M", "dataset": "ds-1"})), metadata=md(dev))
+    assert hub.model_name == "SmolLM2-135M-lora"
+
+    # the same idempotency key gives back the same job, announced once
+    req = pb.CreateJobRequest(spec=struct(spec(model_dir)), idempotency_key="k-1")
+    first = await stub.CreateJob(req, metadata=md(dev))
+    second = await stub.CreateJob(req, metadata=md(dev))
+    assert first.id == second.id
+    await peers.wait_for(JobSubmitted, job_id=first.id)
+    await peers.wait_for(JobSubmitted, job_id=hub.id)
+    assert peers.count(JobSubmitted) == 2
+
+    # tenant-scoped reads; a viewer may read
+    listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=md(keys["viewer"]))
+    assert {j.id for j in listed.jobs} == {hub.id, first.id}
+    await validate(peers, hub.id)
+    await wait_status(stub, dev, hub.id, pb.JOB_STATUS_QUEUED)
+    queued = await stub.ListJobs(pb.ListJobsRequest(status=pb.JOB_STATUS_QUEUED), metadata=md(dev))
+    assert [j.id for j in queued.jobs] == [hub.id]
+    other = md(keys["other-tenant"])
+    assert (await stub.ListJobs(pb.ListJobsRequest(), metadata=other)).jobs == []
+    for call in (stub.GetJob(pb.GetJobRequest(id=first.id), metadata=other),
+                 stub.CancelJob(pb.CancelJobRequest(id=first.id), metadata=other)):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async for _ in stub.WatchJob(pb.WatchJobRequest(id=first.id), metadata=other):
+            pass
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # another tenant's events don't touch the job
+    marker = await create(stub, dev, model_dir)
+    await peers.publish(DatasetRejected(ref=first.id, job_id=first.id, reason="x"), "globex")
+    await peers.publish(DatasetRejected(ref=marker.id, job_id=marker.id, reason="x"), TENANT)
+    await wait_status(stub, dev, marker.id, pb.JOB_STATUS_FAILED)  # same consumer, in order
+    assert await status_of(stub, dev, first.id) == pb.JOB_STATUS_VALIDATING_FILES
+
+
+async def test_cancel_and_rejection(env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+
+    # not yet placed: cancelled at once
+    validating = await create(stub, dev, model_dir)
+    cancelled = await stub.CancelJob(pb.CancelJobRequest(id=validating.id), metadata=md(dev))
+    assert cancelled.status == pb.JOB_STATUS_CANCELLED
+    event = await peers.wait_for(JobCancelled, job_id=validating.id)
+    assert event.data.reason.startswith("cancelled by key-")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.CancelJob(pb.CancelJobRequest(id=validating.id), metadata=md(dev))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancelled" in e.value.details()
+    queued = await create(stub, dev, model_dir)
+    await validate(peers, queued.id)
+    await wait_status(stub, dev, queued.id, pb.JOB_STATUS_QUEUED)
+    assert (await stub.CancelJob(pb.CancelJobRequest(id=queued.id), metadata=md(dev))).status \
+        == pb.JOB_STATUS_CANCELLED
+
+    # a job whose dataset is unusable fails with the dataset service's reason
+    rejected = await create(stub, dev, model_dir)
+    await peers.publish(DatasetRejected(ref="upload-x", reason="not a job"))  # no job: ignored
+    await peers.publish(DatasetRejected(ref=rejected.id, job_id=rejected.id,
+                                        reason="sha256 mismatch", errors=["train.jsonl"]))
+    failed = await wait_status(stub, dev, rejected.id, pb.JOB_STATUS_FAILED)
+    assert failed.error == "sha256 mismatch: train.jsonl"
+    announced = await peers.wait_for(JobFailed, job_id=rejected.id)
+    assert announced.data.reason == failed.error
+
+    # on a worker: the worker is asked to stop; its JobCancelled ends the job
+    running_job = await create(stub, dev, model_dir)
+    await validate(peers, running_job.id)
+    peers.workers["w-run"] = "idle"
+    await peers.wait_for(WorkItem, job_id=running_job.id)
+    peers.workers["w-run"] = "busy"
+    await peers.publish(JobStarted(job_id=running_job.id, worker_id="w-run"))
+    await wait_status(stub, dev, running_job.id, pb.JOB_STATUS_RUNNING)
+    answer = await stub.CancelJob(pb.CancelJobRequest(id=running_job.id), metadata=md(dev))
+    assert answer.status == pb.JOB_STATUS_RUNNING
+    request = await peers.wait_for(JobCancelRequested, job_id=running_job.id)
+    assert request.data.worker_id == "w-run"
+    await peers.publish(JobCancelled(job_id=running_job.id, reason="stopped at step 2"))
+    await wait_status(stub, dev, running_job.id, pb.JOB_STATUS_CANCELLED)
+
+
+async def test_jobs_leave_lost_workers(env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+
+    # the flaky worker takes the job, then goes silent before starting it
+    job = await create(stub, dev, model_dir)
+    await validate(peers, job.id)
+    peers.workers["w-flaky"] = "idle"
+    await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-flaky")
+    del peers.workers["w-flaky"]
+    await asyncio.sleep(0.3)
+    peers.workers["w-steady"] = "idle"
+    second = await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-steady", timeout=10)
+    assert second.data.attempt == 2 and second.trace_id == job.trace_id
+    assert (await peers.wait_for(JobAssigned, job_id=job.id, attempt=2)).data.worker_id == "w-steady"
+    work = await peers.bus.js.stream_info("WORK", subjects_filter="llmstudio.work.>")
+    assert work.state.subjects == {"llmstudio.work.w-steady": 1}  # the flaky one's was purged
+
+    # the flaky worker's late report doesn't move the job; the steady worker's does
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-flaky"))
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-steady"))
+    running_job = await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
+    assert running_job.worker_id == "w-steady"
+
+    # a running job whose worker dies fails
+    peers.workers["w-steady"] = "busy"
+    await asyncio.sleep(0.3)
+    del peers.workers["w-steady"]
+    failed = await wait_status(stub, dev, job.id, pb.JOB_STATUS_FAILED)
+    assert failed.error.startswith("worker w-steady lost")
+    event = await peers.wait_for(JobFailed, job_id=job.id)
+    assert event.data.worker_id == "w-steady"
+
+    # cancelled on a worker that then vanishes before starting it: cancelled, not placed again
+    doomed = await create(stub, dev, model_dir)
+    await validate(peers, doomed.id)
+    peers.workers["w-gone"] = "idle"
+    await peers.wait_for(WorkItem, job_id=doomed.id, worker_id="w-gone")
+    answer = await stub.CancelJob(pb.CancelJobRequest(id=doomed.id), metadata=md(dev))
+    assert answer.status == pb.JOB_STATUS_QUEUED and answer.worker_id == "w-gone"
+    await peers.wait_for(JobCancelRequested, job_id=doomed.id, worker_id="w-gone")
+    del peers.workers["w-gone"]
+    peers.workers["w-other"] = "idle"
+    await wait_status(stub, dev, doomed.id, pb.JOB_STATUS_CANCELLED)
+    await peers.wait_for(JobCancelled, job_id=doomed.id)
+    await asyncio.sleep(0.5)
+    assert peers.count(WorkItem, job_id=doomed.id) == 1
+
+
+async def test_higher_priority_runs_first(env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+    low = await create(stub, dev, model_dir, priority=0)
+    high = await create(stub, dev, model_dir, priority=9)
+    for job in (low, high):
+        await validate(peers, job.id)
+        await wait_status(stub, dev, job.id, pb.JOB_STATUS_QUEUED)
+    peers.workers["w-only"] = "idle"
+    await peers.wait_for(WorkItem, job_id=high.id)
+    await asyncio.sleep(0.8)  # a few placement ticks: the one worker holds the high job
+    assert peers.count(WorkItem, job_id=low.id) == 0
+
+
+# -- the store on SQLite and PostgreSQL ---------------------------------------------------------
+
+def _pg_url() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test",
+                             connect_timeout=2):
+            return "postgresql://postgres@127.0.0.1:5432/test"
+    except Exception:  # noqa: BLE001 - no server, no driver: skip
+        return None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = SchedulerStore(f"sqlite:///{tmp_path / 'scheduler.db'}")
+        s.create_tables()
+        yield s
+        s.dispose()
+        return
+    base = _pg_url()
+    if base is None:
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    import psycopg
+
+    schema = "sched_" + uuid.uuid4().hex[:8]
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    s = SchedulerStore(f"{base}?options=-csearch_path%3D{schema}")
+    s.create_tables()
+    try:
+        yield s
+    finally:
+        s.dispose()
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _job(job_id: str, key: str | None = None, **kw) -> Job:
+    now = now_iso()
+    return Job(id=job_id, tenant=TENANT, status=Status.QUEUED, priority=1, created_by="key-1",
+               spec={"base_model": "/m", "hyperparameters": {"max_steps": 3}}, model_name="m-lora",
+               dataset_id="ds-1", created_at=now, updated_at=now, idempotency_key=key, **kw)
+
+
+def test_store_round_trip_versions_and_queries(store):
+    with store.unit() as u:
+        u.add_job(_job("job-a", key="k1", dataset_artifacts=ARTIFACTS))
+        u.add_job(_job("job-b", worker_id="w-1"))
+        u.add_job(_job("job-c", cancel_requested=True))
+    with pytest.raises(IntegrityError), store.unit() as u:
+        u.add_job(_job("job-d", key="k1"))  # the key is taken in this tenant
+
+    with store.unit() as u:
+        a = u.job("job-a", TENANT)
+        assert u.job("job-a", "globex") is None
+        assert u.job_by_key(TENANT, "k1") == a
+        assert a.status == Status.QUEUED and a.dataset_artifacts == ARTIFACTS
+        assert a.spec["hyperparameters"]["max_steps"] == 3 and a.version == 1
+        assert [j.id for j in u.waiting_jobs()] == ["job-a"]
+        assert [j.id for j in u.assigned_jobs()] == ["job-b"]
+        assert {j.id for j in u.jobs(TENANT, Status.QUEUED)} == {"job-a", "job-b", "job-c"}
+        assert u.jobs(TENANT, Status.RUNNING) == []
+
+    with store.unit() as u:
+        saved = u.save(dataclasses.replace(a, status=Status.RUNNING, metrics={"loss": 1.5}))
+    assert saved.version == 2
+    with pytest.raises(Conflict), store.unit() as u:
+        u.save(dataclasses.replace(a, status=Status.FAILED))  # written over a stale read
+    with store.unit() as u:
+        assert u.job("job-a").status == Status.RUNNING
+        assert u.job("job-a").metrics == {"loss": 1.5}
+
+        assert u.add_sample("job-a", 2, {"loss": 2.0})
+        assert u.add_sample("job-a", 1, {"loss": 3.0})
+        assert not u.add_sample("job-a", 2, {"loss": 9.0})
+        assert u.samples("job-a") == [(1, {"loss": 3.0}), (2, {"loss": 2.0})]
+
+        u.enqueue("s.1", "{1}", "tp1")
+        u.enqueue("s.2", "{2}", "")
+        pending = u.pending_events()
+        assert [(p.subject, p.envelope, p.traceparent) for p in pending] == [
+            ("s.1", "{1}", "tp1"), ("s.2", "{2}", "")]
+        u.remove_event(pending[0].id)
+        assert [p.subject for p in u.pending_events()] == ["s.2"]

@@ -1,0 +1,180 @@
+"""The scheduler's pure domain: state machine, spec validation, worker table, placement."""
+
+from __future__ import annotations
+
+import pytest
+from llmstudio.errors import InvalidArgument
+
+from services.scheduler.core import (
+    ACTIVE,
+    TERMINAL,
+    Happening,
+    Job,
+    Status,
+    WorkerTable,
+    latest_metrics,
+    lost_assignments,
+    names_a_path,
+    parse_spec,
+    place,
+    transition,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def job(job_id: str, *, priority: int = 0, created_at: str = "2025-01-01T00:00:00.000000Z",
+        status: Status = Status.QUEUED, worker_id: str = "") -> Job:
+    return Job(id=job_id, tenant="acme", status=status, spec={}, model_name="m", dataset_id="d",
+               priority=priority, created_by="k", created_at=created_at, updated_at=created_at,
+               worker_id=worker_id)
+
+
+# -- state machine ------------------------------------------------------------------------------
+
+def test_happy_path_moves_forward():
+    s = Status.VALIDATING_FILES
+    s = transition(s, Happening.VALIDATED)
+    assert s == Status.QUEUED
+    s = transition(s, Happening.STARTED)
+    assert s == Status.RUNNING
+    assert transition(s, Happening.COMPLETED) == Status.SUCCEEDED
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINAL))
+@pytest.mark.parametrize("happening", list(Happening))
+def test_terminal_states_are_final(terminal, happening):
+    assert transition(terminal, happening) is None
+
+
+@pytest.mark.parametrize("current", sorted(ACTIVE))
+def test_failure_and_cancel_end_any_active_job(current):
+    assert transition(current, Happening.FAILED) == Status.FAILED
+    assert transition(current, Happening.CANCELLED) == Status.CANCELLED
+
+
+def test_out_of_place_happenings_are_ignored():
+    # a redelivered DatasetValidated must not move a running job back to queued
+    assert transition(Status.RUNNING, Happening.VALIDATED) is None
+    assert transition(Status.QUEUED, Happening.REJECTED) is None
+    # a worker can't start a job whose files are not validated yet
+    assert transition(Status.VALIDATING_FILES, Happening.STARTED) is None
+    assert transition(Status.VALIDATING_FILES, Happening.COMPLETED) is None
+    assert transition(Status.RUNNING, Happening.STARTED) is None
+    # completion overtaking its JobStarted still completes the job
+    assert transition(Status.QUEUED, Happening.COMPLETED) == Status.SUCCEEDED
+
+
+# -- spec ---------------------------------------------------------------------------------------
+
+def test_parse_spec_coerces_struct_floats_to_ints():
+    spec = parse_spec({"base_model": "org/model", "dataset": "ds-1",
+                       "hyperparameters": {"max_steps": 8.0, "batch_size": 2.0},
+                       "lora": {"r": 4.0}})
+    assert spec.hyperparameters.max_steps == 8 and isinstance(spec.hyperparameters.max_steps, int)
+    assert spec.lora.r == 4
+    assert spec.model_name() == "model-lora"
+
+
+def test_parse_spec_names_the_bad_field():
+    with pytest.raises(InvalidArgument) as e:
+        parse_spec({"base_model": "m", "dataset": "d", "hyperparameters": {"learning_rate": -1}})
+    assert e.value.field == "spec.hyperparameters.learning_rate"
+    assert "greater than 0" in e.value.reason
+
+
+def test_parse_spec_reports_every_problem():
+    with pytest.raises(InvalidArgument) as e:
+        parse_spec({"dataset": "d", "epochs": 3, "hyperparameters": {"max_steps": 2.5}})
+    message = str(e.value)
+    assert e.value.field == "spec.base_model"
+    assert "spec.epochs: Extra inputs are not permitted" in message
+    assert "spec.hyperparameters.max_steps" in message
+
+
+def test_parse_spec_rejects_empty_names():
+    with pytest.raises(InvalidArgument) as e:
+        parse_spec({"base_model": "m", "dataset": "  "})
+    assert e.value.field == "spec.dataset"
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("/models/tiny", True), ("./tiny", True), ("../tiny", True), ("~/tiny", True), (".", True),
+    ("HuggingFaceTB/SmolLM2-135M", False), ("gpt2", False),
+])
+def test_names_a_path(value, expected):
+    assert names_a_path(value) is expected
+
+
+def test_latest_metrics_keeps_the_newest_step_and_extra_keys():
+    current = {"step": 5.0, "loss": 1.0, "final_loss": 0.9}
+    assert latest_metrics(current, {"step": 3.0, "loss": 2.0}) == current
+    assert latest_metrics(current, {"step": 6.0, "loss": 0.8}) == {
+        "step": 6.0, "loss": 0.8, "final_loss": 0.9}
+
+
+# -- workers and placement ----------------------------------------------------------------------
+
+def test_worker_is_live_within_ttl_then_forgotten():
+    clock = Clock()
+    table = WorkerTable(ttl_s=10, clock=clock)
+    table.heartbeat("w1", "idle", device="cuda:0")
+    clock.now += 9
+    assert [w.worker_id for w in table.live()] == ["w1"]
+    assert table.live()[0].device == "cuda:0"
+    assert not table.is_lost("w1")
+    clock.now += 2
+    assert table.is_lost("w1")
+    assert table.live() == []
+    assert table.is_lost("w1")  # still lost once forgotten
+
+
+def test_unknown_worker_gets_one_ttl_after_start():
+    clock = Clock()
+    table = WorkerTable(ttl_s=10, clock=clock)
+    assert not table.is_lost("w-from-before-restart")
+    clock.now += 10.5
+    assert table.is_lost("w-from-before-restart")
+
+
+def test_place_orders_by_priority_then_age_onto_free_idle_workers():
+    clock = Clock()
+    table = WorkerTable(ttl_s=10, clock=clock)
+    for wid, state in [("w3", "idle"), ("w1", "idle"), ("w2", "busy"), ("w4", "idle")]:
+        table.heartbeat(wid, state)
+    jobs = [
+        job("job-old-low", priority=0, created_at="2025-01-01T00:00:00.000000Z"),
+        job("job-new-high", priority=5, created_at="2025-01-03T00:00:00.000000Z"),
+        job("job-old-high", priority=5, created_at="2025-01-02T00:00:00.000000Z"),
+        job("job-newest-low", priority=0, created_at="2025-01-04T00:00:00.000000Z"),
+    ]
+    # w4 is idle by heartbeat but already holds an assignment it has not picked up yet
+    pairs = place(jobs, table.live(), holding={"w4"})
+    assert pairs == [("job-old-high", "w1"), ("job-new-high", "w3")]
+
+
+def test_place_with_no_free_worker_places_nothing():
+    assert place([job("job-1")], [], holding=set()) == []
+
+
+def test_lost_assignments_split_by_whether_the_job_started():
+    clock = Clock()
+    table = WorkerTable(ttl_s=10, clock=clock)
+    table.heartbeat("gone-1", "idle")
+    table.heartbeat("gone-2", "busy")
+    clock.now += 11
+    table.heartbeat("alive", "busy")
+    assigned = [
+        job("job-a", worker_id="gone-1", status=Status.QUEUED),
+        job("job-b", worker_id="gone-2", status=Status.RUNNING),
+        job("job-c", worker_id="alive", status=Status.RUNNING),
+    ]
+    take_back, fail = lost_assignments(assigned, table)
+    assert [j.id for j in take_back] == ["job-a"]
+    assert [j.id for j in fail] == ["job-b"]
