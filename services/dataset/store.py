@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
-from llmstudio.db import make_engine
 from sqlalchemy.exc import IntegrityError
+
+from llmstudio.db import make_engine
 
 metadata = sa.MetaData()
 

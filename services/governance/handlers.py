@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from opentelemetry import trace
+
 from llmstudio import telemetry
 from llmstudio.bus import AUDITED_STREAMS, STREAMS, Bus
 from llmstudio.events import Envelope, EventData
-from opentelemetry import trace
 
 from .audit import AuditLog
 from .core import AuditEvent, audit_consumers, canonical_json, iso_utc

@@ -10,11 +10,12 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
+from nats.js.errors import NoKeysError
+
 from llmstudio.auth import KeyDirectory, Principal, hash_secret, new_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
 from llmstudio.errors import NotFound
 from llmstudio.events import ApiKeyCreated, ApiKeyRevoked
-from nats.js.errors import NoKeysError
 
 from .core import ApiKey, check_new_key, check_revocable, iso_utc, new_key_id
 from .store import GovernanceStore

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict
 
-from llmstudio.db import make_engine
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -20,6 +19,8 @@ from sqlalchemy import (
     select,
     update,
 )
+
+from llmstudio.db import make_engine
 
 from .core import ApiKey, AuditEvent, AuditRecord, chain
 

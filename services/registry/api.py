@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from google.protobuf.struct_pb2 import Struct
+
 from llmstudio.auth import current_principal
 from llmstudio.errors import InvalidArgument, NotFound
 from llmstudio.events import ModelStageChanged

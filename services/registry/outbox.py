@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from opentelemetry import context as otel_context
+
 from llmstudio import telemetry
 from llmstudio.bus import Bus
 from llmstudio.events import Envelope, EventData, make_envelope
-from opentelemetry import context as otel_context
 
 from .core import now_iso
 from .store import RegistryStore, Unit

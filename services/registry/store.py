@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from llmstudio.db import make_engine
 from sqlalchemy import (
     JSON,
     Column,
@@ -26,6 +25,8 @@ from sqlalchemy import (
     func,
     select,
 )
+
+from llmstudio.db import make_engine
 
 from .core import Model, ModelVersion, Stage
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
+from sqlalchemy.exc import IntegrityError
+
 from llmstudio import telemetry
 from llmstudio.auth import current_principal
 from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -17,7 +19,6 @@ from llmstudio.events import JobCancelled, JobCancelRequested, JobSubmitted
 from llmstudio.jobspec import JobSpec
 from llmstudio.v1 import jobs_pb2 as pb
 from llmstudio.v1 import jobs_pb2_grpc
-from sqlalchemy.exc import IntegrityError
 
 from . import core
 from .core import Job, Status

@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 from llmstudio.errors import InvalidArgument
 from llmstudio.jobspec import JobSpec
-from pydantic import ValidationError
 
 
 def now_iso() -> str:

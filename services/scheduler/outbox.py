@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from opentelemetry import trace
+
 from llmstudio import telemetry
 from llmstudio.bus import Bus
 from llmstudio.events import Envelope, EventData, make_envelope
-from opentelemetry import trace
 
 from .store import SchedulerStore, Unit
 

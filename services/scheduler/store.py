@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from llmstudio.db import make_engine
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -28,6 +27,8 @@ from sqlalchemy import (
     UniqueConstraint,
     select,
 )
+
+from llmstudio.db import make_engine
 
 from .core import Job, Status, now_iso
 

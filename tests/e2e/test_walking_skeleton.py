@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
+
 from llmstudio import local
 from llmstudio.bus import AUDITED_STREAMS
 from llmstudio.client import Client, job_status_name, to_dict

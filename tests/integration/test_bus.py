@@ -7,6 +7,7 @@ import json
 
 import nats
 import pytest
+
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.events import DeadLettered, JobQueued, decode

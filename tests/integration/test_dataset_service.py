@@ -10,6 +10,7 @@ import grpc
 import nats
 import pytest
 import sqlalchemy as sa
+
 from llmstudio.config import Settings
 from llmstudio.events import (
     DatasetRegistered,
@@ -22,7 +23,6 @@ from llmstudio.events import (
 from llmstudio.natsserver import free_port
 from llmstudio.storage import LocalArtifactStore
 from llmstudio.v1 import datasets_pb2, datasets_pb2_grpc
-
 from services.dataset import core
 from services.dataset.app import build
 from services.dataset.store import DatasetRecord, DatasetStore, DuplicateIdempotencyKey

@@ -11,6 +11,8 @@ import uuid
 import grpc
 import nats
 import pytest
+from sqlalchemy import create_engine, text
+
 from llmstudio.auth import Principal, hash_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
 from llmstudio.config import Settings
@@ -18,8 +20,6 @@ from llmstudio.events import DatasetRegistered, EvalFailed, JobQueued
 from llmstudio.natsserver import free_port
 from llmstudio.v1 import governance_pb2 as pb
 from llmstudio.v1 import governance_pb2_grpc
-from sqlalchemy import create_engine, text
-
 from services.governance.app import BOOTSTRAP_BANNER, build
 from services.governance.audit import AuditLog
 from services.governance.core import canonical_json, verify_chain

@@ -7,6 +7,8 @@ import asyncio
 
 import grpc
 import pytest
+from opentelemetry import trace
+
 from llmstudio import telemetry
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
@@ -20,8 +22,6 @@ from llmstudio.events import (
 from llmstudio.natsserver import free_port
 from llmstudio.v1 import registry_pb2 as pb
 from llmstudio.v1 import registry_pb2_grpc
-from opentelemetry import trace
-
 from services.registry import core
 from services.registry.app import build
 from services.registry.outbox import Outbox

@@ -14,6 +14,8 @@ import grpc
 import nats
 import pytest
 from google.protobuf.struct_pb2 import Struct
+from sqlalchemy.exc import IntegrityError
+
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.events import (
@@ -37,8 +39,6 @@ from llmstudio.events import (
 from llmstudio.natsserver import free_port
 from llmstudio.v1 import jobs_pb2 as pb
 from llmstudio.v1 import jobs_pb2_grpc
-from sqlalchemy.exc import IntegrityError
-
 from services.scheduler.app import build
 from services.scheduler.core import Job, Status, now_iso
 from services.scheduler.store import Conflict, SchedulerStore

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from llmstudio.config import Settings
 from llmstudio.storage import (
     ArtifactNotFound,
@@ -21,7 +22,6 @@ from llmstudio.storage import (
     S3ArtifactStore,
     artifact_store_from_settings,
 )
-
 from tests.support.seaweed import S3Endpoint, seaweed_s3
 
 MiB = 1024 * 1024

@@ -7,6 +7,7 @@ import contextlib
 import uuid
 
 import nats
+
 from llmstudio.auth import Principal, hash_secret, new_secret
 from llmstudio.bus import APIKEY_BUCKET
 from llmstudio.config import Settings

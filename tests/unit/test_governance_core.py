@@ -8,8 +8,8 @@ from dataclasses import asdict, replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from llmstudio.errors import FailedPrecondition, InvalidArgument
 
+from llmstudio.errors import FailedPrecondition, InvalidArgument
 from services.governance.core import (
     GENESIS_HASH,
     ApiKey,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from llmstudio.errors import FailedPrecondition, NotFound
 from llmstudio.events import EvalCompleted, JobCompleted
-
 from services.registry.core import (
     ALLOWED_TRANSITIONS,
     ModelVersion,

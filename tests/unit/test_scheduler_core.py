@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from llmstudio.errors import InvalidArgument
 
+from llmstudio.errors import InvalidArgument
 from services.scheduler.core import (
     ACTIVE,
     TERMINAL,

@@ -1,0 +1,149 @@
+"""The evaluator's domain: an evaluation record, its inputs, and its report. Pure, no I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmstudio.events import Envelope, JobCompleted
+from llmstudio.jobspec import JobSpec, format_validation_error
+
+RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
+# What started an evaluation; one evaluation per (job, trigger).
+ON_JOB_COMPLETED = "job.completed"
+VALIDATION_SPLIT = "validation"
+HEADLINE = ("eval_loss", "perplexity", "exact_match")
+
+
+@dataclass
+class Evaluation:
+    id: str
+    job_id: str
+    tenant: str
+    job: dict[str, Any]  # the JobCompleted payload: everything needed to (re)run it
+    actor: str = ""
+    traceparent: str = ""  # the job's trace, so a resumed evaluation still reports in it
+    trigger: str = ON_JOB_COMPLETED
+    status: str = RUNNING
+    base_metrics: dict[str, float] = field(default_factory=dict)
+    tuned_metrics: dict[str, float] = field(default_factory=dict)
+    report_key: str = ""
+    error: str = ""
+    announced: bool = False  # its EvalCompleted/EvalFailed has been published
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def new_evaluation_id() -> str:
+    return f"ev-{uuid.uuid4().hex[:12]}"
+
+
+def evaluation_for_job(env: Envelope, job: JobCompleted, traceparent: str) -> Evaluation:
+    return Evaluation(
+        id=new_evaluation_id(),
+        job_id=job.job_id,
+        tenant=env.tenant,
+        actor=env.actor,
+        job=job.model_dump(mode="json"),
+        traceparent=traceparent,
+    )
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to evaluate, read from the job: base model, splits, limits."""
+
+    base_model: str
+    validation_key: str
+    checkpoint_key: str
+    max_samples: int
+    max_new_tokens: int
+    max_seq_length: int
+
+
+def plan(job: JobCompleted) -> EvalPlan:
+    try:
+        spec = JobSpec.model_validate(job.spec)
+    except ValidationError as e:
+        raise ValueError(f"job {job.job_id} has an invalid spec: {format_validation_error(e)}") from None
+    key = job.dataset_artifacts.get(VALIDATION_SPLIT)
+    if not key:
+        raise ValueError(
+            f"dataset {job.dataset_id} has no '{VALIDATION_SPLIT}' split "
+            f"(splits: {sorted(job.dataset_artifacts) or 'none'})"
+        )
+    if not job.checkpoint_key:
+        raise ValueError(f"job {job.job_id} names no checkpoint_key")
+    return EvalPlan(
+        base_model=spec.base_model,
+        validation_key=key,
+        checkpoint_key=job.checkpoint_key,
+        max_samples=spec.eval.max_samples,
+        max_new_tokens=spec.eval.max_new_tokens,
+        # evaluate the tokens training saw: same truncation as the recipe
+        max_seq_length=spec.hyperparameters.max_seq_length,
+    )
+
+
+def parse_jsonl(raw: bytes, source: str) -> list[dict]:
+    """Rows of a JSONL file; a bad line is reported with its file and line number."""
+    rows = []
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    return rows
+
+
+def headline(result: dict[str, Any], which: str) -> dict[str, float]:
+    """eval_loss, perplexity, exact_match of an `evaluate_model` result, as finite floats.
+
+    A non-finite loss means nothing was measured (no learned token): that is an error, not a
+    number to compare. Perplexity overflows to inf above loss ~709: clamped to the largest
+    float so the metrics stay valid JSON.
+    """
+    loss = float(result["eval_loss"])
+    if not math.isfinite(loss):
+        raise ValueError(f"{which} model: eval_loss is {loss} (no completion tokens to score?)")
+    return {
+        "eval_loss": loss,
+        "perplexity": min(float(result["perplexity"]), sys.float_info.max),
+        "exact_match": float(result["exact_match"]),
+    }
+
+
+def report_key(evaluation_id: str) -> str:
+    return f"evaluations/{evaluation_id}/report.json"
+
+
+def build_report(
+    ev: Evaluation, p: EvalPlan, base: dict[str, Any], tuned: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON report: both metric sets, their difference, and example generations."""
+    base_m, tuned_m = headline(base, "base"), headline(tuned, "tuned")
+    return {
+        "evaluation_id": ev.id,
+        "job_id": ev.job_id,
+        "model_name": ev.job.get("model_name", ""),
+        "base_model": p.base_model,
+        "checkpoint_key": p.checkpoint_key,
+        "validation_key": p.validation_key,
+        "samples": base["samples"],
+        "base": {"metrics": base_m, "examples": base["examples"]},
+        "tuned": {"metrics": tuned_m, "examples": tuned["examples"]},
+        "delta": {k: tuned_m[k] - base_m[k] for k in ("eval_loss", "exact_match")},
+    }

@@ -1,0 +1,110 @@
+"""The trainer-worker's pure logic: worker identity, training rows, job inputs, event payloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections import OrderedDict
+from pathlib import Path
+
+from llmstudio.events import JobMetrics
+
+TRAIN_SPLIT = "train"
+# The subject token and consumer name are built from the worker id: NATS allows neither dots nor
+# wildcards there, so anything but [A-Za-z0-9_-] becomes "-".
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sanitize_worker_id(raw: str) -> str:
+    cleaned = _UNSAFE.sub("-", raw).strip("-")
+    if not cleaned:
+        raise ValueError(f"worker id {raw!r} has no usable character ([A-Za-z0-9_-])")
+    return cleaned
+
+
+def default_worker_id(configured: str = "") -> str:
+    """The configured id, else `<hostname>-<pid>`: unique per process on a machine."""
+    return sanitize_worker_id(configured or f"{socket.gethostname()}-{os.getpid()}")
+
+
+def checkpoint_prefix(job_id: str, step: int) -> str:
+    """Artifact prefix of a job's checkpoint (the adapter is the checkpoint's adapter files)."""
+    return f"jobs/{job_id}/checkpoint-{step}"
+
+
+def train_split_key(dataset_artifacts: dict[str, str]) -> str:
+    key = dataset_artifacts.get(TRAIN_SPLIT)
+    if not key:
+        raise ValueError(
+            f"the work item has no '{TRAIN_SPLIT}' split in dataset_artifacts "
+            f"(splits: {sorted(dataset_artifacts) or 'none'})"
+        )
+    return key
+
+
+def parse_jsonl(raw: bytes, source: str) -> list[dict]:
+    """Rows of a JSONL file; a bad line is reported with its file and line number."""
+    rows = []
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    return rows
+
+
+def check_local_model_dir(base_model: str) -> None:
+    """Fail early, naming the path, when the base model is a local path that is not there.
+
+    Absolute and ./ ../ ~ paths must exist; anything else may be a hub id (`org/name`), which
+    transformers resolves (or rejects) itself.
+    """
+    if base_model.startswith(("/", "./", "../", "~")):
+        path = Path(base_model).expanduser()
+        if not (path / "config.json").is_file():
+            what = "has no config.json" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"base model directory {path} {what}")
+
+
+def metrics_event(job_id: str, m: dict) -> JobMetrics:
+    """The recipe's metrics dict -> the JobMetrics event."""
+    return JobMetrics(
+        job_id=job_id,
+        step=int(m["step"]),
+        max_steps=int(m["max_steps"]),
+        loss=float(m["loss"]),
+        learning_rate=float(m["learning_rate"]),
+        tokens_per_s=float(m.get("tokens_per_s", 0.0)),
+        samples_per_s=float(m.get("samples_per_s", 0.0)),
+        epoch=float(m.get("epoch", 0.0)),
+    )
+
+
+def failure_reason(exc: BaseException, limit: int = 2000) -> str:
+    return f"{type(exc).__name__}: {exc}"[:limit]
+
+
+class RecentIds:
+    """A bounded set (oldest forgotten first): jobs this worker finished or saw cancelled."""
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, item: str) -> None:
+        self._ids[item] = None
+        self._ids.move_to_end(item)
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._ids

@@ -1,0 +1,34 @@
+"""Bus handlers of the trainer-worker: they hand events to the Worker and return at once."""
+
+from __future__ import annotations
+
+import logging
+
+from llmstudio.bus import Bus
+from llmstudio.events import Envelope, EventData, JobCancelRequested, WorkItem
+
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+# Per-worker consumers vanish an hour after their worker does, instead of piling up.
+CONSUMER_TTL_S = 3600
+
+
+def subscribe(bus: Bus, worker: Worker) -> None:
+    async def on_work(env: Envelope, data: EventData) -> None:
+        if not isinstance(data, WorkItem):
+            log.warning("ignoring %s on this worker's work subject", env.type)
+            return
+        await worker.accept(env, data)  # raises WorkerBusy -> redelivered later
+
+    async def on_cancel(env: Envelope, data: EventData) -> None:
+        if isinstance(data, JobCancelRequested):
+            worker.cancel(data)
+
+    wid = worker.worker_id
+    bus.subscribe(f"work-{wid}", f"llmstudio.work.{wid}", on_work,
+                  inactive_threshold_s=CONSUMER_TTL_S)
+    # Only cancels issued from now on matter to a fresh worker; every worker sees each one.
+    bus.subscribe(f"cancel-{wid}", "llmstudio.job.cancel_requested.*", on_cancel,
+                  deliver_new=True, inactive_threshold_s=CONSUMER_TTL_S)

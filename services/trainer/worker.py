@@ -1,0 +1,253 @@
+"""The trainer-worker's use cases: accept a work item, run it, cancel it, report liveness.
+
+One job at a time. The job runs as an asyncio task (so it keeps the trace of the work item's
+handler span) and the training itself in a thread; the thread calls back into the loop to
+publish metrics and checkpoints, attaching the job's trace context to each of those calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from llmstudio import telemetry
+from llmstudio.bus import Bus
+from llmstudio.config import Settings
+from llmstudio.events import (
+    Envelope,
+    EventData,
+    JobCancelled,
+    JobCancelRequested,
+    JobCheckpointed,
+    JobCompleted,
+    JobFailed,
+    JobStarted,
+    WorkerHeartbeat,
+    WorkItem,
+)
+from llmstudio.jobspec import JobSpec, format_validation_error
+from llmstudio.storage import ArtifactStore
+
+from .core import (
+    RecentIds,
+    check_local_model_dir,
+    checkpoint_prefix,
+    default_worker_id,
+    failure_reason,
+    metrics_event,
+    parse_jsonl,
+    train_split_key,
+)
+from .recipe import TrainResult, train_lora_sft
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("trainer")
+
+CANCELLED = "cancelled"
+SHUTDOWN = "shutdown"
+# On shutdown the running job gets this long to stop at a step boundary and upload its last
+# checkpoint before its task is cancelled.
+STOP_GRACE_S = 60.0
+
+
+class WorkerBusy(RuntimeError):
+    """Raised by the work handler so the bus redelivers the item later."""
+
+
+@dataclass
+class Job:
+    item: WorkItem
+    tenant: str
+    actor: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str = ""
+    checkpoint_key: str = ""  # the last checkpoint uploaded
+    task: asyncio.Task | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_reason:  # the first reason wins (a cancel is not turned into shutdown)
+            self.stop_reason = reason
+        self.stop.set()
+
+
+class Worker:
+    def __init__(self, settings: Settings, bus: Bus, store: ArtifactStore):
+        self.settings = settings
+        self.bus = bus
+        self.store = store
+        self.worker_id = default_worker_id(settings.worker_id)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.job: Job | None = None
+        self.finished = RecentIds()  # "<job_id>:<attempt>" run here: redeliveries are no-ops
+        self.cancelled = RecentIds()  # cancels that arrived before their work item
+        self.closing = False
+
+    # -- liveness --------------------------------------------------------------------------
+    async def heartbeat_loop(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def beat(self) -> None:
+        job = self.job
+        data = WorkerHeartbeat(
+            worker_id=self.worker_id,
+            state="busy" if job else "idle",
+            job_id=job.item.job_id if job else "",
+            device=self.device,
+        )
+        try:
+            await self.bus.publish_core(data)
+        except Exception as e:  # noqa: BLE001 - a missed heartbeat is not fatal; the next one goes
+            log.warning("heartbeat not sent: %s", e)
+
+    # -- commands from the bus ---------------------------------------------------------------
+    async def accept(self, env: Envelope, item: WorkItem) -> None:
+        """Start `item` in the background, or raise WorkerBusy; returns at once."""
+        running = self.job
+        if running and running.item.job_id == item.job_id:
+            return  # redelivery of the job already running here
+        if f"{item.job_id}:{item.attempt}" in self.finished:
+            return  # redelivery of an attempt already run here
+        if running:
+            raise WorkerBusy(f"worker {self.worker_id} is busy with job {running.item.job_id}")
+        if self.closing:
+            raise WorkerBusy(f"worker {self.worker_id} is shutting down")
+        job = Job(item, env.tenant, env.actor)
+        if item.job_id in self.cancelled:  # the cancel overtook the work item
+            await self._publish(job, JobCancelled(job_id=item.job_id, reason=CANCELLED))
+            self.finished.add(f"{item.job_id}:{item.attempt}")
+            return
+        self.job = job
+        job.task = asyncio.create_task(self._run(job), name=f"job-{item.job_id}")
+        await self.beat()  # tell the scheduler we are busy now, not at the next tick
+
+    def cancel(self, request: JobCancelRequested) -> None:
+        if request.worker_id and request.worker_id != self.worker_id:
+            return
+        job = self.job
+        if job and job.item.job_id == request.job_id:
+            log.info("cancelling job %s", request.job_id)
+            job.request_stop(CANCELLED)
+        else:
+            self.cancelled.add(request.job_id)
+
+    async def stop(self) -> None:
+        """Service shutdown: stop the running job at a step boundary and let it report."""
+        self.closing = True
+        job = self.job
+        if job is None or job.task is None:
+            return
+        job.request_stop(SHUTDOWN)
+        try:
+            await asyncio.wait_for(asyncio.shield(job.task), STOP_GRACE_S)
+        except TimeoutError:
+            job.task.cancel()
+
+    # -- the job -----------------------------------------------------------------------------
+    async def _run(self, job: Job) -> None:
+        item = job.item
+        work_dir = self.settings.data_dir / "work" / item.job_id
+        with tracer.start_as_current_span(f"train {item.job_id}", attributes={"job.id": item.job_id}):
+            try:
+                await self._publish(job, JobStarted(job_id=item.job_id, worker_id=self.worker_id))
+                ctx = otel_context.get_current()
+                loop = asyncio.get_running_loop()
+                result = await asyncio.to_thread(self._train, job, work_dir, loop, ctx)
+                await self._publish(job, self._outcome(job, result))
+            except Exception as e:  # noqa: BLE001 - every failure is reported as JobFailed
+                log.exception("job %s failed", item.job_id)
+                await self._report_failure(job, e)
+            finally:
+                shutil.rmtree(work_dir, ignore_errors=True)
+                self.finished.add(f"{item.job_id}:{item.attempt}")
+                self.job = None
+        await self.beat()
+
+    def _train(self, job: Job, work_dir: Path, loop, ctx) -> TrainResult:
+        """Runs in a worker thread: load inputs, train, upload each checkpoint as it is written."""
+        item = job.item
+        try:
+            spec = JobSpec.model_validate(item.spec)
+        except ValidationError as e:
+            raise ValueError(f"invalid job spec: {format_validation_error(e)}") from None
+        check_local_model_dir(spec.base_model)
+        key = train_split_key(item.dataset_artifacts)
+        rows = parse_jsonl(self.store.get_bytes(key), self.store.uri(key))
+
+        def call(coro: Coroutine) -> None:
+            # Coroutines scheduled from a thread do not inherit a context: attach the job's.
+            asyncio.run_coroutine_threadsafe(_in_context(ctx, coro), loop).result()
+
+        def on_metrics(m: dict) -> None:
+            try:
+                call(self._publish(job, metrics_event(item.job_id, m)))
+            except Exception as e:  # noqa: BLE001 - a lost metrics sample must not fail the job
+                log.warning("job %s: metrics at step %s not published: %s", item.job_id, m.get("step"), e)
+
+        def on_checkpoint(path: Path, step: int) -> None:
+            # Stored and announced before training goes on, so a crash loses no reported step.
+            prefix = checkpoint_prefix(item.job_id, step)
+            self.store.put_dir(prefix, path)
+            call(self._publish(job, JobCheckpointed(job_id=item.job_id, step=step, checkpoint_key=prefix)))
+            job.checkpoint_key = prefix
+
+        return train_lora_sft(
+            spec, spec.base_model, rows, work_dir,
+            on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,
+        )
+
+    def _outcome(self, job: Job, result: TrainResult) -> EventData:
+        item = job.item
+        if result.stopped and job.stop_reason == CANCELLED:
+            return JobCancelled(job_id=item.job_id, reason=CANCELLED)
+        if result.stopped:  # worker shutdown: the scheduler may retry from the last checkpoint
+            return JobFailed(
+                job_id=item.job_id, worker_id=self.worker_id,
+                reason=f"worker {self.worker_id} shut down at step {result.steps}"
+                + (f"; last checkpoint {job.checkpoint_key}" if job.checkpoint_key else ""),
+            )
+        if not job.checkpoint_key:
+            raise RuntimeError(f"training ended after {result.steps} steps without a checkpoint")
+        return JobCompleted(
+            job_id=item.job_id,
+            worker_id=self.worker_id,
+            model_name=item.model_name,
+            spec=item.spec,
+            dataset_id=item.dataset_id,
+            dataset_sha256=item.dataset_sha256,
+            dataset_artifacts=item.dataset_artifacts,
+            checkpoint_key=job.checkpoint_key,
+            adapter_key=job.checkpoint_key,  # the checkpoint holds the adapter files
+            steps=result.steps,
+            final_loss=result.final_loss,
+            trace_id=telemetry.current_trace_id(),
+        )
+
+    async def _report_failure(self, job: Job, exc: Exception) -> None:
+        event = JobFailed(job_id=job.item.job_id, reason=failure_reason(exc), worker_id=self.worker_id)
+        try:
+            await self._publish(job, event)
+        except Exception:  # noqa: BLE001 - nothing left to tell; the scheduler's lease expires
+            log.exception("job %s: JobFailed not published", job.item.job_id)
+
+    async def _publish(self, job: Job, data: EventData) -> None:
+        await self.bus.publish(data, tenant=job.tenant, actor=job.actor)
+
+
+async def _in_context(ctx: otel_context.Context, coro: Coroutine):
+    token = otel_context.attach(ctx)
+    try:
+        return await coro
+    finally:
+        otel_context.detach(token)

@@ -1,0 +1,191 @@
+"""The trainer-worker against a real nats-server, real training steps on a tiny Llama."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import nats
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from llmstudio import telemetry  # noqa: E402
+from llmstudio.bus import Bus  # noqa: E402
+from llmstudio.config import Settings  # noqa: E402
+from llmstudio.events import (  # noqa: E402
+    JobCancelled,
+    JobCancelRequested,
+    JobCheckpointed,
+    JobCompleted,
+    JobFailed,
+    JobMetrics,
+    JobStarted,
+    WorkerHeartbeat,
+    WorkItem,
+    decode,
+)
+from llmstudio.ml.tiny import build_tiny_model  # noqa: E402
+from llmstudio.storage import LocalArtifactStore  # noqa: E402
+from services.trainer.app import build  # noqa: E402
+from tests.support.harness import running  # noqa: E402
+
+WORKER = "w-test"
+ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
+        for w in ("apple", "river", "stone", "cat", "dog", "moon", "sun", "tree",
+                  "bird", "fish", "rain", "snow", "fire", "wind", "road", "ship")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+class Harness:
+    """The trainer in-process plus a client bus that records job events and heartbeats."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = LocalArtifactStore(settings.data_dir / "artifacts")
+        self.events: list = []  # (envelope, data) of job.* and metrics.*
+        self.traces: dict[str, str] = {}  # event id -> trace id the handler continued
+        self.heartbeats: list[WorkerHeartbeat] = []
+        self.bus = Bus(settings, "test")
+
+        async def record(env, data):
+            self.traces[env.id] = telemetry.current_trace_id()
+            self.events.append((env, data))
+
+        self.bus.subscribe("jobs", "llmstudio.job.>", record)
+        self.bus.subscribe("metrics", "llmstudio.metrics.>", record)
+
+    def of(self, cls, job_id: str) -> list:
+        return [d for _, d in self.events if isinstance(d, cls) and d.job_id == job_id]
+
+    def envelopes(self, job_id: str) -> list:
+        return [e for e, d in self.events if getattr(d, "job_id", None) == job_id]
+
+    async def wait(self, pred, timeout=30.0, what="condition"):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not pred():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    def work_item(self, job_id: str, model_dir: str, **hp) -> WorkItem:
+        key = self.store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode())
+        hyper = {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-2, "log_every": 2,
+                 "checkpoint_every": 4, "seed": 3}
+        hyper.update(hp)
+        spec = {"base_model": model_dir, "dataset": "ds-1", "hyperparameters": hyper,
+                "lora": {"r": 4, "alpha": 8}}
+        return WorkItem(worker_id=WORKER, job_id=job_id, model_name="tiny-lora", spec=spec,
+                        dataset_id="ds-1", dataset_sha256="ab" * 32,
+                        dataset_artifacts={"train": key})
+
+
+@pytest.fixture
+async def harness(nats_server, tmp_path):
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, worker_id=WORKER,
+                        heartbeat_interval_s=0.2)
+    h = Harness(settings)
+    nc = await nats.connect(nats_server.url)
+
+    async def on_beat(msg):
+        h.heartbeats.append(decode(msg.data)[1])
+
+    await nc.subscribe("llmstudio.worker.heartbeat.>", cb=on_beat)
+    await h.bus.start()
+    # The trainer in its own exit stack: a test may stop it and still watch what it published.
+    h.trainer = contextlib.AsyncExitStack()
+    await h.trainer.enter_async_context(running("trainer", build, settings))
+    try:
+        yield h
+    finally:
+        await h.trainer.aclose()
+        await h.bus.stop()
+        await nc.close()
+
+
+async def test_job_runs_to_completion_with_metrics_checkpoints_and_heartbeats(harness, model_dir):
+    h = harness
+    await h.wait(lambda: h.heartbeats, what="a heartbeat")
+    assert h.heartbeats[0].worker_id == WORKER and h.heartbeats[0].state == "idle"
+    assert h.heartbeats[0].device in ("cpu", "cuda")
+
+    sent = await h.bus.publish(h.work_item("job-1", model_dir), tenant="acme", actor="alice")
+    await h.wait(lambda: h.of(JobCompleted, "job-1") or h.of(JobFailed, "job-1"), what="the end")
+    assert not h.of(JobFailed, "job-1"), h.of(JobFailed, "job-1")
+
+    assert h.of(JobStarted, "job-1")[0].worker_id == WORKER
+    steps = [m.step for m in h.of(JobMetrics, "job-1")]
+    assert len(steps) >= 2 and steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert all(m.max_steps == 8 and m.loss > 0 for m in h.of(JobMetrics, "job-1"))
+
+    ckpts = h.of(JobCheckpointed, "job-1")
+    assert [c.step for c in ckpts] == [4, 8]
+    for c in ckpts:
+        assert h.store.exists(f"{c.checkpoint_key}/manifest.json")
+        assert h.store.exists(f"{c.checkpoint_key}/adapter_model.safetensors")
+
+    done = h.of(JobCompleted, "job-1")[0]
+    assert done.steps == 8 and done.worker_id == WORKER and done.model_name == "tiny-lora"
+    assert done.adapter_key == done.checkpoint_key == "jobs/job-1/checkpoint-8"
+    assert done.dataset_artifacts["train"] and done.spec["hyperparameters"]["max_steps"] == 8
+    assert done.final_loss > 0
+
+    # every event of the job (metrics and checkpoints come from the training thread): the work
+    # item's tenant/actor, and one trace, the one JobCompleted names
+    envs = h.envelopes("job-1")
+    assert {e.tenant for e in envs} == {"acme"} and {e.actor for e in envs} == {"alice"}
+    assert len(done.trace_id) == 32 and done.trace_id != "0" * 32
+    assert {h.traces[e.id] for e in envs} == {done.trace_id}
+    assert sent.tenant == "acme"
+
+    # busy while training, idle again afterwards; the local work dir is gone
+    assert any(b.state == "busy" and b.job_id == "job-1" for b in h.heartbeats)
+    n = len(h.heartbeats)
+    await h.wait(lambda: len(h.heartbeats) > n and h.heartbeats[-1].state == "idle", what="idle")
+    assert not (h.settings.data_dir / "work" / "job-1").exists()
+
+
+async def test_missing_model_dir_fails_with_the_path(harness, tmp_path):
+    h = harness
+    missing = str(tmp_path / "no-such-model")
+    await h.bus.publish(h.work_item("job-2", missing), tenant="acme")
+    await h.wait(lambda: h.of(JobFailed, "job-2"), what="JobFailed")
+    failed = h.of(JobFailed, "job-2")[0]
+    assert missing in failed.reason and failed.worker_id == WORKER
+    assert not h.of(JobCompleted, "job-2")
+
+
+async def test_cancel_stops_a_running_job(harness, model_dir):
+    h = harness
+    await h.bus.publish(h.work_item("job-3", model_dir, max_steps=100_000, checkpoint_every=0),
+                        tenant="acme")
+    await h.wait(lambda: h.of(JobMetrics, "job-3"), what="training to start")
+    await h.bus.publish(JobCancelRequested(job_id="job-3"), tenant="acme")
+    await h.wait(lambda: h.of(JobCancelled, "job-3") or h.of(JobFailed, "job-3"), what="cancel")
+    assert h.of(JobCancelled, "job-3")[0].reason == "cancelled"
+    await asyncio.sleep(0.5)
+    assert not h.of(JobCompleted, "job-3") and not h.of(JobFailed, "job-3")
+    # the steps done before the cancel were checkpointed, not lost
+    ckpt = h.of(JobCheckpointed, "job-3")[-1]
+    assert ckpt.step < 100_000 and h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")
+
+
+async def test_shutdown_stops_the_job_and_reports_its_last_checkpoint(harness, model_dir):
+    h = harness
+    await h.bus.publish(h.work_item("job-4", model_dir, max_steps=100_000, checkpoint_every=0),
+                        tenant="acme")
+    await h.wait(lambda: h.of(JobMetrics, "job-4"), what="training to start")
+    await h.trainer.aclose()  # SIGTERM, in-process
+    await h.wait(lambda: h.of(JobFailed, "job-4"), what="JobFailed")
+    await asyncio.sleep(0.3)
+    failed = h.of(JobFailed, "job-4")
+    assert len(failed) == 1 and not h.of(JobCancelled, "job-4") and not h.of(JobCompleted, "job-4")
+    ckpt = h.of(JobCheckpointed, "job-4")[-1]
+    assert f"worker {WORKER} shut down at step {ckpt.step}" in failed[0].reason
+    assert ckpt.checkpoint_key in failed[0].reason
+    assert h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")

@@ -1,0 +1,81 @@
+"""The CLI's surface: help for every command, one-line errors and exit codes, spec loading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llmstudio.cli import CliError, build_parser, load_job_spec, main, parse_model_ref
+
+COMMANDS = [
+    ["up"], ["down"], ["status"], ["demo"],
+    ["datasets", "push"], ["datasets", "list"], ["datasets", "show"],
+    ["jobs", "create"], ["jobs", "list"], ["jobs", "show"], ["jobs", "watch"], ["jobs", "cancel"],
+    ["models", "list"], ["models", "show"], ["models", "stage"],
+    ["evals", "list"], ["audit", "verify"], ["audit", "query"],
+    ["keys", "create"], ["keys", "whoami"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_json_flag(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--json" in out and f"llmstudio {' '.join(command)}" in out
+
+
+def test_model_refs():
+    assert parse_model_ref("reverse@3") == ("reverse", 3)
+    assert parse_model_ref("reverse") == ("reverse", 0)
+    with pytest.raises(CliError, match="must be a number"):
+        parse_model_ref("reverse@latest")
+    with pytest.raises(CliError, match="NAME@VERSION"):
+        parse_model_ref("@2")
+
+
+def test_job_spec_errors_name_the_file(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("base_model: [unclosed\n")
+    with pytest.raises(CliError, match="job.yaml: invalid YAML"):
+        load_job_spec(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(CliError, match="must be a mapping"):
+        load_job_spec(bad)
+    with pytest.raises(CliError, match="no such file"):
+        load_job_spec(tmp_path / "missing.yaml")
+    good = tmp_path / "good.yaml"
+    good.write_text("base_model: /m\ndataset: ds-1\nhyperparameters:\n  max_steps: 5\n")
+    assert load_job_spec(good)["hyperparameters"] == {"max_steps": 5}
+
+
+def test_failures_print_one_line_and_exit_non_zero(tmp_path, capsys):
+    assert main(["status", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no stack in") and "\n" not in err
+
+    assert main(["jobs", "create", "-f", str(tmp_path / "nope.yaml"), "--data-dir",
+                 str(tmp_path)]) == 1
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_unreachable_service_is_a_one_line_grpc_error(tmp_path):
+    from llmstudio.natsserver import free_port
+
+    env = {"LLMSTUDIO_SCHEDULER_ADDR": f"127.0.0.1:{free_port()}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmstudio.cli", "jobs", "list", "--api-key", "k",
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["models", "stage", "m@1", "heaven"])
+    assert e.value.code == 2

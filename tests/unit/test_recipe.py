@@ -1,0 +1,189 @@
+"""The LoRA SFT recipe, with real training steps on a tiny Llama."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from llmstudio.jobspec import JobSpec
+from llmstudio.ml.tiny import build_tiny_model
+from services.trainer.recipe import (
+    CheckpointError,
+    latest_checkpoint,
+    train_lora_sft,
+    verify_checkpoint,
+)
+
+ROWS = [
+    {"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
+    for w in ("apple", "river", "stone", "cat", "dog", "moon")
+]
+METRIC_FIELDS = {"step", "max_steps", "loss", "learning_rate", "tokens_per_s", "samples_per_s",
+                 "epoch"}
+
+
+def make_spec(model_dir: str, **hp) -> JobSpec:
+    hyper = {"max_steps": 30, "batch_size": 4, "learning_rate": 1e-2, "seed": 7, "log_every": 5}
+    hyper.update(hp)
+    return JobSpec(
+        base_model=model_dir,
+        dataset="unit",
+        lora={"r": 8, "alpha": 16, "dropout": 0.1},
+        hyperparameters=hyper,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads; on a busy 2-core box they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+@pytest.fixture(scope="module")
+def run(model_dir, tmp_path_factory):
+    """One 30-step run with a checkpoint every 10 steps, recording the callbacks."""
+    out = tmp_path_factory.mktemp("run")
+    metrics, checkpoints = [], []
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        assert (path / "manifest.json").is_file()  # complete before anyone is told
+        checkpoints.append((path, step))
+
+    result = train_lora_sft(
+        make_spec(model_dir, checkpoint_every=10), model_dir, ROWS, out,
+        on_metrics=metrics.append, on_checkpoint=on_checkpoint,
+    )
+    return result, metrics, checkpoints, out
+
+
+def test_loss_falls(run):
+    result, metrics, _, _ = run
+    assert result.steps == 30 and not result.stopped
+    assert math.isfinite(result.first_loss)
+    assert result.final_loss < 0.8 * result.first_loss
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert result.tokens_seen > 30 * 4 * 5  # every batch has at least 5 real tokens per row
+
+
+def test_metrics_reported_every_log_every_steps(run):
+    _, metrics, _, _ = run
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20, 25, 30]
+    for m in metrics:
+        assert set(m) >= METRIC_FIELDS
+        assert m["max_steps"] == 30
+        assert m["tokens_per_s"] > 0 and m["samples_per_s"] > 0
+        assert m["epoch"] == pytest.approx(m["step"] * 4 / len(ROWS))
+    lrs = [m["learning_rate"] for m in metrics]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] <= 1e-2  # linear decay
+
+
+def test_checkpoints_manifest_last_and_hashes_match(run):
+    result, _, checkpoints, out = run
+    assert [s for _, s in checkpoints] == [10, 20, 30]
+    assert result.adapter_dir == out / "checkpoint-30" == latest_checkpoint(out)
+    for path, step in checkpoints:
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["step"] == step
+        listed = {f["path"] for f in manifest["files"]}
+        on_disk = {p.name for p in path.iterdir() if p.name != "manifest.json"}
+        assert listed == on_disk
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors",
+                "trainer_state.json"} <= listed
+        for f in manifest["files"]:
+            data = (path / f["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == f["sha256"]
+            assert len(data) == f["size"]
+        newest = max((path / f).stat().st_mtime_ns for f in listed)
+        assert (path / "manifest.json").stat().st_mtime_ns >= newest
+        assert not [p for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pkl", ".pth"}]
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert state["step"] == step and state["samples_seen"] == step * 4
+        assert state["spec"]["hyperparameters"]["seed"] == 7
+
+
+def test_verify_checkpoint_detects_tampering(run, tmp_path):
+    import shutil
+
+    _, _, checkpoints, _ = run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoints[0][0], copy)
+    assert verify_checkpoint(copy)["step"] == 10
+    blob = bytearray((copy / "optimizer.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (copy / "optimizer.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        verify_checkpoint(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        verify_checkpoint(copy)
+
+
+def test_adapter_loads_with_peft_and_changes_the_model(run, model_dir):
+    result, _, _, _ = run
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 60, 70, 80, 90]])
+    with torch.no_grad():
+        before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert any("q_proj" in k for k in saved) and not any("gate_proj" in k for k in saved)
+    live = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
+    for key, value in saved.items():
+        match = [v for k, v in live.items() if k.replace(".default", "") == key]
+        assert match and torch.equal(match[0], value)
+    with torch.no_grad():
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 3  # allow 3 steps
+
+    result = train_lora_sft(make_spec(model_dir), model_dir, ROWS, tmp_path, should_stop=should_stop)
+    assert result.stopped and result.steps == 3
+    assert result.adapter_dir == tmp_path / "checkpoint-3"
+    assert verify_checkpoint(result.adapter_dir)["step"] == 3
+
+
+def test_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
+    spec = make_spec(model_dir, max_steps=10, checkpoint_every=5, log_every=1)
+    full = train_lora_sft(spec, model_dir, ROWS, tmp_path / "full")
+    resumed_metrics = []
+    resumed = train_lora_sft(
+        spec, model_dir, ROWS, tmp_path / "resumed",
+        resume_from=tmp_path / "full" / "checkpoint-5", on_metrics=resumed_metrics.append,
+    )
+    assert [m["step"] for m in resumed_metrics] == [6, 7, 8, 9, 10]
+    assert resumed.steps == 10 and resumed.first_loss == full.first_loss
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rows_without_learnable_tokens_are_rejected(model_dir, tmp_path):
+    rows = [{"prompt": "a very long prompt " * 20, "completion": " x"}]
+    with pytest.raises(ValueError, match="max_seq_length=16"):
+        train_lora_sft(make_spec(model_dir, max_seq_length=16), model_dir, rows, tmp_path)

@@ -1,0 +1,76 @@
+"""Pure parts of the trainer-worker: identity, inputs, event payloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from services.trainer.core import (
+    RecentIds,
+    check_local_model_dir,
+    checkpoint_prefix,
+    default_worker_id,
+    failure_reason,
+    metrics_event,
+    parse_jsonl,
+    sanitize_worker_id,
+    train_split_key,
+)
+
+
+def test_worker_id_is_safe_for_subjects_and_consumer_names():
+    assert sanitize_worker_id("gpu-node.example.com:0") == "gpu-node-example-com-0"
+    assert sanitize_worker_id("w_1") == "w_1"
+    assert default_worker_id("a b*c>") == "a-b-c"
+    auto = default_worker_id()
+    assert auto.endswith(f"-{os.getpid()}") and sanitize_worker_id(auto) == auto
+    with pytest.raises(ValueError, match="no usable character"):
+        sanitize_worker_id("...")
+
+
+def test_parse_jsonl_names_file_and_line():
+    rows = parse_jsonl(b'{"prompt": "a", "completion": "b"}\n\n{"messages": []}\n', "s3://x/train")
+    assert rows == [{"prompt": "a", "completion": "b"}, {"messages": []}]
+    with pytest.raises(ValueError, match=r"s3://x/train:2: not valid JSON"):
+        parse_jsonl(b'{"a": 1}\n{oops\n', "s3://x/train")
+    with pytest.raises(ValueError, match=r"train:1: expected a JSON object, got list"):
+        parse_jsonl(b"[1, 2]\n", "train")
+    with pytest.raises(ValueError, match="no rows"):
+        parse_jsonl(b"\n", "train")
+
+
+def test_train_split_key_required():
+    assert train_split_key({"train": "blobs/sha256/ab", "validation": "v"}) == "blobs/sha256/ab"
+    with pytest.raises(ValueError, match=r"no 'train' split .*\['validation'\]"):
+        train_split_key({"validation": "v"})
+
+
+def test_local_model_dir_checked_hub_ids_passed_through(tmp_path):
+    check_local_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/nope does not exist"):
+        check_local_model_dir(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        check_local_model_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    check_local_model_dir(str(tmp_path))
+
+
+def test_metrics_event_and_names():
+    ev = metrics_event("job-1", {"step": 4, "max_steps": 8, "loss": 1.5, "learning_rate": 0.01,
+                                 "tokens_per_s": 100.0, "samples_per_s": 4.0, "epoch": 0.5})
+    assert (ev.job_id, ev.step, ev.max_steps, ev.loss, ev.epoch) == ("job-1", 4, 8, 1.5, 0.5)
+    assert ev.subject() == "llmstudio.metrics.job-1"
+    assert checkpoint_prefix("job-1", 8) == "jobs/job-1/checkpoint-8"
+    assert failure_reason(KeyError("x")) == "KeyError: 'x'"
+    assert len(failure_reason(ValueError("y" * 5000))) == 2000
+
+
+def test_recent_ids_forget_the_oldest():
+    ids = RecentIds(capacity=2)
+    for x in ("a", "b", "c"):
+        ids.add(x)
+    assert "a" not in ids and "b" in ids and "c" in ids
+    ids.add("b")  # re-adding refreshes: "c" is now the oldest
+    ids.add("d")
+    assert "c" not in ids and "b" in ids and "d" in ids
