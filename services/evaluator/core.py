@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import uuid
@@ -89,24 +88,6 @@ def plan(job: JobCompleted) -> EvalPlan:
         # evaluate the tokens training saw: same truncation as the recipe
         max_seq_length=spec.hyperparameters.max_seq_length,
     )
-
-
-def parse_jsonl(raw: bytes, source: str) -> list[dict]:
-    """Rows of a JSONL file; a bad line is reported with its file and line number."""
-    rows = []
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{lineno}: not valid JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    return rows
 
 
 def headline(result: dict[str, Any], which: str) -> dict[str, float]:

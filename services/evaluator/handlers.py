@@ -22,6 +22,7 @@ from llmstudio import telemetry
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.events import Envelope, EvalCompleted, EvalFailed, EventData, JobCompleted
+from llmstudio.jsonl import parse_jsonl
 from llmstudio.ml.evaluation import evaluate_model
 from llmstudio.storage import ArtifactStore
 
@@ -33,7 +34,6 @@ from .core import (
     Evaluation,
     build_report,
     evaluation_for_job,
-    parse_jsonl,
     plan,
     report_key,
 )

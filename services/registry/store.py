@@ -8,25 +8,22 @@ without its event, nor an event without its version.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import (
     JSON,
     Column,
-    Connection,
     Integer,
     MetaData,
     String,
     Table,
-    Text,
     UniqueConstraint,
     func,
     select,
 )
 
-from llmstudio.db import make_engine
+from llmstudio.db import UnitOfWorkStore
+from llmstudio.outbox import OutboxUnit, outbox_table
 
 from .core import Model, ModelVersion, Stage
 
@@ -69,15 +66,7 @@ stage_requests = Table(
     Column("created_at", String(40), nullable=False),
 )
 
-outbox = Table(
-    "registry_outbox",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("subject", String(512), nullable=False),
-    Column("envelope", Text, nullable=False),  # the CloudEvents JSON, id fixed at write time
-    Column("traceparent", String(128), nullable=False, default=""),
-    Column("created_at", String(40), nullable=False),
-)
+outbox = outbox_table(metadata, "registry")
 
 
 @dataclass(frozen=True)
@@ -87,36 +76,10 @@ class StageRequest:
     stage: Stage
 
 
-@dataclass(frozen=True)
-class PendingEvent:
-    id: int
-    subject: str
-    envelope: str
-    traceparent: str
+class Unit(OutboxUnit):
+    """The queries of one transaction (the outbox's from `OutboxUnit`)."""
 
-
-class RegistryStore:
-    def __init__(self, url: str):
-        self.engine = make_engine(url)
-
-    def create_tables(self) -> None:
-        metadata.create_all(self.engine)
-
-    def dispose(self) -> None:
-        self.engine.dispose()
-
-    @contextmanager
-    def unit(self) -> Iterator[Unit]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        with self.engine.begin() as conn:
-            yield Unit(conn)
-
-
-class Unit:
-    """The queries of one transaction."""
-
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    outbox_table = outbox
 
     # -- models and versions ------------------------------------------------------------------
     def version_by_job(self, tenant: str, job_id: str) -> ModelVersion | None:
@@ -207,20 +170,12 @@ class Unit:
             )
         )
 
-    # -- outbox ---------------------------------------------------------------------------------
-    def enqueue(self, subject: str, envelope: str, traceparent: str, now: str) -> None:
-        self.conn.execute(
-            outbox.insert().values(
-                subject=subject, envelope=envelope, traceparent=traceparent, created_at=now
-            )
-        )
 
-    def pending_events(self, limit: int = 100) -> list[PendingEvent]:
-        rows = self.conn.execute(select(outbox).order_by(outbox.c.id).limit(limit))
-        return [PendingEvent(r.id, r.subject, r.envelope, r.traceparent) for r in rows]
+class RegistryStore(UnitOfWorkStore[Unit]):
+    """Each use case runs in one transaction: `with store.unit() as u: ...`."""
 
-    def remove_event(self, event_id: int) -> None:
-        self.conn.execute(outbox.delete().where(outbox.c.id == event_id))
+    metadata = metadata
+    unit_class = Unit
 
 
 def _version_row(v: ModelVersion) -> dict:

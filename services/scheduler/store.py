@@ -9,15 +9,11 @@ applies only to the version that was read, so two writers never silently overwri
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
-    Connection,
     Index,
     Integer,
     MetaData,
@@ -28,7 +24,8 @@ from sqlalchemy import (
     select,
 )
 
-from llmstudio.db import make_engine
+from llmstudio.db import UnitOfWorkStore
+from llmstudio.outbox import OutboxUnit, outbox_table
 
 from .core import Job, Status, now_iso
 
@@ -76,49 +73,17 @@ samples = Table(
     Column("recorded_at", String(40), nullable=False),
 )
 
-outbox = Table(
-    "scheduler_outbox",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("subject", String(512), nullable=False),
-    Column("envelope", Text, nullable=False),
-    Column("traceparent", String(128), nullable=False),
-    Column("created_at", String(40), nullable=False),
-)
+outbox = outbox_table(metadata, "scheduler")
 
 
 class Conflict(Exception):
     """The job changed between read and save; the caller reads it again (or the bus retries)."""
 
 
-@dataclass(frozen=True)
-class PendingEvent:
-    id: int
-    subject: str
-    envelope: str
-    traceparent: str
+class Unit(OutboxUnit):
+    """The queries of one transaction (the outbox's from `OutboxUnit`)."""
 
-
-class SchedulerStore:
-    def __init__(self, url: str):
-        self.engine = make_engine(url)
-
-    def create_tables(self) -> None:
-        metadata.create_all(self.engine)
-
-    def dispose(self) -> None:
-        self.engine.dispose()
-
-    @contextmanager
-    def unit(self) -> Iterator[Unit]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        with self.engine.begin() as conn:
-            yield Unit(conn)
-
-
-class Unit:
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    outbox_table = outbox
 
     # -- jobs -------------------------------------------------------------------------------
     def job(self, job_id: str, tenant: str | None = None) -> Job | None:
@@ -200,21 +165,12 @@ class Unit:
         )
         return [(r.step, r.metrics) for r in rows]
 
-    # -- outbox -----------------------------------------------------------------------------
-    def enqueue(self, subject: str, envelope: str, traceparent: str) -> None:
-        self.conn.execute(
-            outbox.insert().values(
-                subject=subject, envelope=envelope, traceparent=traceparent,
-                created_at=now_iso(),
-            )
-        )
 
-    def pending_events(self, limit: int = 100) -> list[PendingEvent]:
-        rows = self.conn.execute(select(outbox).order_by(outbox.c.id).limit(limit))
-        return [PendingEvent(r.id, r.subject, r.envelope, r.traceparent) for r in rows]
+class SchedulerStore(UnitOfWorkStore[Unit]):
+    """Each use case runs in one transaction: `with store.unit() as u: ...`."""
 
-    def remove_event(self, event_id: int) -> None:
-        self.conn.execute(outbox.delete().where(outbox.c.id == event_id))
+    metadata = metadata
+    unit_class = Unit
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]

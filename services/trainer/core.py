@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -42,24 +41,6 @@ def train_split_key(dataset_artifacts: dict[str, str]) -> str:
             f"(splits: {sorted(dataset_artifacts) or 'none'})"
         )
     return key
-
-
-def parse_jsonl(raw: bytes, source: str) -> list[dict]:
-    """Rows of a JSONL file; a bad line is reported with its file and line number."""
-    rows = []
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{lineno}: not valid JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    return rows
 
 
 def check_local_model_dir(base_model: str) -> None:

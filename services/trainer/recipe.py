@@ -164,6 +164,11 @@ def train_lora_sft(
     first_loss, history, state = math.nan, [], {}
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer, param_names)
+        if state["num_examples"] != len(examples):
+            raise CheckpointError(
+                f"{resume_from}: trained on {state['num_examples']} examples, "
+                f"this run has {len(examples)}; cannot resume on different data"
+            )
         step, samples_seen = state["step"], state["samples_seen"]
         tokens_seen, first_loss = state["tokens_seen"], state["first_loss"]
         history = state.get("log_history", [])

@@ -36,6 +36,7 @@ from llmstudio.events import (
     WorkItem,
 )
 from llmstudio.jobspec import JobSpec, format_validation_error
+from llmstudio.jsonl import parse_jsonl
 from llmstudio.storage import ArtifactStore
 
 from .core import (
@@ -45,7 +46,6 @@ from .core import (
     default_worker_id,
     failure_reason,
     metrics_event,
-    parse_jsonl,
     train_split_key,
 )
 from .recipe import TrainResult, train_lora_sft

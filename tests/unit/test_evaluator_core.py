@@ -16,7 +16,6 @@ from services.evaluator.core import (
     evaluation_for_job,
     headline,
     new_evaluation_id,
-    parse_jsonl,
     plan,
     report_key,
 )
@@ -69,14 +68,6 @@ def test_plan_errors_name_what_is_missing():
         plan(job(spec={"base_model": "m", "dataset": "d", "hyperparameters": {"max_steps": 0}}))
     with pytest.raises(ValueError, match="checkpoint_key"):
         plan(job(checkpoint_key=""))
-
-
-def test_parse_jsonl():
-    assert parse_jsonl(b'{"a": 1}\n\n{"b": 2}', "v.jsonl") == [{"a": 1}, {"b": 2}]
-    with pytest.raises(ValueError, match=r"v.jsonl:2: not valid JSON"):
-        parse_jsonl(b'{"a": 1}\nnope', "v.jsonl")
-    with pytest.raises(ValueError, match="no rows"):
-        parse_jsonl(b"", "v.jsonl")
 
 
 def test_headline_metrics_are_finite():

@@ -13,7 +13,6 @@ from services.trainer.core import (
     default_worker_id,
     failure_reason,
     metrics_event,
-    parse_jsonl,
     sanitize_worker_id,
     train_split_key,
 )
@@ -27,17 +26,6 @@ def test_worker_id_is_safe_for_subjects_and_consumer_names():
     assert auto.endswith(f"-{os.getpid()}") and sanitize_worker_id(auto) == auto
     with pytest.raises(ValueError, match="no usable character"):
         sanitize_worker_id("...")
-
-
-def test_parse_jsonl_names_file_and_line():
-    rows = parse_jsonl(b'{"prompt": "a", "completion": "b"}\n\n{"messages": []}\n', "s3://x/train")
-    assert rows == [{"prompt": "a", "completion": "b"}, {"messages": []}]
-    with pytest.raises(ValueError, match=r"s3://x/train:2: not valid JSON"):
-        parse_jsonl(b'{"a": 1}\n{oops\n', "s3://x/train")
-    with pytest.raises(ValueError, match=r"train:1: expected a JSON object, got list"):
-        parse_jsonl(b"[1, 2]\n", "train")
-    with pytest.raises(ValueError, match="no rows"):
-        parse_jsonl(b"\n", "train")
 
 
 def test_train_split_key_required():

@@ -1,0 +1,161 @@
+"""Transactional outbox: the events a use case announces are written with its state change, then
+published.
+
+A service defines its outbox table on its own MetaData (`outbox_table(metadata, "registry")` is
+`registry_outbox`), gives its transaction class the outbox queries (`OutboxUnit`), and wires one
+`Outbox` publisher on its store and bus.
+
+A use case adds its events inside its store transaction (`Outbox.add`); `flush()` publishes them
+oldest first and deletes each once JetStream has acked it. If publishing fails (NATS down, the
+process dies) the rows stay and are published by the next flush: by the next use case, or by the
+background loop (`run()`). An envelope's id is fixed when it is written, so a row published twice
+(acked, not yet deleted) is dropped by JetStream's dedup window.
+
+Each event is published inside a producer span whose parent is the trace stored with it: the
+trace of the call or event that caused it, or an explicit one (e.g. a job's own CreateJob trace,
+so a worker's spans join the job's trace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import ClassVar, Protocol
+
+from opentelemetry import trace
+from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, Text, select
+
+from . import telemetry
+from .bus import Bus
+from .events import Envelope, EventData, make_envelope
+
+log = logging.getLogger(__name__)
+
+
+def outbox_table(metadata: MetaData, prefix: str) -> Table:
+    """The outbox table `<prefix>_outbox` on `metadata` (the services may share one database)."""
+    return Table(
+        f"{prefix}_outbox",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("subject", String(512), nullable=False),
+        Column("envelope", Text, nullable=False),  # the CloudEvents JSON, id fixed at write time
+        Column("traceparent", String(128), nullable=False, default=""),
+        Column("created_at", String(40), nullable=False),
+    )
+
+
+def now_iso() -> str:
+    """UTC, fixed width, so the strings sort in time order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    id: int
+    subject: str
+    envelope: str
+    traceparent: str
+
+
+class OutboxUnit:
+    """The outbox queries of one transaction, on its connection `conn`: the base of a store's
+    unit class, which sets `outbox_table`."""
+
+    outbox_table: ClassVar[Table]
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def enqueue(self, subject: str, envelope: str, traceparent: str, now: str | None = None) -> None:
+        self.conn.execute(
+            self.outbox_table.insert().values(
+                subject=subject, envelope=envelope, traceparent=traceparent,
+                created_at=now or now_iso(),
+            )
+        )
+
+    def pending_events(self, limit: int = 100) -> list[PendingEvent]:
+        table = self.outbox_table
+        rows = self.conn.execute(select(table).order_by(table.c.id).limit(limit))
+        return [PendingEvent(r.id, r.subject, r.envelope, r.traceparent) for r in rows]
+
+    def remove_event(self, event_id: int) -> None:
+        table = self.outbox_table
+        self.conn.execute(table.delete().where(table.c.id == event_id))
+
+
+class OutboxStore(Protocol):
+    def unit(self) -> AbstractContextManager[OutboxUnit]: ...
+
+
+class Outbox:
+    """Publishes what use cases wrote to the outbox. `flush()` raises when an event cannot be
+    published (the rows stay); `try_flush()` logs instead; `run()` retries in the background.
+    A service whose use cases must never fail on publishing overrides `flush()` with
+    `try_flush()`."""
+
+    def __init__(self, store: OutboxStore, bus: Bus, *, interval_s: float = 5.0):
+        self.store = store
+        self.bus = bus
+        self.interval_s = interval_s
+        self._lock = asyncio.Lock()
+        self._tracer = trace.get_tracer(bus.service)
+
+    def add(
+        self, unit: OutboxUnit, data: EventData, *, tenant: str, actor: str = "",
+        traceparent: str | None = None,
+    ) -> None:
+        """Queue an event in the caller's transaction, in `traceparent`'s trace (default: the
+        current one)."""
+        env = make_envelope(data, source=self.bus.service, tenant=tenant, actor=actor)
+        tp = telemetry.traceparent() if traceparent is None else traceparent
+        unit.enqueue(data.subject(), env.model_dump_json(), tp)
+
+    async def flush(self) -> None:
+        """Publish every queued event, oldest first; raise if one cannot be published."""
+        await self.publish_pending()
+
+    async def publish_pending(self) -> None:
+        """What `flush()` does; kept apart so a service may make `flush()` `try_flush()`."""
+        async with self._lock:
+            while True:
+                pending = self._pending()
+                if not pending:
+                    return
+                for event in pending:
+                    await self._publish(event)
+                    with self.store.unit() as u:
+                        u.remove_event(event.id)
+
+    async def try_flush(self) -> bool:
+        """`flush()`, but a failure is logged and left to `run()`; False if something is left."""
+        try:
+            await self.publish_pending()
+        except Exception as e:  # noqa: BLE001 - the rows stay; the loop retries
+            log.warning("outbox: publish failed, will retry: %s", e)
+            return False
+        return True
+
+    async def run(self, interval_s: float | None = None) -> None:
+        """Background task: publish what failed flushes left behind, every `interval_s`."""
+        while True:
+            await self.try_flush()
+            await asyncio.sleep(self.interval_s if interval_s is None else interval_s)
+
+    def _pending(self) -> list[PendingEvent]:
+        with self.store.unit() as u:
+            return u.pending_events()
+
+    async def _publish(self, event: PendingEvent) -> None:
+        env = Envelope.model_validate_json(event.envelope)
+        parent = telemetry.extract({"traceparent": event.traceparent} if event.traceparent else {})
+        with self._tracer.start_as_current_span(
+            f"publish {env.type}", context=parent, kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.destination": event.subject, "event.id": env.id},
+        ):
+            await self.bus.publish_envelope(env, event.subject)
+

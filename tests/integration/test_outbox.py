@@ -1,0 +1,137 @@
+"""The shared transactional outbox (`llmstudio.outbox`) against a real nats-server: what is
+written while NATS is down is published once it is back, in order, with the ids it was written
+with, and removed from the outbox once JetStream has acked it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from sqlalchemy import MetaData, inspect
+
+from llmstudio.bus import Bus
+from llmstudio.config import Settings
+from llmstudio.db import UnitOfWorkStore
+from llmstudio.events import Envelope, ModelStageChanged
+from llmstudio.natsserver import start_nats_server
+from llmstudio.outbox import Outbox, OutboxUnit, outbox_table
+
+metadata = MetaData()
+table = outbox_table(metadata, "demo")
+
+
+class Unit(OutboxUnit):
+    outbox_table = table
+
+
+class Store(UnitOfWorkStore[Unit]):
+    metadata = metadata
+    unit_class = Unit
+
+
+def stage_changed(version: int) -> ModelStageChanged:
+    return ModelStageChanged(ref=f"m-v{version}", model_name="m", version=version,
+                             from_stage="staging", to_stage="production")
+
+
+def test_table_keeps_the_service_prefix(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    store.create_tables()
+    assert table.name == "demo_outbox"
+    assert "demo_outbox" in inspect(store.engine).get_table_names()
+    store.dispose()
+
+
+async def _stream_messages(url: str, count: int, timeout: float = 10.0) -> list:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        sub = await js.pull_subscribe("llmstudio.model.stage_changed.>", stream="MODELS")
+        got = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(got) < count and asyncio.get_running_loop().time() < deadline:
+            try:
+                got += await sub.fetch(count - len(got), timeout=1)
+            except nats.errors.TimeoutError:
+                pass
+        # nothing more than expected (a re-published row would have been deduplicated)
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.fetch(1, timeout=0.5)
+        return got
+    finally:
+        await nc.close()
+
+
+async def test_events_written_while_nats_is_down_are_published_later_in_order(nats_server, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    store.create_tables()
+    bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
+    outbox = Outbox(store, bus, interval_s=0.2)
+    await bus.start()
+    nats_server.stop()  # NATS goes down
+    restarted = None
+    try:
+        with store.unit() as u:
+            for version in (1, 2):
+                outbox.add(u, stage_changed(version), tenant="acme", actor="alice",
+                           traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        with store.unit() as u:
+            outbox.add(u, stage_changed(3), tenant="acme")
+        with pytest.raises(Exception):  # noqa: B017 - whatever the client raises while down
+            await asyncio.wait_for(outbox.flush(), timeout=10)
+        assert await asyncio.wait_for(outbox.try_flush(), timeout=10) is False
+        with store.unit() as u:
+            pending = u.pending_events()
+        assert [p.subject for p in pending] == [
+            f"llmstudio.model.stage_changed.m-v{v}" for v in (1, 2, 3)]
+        assert pending[0].traceparent.startswith("00-0af7651916cd43dd8448eb211c80319c-")
+
+        # NATS comes back (same port, same JetStream store); the background loop publishes.
+        restarted = start_nats_server(nats_server.store_dir, port=nats_server.port)
+        loop = asyncio.create_task(outbox.run())
+        try:
+            messages = await _stream_messages(nats_server.url, 3)
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                with store.unit() as u:
+                    if u.pending_events() == []:
+                        break
+                assert asyncio.get_running_loop().time() < deadline, "outbox not emptied"
+                await asyncio.sleep(0.1)
+        finally:
+            loop.cancel()
+        ids = [Envelope.model_validate_json(m.data).id for m in messages]
+        assert ids == [Envelope.model_validate_json(p.envelope).id for p in pending]
+        assert [m.subject for m in messages] == [p.subject for p in pending]
+        assert messages[0].headers["Nats-Msg-Id"] == ids[0]
+        # published in the stored trace
+        assert messages[0].headers["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+        await outbox.flush()  # nothing left: nothing published again
+    finally:
+        await bus.stop()
+        if restarted:
+            restarted.stop()
+        store.dispose()
+
+
+async def test_a_published_event_is_removed_from_the_outbox(nats_server, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    store.create_tables()
+    bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
+    outbox = Outbox(store, bus)
+    await bus.start()
+    try:
+        with store.unit() as u:
+            outbox.add(u, stage_changed(7), tenant="acme")
+        with store.unit() as u:
+            [event] = u.pending_events()
+        await outbox.flush()
+        with store.unit() as u:
+            assert u.pending_events() == []
+        [message] = await _stream_messages(nats_server.url, 1)
+        assert Envelope.model_validate_json(message.data).id == (
+            Envelope.model_validate_json(event.envelope).id)
+    finally:
+        await bus.stop()
+        store.dispose()
