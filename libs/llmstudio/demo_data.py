@@ -53,8 +53,10 @@ def word_reversal_rows(n: int, seed: int, *, min_words: int = 3, max_words: int 
     return rows
 
 
-# Measured on 2 CPU cores (fp32, torch 2.13) with SmolLM2-135M-Instruct: see the docstring of
-# demo_job_spec. Change them together with that measurement.
+# Measured with SmolLM2-135M-Instruct, fp32, torch 2.13 CPU, 2 threads, 640 train rows (seed 1),
+# 40 validation rows (seed 1001): exact match 0.0 -> 1.0, eval loss 5.03 -> 0.006; train loss
+# below 0.1 from about step 30. Attention-only LoRA, no dropout. Change these together with a
+# new measurement.
 DEMO_LORA: dict[str, Any] = {
     "r": 16,
     "alpha": 32,

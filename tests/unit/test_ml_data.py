@@ -128,3 +128,24 @@ def test_bad_rows_are_named(tok, row, needle):
     with pytest.raises(RowError, match=None) as err:
         encode_example(tok, row, 64)
     assert needle in str(err.value)
+
+
+def test_demo_rows_and_spec(tok):
+    from llmstudio.demo_data import WORDS, demo_job_spec, word_reversal_rows
+    from llmstudio.jobspec import JobSpec
+
+    rows = word_reversal_rows(50, seed=3)
+    assert rows == word_reversal_rows(50, seed=3) != word_reversal_rows(50, seed=4)
+    for row in rows:
+        words = row["prompt"].removeprefix("Reverse the order of the words: ")
+        words = words.removesuffix("\nAnswer:").split()
+        assert 3 <= len(words) <= 5 and len(set(words)) == len(words)
+        assert set(words) <= set(WORDS)
+        assert row["completion"] == " " + " ".join(reversed(words))
+        ex = encode_example(tok, row, 64)
+        assert tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX]) == (
+            row["completion"] + tok.eos_token
+        )
+    spec = JobSpec.model_validate(demo_job_spec("/models/base", "ds-1", name="demo"))
+    assert spec.base_model == "/models/base" and spec.dataset == "ds-1" and spec.name == "demo"
+    assert spec.hyperparameters.batch_size == 8 and spec.hyperparameters.max_steps == 80
