@@ -2,21 +2,40 @@
 
 Validated by pydantic at submit time, so a bad spec fails before it is queued, with the field
 named. The scheduler stores it; the trainer and the evaluator read it back from events.
+This module imports no torch: the scheduler and the CLI validate specs without it.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Every fine-tuning method the trainer registers (services/trainer/methods.py).
+Method = Literal[
+    "full", "lora", "dora", "qlora", "lora_8bit", "ia3", "prefix_tuning", "prompt_tuning",
+    "p_tuning", "loha", "lokr", "adalora", "oft", "vera",
+]
+# sft: prompt/completion or chat messages (loss on completion / assistant tokens);
+# pretrain: continued pre-training on {"text"}; dpo / orpo: {"prompt","chosen","rejected"}.
+Objective = Literal["sft", "pretrain", "dpo", "orpo"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
+PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+
+
 class LoraOptions(_Strict):
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    """Options of the adapter methods: rank, scaling, dropout and which modules to adapt.
+
+    Used by lora, dora, qlora, lora_8bit, loha, lokr, adalora, oft, vera (rank `r`) and ia3
+    (target modules only)."""
+
+    r: int = Field(8, ge=1, le=1024, description="adapter rank")
     alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(
@@ -24,21 +43,67 @@ class LoraOptions(_Strict):
     )
 
 
+class PromptOptions(_Strict):
+    """Options of prefix tuning, prompt tuning and P-tuning."""
+
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    encoder_hidden_size: int = Field(128, ge=1, description="P-tuning prompt encoder width")
+
+
+class AdaLoraOptions(_Strict):
+    """AdaLoRA's rank budget: starts at init_r per module, pruned to target_r on average
+    between steps tinit and max_steps - tfinal, every delta_t steps."""
+
+    init_r: int = Field(12, ge=1)
+    target_r: int = Field(4, ge=1)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    delta_t: int = Field(1, ge=1)
+
+
+class PreferenceOptions(_Strict):
+    """DPO / ORPO (through TRL)."""
+
+    beta: float = Field(0.1, gt=0, description="DPO beta / ORPO lambda")
+    max_prompt_length: int = Field(128, ge=8)
+
+
+class EarlyStopping(_Strict):
+    metric: Literal["eval_loss"] = "eval_loss"
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
 class Hyperparameters(_Strict):
     max_steps: int = Field(100, ge=1, description="optimizer steps to run")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch and process")
+    gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
     max_seq_length: int = Field(256, ge=8)
     seed: int = 42
+    optimizer: Optimizer = "adamw"
+    packing: bool = Field(False, description="pack examples into full rows (no cross-attention)")
+    gradient_checkpointing: bool = False
     log_every: int = Field(1, ge=1, description="publish metrics every N steps")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    keep_last_checkpoints: int = Field(0, ge=0, description="keep the newest K; 0 = keep all")
+    eval_every: int = Field(0, ge=0, description="eval loss on the validation split every N steps")
+    early_stopping: EarlyStopping | None = None
 
 
 class EvalOptions(_Strict):
     max_samples: int = Field(64, ge=1, description="validation rows used for exact match")
     max_new_tokens: int = Field(32, ge=1)
+
+
+class DistributedOptions(_Strict):
+    """Data parallel training: `num_processes` workers' processes (accelerate / torchrun)."""
+
+    num_processes: int = Field(1, ge=1, le=64)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class JobSpec(_Strict):
@@ -47,16 +112,40 @@ class JobSpec(_Strict):
     )
     base_model: str = Field(..., description="local Hugging Face model directory (or a hub id)")
     dataset: str = Field(..., description="dataset id returned by `datasets push`")
-    method: Literal["lora"] = "lora"
+    method: Method = "lora"
+    objective: Objective = "sft"
+    precision: Precision = Field("fp32", description="bf16 / fp16 mixed precision need a GPU")
     lora: LoraOptions = Field(default_factory=LoraOptions)
+    prompt: PromptOptions = Field(default_factory=PromptOptions)
+    adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions)
+    preference: PreferenceOptions = Field(default_factory=PreferenceOptions)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     eval: EvalOptions = Field(default_factory=EvalOptions)
+    distributed: DistributedOptions = Field(default_factory=DistributedOptions)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.objective in ("dpo", "orpo") and self.method in PROMPT_METHODS:
+            raise ValueError(f"objective {self.objective} does not support method {self.method}")
+        if self.method == "adalora" and self.adalora.target_r > self.adalora.init_r:
+            raise ValueError("adalora.target_r must be <= adalora.init_r")
+        if self.hyperparameters.packing and self.objective in ("dpo", "orpo"):
+            raise ValueError("hyperparameters.packing applies to sft and pretrain only")
+        return self
 
     def model_name(self) -> str:
         if self.name:
             return self.name
         base = self.base_model.rstrip("/").split("/")[-1] or "model"
         return f"{base}-{self.method}"
+
+    def needs_gpu(self) -> str:
+        """Why this spec cannot run on a CPU worker ('' if it can)."""
+        if self.precision == "fp16":
+            return "precision fp16 needs a CUDA GPU (CPUs have no fp16 training path); use fp32"
+        if self.hyperparameters.optimizer == "paged_adamw_8bit":
+            return "optimizer paged_adamw_8bit pages optimizer state to CPU memory from a GPU"
+        return ""
 
 
 def format_validation_error(err: ValidationError) -> str:

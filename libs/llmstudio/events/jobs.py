@@ -162,4 +162,6 @@ class WorkerHeartbeat(EventData):
     worker_id: str
     state: str  # idle | busy
     job_id: str = ""
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    memory_bytes: int = 0  # what a job may use: free GPU memory, or RAM on a CPU worker
+    bf16: bool = False  # the device has native bf16 units
