@@ -161,7 +161,9 @@ class Handlers:
             job = self._job(u, env, data.job_id)
             if job is None or not u.add_sample(job.id, data.step, sample):
                 return
-            if not job.status.terminal:  # a finished job keeps its final metrics
+            # Samples travel on their own stream, so the last ones may land after the job ended:
+            # the job keeps the newest sample by step.
+            if data.step > job.metrics.get("step", -1):
                 job = u.save(dataclasses.replace(job, metrics=latest_metrics(job.metrics, sample)))
         self.watchers.metrics(job, data.step, sample)
 
