@@ -252,6 +252,51 @@ def cmd_models_stage(args):
     _out(args, to_dict(v), _version_line(v))
 
 
+def cmd_models_export(args):
+    """Download a version's checkpoint and export it: the adapter alone, or merged (--merged)."""
+    import tempfile
+
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"export needs the training extras ({e.name or e} is not installed): "
+                       "pip install 'llm-studio[train]'") from None
+    from .ml.export import export_adapter, export_merged
+    from .storage import (
+        ArtifactNotFound,
+        CorruptArtifact,
+        IncompleteArtifact,
+        artifact_store_from_settings,
+    )
+
+    name, version = parse_model_ref(args.ref)
+    v = _client(args).models.get_version(name, version)
+    key = v.artifacts.get("checkpoint") or v.artifacts.get("adapter")
+    if not key:
+        raise CliError(f"{v.model_name}@{v.version} has no checkpoint or adapter artifact")
+    lineage = {"model_name": v.model_name, "model_version": v.version,
+               "job_id": v.lineage.job_id, "dataset_id": v.lineage.dataset_id,
+               "dataset_sha256": v.lineage.dataset_sha256, "artifact": key}
+    store = artifact_store_from_settings(Settings(data_dir=_data_dir(args)))
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="llmstudio-export-") as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        try:
+            store.get_dir(key, ckpt)
+        except (ArtifactNotFound, IncompleteArtifact, CorruptArtifact) as e:
+            raise CliError(f"{v.model_name}@{v.version}: checkpoint {key}: {e}") from None
+        if args.merged:
+            path = export_merged(ckpt, out, base_model=args.base_model, dtype=args.dtype,
+                                 lineage=lineage)
+        else:
+            path = export_adapter(ckpt, out, lineage=lineage)
+    kind = "merged" if args.merged else "adapter"
+    _out(args, {"path": str(path), "kind": kind, "model": v.model_name, "version": v.version,
+                "artifact": key}, str(path))
+
+
 # -- evaluations, audit, keys ----------------------------------------------------------------
 
 
@@ -359,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(ms, "stage", cmd_models_stage, "move a version to a stage")
     sp.add_argument("ref", help="NAME@VERSION")
     sp.add_argument("stage", choices=["development", "staging", "production", "archived"])
+    sp = add(ms, "export", cmd_models_export, "export a version: its adapter, or (--merged) a "
+             "plain transformers model with the adapter merged into the base")
+    sp.add_argument("ref", help="NAME@VERSION (NAME alone: the latest version)")
+    sp.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    sp.add_argument("--merged", action="store_true", help="merge the adapter into the base model")
+    sp.add_argument("--base-model", help="local base model dir (default: the one it was trained on)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights dtype of a merged export")
 
     es = sub.add_parser("evals", help="evaluations").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
