@@ -17,11 +17,12 @@ from llmstudio.auth import current_principal
 from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import JobCancelled, JobCancelRequested, JobSubmitted
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.memory import estimate_memory, model_config_of
 from llmstudio.v1 import jobs_pb2 as pb
 from llmstudio.v1 import jobs_pb2_grpc
 
 from . import core
-from .core import Job, Status
+from .core import Job, Status, WorkerTable
 from .outbox import Outbox
 from .store import Conflict, SchedulerStore
 from .watch import Update, Watchers
@@ -38,11 +39,15 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
         "WatchJob": "read",
     }
 
-    def __init__(self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, actor: str):
+    def __init__(
+        self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, actor: str,
+        workers: WorkerTable | None = None,
+    ):
         self.store = store
         self.outbox = outbox
         self.watchers = watchers
         self.actor = actor
+        self.workers = workers  # live workers: a spec none of them can run is refused
 
     async def CreateJob(self, request: pb.CreateJobRequest, context) -> pb.Job:
         principal = current_principal()
@@ -53,6 +58,9 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
             if existing:
                 return job_to_pb(existing)
         spec = _with_local_model(core.parse_spec(json_format.MessageToDict(request.spec)))
+        refusal = core.refuse_on(spec, self.workers.live() if self.workers else [])
+        if refusal:
+            raise FailedPrecondition(refusal)
         now = core.now_iso()
         job = Job(
             id="job-" + uuid.uuid4().hex[:12], tenant=principal.tenant,
@@ -60,7 +68,7 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
             model_name=spec.model_name(), dataset_id=spec.dataset, priority=request.priority,
             created_by=principal.key_id, created_at=now, updated_at=now,
             trace_id=telemetry.current_trace_id(), traceparent=telemetry.traceparent(),
-            idempotency_key=key,
+            idempotency_key=key, memory_estimate=_memory_estimate(spec),
         )
         try:
             with self.store.unit() as u:
@@ -170,6 +178,17 @@ def _with_local_model(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"base_model": str(path)})
 
 
+def _memory_estimate(spec: JobSpec) -> dict[str, float]:
+    """The pre-flight memory estimate of a local base model ({} for a hub id: no config here)."""
+    if not os.path.isabs(spec.base_model):
+        return {}
+    config = model_config_of(spec.base_model)
+    try:
+        return estimate_memory(config, spec) if config else {}
+    except (ArithmeticError, TypeError, ValueError):  # an odd config: no estimate, no refusal
+        return {}
+
+
 def status_to_pb(status: Status) -> int:
     return pb.JobStatus.Value(f"JOB_STATUS_{status.name}")
 
@@ -190,6 +209,7 @@ def job_to_pb(job: Job) -> pb.Job:
         worker_id=job.worker_id, error=job.error, priority=job.priority, metrics=job.metrics,
         artifacts=job.artifacts, trace_id=job.trace_id, created_at=job.created_at,
         updated_at=job.updated_at, created_by=job.created_by,
+        memory_estimate=job.memory_estimate,
     )
 
 

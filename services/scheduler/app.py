@@ -33,7 +33,7 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=jobs_pb2_grpc.add_JobServiceServicer_to_server,
-            servicer=JobApi(store, outbox, watchers, actor=rt.name),
+            servicer=JobApi(store, outbox, watchers, actor=rt.name, workers=workers),
             full_name="llmstudio.v1.JobService",
         )
     ]

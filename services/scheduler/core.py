@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from llmstudio.errors import InvalidArgument
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.memory import format_bytes
 
 
 def now_iso() -> str:
@@ -98,6 +99,9 @@ class Job:
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    # bytes per process (llmstudio.ml.memory: weights, gradients, optimizer, activations,
+    # total); {} when the base model's config was not readable at submit
+    memory_estimate: dict[str, float] = field(default_factory=dict)
     version: int = 1  # optimistic concurrency: an update applies only to the version it read
 
     @property
@@ -154,6 +158,17 @@ class Worker:
     job_id: str
     device: str
     seen_at: float
+    memory_bytes: int = 0  # what a job may use there (free GPU memory / available RAM); 0: unknown
+    bf16: bool = False  # native bf16 units
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def describe(self) -> str:
+        """`w1 (cuda, 20.0 GiB free)`: for refusal messages."""
+        mem = f", {format_bytes(self.memory_bytes)} free" if self.memory_bytes else ""
+        return f"{self.worker_id} ({self.device or 'cpu'}{mem})"
 
 
 class WorkerTable:
@@ -169,8 +184,12 @@ class WorkerTable:
         self._since = clock()
         self._workers: dict[str, Worker] = {}
 
-    def heartbeat(self, worker_id: str, state: str, job_id: str = "", device: str = "") -> None:
-        self._workers[worker_id] = Worker(worker_id, state, job_id, device, self._clock())
+    def heartbeat(
+        self, worker_id: str, state: str, job_id: str = "", device: str = "",
+        memory_bytes: int = 0, bf16: bool = False,
+    ) -> None:
+        self._workers[worker_id] = Worker(
+            worker_id, state, job_id, device, self._clock(), memory_bytes, bf16)
 
     def silent_for(self, worker_id: str) -> float:
         w = self._workers.get(worker_id)
@@ -186,17 +205,58 @@ class WorkerTable:
         return sorted(self._workers.values(), key=lambda w: w.worker_id)
 
 
+def needs_gpu(spec: dict[str, Any]) -> str:
+    """Why a stored spec cannot run on a CPU worker ('' if it can, or if it does not parse)."""
+    try:
+        return JobSpec.model_validate(spec).needs_gpu()
+    except ValidationError:
+        return ""
+
+
+def cannot_run(job: Job, worker: Worker, gpu_reason: str | None = None) -> str:
+    """Why `worker` cannot run `job` ('' if it can): the device it needs, bf16 units, memory.
+    `gpu_reason`: `needs_gpu(job.spec)` when the caller has it already."""
+    why = needs_gpu(job.spec) if gpu_reason is None else gpu_reason
+    if why and not worker.gpu:
+        return why
+    if job.spec.get("precision") == "bf16" and not (worker.gpu or worker.bf16):
+        return "precision bf16 needs a CUDA GPU or a CPU with bf16 units"
+    need = job.memory_estimate.get("total", 0.0)
+    if worker.memory_bytes and need > worker.memory_bytes:
+        return (f"needs ~{format_bytes(need)} per process, worker has "
+                f"{format_bytes(worker.memory_bytes)} free")
+    return ""
+
+
+def refuse_on(spec: JobSpec, workers: Sequence[Worker]) -> str:
+    """Why to refuse a spec at submit ('' to accept): it needs a GPU and the live workers are
+    all CPUs. With no live worker it is accepted and waits for a capable one."""
+    why = spec.needs_gpu()
+    if not why or not workers or any(w.gpu for w in workers):
+        return ""
+    return f"{why}; live workers: " + ", ".join(w.describe() for w in workers)
+
+
 def place(
     queued: Iterable[Job], workers: Iterable[Worker], holding: set[str]
 ) -> list[tuple[str, str]]:
-    """Pair waiting jobs (priority desc, then oldest first) with idle workers holding nothing.
+    """Pair waiting jobs (priority desc, then oldest first) with idle workers holding nothing,
+    each job with the first free worker that can run it (`cannot_run`); a job no free worker
+    can run waits, and the workers stay free for the jobs behind it.
 
     `queued` are queued, unassigned jobs; `holding` the workers that already have an assignment
     (their heartbeat may still say idle until they pick the work item up).
     """
-    free = sorted(w.worker_id for w in workers if w.state == "idle" and w.worker_id not in holding)
-    order = sorted(queued, key=lambda j: (-j.priority, j.created_at, j.id))
-    return [(job.id, worker) for job, worker in zip(order, free, strict=False)]
+    free = sorted((w for w in workers if w.state == "idle" and w.worker_id not in holding),
+                  key=lambda w: w.worker_id)
+    pairs = []
+    for job in sorted(queued, key=lambda j: (-j.priority, j.created_at, j.id)):
+        gpu_reason = needs_gpu(job.spec)
+        worker = next((w for w in free if not cannot_run(job, w, gpu_reason)), None)
+        if worker is not None:
+            free.remove(worker)
+            pairs.append((job.id, worker.worker_id))
+    return pairs
 
 
 def lost_assignments(

@@ -104,7 +104,8 @@ class Handlers:
     # -- workers ------------------------------------------------------------------------------
     async def on_heartbeat(self, env: Envelope, data: EventData) -> None:
         if isinstance(data, WorkerHeartbeat):
-            self.workers.heartbeat(data.worker_id, data.state, data.job_id, data.device)
+            self.workers.heartbeat(data.worker_id, data.state, data.job_id, data.device,
+                                   data.memory_bytes, data.bf16)
 
     async def on_job_event(self, env: Envelope, data: EventData) -> None:
         if isinstance(data, JobCheckpointed):

@@ -21,7 +21,9 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     select,
+    text,
 )
 
 from llmstudio.db import UnitOfWorkStore
@@ -56,6 +58,7 @@ jobs = Table(
     Column("error", Text, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("artifacts", JSON, nullable=False),
+    Column("memory_estimate", JSON, nullable=True),  # NULL in rows from before the column
     Column("version", Integer, nullable=False),
     # A retried CreateJob with the same key finds the job it created (NULL keys never clash).
     UniqueConstraint("tenant", "idempotency_key", name="scheduler_jobs_idempotency"),
@@ -172,6 +175,16 @@ class SchedulerStore(UnitOfWorkStore[Unit]):
     metadata = metadata
     unit_class = Unit
 
+    def create_tables(self) -> None:
+        super().create_tables()
+        # Columns added since a database was created: create_all leaves existing tables alone.
+        have = {c["name"] for c in inspect(self.engine).get_columns(jobs.name)}
+        with self.engine.begin() as conn:
+            for column in jobs.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.execute(text(f"ALTER TABLE {jobs.name} ADD COLUMN {column.name} {kind}"))
+
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
 
@@ -185,4 +198,5 @@ def _row(job: Job) -> dict:
 def _job(row) -> Job:
     values = {name: row._mapping[name] for name in _JOB_FIELDS}
     values["status"] = Status(values["status"])
+    values["memory_estimate"] = values["memory_estimate"] or {}
     return Job(**values)

@@ -89,3 +89,40 @@ class RecentIds:
 
     def __contains__(self, item: str) -> bool:
         return item in self._ids
+
+
+# -- what a heartbeat reports about the hardware ----------------------------------------------
+
+# CPU flags of native bf16 arithmetic (AVX-512 BF16, AMX); AVX2-only CPUs emulate it, slowly.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def mem_available_bytes(meminfo: str) -> int:
+    """MemAvailable from /proc/meminfo's text (kB), in bytes; 0 if absent."""
+    for line in meminfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "MemAvailable":
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                return int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return 0
+
+
+def cpu_has_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's flags name a native bf16 instruction set."""
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return bool(CPU_BF16_FLAGS & set(value.split()))
+    return False
+
+
+def cpu_hardware() -> tuple[int, bool]:
+    """(available RAM in bytes, native bf16) of this host; (0, False) where /proc is not."""
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    return mem_available_bytes(read("/proc/meminfo")), cpu_has_bf16(read("/proc/cpuinfo"))

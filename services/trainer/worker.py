@@ -43,6 +43,7 @@ from .core import (
     RecentIds,
     check_local_model_dir,
     checkpoint_prefix,
+    cpu_hardware,
     default_worker_id,
     failure_reason,
     metrics_event,
@@ -105,11 +106,25 @@ class Worker:
             state="busy" if job else "idle",
             job_id=job.item.job_id if job else "",
             device=self.device,
+            **self.hardware(),
         )
         try:
             await self.bus.publish_core(data)
         except Exception as e:  # noqa: BLE001 - a missed heartbeat is not fatal; the next one goes
             log.warning("heartbeat not sent: %s", e)
+
+    def hardware(self) -> dict:
+        """What placement checks a job against: memory a job may use now (free GPU memory,
+        or available RAM) and native bf16. A failed probe reports unknown (0, False)."""
+        try:
+            if self.device == "cuda":
+                free, _total = torch.cuda.mem_get_info()
+                return {"memory_bytes": int(free), "bf16": bool(torch.cuda.is_bf16_supported())}
+            memory, bf16 = cpu_hardware()
+            return {"memory_bytes": memory, "bf16": bf16}
+        except Exception as e:  # noqa: BLE001 - a heartbeat goes out whatever the probe does
+            log.warning("hardware probe failed: %s", e)
+            return {"memory_bytes": 0, "bf16": False}
 
     # -- commands from the bus ---------------------------------------------------------------
     async def accept(self, env: Envelope, item: WorkItem) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class Peers:
         self.bus = Bus(settings, "peers")
         self.seen: list[Seen] = []
         self.workers: dict[str, str] = {}  # worker id -> state it heartbeats
+        self.hardware: dict[str, dict] = {}  # worker id -> device, memory_bytes, bf16 it reports
         self._nc = None
         self._beating: asyncio.Task | None = None
 
@@ -97,7 +99,8 @@ class Peers:
     async def _heartbeats(self) -> None:
         while True:
             for worker_id, state in list(self.workers.items()):
-                await self.bus.publish_core(WorkerHeartbeat(worker_id=worker_id, state=state))
+                await self.bus.publish_core(WorkerHeartbeat(
+                    worker_id=worker_id, state=state, **self.hardware.get(worker_id, {})))
             await asyncio.sleep(0.2)
 
     async def publish(self, data: EventData, tenant: str = TENANT) -> None:
@@ -471,6 +474,47 @@ async def test_higher_priority_runs_first(env, model_dir):
     assert peers.count(WorkItem, job_id=low.id) == 0
 
 
+async def test_memory_estimate_and_hardware_checks(env, tmp_path):
+    stub, keys, peers = env
+    dev = keys["developer"]
+    llama = tmp_path / "small-llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 1000, "tie_word_embeddings": True,
+    }))
+
+    # the pre-flight estimate comes back at submit, and is stored with the job
+    job = await create(stub, dev, llama)
+    estimate = dict(job.memory_estimate)
+    assert set(estimate) == {"weights", "gradients", "optimizer", "activations", "total"}
+    assert all(v > 0 for v in estimate.values())
+    stored = await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))
+    assert dict(stored.memory_estimate) == estimate
+
+    # only a CPU worker is live: an fp16 spec is refused, saying why and who is there
+    peers.hardware["w-cpu"] = {"device": "cpu", "memory_bytes": 1 << 20}
+    peers.workers["w-cpu"] = "idle"
+    await peers.wait_for(WorkerHeartbeat, worker_id="w-cpu")
+    await asyncio.sleep(0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await create(stub, dev, llama, precision="fp16")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "fp16" in refused.value.details() and "GPU" in refused.value.details()
+    assert "w-cpu (cpu" in refused.value.details()
+
+    # the job needs more than the CPU worker's 1 MiB: it waits for a bigger worker
+    await validate(peers, job.id)
+    await wait_status(stub, dev, job.id, pb.JOB_STATUS_QUEUED)
+    await asyncio.sleep(0.8)  # a few placement ticks
+    assert peers.count(WorkItem, job_id=job.id) == 0
+    peers.hardware["w-big"] = {"device": "cpu", "memory_bytes": 64 << 30}
+    peers.workers["w-big"] = "idle"
+    item = await peers.wait_for(WorkItem, job_id=job.id)
+    assert item.data.worker_id == "w-big"
+
+
 # -- the store on SQLite and PostgreSQL ---------------------------------------------------------
 
 def _pg_url() -> str | None:
@@ -557,3 +601,29 @@ def test_store_round_trip_versions_and_queries(store):
             ("s.1", "{1}", "tp1"), ("s.2", "{2}", "")]
         u.remove_event(pending[0].id)
         assert [p.subject for p in u.pending_events()] == ["s.2"]
+
+
+def test_store_keeps_the_memory_estimate_and_upgrades_old_databases(store, tmp_path):
+    estimate = {"weights": 1.0, "gradients": 2.0, "optimizer": 3.0, "activations": 4.0,
+                "total": 10.0}
+    with store.unit() as u:
+        u.add_job(_job("job-m", memory_estimate=estimate))
+        u.add_job(_job("job-none"))
+    with store.unit() as u:
+        assert u.job("job-m").memory_estimate == estimate
+        assert u.job("job-none").memory_estimate == {}
+
+    # a database made before the column existed gets it, and its rows read as {}
+    from sqlalchemy import text
+
+    old = SchedulerStore(f"sqlite:///{tmp_path / 'old.db'}")
+    old.create_tables()
+    with old.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE scheduler_jobs DROP COLUMN memory_estimate"))
+    old.create_tables()
+    with old.unit() as u:
+        u.add_job(_job("job-old"))
+        u.conn.execute(text("UPDATE scheduler_jobs SET memory_estimate = NULL"))
+    with old.unit() as u:
+        assert u.job("job-old").memory_estimate == {}
+    old.dispose()

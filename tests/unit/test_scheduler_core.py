@@ -11,12 +11,15 @@ from services.scheduler.core import (
     Happening,
     Job,
     Status,
+    Worker,
     WorkerTable,
+    cannot_run,
     latest_metrics,
     lost_assignments,
     names_a_path,
     parse_spec,
     place,
+    refuse_on,
     transition,
 )
 
@@ -30,10 +33,12 @@ class Clock:
 
 
 def job(job_id: str, *, priority: int = 0, created_at: str = "2025-01-01T00:00:00.000000Z",
-        status: Status = Status.QUEUED, worker_id: str = "") -> Job:
-    return Job(id=job_id, tenant="acme", status=status, spec={}, model_name="m", dataset_id="d",
-               priority=priority, created_by="k", created_at=created_at, updated_at=created_at,
-               worker_id=worker_id)
+        status: Status = Status.QUEUED, worker_id: str = "", spec: dict | None = None,
+        memory: float = 0.0) -> Job:
+    return Job(id=job_id, tenant="acme", status=status, spec=spec or {}, model_name="m",
+               dataset_id="d", priority=priority, created_by="k", created_at=created_at,
+               updated_at=created_at, worker_id=worker_id,
+               memory_estimate={"total": memory} if memory else {})
 
 
 # -- state machine ------------------------------------------------------------------------------
@@ -161,6 +166,62 @@ def test_place_orders_by_priority_then_age_onto_free_idle_workers():
 
 def test_place_with_no_free_worker_places_nothing():
     assert place([job("job-1")], [], holding=set()) == []
+
+
+GIB = 1024**3
+
+
+def worker(wid: str, device: str = "cpu", memory: int = 0, bf16: bool = False) -> Worker:
+    return Worker(wid, "idle", "", device, 0.0, memory_bytes=memory, bf16=bf16)
+
+
+def full_spec(**kw) -> dict:
+    return {"base_model": "/m", "dataset": "d", **kw}
+
+
+def test_workers_report_memory_and_bf16():
+    table = WorkerTable(ttl_s=10, clock=Clock())
+    table.heartbeat("w1", "idle", device="cuda:0", memory_bytes=8 * GIB, bf16=True)
+    (w,) = table.live()
+    assert (w.memory_bytes, w.bf16, w.gpu) == (8 * GIB, True, True)
+
+
+def test_a_job_goes_only_to_a_worker_that_can_run_it():
+    fp16 = job("job-fp16", spec=full_spec(precision="fp16"))
+    bf16 = job("job-bf16", spec=full_spec(precision="bf16"))
+    paged = job("job-paged", spec=full_spec(hyperparameters={"optimizer": "paged_adamw_8bit"}))
+    big = job("job-big", memory=10 * GIB)
+    cpu, gpu = worker("cpu"), worker("gpu", device="cuda:0", memory=24 * GIB)
+    assert "fp16" in cannot_run(fp16, cpu) and not cannot_run(fp16, gpu)
+    assert "paged_adamw_8bit" in cannot_run(paged, cpu)
+    assert "bf16" in cannot_run(bf16, cpu) and not cannot_run(bf16, worker("amx", bf16=True))
+    assert "GiB" in cannot_run(big, worker("small", memory=4 * GIB))
+    assert not cannot_run(big, worker("unknown-memory"))  # 0: not reported, not checked
+    assert not cannot_run(big, gpu)
+
+
+def test_place_skips_workers_too_small_or_without_the_device():
+    jobs = [
+        job("job-big", priority=9, memory=10 * GIB),
+        job("job-fp16", priority=5, spec=full_spec(precision="fp16")),
+        job("job-small", priority=0, memory=1 * GIB),
+    ]
+    workers = [worker("a-small", memory=2 * GIB), worker("b-large", memory=64 * GIB)]
+    # the big job passes over the small worker; the fp16 job has no GPU and waits;
+    # the small job behind it still gets the small worker
+    assert place(jobs, workers, holding=set()) == [("job-big", "b-large"),
+                                                   ("job-small", "a-small")]
+    assert place(jobs[:1], workers[:1], holding=set()) == []
+
+
+def test_submit_refuses_a_gpu_spec_when_every_live_worker_is_a_cpu():
+    spec = parse_spec(full_spec(precision="fp16"))
+    why = refuse_on(spec, [worker("w1"), worker("w2", memory=16 * GIB)])
+    assert why.startswith("precision fp16 needs a CUDA GPU")
+    assert "live workers: w1 (cpu), w2 (cpu, 16.0 GiB free)" in why
+    assert refuse_on(spec, []) == ""  # nobody live: it waits for a capable worker
+    assert refuse_on(spec, [worker("w1"), worker("g", device="cuda")]) == ""
+    assert refuse_on(parse_spec(full_spec()), [worker("w1")]) == ""
 
 
 def test_lost_assignments_split_by_whether_the_job_started():

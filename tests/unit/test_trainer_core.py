@@ -10,8 +10,11 @@ from services.trainer.core import (
     RecentIds,
     check_local_model_dir,
     checkpoint_prefix,
+    cpu_hardware,
+    cpu_has_bf16,
     default_worker_id,
     failure_reason,
+    mem_available_bytes,
     metrics_event,
     sanitize_worker_id,
     train_split_key,
@@ -62,3 +65,16 @@ def test_recent_ids_forget_the_oldest():
     ids.add("b")  # re-adding refreshes: "c" is now the oldest
     ids.add("d")
     assert "c" not in ids and "b" in ids and "d" in ids
+
+
+def test_heartbeat_hardware_from_proc_files():
+    meminfo = "MemTotal:       24683656 kB\nMemFree:  1000 kB\nMemAvailable:   23343756 kB\n"
+    assert mem_available_bytes(meminfo) == 23343756 * 1024
+    assert mem_available_bytes("MemTotal: 5 kB\n") == 0
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    assert not cpu_has_bf16(avx2)
+    assert cpu_has_bf16(avx2.replace("fma", "avx512f avx512_bf16"))
+    assert cpu_has_bf16(avx2.replace("fma", "amx_tile amx_bf16"))
+    assert not cpu_has_bf16("")
+    memory, _ = cpu_hardware()
+    assert memory >= 0
