@@ -155,7 +155,18 @@ def cmd_jobs_create(args):
 
     spec = load_job_spec(Path(args.file))
     job = _client(args).jobs.create(spec, priority=args.priority)
-    _out(args, to_dict(job), _job_line(job))
+    _out(args, to_dict(job), _job_line(job) + _memory_line(job))
+
+
+def _memory_line(job) -> str:
+    from .ml.memory import format_bytes
+
+    est = dict(job.memory_estimate)
+    if not est:
+        return ""
+    parts = ", ".join(f"{k} {format_bytes(est[k])}" for k in
+                      ("weights", "gradients", "optimizer", "activations") if k in est)
+    return f"\n  memory estimate per process: {format_bytes(est.get('total', 0))} ({parts})"
 
 
 def cmd_jobs_list(args):

@@ -79,3 +79,15 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["models", "stage", "m@1", "heaven"])
     assert e.value.code == 2
+
+
+def test_job_create_output_shows_the_memory_estimate():
+    from llmstudio.cli import _memory_line
+    from llmstudio.v1 import jobs_pb2
+
+    job = jobs_pb2.Job(id="job-1")
+    assert _memory_line(job) == ""
+    job.memory_estimate.update({"weights": 2 * 1024**3, "gradients": 1024**2, "optimizer": 0,
+                                "activations": 3 * 1024**3, "total": 5 * 1024**3 + 1024**2})
+    line = _memory_line(job)
+    assert "5.0 GiB" in line and "weights 2.0 GiB" in line and "activations 3.0 GiB" in line
