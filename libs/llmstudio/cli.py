@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="dataset versions").add_subparsers(
         dest="sub", required=True, metavar="ACTION")
     sp = add(ds, "push", cmd_datasets_push, "upload and validate a JSONL file")
-    sp.add_argument("file", help='JSONL: {"prompt","completion"} or {"messages":[...]} per line')
+    sp.add_argument("file", help='JSONL, one schema per file: {"prompt","completion"}, '
+                    '{"messages":[...]}, {"text"} (pretrain) or {"prompt","chosen","rejected"} (dpo/orpo)')
     sp.add_argument("--name", help="dataset name (default: the file name)")
     sp.add_argument("--validation-fraction", type=float, default=0.0, help="default 0.1")
     sp.add_argument("--seed", type=int, default=0, help="split seed")

@@ -3,10 +3,14 @@
     name + JSONL bytes + split params  ->  Prepared (canonical rows, sha256, train/validation)
                                        or  a list of errors, each naming file, line and field
 
-A row is one of two schemas (a file holds one only):
+A row is one of four schemas (a file holds one only); the dataset's format is its name:
 
-    {"prompt": str, "completion": str}
-    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (>= 1 assistant)
+    prompt_completion  {"prompt": str, "completion": str}                      (sft)
+    messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+                       (>= 1 assistant message)                                (sft)
+    text               {"text": str}                                           (pretrain)
+    preference         {"prompt": str, "chosen": str, "rejected": str}         (dpo, orpo)
+                       (chosen and rejected differ)
 
 Rows are normalized to canonical JSON (sorted keys, only the schema's fields, no whitespace), so
 the dataset's sha256 identifies its content, not its formatting. The split is a pure function of
@@ -27,6 +31,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ROLES = ("system", "user", "assistant")
 PROMPT_COMPLETION = "prompt_completion"
 MESSAGES = "messages"
+TEXT = "text"
+PREFERENCE = "preference"
+FORMATS = (PROMPT_COMPLETION, MESSAGES, TEXT, PREFERENCE)
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 DEFAULT_VALIDATION_FRACTION = 0.1
 MAX_REPORTED_ERRORS = 20  # kept in the rejection event
 ERRORS_IN_MESSAGE = 3  # named in the gRPC status message
@@ -107,12 +115,26 @@ def _json_type(value: Any) -> str:
 
 
 def row_schema(row: dict) -> str | None:
-    """Which schema a row claims, from its keys; None if it claims neither."""
+    """Which schema a row claims, from its keys; None if it claims none."""
     if "messages" in row:
         return MESSAGES
+    if "chosen" in row or "rejected" in row:
+        return PREFERENCE
     if "prompt" in row or "completion" in row:
         return PROMPT_COMPLETION
+    if "text" in row:
+        return TEXT
     return None
+
+
+def _check_fields(row: dict, fields: tuple[str, ...]) -> tuple[dict | None, list[str]]:
+    errors = []
+    for field in fields:
+        if field not in row:
+            errors.append(f"field '{field}': missing")
+        elif err := _text_error(row[field], field):
+            errors.append(err)
+    return (None, errors) if errors else ({f: row[f] for f in fields}, [])
 
 
 def check_row(row: Any) -> tuple[dict | None, list[str]]:
@@ -122,17 +144,20 @@ def check_row(row: Any) -> tuple[dict | None, list[str]]:
     schema = row_schema(row)
     if schema is None:
         return None, [
-            "row must have 'prompt' and 'completion', or 'messages'; "
-            f"got keys {sorted(row) or 'none'}"
+            "row must have 'prompt' and 'completion', or 'messages', or 'text', or 'prompt', "
+            f"'chosen' and 'rejected'; got keys {sorted(row) or 'none'}"
         ]
     if schema == PROMPT_COMPLETION:
-        errors = []
-        for field in ("prompt", "completion"):
-            if field not in row:
-                errors.append(f"field '{field}': missing")
-            elif err := _text_error(row[field], field):
-                errors.append(err)
-        return (None, errors) if errors else ({f: row[f] for f in ("prompt", "completion")}, [])
+        return _check_fields(row, ("prompt", "completion"))
+    if schema == TEXT:
+        return _check_fields(row, ("text",))
+    if schema == PREFERENCE:
+        if "completion" in row:
+            return None, ["row mixes 'chosen'/'rejected' with 'completion': use one schema"]
+        normalized, errors = _check_fields(row, PREFERENCE_FIELDS)
+        if normalized and normalized["chosen"] == normalized["rejected"]:
+            return None, ["field 'rejected': must differ from 'chosen'"]
+        return normalized, errors
     return _check_messages(row)
 
 
@@ -160,6 +185,26 @@ def _check_messages(row: dict) -> tuple[dict | None, list[str]]:
     if not errors and not any(m["role"] == "assistant" for m in normalized):
         errors.append("field 'messages': needs at least one assistant message")
     return (None, errors) if errors else ({"messages": normalized}, [])
+
+
+# Which dataset formats each training objective reads (JobSpec.objective -> formats).
+OBJECTIVE_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": (PROMPT_COMPLETION, MESSAGES),
+    "pretrain": (TEXT,),
+    "dpo": (PREFERENCE,),
+    "orpo": (PREFERENCE,),
+}
+
+
+def objective_error(objective: str, fmt: str) -> str | None:
+    """Why a job with `objective` cannot train on a dataset of format `fmt` (None if it can)."""
+    wanted = OBJECTIVE_FORMATS.get(objective)
+    if wanted is None or fmt in wanted:
+        return None
+    return (
+        f"objective {objective} needs a dataset of format {' or '.join(wanted)}; "
+        f"this dataset is {fmt or 'of unknown format'}"
+    )
 
 
 def canonical(row: dict) -> str:

@@ -9,6 +9,7 @@ from llmstudio.bus import Bus
 from llmstudio.events import DatasetRejected, DatasetValidated, Envelope, JobSubmitted
 from llmstudio.storage import ArtifactStore
 
+from .core import objective_error
 from .files import split_problems
 from .store import DatasetStore
 
@@ -28,6 +29,12 @@ class JobDatasetCheck:
             return DatasetRejected(
                 ref=job.job_id, job_id=job.job_id, dataset_id=job.dataset_id,
                 reason=f"dataset {job.dataset_id} not found",
+            )
+        mismatch = objective_error(job.spec.get("objective", "sft"), record.format)
+        if mismatch:
+            return DatasetRejected(
+                ref=job.job_id, job_id=job.job_id, dataset_id=job.dataset_id,
+                reason=f"dataset {job.dataset_id}: {mismatch}", errors=[mismatch],
             )
         problems = split_problems(self.artifacts, record.artifacts, record.split_sha256)
         if problems:

@@ -100,11 +100,14 @@ def headline(result: dict[str, Any], which: str) -> dict[str, float]:
     loss = float(result["eval_loss"])
     if not math.isfinite(loss):
         raise ValueError(f"{which} model: eval_loss is {loss} (no completion tokens to score?)")
-    return {
+    metrics = {
         "eval_loss": loss,
         "perplexity": min(float(result["perplexity"]), sys.float_info.max),
-        "exact_match": float(result["exact_match"]),
     }
+    # Text rows (continued pre-training) have no reference answer: exact match is not measured.
+    if result.get("exact_match") is not None:
+        metrics["exact_match"] = float(result["exact_match"])
+    return metrics
 
 
 def report_key(evaluation_id: str) -> str:
@@ -126,5 +129,6 @@ def build_report(
         "samples": base["samples"],
         "base": {"metrics": base_m, "examples": base["examples"]},
         "tuned": {"metrics": tuned_m, "examples": tuned["examples"]},
-        "delta": {k: tuned_m[k] - base_m[k] for k in ("eval_loss", "exact_match")},
+        "delta": {k: tuned_m[k] - base_m[k] for k in ("eval_loss", "exact_match")
+                  if k in base_m and k in tuned_m},
     }

@@ -223,8 +223,8 @@ async def test_auth_roles_and_tenancy(settings, service):
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def publish_job(nats_url, tenant, job_id, dataset_id):
-    data = JobSubmitted(job_id=job_id, dataset_id=dataset_id, model_name="tiny", spec={})
+async def publish_job(nats_url, tenant, job_id, dataset_id, spec=None):
+    data = JobSubmitted(job_id=job_id, dataset_id=dataset_id, model_name="tiny", spec=spec or {})
     env = make_envelope(data, source="scheduler", tenant=tenant, actor="key-sched")
     nc = await nats.connect(nats_url)
     try:
@@ -342,3 +342,39 @@ def test_store_is_tenant_scoped_and_round_trips(store):
     store.mark_announced(a.id)
     assert a.id not in {r.id for r in store.unannounced()}
     assert store.get("acme", a.id).announced is True
+
+
+@pytest.mark.parametrize(
+    ("rows", "fmt"),
+    [
+        ([{"text": f"document {i}: the river and the stone"} for i in range(6)], "text"),
+        ([{"prompt": f"Q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"} for i in range(6)],
+         "preference"),
+    ],
+)
+async def test_text_and_preference_datasets(settings, service, events, rows, fmt):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    ds = await create(service, key, name=f"ds-{fmt}", content=jsonl(rows), filename="d.jsonl")
+    expected = core.prepare(f"ds-{fmt}", jsonl(rows), "d.jsonl")
+    assert (ds.format, ds.num_rows, ds.sha256) == (fmt, 6, expected.sha256)
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    stored = b"".join(artifacts.get_bytes(ds.artifacts[s]) for s in core.SPLITS)
+    assert sorted(stored.decode().splitlines()) == sorted(core.canonical(r) for r in rows)
+    _, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=ds.id)))[0]
+    assert registered.format == fmt
+
+    bad = rows[:2] + [{"prompt": "p", "completion": "c"}]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(service, key, name="mixed", content=jsonl(bad), filename="m.jsonl")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"m.jsonl:3: mixed schemas: a prompt_completion row in a file of {fmt} rows (line 1)" \
+        in err.value.details()
+
+
+async def test_job_whose_objective_needs_another_format_is_rejected(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    ds = await create(service, key, name="sft-rows", content=jsonl(ROWS))
+    await publish_job(settings.nats_url, "acme", "job-dpo", ds.id, spec={"objective": "dpo"})
+    _, rejected = (await wait_for(lambda: of_type(events, DatasetRejected, job_id="job-dpo")))[0]
+    assert "objective dpo needs a dataset of format preference" in rejected.reason
+    assert not of_type(events, DatasetValidated, job_id="job-dpo")

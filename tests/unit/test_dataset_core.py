@@ -80,7 +80,7 @@ def test_every_line_is_checked_and_errors_name_line_and_field():
         {"prompt": "", "completion": 3},
         pc(5),
         [1, 2],
-        {"text": "hello"},
+        {"body": "hello"},
     )
     r = rejected(content)
     assert r.errors == [
@@ -89,7 +89,8 @@ def test_every_line_is_checked_and_errors_name_line_and_field():
         "data.jsonl:4: field 'prompt': must not be empty",
         "data.jsonl:4: field 'completion': must be a string, got number",
         "data.jsonl:6: expected a JSON object, got array",
-        "data.jsonl:7: row must have 'prompt' and 'completion', or 'messages'; got keys ['text']",
+        "data.jsonl:7: row must have 'prompt' and 'completion', or 'messages', or 'text', or "
+        "'prompt', 'chosen' and 'rejected'; got keys ['body']",
     ]
     assert r.invalid_lines == 5 and r.total_errors == 6
 
@@ -110,6 +111,76 @@ def test_messages_errors():
         "chat.jsonl:4: field 'messages[1]': must be an object, got string",
         "chat.jsonl:5: row mixes 'messages' with 'prompt'/'completion': use one schema",
     ]
+
+
+def test_text_rows_for_continued_pretraining():
+    p = core.prepare("corpus", jsonl({"text": "Once upon a time", "source": "x"},
+                                     {"text": "  é ünïcode\nline two "}), "t.jsonl")
+    assert p.format == core.TEXT == "text"
+    assert p.rows == ['{"text":"Once upon a time"}', '{"text":"  é ünïcode\\nline two "}']
+    assert p.counts == {"train": 1, "validation": 1}
+    r = rejected(jsonl({"text": ""}, {"text": 3}, {"text": "ok"}), filename="t.jsonl")
+    assert r.errors == [
+        "t.jsonl:1: field 'text': must not be empty",
+        "t.jsonl:2: field 'text': must be a string, got number",
+    ]
+
+
+def test_preference_rows_are_canonical_and_checked():
+    row = {"rejected": " green", "prompt": "Q: sky?\nA:", "chosen": " blue", "score": 1}
+    p = core.prepare("prefs", jsonl(row, {"prompt": "a", "chosen": "b", "rejected": "c"}), "p.jsonl")
+    assert p.format == core.PREFERENCE == "preference"
+    assert p.rows[0] == '{"chosen":" blue","prompt":"Q: sky?\\nA:","rejected":" green"}'
+    r = rejected(jsonl(
+        {"prompt": "a", "chosen": "b"},
+        {"prompt": "a", "chosen": "b", "rejected": ["c"]},
+        {"prompt": " ", "chosen": "b", "rejected": "c"},
+        {"prompt": "a", "chosen": "same", "rejected": "same"},
+        {"prompt": "a", "completion": "b", "chosen": "c", "rejected": "d"},
+        {"prompt": "a", "chosen": "b", "rejected": "c"},
+    ), filename="p.jsonl")
+    assert r.errors == [
+        "p.jsonl:1: field 'rejected': missing",
+        "p.jsonl:2: field 'rejected': must be a string, got array",
+        "p.jsonl:3: field 'prompt': must not be empty",
+        "p.jsonl:4: field 'rejected': must differ from 'chosen'",
+        "p.jsonl:5: row mixes 'chosen'/'rejected' with 'completion': use one schema",
+    ]
+    assert r.invalid_lines == 5
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "want"),
+    [
+        ({"text": "t"}, pc(1), "a prompt_completion row in a file of text rows (line 1)"),
+        (pc(1), {"text": "t"}, "a text row in a file of prompt_completion rows (line 1)"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, pc(1),
+         "a prompt_completion row in a file of preference rows (line 1)"),
+        (pc(1), {"prompt": "a", "chosen": "b", "rejected": "c"},
+         "a preference row in a file of prompt_completion rows (line 1)"),
+    ],
+)
+def test_new_schemas_do_not_mix(first, second, want):
+    r = rejected(jsonl(first, second), filename="m.jsonl")
+    assert r.errors == [f"m.jsonl:2: mixed schemas: {want}"]
+
+
+@pytest.mark.parametrize(
+    ("objective", "fmt", "ok"),
+    [
+        ("sft", "prompt_completion", True), ("sft", "messages", True), ("sft", "text", False),
+        ("pretrain", "text", True), ("pretrain", "messages", False),
+        ("dpo", "preference", True), ("orpo", "preference", True),
+        ("dpo", "prompt_completion", False), ("orpo", "messages", False),
+        ("sft", "preference", False),
+    ],
+)
+def test_objective_needs_a_matching_dataset_format(objective, fmt, ok):
+    err = core.objective_error(objective, fmt)
+    assert (err is None) == ok
+    if not ok:
+        assert err.startswith(f"objective {objective} needs a dataset of format ")
+        assert err.endswith(f"this dataset is {fmt}")
 
 
 def test_mixed_schemas_name_the_line_and_the_line_that_set_the_schema():

@@ -115,3 +115,12 @@ def test_store_is_idempotent_per_job_and_tenant_scoped(tmp_path):
     store.fail(second.id, "ValueError: boom")
     got = store.get(second.id, "acme")
     assert got.status == FAILED and got.error == "ValueError: boom"
+
+
+def test_headline_without_reference_answers_has_no_exact_match():
+    from services.evaluator.core import headline
+
+    text_only = {"eval_loss": 2.0, "perplexity": 7.39, "exact_match": None}
+    assert headline(text_only, "base") == {"eval_loss": 2.0, "perplexity": 7.39}
+    scored = {"eval_loss": 2.0, "perplexity": 7.39, "exact_match": 0.5}
+    assert headline(scored, "tuned")["exact_match"] == 0.5

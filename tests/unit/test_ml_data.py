@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -11,6 +13,7 @@ from llmstudio.ml.data import (
     collate,
     encode_example,
     encode_prompt,
+    has_reference,
     prompt_text,
     reference_text,
 )
@@ -101,6 +104,66 @@ def test_chat_prompt_and_reference_for_generation(tok):
     assert ex["labels"][len(ids)] != IGNORE_INDEX  # and the next token is the learned answer
 
 
+def test_chat_masking_token_by_token(tok):
+    """Every token inside a system or user turn (header, content, end marker) is -100; every
+    token of an assistant turn's content and its end marker is labelled with itself."""
+    ex = encode_example(tok, CHAT, max_len=512)
+    full = tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ex["input_ids"]  # the template renders BOS itself
+    # character span of each turn: from its <|im_start|> to just after its <|im_end|>\n
+    turns, pos = [], 0
+    for m in CHAT["messages"]:
+        start = full.index("<|im_start|>", pos)
+        end = full.index("<|im_end|>", start) + len("<|im_end|>\n")
+        content_at = full.index(m["content"], start)
+        turns.append((m["role"], start, content_at, end))
+        pos = end
+    seen = {"system": 0, "user": 0, "assistant": 0}
+    for tid, lab, (a, _b) in zip(ex["input_ids"], ex["labels"], enc["offset_mapping"], strict=True):
+        role = next((r for r, s, c, e in turns if s <= a < e), None)
+        if role is None:  # BOS, outside every turn
+            assert lab == IGNORE_INDEX
+            continue
+        seen[role] += 1
+        _, start, content_at, end = next(t for t in turns if t[1] <= a < t[3])
+        if role == "assistant" and a >= content_at:
+            assert lab == tid, f"assistant token {tok.decode([tid])!r} not learned"
+        else:  # system/user turns entirely, and the assistant role header
+            assert lab == IGNORE_INDEX, f"{role} token {tok.decode([tid])!r} is labelled"
+    assert all(seen.values())
+    # the end-of-turn marker closing each assistant turn is learned
+    eos_positions = [i for i, t in enumerate(ex["input_ids"]) if t == tok.eos_token_id]
+    learned_eos = [i for i in eos_positions if ex["labels"][i] != IGNORE_INDEX]
+    assert len(eos_positions) == 5 and len(learned_eos) == 2
+
+
+def test_text_rows_learn_every_token_and_end_with_eos(tok):
+    row = {"text": "the quick answer is five\nand then some more words"}
+    ex = encode_example(tok, row, max_len=512)
+    assert ex["input_ids"][0] == tok.bos_token_id  # encoded like any text
+    assert ex["input_ids"][-1] == tok.eos_token_id  # EOS appended
+    assert ex["labels"] == ex["input_ids"]  # no token masked
+    assert tok.decode(ex["input_ids"][1:-1]) == row["text"]
+    assert not has_reference(row)
+    assert prompt_text(tok, row) == "" and reference_text(row) == ""
+    cut = encode_example(tok, row, max_len=4)
+    assert cut["labels"] == cut["input_ids"] == ex["input_ids"][:4]
+    with pytest.raises(RowError, match="no prompt"):
+        encode_prompt(tok, row)
+
+
+def test_preference_rows_read_as_prompt_plus_chosen(tok):
+    row = {"prompt": "Q: color of sky?\nA:", "chosen": " blue", "rejected": " green"}
+    ex = encode_example(tok, row, max_len=128)
+    same = encode_example(tok, {"prompt": row["prompt"], "completion": " blue"}, max_len=128)
+    assert ex == same
+    assert labelled_spans(tok, ex) == [" blue" + tok.eos_token]
+    assert has_reference(row) and reference_text(row) == " blue"
+    assert prompt_text(tok, row) == row["prompt"]
+    assert encode_prompt(tok, row) == ex["input_ids"][: len(encode_prompt(tok, row))]
+
+
 def test_collate_pads_right(tok):
     a = encode_example(tok, {"prompt": "a", "completion": " b"}, 64)
     b = encode_example(tok, {"prompt": "a b c d e", "completion": " f g h"}, 64)
@@ -118,7 +181,10 @@ def test_collate_pads_right(tok):
 @pytest.mark.parametrize(
     ("row", "needle"),
     [
-        ({"text": "x"}, "'prompt' and 'completion', or 'messages'"),
+        ({"body": "x"}, "'prompt' and 'completion', or 'messages', or 'text'"),
+        ({"text": 3}, "'text' must be strings"),
+        ({"prompt": "a", "chosen": "b", "rejected": None}, "must be strings"),
+        ({"prompt": "a"}, "got keys ['prompt']"),
         ({"messages": []}, "non-empty list"),
         ({"messages": [{"role": "user"}]}, "messages[0]"),
         ({"prompt": "a", "completion": 3}, "must be strings"),
@@ -149,3 +215,41 @@ def test_demo_rows_and_spec(tok):
     spec = JobSpec.model_validate(demo_job_spec("/models/base", "ds-1", name="demo"))
     assert spec.base_model == "/models/base" and spec.dataset == "ds-1" and spec.name == "demo"
     assert spec.hyperparameters.batch_size == 8 and spec.hyperparameters.max_steps == 80
+
+
+# -- evaluation of text and preference rows (llmstudio.ml.evaluation) --------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tok):
+    return tok.name_or_path
+
+
+def test_evaluate_text_rows_scores_loss_only(tok, tiny_dir):
+    from llmstudio.ml.evaluation import evaluate_model
+
+    rows = [{"text": "hello there how are you"}, {"text": "the river and the stone"}]
+    report = evaluate_model(tiny_dir, rows, max_new_tokens=2, batch_size=2)
+    # every token but the first of each row is scored (BOS + words + EOS, shifted by one)
+    want = sum(len(encode_example(tok, r, 1024)["input_ids"]) - 1 for r in rows)
+    assert report["loss_tokens"] == want
+    assert math.isfinite(report["eval_loss"])
+    assert report["exact_match"] is None and report["samples"] == 0 and report["examples"] == []
+
+
+def test_evaluate_preference_rows_uses_chosen_as_reference(tok, tiny_dir):
+    from llmstudio.ml.evaluation import evaluate_model
+
+    pref = {"prompt": "Q: color of sky?\nA:", "chosen": " blue", "rejected": " green"}
+    rows = [{"text": "hello there"}, pref, {"prompt": "say:", "completion": " apple"}]
+    report = evaluate_model(tiny_dir, rows, max_new_tokens=2, batch_size=2)
+    assert report["samples"] == 2  # the text row is not generated
+    assert [e["reference"] for e in report["examples"]] == [" blue", " apple"]
+    assert report["examples"][0]["prompt"] == pref["prompt"]
+    assert report["exact_match"] in (0.0, 0.5, 1.0)
+    # loss over: all of the text row, chosen + EOS of the preference row, completion + EOS
+    want = sum(
+        sum(1 for t in encode_example(tok, r, 1024)["labels"][1:] if t != IGNORE_INDEX)
+        for r in rows
+    )
+    assert report["loss_tokens"] == want

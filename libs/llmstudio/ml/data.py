@@ -1,6 +1,6 @@
 """Rows -> token ids with loss masking, shared by training and evaluation.
 
-Two row shapes:
+Four row shapes:
 
 - ``{"prompt": str, "completion": str}``: the prompt is encoded like the tokenizer encodes any
   text (BOS if the tokenizer adds one), the completion without special tokens, then EOS. Only
@@ -9,6 +9,12 @@ Two row shapes:
   the tokens of assistant turns (their content and the template's end-of-turn markers) are
   learned. Assistant spans are found by rendering the conversation incrementally and mapping
   character spans to tokens through the fast tokenizer's offsets.
+- ``{"text": str}`` (continued pre-training): encoded like any text (BOS if the tokenizer adds
+  one), then EOS; every token is learned. Such a row has no reference answer
+  (``has_reference`` is False): evaluation scores its loss only.
+- ``{"prompt": str, "chosen": str, "rejected": str}`` (preference data, DPO/ORPO): outside the
+  preference trainer it reads as prompt/completion with the chosen answer as the completion,
+  so SFT and evaluation on preference data use prompt + chosen.
 
 Generation-based evaluation uses the same prompt encoding (``encode_prompt``), so what the model
 sees at evaluation time is exactly what preceded the learned tokens during training.
@@ -31,7 +37,16 @@ class RowError(ValueError):
 # helpers
 
 
+def _strings(row: dict, keys: tuple[str, ...]) -> None:
+    bad = [k for k in keys if not isinstance(row[k], str)]
+    if bad:
+        raise RowError(f"{' and '.join(repr(k) for k in keys)} must be strings (not {bad})")
+
+
 def _row_kind(row: dict) -> str:
+    """messages | prompt_completion | preference | text (RowError for anything else)."""
+    if not isinstance(row, dict):
+        raise RowError(f"row must be an object, got {type(row).__name__}")
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -46,9 +61,21 @@ def _row_kind(row: dict) -> str:
         if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
             raise RowError("'prompt' and 'completion' must be strings")
         return "prompt_completion"
+    if "prompt" in row and "chosen" in row and "rejected" in row:
+        _strings(row, ("prompt", "chosen", "rejected"))
+        return "preference"
+    if "text" in row:
+        _strings(row, ("text",))
+        return "text"
     raise RowError(
-        f"row must have 'prompt' and 'completion', or 'messages'; got keys {sorted(row)}"
+        "row must have 'prompt' and 'completion', or 'messages', or 'text', or 'prompt', "
+        f"'chosen' and 'rejected'; got keys {sorted(row)}"
     )
+
+
+def _completion(row: dict) -> str:
+    """The learned answer of a prompt/completion or preference row."""
+    return row["completion"] if "completion" in row else row["chosen"]
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -122,9 +149,17 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[i
 # public API
 
 
+def has_reference(row: dict) -> bool:
+    """Does `row` have an expected answer to generate (all shapes but plain text)?"""
+    return _row_kind(row) != "text"
+
+
 def encode_prompt(tokenizer, row: dict) -> list[int]:
     """Token ids the model is conditioned on when it generates the answer to `row`."""
-    if _row_kind(row) == "prompt_completion":
+    kind = _row_kind(row)
+    if kind == "text":
+        raise RowError("a 'text' row has no prompt: it is scored by its loss only")
+    if kind in ("prompt_completion", "preference"):
         return _encode_text(tokenizer, row["prompt"])
     ids, _ = _encode_rendered(tokenizer, prompt_text(tokenizer, row))
     return ids
@@ -132,8 +167,11 @@ def encode_prompt(tokenizer, row: dict) -> list[int]:
 
 def prompt_text(tokenizer, row: dict) -> str:
     """The text a model continues at evaluation: the prompt, or the chat up to the last
-    assistant turn with the generation prompt appended."""
-    if _row_kind(row) == "prompt_completion":
+    assistant turn with the generation prompt appended ('' for a text row)."""
+    kind = _row_kind(row)
+    if kind == "text":
+        return ""
+    if kind in ("prompt_completion", "preference"):
         return row["prompt"]
     msgs = row["messages"]
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
@@ -141,9 +179,13 @@ def prompt_text(tokenizer, row: dict) -> str:
 
 
 def reference_text(row: dict) -> str:
-    """The expected answer: the completion, or the content of the last assistant turn."""
-    if _row_kind(row) == "prompt_completion":
-        return row["completion"]
+    """The expected answer: the completion, the chosen answer of a preference row, or the
+    content of the last assistant turn ('' for a text row: see `has_reference`)."""
+    kind = _row_kind(row)
+    if kind == "text":
+        return ""
+    if kind in ("prompt_completion", "preference"):
+        return _completion(row)
     for m in reversed(row["messages"]):
         if m["role"] == "assistant":
             return m["content"]
@@ -152,9 +194,15 @@ def reference_text(row: dict) -> str:
 
 def encode_example(tokenizer, row: dict, max_len: int) -> dict[str, list[int]]:
     """`row` -> {input_ids, labels, attention_mask}, truncated on the right to `max_len`."""
-    if _row_kind(row) == "prompt_completion":
+    kind = _row_kind(row)
+    if kind == "text":
+        input_ids = _encode_text(tokenizer, row["text"])
+        if tokenizer.eos_token_id is not None:
+            input_ids.append(tokenizer.eos_token_id)
+        labels = list(input_ids)  # continued pre-training: every token is learned
+    elif kind in ("prompt_completion", "preference"):
         prompt_ids = _encode_text(tokenizer, row["prompt"])
-        completion_ids = list(tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
+        completion_ids = list(tokenizer(_completion(row), add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             completion_ids.append(tokenizer.eos_token_id)
         input_ids = prompt_ids + completion_ids

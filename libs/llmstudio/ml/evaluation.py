@@ -1,9 +1,13 @@
 """Evaluate a model (optionally with a LoRA adapter) on validation rows.
 
 - eval_loss: mean cross-entropy over the learned tokens of every row (masked exactly as in
-  training, see llmstudio.ml.data), perplexity = exp(eval_loss).
-- exact_match: greedy generation (batched, left padding) on the first `max_samples` rows;
-  a hit when the generated text, stripped, equals the reference, stripped.
+  training, see llmstudio.ml.data: completion / assistant tokens; every token of a "text" row;
+  prompt + chosen of a preference row), perplexity = exp(eval_loss).
+- exact_match: greedy generation (batched, left padding) on the first `max_samples` rows that
+  have a reference answer (prompt/completion, messages, preference rows, whose reference is the
+  chosen answer; plain "text" rows have none and are scored by loss only); a hit when the
+  generated text, stripped, equals the reference, stripped. `samples` is how many rows were
+  generated; when none has a reference, exact_match is None (not measured) and samples is 0.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from llmstudio.ml.data import (
     collate,
     encode_example,
     encode_prompt,
+    has_reference,
     pad_id_of,
     prompt_text,
     reference_text,
@@ -54,13 +59,14 @@ def evaluate_model(
     max_seq_length: int = 1024,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Loss/perplexity on all `rows`, exact match on the first `max_samples` of them."""
+    """Loss/perplexity on all `rows`; exact match on the first `max_samples` rows that have a
+    reference answer (None when no row has one)."""
     if not rows:
         raise ValueError("no rows to evaluate")
     torch.manual_seed(0)
     model, tokenizer, device = load_for_inference(model_dir, adapter_dir)
     pad_id = pad_id_of(tokenizer)
-    gen_rows = rows[:max_samples]
+    gen_rows = [r for r in rows if has_reference(r)][:max_samples]
     total = len(rows) + len(gen_rows)
     done = 0
 
@@ -114,7 +120,7 @@ def evaluate_model(
     return {
         "eval_loss": eval_loss,
         "perplexity": perplexity,
-        "exact_match": hits / len(gen_rows),
+        "exact_match": hits / len(gen_rows) if gen_rows else None,
         "samples": len(gen_rows),
         "loss_tokens": n_tokens,
         "examples": [
