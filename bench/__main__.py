@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.bus_publish"]
+BENCHMARKS = ["bench.bus_publish", "bench.packing"]
 
 
 def main(argv: list[str]) -> int:
