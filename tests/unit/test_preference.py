@@ -1,0 +1,125 @@
+"""DPO and ORPO through TRL on the tiny model: the reward margin grows on a toy preference set,
+metrics and stop requests flow through the callback, checkpoints have the recipe's layout."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from llmstudio.jobspec import JobSpec
+from llmstudio.ml.tiny import build_tiny_model
+from services.trainer.preference import train_preference
+from services.trainer.recipe import MANIFEST, TRAINER_STATE, verify_checkpoint
+
+PAIRS = [
+    ("sky", "blue", "green"), ("grass", "green", "blue"), ("snow", "white", "black"),
+    ("coal", "black", "white"), ("sun", "yellow", "purple"), ("blood", "red", "blue"),
+    ("night", "dark", "bright"), ("fire", "hot", "cold"),
+]
+ROWS = [
+    {"prompt": f"Q: color of {a}?\nA:", "chosen": f" {good}", "rejected": f" {bad}"}
+    for a, good, bad in PAIRS
+] * 2  # 16 rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads; on a busy 2-core box they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny"))
+
+
+def _spec(model_dir: str, objective: str, **hp) -> JobSpec:
+    hyper = {"max_steps": 10, "batch_size": 8, "learning_rate": 5e-3, "log_every": 1, **hp}
+    return JobSpec(
+        base_model=model_dir, dataset="ds", method="lora", objective=objective,
+        preference={"beta": 0.1}, hyperparameters=hyper,
+    )
+
+
+def _run(tiny, tmp_path, objective, **hp):
+    metrics, ckpts = [], []
+    result = train_preference(
+        _spec(tiny, objective, **hp), tiny, ROWS, tmp_path / "out",
+        on_metrics=metrics.append, on_checkpoint=lambda p, s: ckpts.append((p, s)),
+    )
+    return result, metrics, ckpts
+
+
+def _check_final_checkpoint(result, ckpts, steps):
+    assert result.steps == steps and not result.stopped
+    ckpt = result.adapter_dir
+    assert ckpt is not None and ckpt.name == f"checkpoint-{steps}"
+    assert ckpts[-1] == (ckpt, steps)
+    manifest = verify_checkpoint(ckpt)  # manifest.json present, every hash matches
+    listed = {f["path"] for f in manifest["files"]}
+    assert {"adapter_model.safetensors", "adapter_config.json", TRAINER_STATE} <= listed
+    assert not any(p.startswith("ref/") for p in listed)  # TRL's reference copy is not saved
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    assert state["step"] == steps and state["objective"] in ("dpo", "orpo")
+    assert (ckpt / MANIFEST).is_file()
+
+
+def test_dpo_reward_margin_grows(tiny, tmp_path):
+    result, metrics, ckpts = _run(tiny, tmp_path, "dpo", max_steps=8)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    for m in metrics:
+        assert m["max_steps"] == 8
+        assert {"loss", "learning_rate", "rewards/margins", "rewards/chosen",
+                "rewards/rejected"} <= set(m)
+    margins = [m["rewards/margins"] for m in metrics]
+    # Step 1: policy == reference, so the DPO margin is 0 and the loss log(2).
+    assert margins[0] == pytest.approx(0.0, abs=1e-4)
+    assert metrics[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert margins[-1] > 0.3 and margins[-1] > margins[0]
+    assert statistics.mean(margins[-3:]) > statistics.mean(margins[:3])
+    assert metrics[-1]["rewards/chosen"] > metrics[-1]["rewards/rejected"]
+    assert result.final_loss < result.first_loss
+    assert result.tokens_seen > 8 * 8 and metrics[-1]["tokens_per_s"] > 0
+    _check_final_checkpoint(result, ckpts, 8)
+
+
+def test_orpo_reward_margin_grows(tiny, tmp_path):
+    result, metrics, ckpts = _run(tiny, tmp_path, "orpo", max_steps=16)
+    margins = [m["rewards/margins"] for m in metrics]
+    assert len(margins) == 16
+    assert margins[-1] > 0 and margins[-1] > margins[0]
+    assert statistics.mean(margins[-3:]) > statistics.mean(margins[:3])
+    assert result.final_loss < result.first_loss  # NLL on chosen + odds-ratio term
+    _check_final_checkpoint(result, ckpts, 16)
+
+
+def test_stop_request_and_periodic_checkpoints(tiny, tmp_path):
+    metrics, ckpts = [], []
+    result = train_preference(
+        _spec(tiny, "dpo", max_steps=10, checkpoint_every=1), tiny, ROWS, tmp_path / "out",
+        on_metrics=metrics.append, should_stop=lambda: len(ckpts) >= 2,
+        on_checkpoint=lambda p, s: ckpts.append((p, s)),
+    )
+    # asked to stop once checkpoint-2 was announced: stops at that step boundary, and the
+    # final checkpoint is not rewritten
+    assert result.stopped and result.steps == 2 and result.stop_reason == "stopped"
+    assert [s for _, s in ckpts] == [1, 2]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for path, _ in ckpts:
+        verify_checkpoint(path)
+    assert result.adapter_dir == ckpts[-1][0]
+
+
+def test_rejects_rows_without_preference_fields(tiny, tmp_path):
+    with pytest.raises(ValueError, match="chosen"):
+        train_preference(
+            _spec(tiny, "dpo"), tiny, [{"prompt": "a", "completion": "b"}], tmp_path / "out"
+        )
+    with pytest.raises(ValueError, match="dpo and orpo"):
+        train_preference(_spec(tiny, "sft"), tiny, ROWS, tmp_path / "out")
