@@ -65,6 +65,7 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     import transformers  # noqa: F401
 
     from llmstudio.jobspec import JobSpec
+    from llmstudio.ml.loss import chunked_lm_loss_sum, decoder_and_head
     from services.trainer.methods import load_for_training
 
     torch.manual_seed(0)
@@ -89,19 +90,20 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     load_peak_anon = poller.peak_anon * 1024
 
     opt = torch.optim.AdamW([p for _, p in pm.trainable], lr=1e-4)
+    decoder, head = decoder_and_head(pm.model)
     losses = []
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        logits = pm.model(input_ids=ids, attention_mask=am).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
-        )
+        # The trainer's loss path: decoder hidden states, then the head in checkpointed chunks.
+        hidden = decoder(input_ids=ids, attention_mask=am).last_hidden_state
+        loss_sum, n_tokens = chunked_lm_loss_sum(hidden, head, ids)
+        loss = loss_sum / n_tokens
         loss.backward()
         opt.step()
         pm.after_backward(step)
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
-        del logits, loss
+        del hidden, loss_sum, loss
     train_s = time.perf_counter() - t0
     poller.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,18 +1,31 @@
-"""LoRA supervised fine-tuning, one readable recipe from top to bottom.
+"""Supervised fine-tuning (sft / pretrain objectives), one readable recipe from top to bottom.
 
     spec + base model dir + rows  ->  checkpoints under out_dir/checkpoint-<step>/
 
-Steps: seed everything; tokenize rows with loss masking (llmstudio.ml.data); load the model in
-fp32; wrap it with a peft LoRA adapter; AdamW with linear warmup/decay; loop over a
-deterministic shuffled stream of examples for `max_steps` optimizer steps, reporting metrics,
-honouring a stop request and writing checkpoints.
+The story is `train_sft`: check the hardware; seed; tokenize rows with loss masking
+(llmstudio.ml.data), optionally packed into full rows (llmstudio.ml.packing); load the model the
+way the spec's method says (methods.load_for_training: full, LoRA, QLoRA, ... and gradient
+checkpointing); AdamW (torch or bitsandbytes 8-bit) with linear warmup/decay; then loop for
+`max_steps` optimizer steps over a deterministic shuffled stream of examples. One optimizer step
+runs `gradient_accumulation_steps` micro-batches per process, the loss normalized by the learned
+tokens of the whole step (all micro-batches, all processes), clips the gradient norm, reports
+metrics every `log_every` steps, evaluates every `eval_every` steps (early stopping), honours a
+stop request and writes checkpoints, keeping the newest `keep_last_checkpoints`.
+
+Data parallel: when torch.distributed is initialized (services/trainer/distributed.py), every
+process runs this same function; each global micro-batch of `batch_size * world_size` examples
+is cut into one shard per rank, the model is wrapped in DistributedDataParallel (gradients
+all-reduced), and only rank 0 writes checkpoints and reports metrics.
 
 A checkpoint directory holds:
-    adapter_model.safetensors, adapter_config.json, README.md   (peft save_pretrained)
-    optimizer.safetensors   AdamW state tensors named `state/<param name>/<key>`; the
-                            non-tensor state (param_groups) is JSON in the safetensors metadata
-    trainer_state.json      step, losses, data position, seeds, spec, metric history
-    manifest.json           written LAST: every other file with its sha256 and size
+    adapter or model weights    safetensors (methods.save_trainable)
+    optimizer.safetensors       optimizer state tensors named `state/<param name>/<key>`; the
+                                non-tensor state (param_groups) is JSON in the metadata
+    rng.safetensors             torch CPU (+ CUDA) and numpy RNG states as tensors; python's
+                                `random` state and the rest as JSON in the metadata
+    scheduler.json              LR scheduler (+ fp16 grad scaler) state
+    trainer_state.json          step, losses, data position, early stopping, seeds, spec, history
+    manifest.json               written LAST: every other file with its sha256 and size
 A reader trusts a checkpoint only if manifest.json exists and the hashes match
 (`verify_checkpoint`). Nothing is pickled: only safetensors and JSON.
 
@@ -22,6 +35,7 @@ with (seed, step), so resuming from a checkpoint (`resume_from`) reproduces the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,39 +50,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.data import (
+    IGNORE_INDEX,
     causal_lm_loss_sum,
     collate,
     count_learned_tokens,
     encode_example,
     pad_id_of,
 )
+from llmstudio.ml.packing import collate_packed, pack_examples
+
+from . import methods
+from .methods import DEFAULT_TARGET_MODULES  # noqa: F401 - re-exported for older importers
 
 CHECKPOINT_FORMAT = "llmstudio.checkpoint.v1"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-
-# LoRA targets per architecture (config.model_type) when the spec names none.
-_ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": _ATTENTION_PROJECTIONS,
-    "mistral": _ATTENTION_PROJECTIONS,
-    "mixtral": _ATTENTION_PROJECTIONS,
-    "qwen2": _ATTENTION_PROJECTIONS,
-    "qwen2_moe": _ATTENTION_PROJECTIONS,
-    "qwen3": _ATTENTION_PROJECTIONS,
-    "qwen3_moe": _ATTENTION_PROJECTIONS,
-    "gemma": _ATTENTION_PROJECTIONS,
-    "gemma2": _ATTENTION_PROJECTIONS,
-    "gpt2": ["c_attn"],
-}
+RNG_FILE = "rng.safetensors"
+SCHEDULER_FILE = "scheduler.json"
 
 
 @dataclass
@@ -78,7 +84,9 @@ class TrainResult:
     first_loss: float
     tokens_seen: int
     adapter_dir: Path | None  # the last checkpoint written (None if no step ran)
-    stopped: bool
+    stopped: bool  # should_stop() asked to stop (cancel / shutdown)
+    stop_reason: str = "max_steps"  # max_steps | stopped | early_stopping: <why>
+    eval_loss: float | None = None  # the last evaluation's loss, if any ran
 
 
 class CheckpointError(RuntimeError):
@@ -93,26 +101,23 @@ def _ignore(_: dict) -> None:
     return None
 
 
-def default_target_modules(model_type: str) -> list[str] | str:
-    """The modules LoRA adapts by default; 'all-linear' (every linear layer but the output
-    head) for architectures without an entry."""
-    return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
-
-
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
 # the recipe
 
 
-def train_lora_sft(
+def train_sft(
     spec: JobSpec,
     model_dir: str,
     train_rows: list[dict],
     out_dir: Path,
     *,
+    eval_rows: list[dict] | None = None,
     on_metrics: Callable[[dict], None] = _ignore,
     should_stop: Callable[[], bool] = _never,
     on_checkpoint: Callable[[Path, int], None] | None = None,
@@ -120,65 +125,104 @@ def train_lora_sft(
 ) -> TrainResult:
     hp = spec.hyperparameters
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _rank_and_world()
+    main = rank == 0
+    device = pick_device()
+
+    # 0. refuse what this hardware cannot run, before any work (fp16 on a CPU, fsdp on a CPU...)
+    methods.check_hardware(spec, device)
+    if spec.distributed.strategy == "fsdp" and device.type != "cuda":
+        raise methods.UnsupportedOnHardware(
+            "distributed.strategy fsdp shards the model over GPUs and needs CUDA (NCCL); "
+            "use strategy ddp for data parallel on CPU processes"
+        )
+    if spec.distributed.strategy == "fsdp" and world > 1:
+        raise NotImplementedError(
+            "distributed.strategy fsdp: this recipe shards with DDP only so far; use ddp"
+        )
+    if spec.distributed.num_processes != world:
+        raise ValueError(
+            f"distributed.num_processes={spec.distributed.num_processes} but this run has "
+            f"{world} process(es); start it through services.trainer.distributed"
+        )
+    eval_interval = hp.eval_every or (hp.log_every if hp.early_stopping else 0)
+    if eval_interval and not eval_rows:
+        raise ValueError("eval_every / early_stopping need validation rows (eval_rows)")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. seeds (torch is reseeded per step below, from (seed, step))
     random.seed(hp.seed)
     np.random.seed(hp.seed % 2**32)
     torch.manual_seed(hp.seed)
 
-    # 2. data: tokenize once, with loss masks; drop rows left with nothing to learn
+    # 2. data: tokenize once, with loss masks; drop rows left with nothing to learn. A "unit" of
+    #    the example stream is one example, or with packing one row of packed examples.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = pad_id_of(tokenizer)
-    examples = [encode_example(tokenizer, row, hp.max_seq_length) for row in train_rows]
-    examples = [ex for ex in examples if count_learned_tokens(ex) > 0]
+    examples = _encode(tokenizer, train_rows, hp.max_seq_length)
     if not examples:
         raise ValueError(
             f"no training row has a completion token within max_seq_length={hp.max_seq_length}"
         )
+    bins = pack_examples(examples, hp.max_seq_length) if hp.packing else None
+    units_of = bins if bins is not None else [[i] for i in range(len(examples))]
+    num_units = len(units_of)
+    unit_tokens = [sum(len(examples[i]["input_ids"]) for i in u) for u in units_of]
+    eval_examples = _encode(tokenizer, eval_rows or [], hp.max_seq_length)
 
-    # 3. model + LoRA adapter, fp32
-    device = pick_device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    targets = spec.lora.target_modules or default_target_modules(model.config.model_type)
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=targets,
-    )
-    model = get_peft_model(model, lora).to(device)
+    def make_batch(units: list[int]) -> dict[str, torch.Tensor]:
+        if bins is not None:
+            batch = collate_packed(examples, [bins[u] for u in units], pad_id)
+        else:
+            batch = collate([examples[u] for u in units], pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # 3. model, the way the method says (full weights, adapter, quantized base...)
+    prepared = methods.load_for_training(spec, model_dir, device)
+    model = prepared.model
     model.train()
-
-    # 4. optimizer + schedule
-    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named_params = list(prepared.trainable)
     param_names = [n for n, _ in named_params]
-    optimizer = torch.optim.AdamW(
-        [p for _, p in named_params], lr=hp.learning_rate, weight_decay=hp.weight_decay
-    )
+    params = [p for _, p in named_params]
+    train_model = model
+    if world > 1:  # gradients all-reduced across processes (averaged: see the loss scale below)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
-    # 5. resume: adapter weights, optimizer state, step, data position
+    # 4. optimizer + schedule + mixed precision
+    optimizer = make_optimizer(hp.optimizer, params, hp.learning_rate, hp.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, hp.max_steps)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=spec.precision == "fp16")
+
+    # 5. resume: weights, optimizer, scheduler, RNG, step, data position, early stopping
     step, samples_seen, tokens_seen = 0, 0, 0
-    first_loss, history, state = math.nan, [], {}
+    loss, first_loss, history = math.nan, math.nan, []
+    early = {"best": None, "best_step": 0, "bad_evals": 0}
+    eval_loss: float | None = None
     if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), model, optimizer, param_names)
+        state = load_checkpoint(Path(resume_from), prepared, optimizer, param_names,
+                                scheduler=scheduler, scaler=scaler)
         if state["num_examples"] != len(examples):
             raise CheckpointError(
                 f"{resume_from}: trained on {state['num_examples']} examples, "
                 f"this run has {len(examples)}; cannot resume on different data"
             )
         step, samples_seen = state["step"], state["samples_seen"]
-        tokens_seen, first_loss = state["tokens_seen"], state["first_loss"]
+        tokens_seen, first_loss, loss = state["tokens_seen"], state["first_loss"], state["loss"]
         history = state.get("log_history", [])
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, hp.warmup_steps, hp.max_steps, last_epoch=step - 1 if step else -1
-    )
+        early = state.get("early_stopping", early)
+        eval_loss = state.get("eval_loss")
 
     # 6. the loop
-    stream = _example_stream(len(examples), hp.seed, start=samples_seen)
-    loss = state["loss"] if resume_from is not None else math.nan
+    stream = _example_stream(num_units, hp.seed, start=samples_seen)
+    micro_units = hp.batch_size * world  # one global micro-batch, every rank's shard
+    units_per_step = micro_units * hp.gradient_accumulation_steps
+    kept: list[Path] = sorted(
+        (p for p in out_dir.glob("checkpoint-*") if (p / MANIFEST).is_file()), key=_ckpt_step
+    ) if main else []
     last_ckpt: Path | None = None
 
     def checkpoint() -> Path:
@@ -188,83 +232,221 @@ def train_lora_sft(
             "max_steps": hp.max_steps,
             "loss": loss,
             "first_loss": first_loss,
+            "eval_loss": eval_loss,
             "tokens_seen": tokens_seen,
-            "samples_seen": samples_seen,  # data position in the shuffled example stream
-            "epoch": samples_seen / len(examples),
+            "samples_seen": samples_seen,  # data position in the shuffled unit stream
+            "epoch": samples_seen / num_units,
             "num_examples": len(examples),
+            "num_units": num_units,
+            "world_size": world,
+            "early_stopping": early,
             "seeds": {
                 "seed": hp.seed,
                 "torch_per_step": "seed * 100003 + step",
-                "data_order": "random.Random(f'{seed}:{epoch}').shuffle(range(num_examples))",
+                "data_order": "random.Random(f'{seed}:{epoch}').shuffle(range(num_units))",
             },
             "base_model": model_dir,
             "spec": spec.model_dump(mode="json"),
             "log_history": history,
         }
-        path = write_checkpoint(
-            out_dir / f"checkpoint-{step}", model, optimizer, param_names, trainer_state
-        )
+        path = write_checkpoint(out_dir / f"checkpoint-{step}", model, optimizer, param_names,
+                                trainer_state, scheduler=scheduler, scaler=scaler)
+        kept.append(path)
+        if hp.keep_last_checkpoints:
+            while len(kept) > hp.keep_last_checkpoints:
+                remove_checkpoint(kept.pop(0))
         if on_checkpoint is not None:
             on_checkpoint(path, step)
         return path
 
     window = _Window()
-    stopped = False
+    t_start, start_step = time.perf_counter(), step
+    stop_reason = "max_steps"
     while step < hp.max_steps:
-        if should_stop():
-            stopped = True
+        if _any_rank(should_stop() if main else False):
+            stop_reason = "stopped"
             break
         torch.manual_seed(hp.seed * 100_003 + step)  # dropout depends on (seed, step) only
-        batch = collate([examples[next(stream)] for _ in range(hp.batch_size)], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
 
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, n_tokens = causal_lm_loss_sum(logits, batch["labels"])
-        loss_t = loss_sum / max(n_tokens, 1)
-        loss_t.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named_params], 1.0)
+        # one optimizer step: this rank's shard of each global micro-batch
+        micro, seen_tokens = [], 0
+        for _ in range(hp.gradient_accumulation_steps):
+            units = [next(stream) for _ in range(micro_units)]
+            micro.append(make_batch(units[rank * hp.batch_size:(rank + 1) * hp.batch_size]))
+            seen_tokens += sum(unit_tokens[u] for u in units)  # every rank's, not padding
+        step_tokens = _sum_ranks(sum(_learned(b["labels"]) for b in micro))
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else train_model.no_sync()
+            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                      enabled=amp_dtype is not None):
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = train_model(**inputs).logits[:, prepared.logits_offset:]
+                part, _ = causal_lm_loss_sum(logits, batch["labels"])
+                # DDP averages gradients over ranks: scale by world so the result is the
+                # gradient of (sum of every rank's loss) / (learned tokens of the step)
+                objective = part * world / max(step_tokens, 1)
+                if last and prepared.extra_loss is not None:  # e.g. AdaLoRA's regularizer
+                    objective = objective + prepared.extra_loss()
+                scaler.scale(objective).backward()
+            loss_sum += part.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
+        prepared.after_backward(step + 1)  # after the update, before the gradients are cleared
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         step += 1
-        samples_seen += hp.batch_size
-        batch_tokens = int(batch["attention_mask"].sum())
-        tokens_seen += batch_tokens
-        loss = float(loss_t.detach())
+        samples_seen += units_per_step
+        tokens_seen += seen_tokens
+        loss = _sum_ranks(float(loss_sum)) / max(step_tokens, 1)
         if step == 1:
             first_loss = loss
-        window.add(loss, batch_tokens, hp.batch_size)
+        window.add(loss, seen_tokens, units_per_step, grad_norm)
 
-        if step % hp.log_every == 0 or step == hp.max_steps:
+        evaluated = bool(eval_interval) and (step % eval_interval == 0 or step == hp.max_steps)
+        if evaluated:
+            eval_loss = evaluate_loss(model, eval_examples, hp.batch_size, pad_id, device,
+                                      amp_dtype, prepared.logits_offset)
+            improved = early["best"] is None or eval_loss < early["best"] - (
+                hp.early_stopping.min_delta if hp.early_stopping else 0.0)
+            if improved:
+                early = {"best": eval_loss, "best_step": step, "bad_evals": 0}
+            else:
+                early["bad_evals"] += 1
+            if hp.early_stopping and early["bad_evals"] >= hp.early_stopping.patience:
+                stop_reason = (
+                    f"early_stopping: eval_loss did not improve by {hp.early_stopping.min_delta} "
+                    f"for {early['bad_evals']} evaluations (best {early['best']:.6g} at step "
+                    f"{early['best_step']})"
+                )
+
+        if main and (step % hp.log_every == 0 or step == hp.max_steps or evaluated):
+            elapsed = time.perf_counter() - t_start
             metrics = {
                 "step": step,
                 "max_steps": hp.max_steps,
                 "loss": window.mean_loss(),
                 "learning_rate": lr,
+                "grad_norm": window.mean_grad_norm(),
                 "tokens_per_s": window.tokens / window.elapsed(),
                 "samples_per_s": window.samples / window.elapsed(),
-                "epoch": samples_seen / len(examples),
+                "epoch": samples_seen / num_units,
+                "memory_bytes": memory_bytes(device),
+                "eta_s": elapsed / (step - start_step) * (hp.max_steps - step),
             }
+            if evaluated:
+                metrics["eval_loss"] = eval_loss
             history.append(metrics)
             on_metrics(metrics)
             window = _Window()
 
-        if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.max_steps:
+        if stop_reason != "max_steps":
+            break
+        if main and hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.max_steps:
             last_ckpt = checkpoint()
 
     # 7. final checkpoint (also when stopped early, so no finished step is lost)
-    if step > 0 and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
+    if main and step > 0 and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
         last_ckpt = checkpoint()
+    if world > 1:
+        dist.barrier()  # no rank leaves (and tears the group down) before the last checkpoint
     return TrainResult(
         steps=step,
         final_loss=loss,
         first_loss=first_loss,
         tokens_seen=tokens_seen,
         adapter_dir=last_ckpt,
-        stopped=stopped,
+        stopped=stop_reason == "stopped",
+        stop_reason=stop_reason,
+        eval_loss=eval_loss,
     )
+
+
+train_lora_sft = train_sft  # the name this recipe had when it only did LoRA
+
+
+# --------------------------------------------------------------------------------------------
+# helpers of the loop
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    """adamw (torch), adamw_8bit / paged_adamw_8bit (bitsandbytes: 8-bit moments)."""
+    if name == "adamw":  # fused: one kernel for all parameters (CPU and CUDA), as HF's default
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int,
+                  device: torch.device, amp_dtype: torch.dtype | None,
+                  logits_offset: int = 0) -> float:
+    """Mean next-token loss over the learned tokens of `examples` (same masking as training)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                         enabled=amp_dtype is not None):
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s, n = causal_lm_loss_sum(logits[:, logits_offset:], batch["labels"])
+            total += float(s)
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated, else this process's resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _encode(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
+    examples = [encode_example(tokenizer, row, max_len) for row in rows]
+    return [ex for ex in examples if count_learned_tokens(ex) > 0]
+
+
+def _learned(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_ranks(x: float | int) -> float | int:
+    """`x` summed over the processes (itself when there is one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    out = float(t.item())
+    return int(round(out)) if isinstance(x, int) else out
+
+
+def _any_rank(flag: bool) -> bool:
+    return bool(_sum_ranks(int(flag)))
 
 
 class _Window:
@@ -272,11 +454,12 @@ class _Window:
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
-        self.loss = 0.0
+        self.loss = self.grad_norm = 0.0
         self.steps = self.tokens = self.samples = 0
 
-    def add(self, loss: float, tokens: int, samples: int) -> None:
+    def add(self, loss: float, tokens: int, samples: int, grad_norm: float) -> None:
         self.loss += loss
+        self.grad_norm += grad_norm
         self.steps += 1
         self.tokens += tokens
         self.samples += samples
@@ -284,12 +467,15 @@ class _Window:
     def mean_loss(self) -> float:
         return self.loss / max(self.steps, 1)
 
+    def mean_grad_norm(self) -> float:
+        return self.grad_norm / max(self.steps, 1)
+
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.t0, 1e-9)
 
 
 def _example_stream(n: int, seed: int, *, start: int = 0) -> Iterator[int]:
-    """Endless example indices: epoch after epoch, each a seeded shuffle; skips `start`."""
+    """Endless unit indices: epoch after epoch, each a seeded shuffle; skips `start`."""
     epoch, offset = divmod(start, n)
     while True:
         order = list(range(n))
@@ -319,22 +505,56 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _ckpt_step(path: Path) -> int:
+    tail = path.name.split("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
 def optimizer_tensors(
     optimizer: torch.optim.Optimizer, param_names: list[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten an optimizer state dict into named tensors + JSON-able rest."""
+    """Flatten an optimizer state dict into named tensors + JSON-able rest. Nested state
+    (bitsandbytes keeps its quantization state in a dict per parameter) becomes
+    `state/<param name>/<key>/<sub key>`."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+
+    def flatten(name: str, path: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[f"state/{name}/{path}"] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                flatten(name, f"{path}/{k}", v)
+        else:
+            scalars.setdefault(name, {})[path] = _jsonable(value)
+
     for idx, pstate in sd["state"].items():
-        name = param_names[idx]
         for key, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state/{name}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(name, {})[key] = value
-    meta = {"param_names": param_names, "param_groups": sd["param_groups"], "scalars": scalars}
+            flatten(param_names[idx], key, value)
+    meta = {
+        "param_names": param_names,
+        "param_groups": _jsonable(sd["param_groups"]),
+        "scalars": scalars,
+    }
     return tensors, meta
+
+
+def _set_path(d: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
 
 
 def load_optimizer_state(
@@ -344,16 +564,51 @@ def load_optimizer_state(
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["optimizer"])
     if meta["param_names"] != param_names:
-        raise CheckpointError(f"{path}: optimizer parameters do not match the model's adapter")
+        raise CheckpointError(f"{path}: optimizer parameters do not match the trainable ones")
     tensors = load_file(str(path))
     index = {name: i for i, name in enumerate(param_names)}
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, name, field = key.split("/", 2)
-        state.setdefault(index[name], {})[field] = value
+        _set_path(state.setdefault(index[name], {}), field, value)
     for name, extra in meta["scalars"].items():
-        state.setdefault(index[name], {}).update(extra)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        for field, value in extra.items():
+            _set_path(state.setdefault(index[name], {}), field, value)
+    groups = meta["param_groups"]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG the run draws from: tensors (torch, CUDA, numpy keys) + JSON (python, numpy)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda/{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(path: Path) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["rng"])
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("torch_cuda/"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
 
 
 def write_checkpoint(
@@ -362,17 +617,29 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer,
     param_names: list[str],
     trainer_state: dict[str, Any],
+    *,
+    scheduler=None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write adapter, optimizer and trainer state into `ckpt`, then manifest.json last."""
+    """Write weights, optimizer, scheduler, RNG and trainer state into `ckpt`, then
+    manifest.json last."""
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / MANIFEST).unlink(missing_ok=True)  # rewriting: invalid until the new manifest
-    model.save_pretrained(str(ckpt), safe_serialization=True)  # peft: adapter only
+    methods.save_trainable(model, ckpt)
     tensors, meta = optimizer_tensors(optimizer, param_names)
-    save_file(
-        tensors,
-        str(ckpt / OPTIMIZER_FILE),
-        metadata={"format": "llmstudio.optimizer.v1", "optimizer": json.dumps(meta)},
-    )
+    save_file(tensors, str(ckpt / OPTIMIZER_FILE),
+              metadata={"format": "llmstudio.optimizer.v1", "optimizer": json.dumps(meta)})
+    rng_tensors, rng_meta = rng_state()
+    save_file(rng_tensors, str(ckpt / RNG_FILE),
+              metadata={"format": "llmstudio.rng.v1", "rng": json.dumps(rng_meta)})
+    sched = {}
+    if scheduler is not None:
+        sd = scheduler.state_dict()
+        sd["lr_lambdas"] = [None] * len(sd.get("lr_lambdas", []))  # pure functions of the spec
+        sched["scheduler"] = _jsonable(sd)
+    if scaler is not None and scaler.is_enabled():
+        sched["grad_scaler"] = _jsonable(scaler.state_dict())
+    _write_json_atomic(ckpt / SCHEDULER_FILE, sched)
     _write_json_atomic(ckpt / TRAINER_STATE, trainer_state)
 
     files = []
@@ -408,17 +675,28 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, param_names: list[str]) -> dict[str, Any]:
-    """Restore adapter weights and optimizer state from a verified checkpoint; return its
-    trainer_state."""
+def load_checkpoint(ckpt: Path, prepared, optimizer, param_names: list[str], *,
+                    scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler, grad scaler and RNG states from a verified
+    checkpoint; return its trainer_state."""
     verify_checkpoint(ckpt)
     state = json.loads((ckpt / TRAINER_STATE).read_text())
-    weights = load_file(str(ckpt / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
-        raise CheckpointError(f"{ckpt}: adapter weights do not fit the model: {unexpected[:3]}")
+    methods.load_trainable(prepared, ckpt)
     load_optimizer_state(optimizer, ckpt / OPTIMIZER_FILE, param_names)
+    sched_path = ckpt / SCHEDULER_FILE
+    if sched_path.is_file():
+        sched = json.loads(sched_path.read_text())
+        if scheduler is not None and "scheduler" in sched:
+            sd = sched["scheduler"]
+            sd["lr_lambdas"] = [None] * len(sd.get("lr_lambdas", []))
+            scheduler.load_state_dict(sd)
+        if scaler is not None and scaler.is_enabled() and "grad_scaler" in sched:
+            scaler.load_state_dict(sched["grad_scaler"])
+    elif scheduler is not None:  # an older checkpoint: the schedule is a function of the step
+        for _ in range(state["step"]):
+            scheduler.step()
+    if (ckpt / RNG_FILE).is_file():
+        restore_rng_state(ckpt / RNG_FILE)
     return state
 
 

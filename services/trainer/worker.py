@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import threading
 from collections.abc import Coroutine
@@ -37,7 +38,7 @@ from llmstudio.events import (
 )
 from llmstudio.jobspec import JobSpec, format_validation_error
 from llmstudio.jsonl import parse_jsonl
-from llmstudio.storage import ArtifactStore
+from llmstudio.storage import ArtifactStore, CorruptArtifact, IncompleteArtifact
 
 from .core import (
     RecentIds,
@@ -49,9 +50,12 @@ from .core import (
     metrics_event,
     train_split_key,
 )
-from .recipe import TrainResult, train_lora_sft
+from .distributed import train_distributed
+from .recipe import CheckpointError, TrainResult
 
 log = logging.getLogger(__name__)
+_CHECKPOINT_MANIFEST = re.compile(r"checkpoint-(\d+)/manifest\.json")
+VALIDATION_SPLIT = "validation"
 tracer = trace.get_tracer("trainer")
 
 CANCELLED = "cancelled"
@@ -216,11 +220,74 @@ class Worker:
             self.store.put_dir(prefix, path)
             call(self._publish(job, JobCheckpointed(job_id=item.job_id, step=step, checkpoint_key=prefix)))
             job.checkpoint_key = prefix
+            self._prune_stored_checkpoints(item.job_id, spec.hyperparameters.keep_last_checkpoints)
 
-        return train_lora_sft(
-            spec, spec.base_model, rows, work_dir,
+        # objective dispatch: dpo / orpo -> TRL preference trainer, sft / pretrain -> the recipe
+        if spec.objective in ("dpo", "orpo"):
+            from .preference import train_preference  # imports TRL only when needed
+
+            return train_preference(
+                spec, spec.base_model, rows, work_dir,
+                on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,
+            )
+        # sft / pretrain: resume from this job's newest complete checkpoint in the store (a job
+        # restarted on another worker goes on where the last one stopped)
+        hp = spec.hyperparameters
+        eval_rows = None
+        if hp.eval_every or hp.early_stopping:
+            eval_rows = self._split_rows(item.dataset_artifacts, VALIDATION_SPLIT, "eval_every")
+        resume_from = self._fetch_latest_checkpoint(item.job_id, work_dir)
+        if resume_from is not None:
+            job.checkpoint_key = checkpoint_prefix(item.job_id, int(resume_from.name.split("-")[1]))
+        return train_distributed(  # train_sft itself for num_processes == 1
+            spec, spec.base_model, rows, work_dir, eval_rows=eval_rows,
             on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,
+            resume_from=resume_from,
         )
+
+    # -- checkpoints in the artifact store -------------------------------------------------------
+    def _split_rows(self, artifacts: dict[str, str], split: str, why: str) -> list[dict]:
+        key = artifacts.get(split)
+        if not key:
+            raise ValueError(
+                f"hyperparameters.{why} needs a '{split}' split in the dataset "
+                f"(splits: {sorted(artifacts) or 'none'})"
+            )
+        return parse_jsonl(self.store.get_bytes(key), self.store.uri(key))
+
+    def _stored_checkpoints(self, job_id: str) -> list[tuple[int, str]]:
+        """(step, prefix) of this job's complete checkpoints in the store, oldest first."""
+        found = []
+        for key in self.store.list(f"jobs/{job_id}/"):
+            m = _CHECKPOINT_MANIFEST.fullmatch(key[len(f"jobs/{job_id}/"):])
+            if m:
+                step = int(m.group(1))
+                found.append((step, checkpoint_prefix(job_id, step)))
+        return sorted(found)
+
+    def _fetch_latest_checkpoint(self, job_id: str, work_dir: Path) -> Path | None:
+        """Download the newest complete checkpoint of `job_id` (falling back to older ones if a
+        download fails its hashes) into work_dir/checkpoint-<step>."""
+        for step, prefix in reversed(self._stored_checkpoints(job_id)):
+            dest = work_dir / f"checkpoint-{step}"
+            try:
+                self.store.get_dir(prefix, dest)
+            except (IncompleteArtifact, CorruptArtifact, CheckpointError) as e:
+                log.warning("job %s: checkpoint %s unusable, trying an older one: %s", job_id, prefix, e)
+                shutil.rmtree(dest, ignore_errors=True)
+                continue
+            log.info("job %s: resuming from %s (step %d)", job_id, prefix, step)
+            return dest
+        return None
+
+    def _prune_stored_checkpoints(self, job_id: str, keep: int) -> None:
+        """keep_last_checkpoints in the store: delete older ones, each manifest first."""
+        if not keep:
+            return
+        stored = self._stored_checkpoints(job_id)
+        for _step, prefix in stored[:-keep]:
+            self.store.delete_prefix(f"{prefix}/manifest.json")
+            self.store.delete_prefix(f"{prefix}/")
 
     def _outcome(self, job: Job, result: TrainResult) -> EventData:
         item = job.item

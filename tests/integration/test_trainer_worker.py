@@ -189,3 +189,42 @@ async def test_shutdown_stops_the_job_and_reports_its_last_checkpoint(harness, m
     assert f"worker {WORKER} shut down at step {ckpt.step}" in failed[0].reason
     assert ckpt.checkpoint_key in failed[0].reason
     assert h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")
+
+
+async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint(
+    harness, model_dir, tmp_path
+):
+    """A previous worker got job-5 to step 4 and stored checkpoint-4 (and half of a
+    checkpoint-6, no manifest); this worker resumes from step 4, keeps only the newest
+    checkpoint in the store, and finishes at max_steps."""
+    from llmstudio.jobspec import JobSpec
+    from services.trainer.recipe import train_sft
+
+    h = harness
+    item = h.work_item("job-5", model_dir, keep_last_checkpoints=1)
+    calls = []
+
+    def stop_after_4() -> bool:
+        calls.append(1)
+        return len(calls) > 4
+
+    first = await asyncio.to_thread(
+        train_sft, JobSpec.model_validate(item.spec), model_dir, ROWS, tmp_path / "earlier",
+        should_stop=stop_after_4,
+    )
+    assert first.steps == 4
+    h.store.put_dir("jobs/job-5/checkpoint-4", first.adapter_dir)
+    h.store.put_bytes("jobs/job-5/checkpoint-6/adapter_model.safetensors", b"partial upload")
+
+    await h.bus.publish(item, tenant="acme")
+    await h.wait(lambda: h.of(JobCompleted, "job-5") or h.of(JobFailed, "job-5"), what="the end")
+    assert not h.of(JobFailed, "job-5"), h.of(JobFailed, "job-5")
+    steps = [m.step for m in h.of(JobMetrics, "job-5")]
+    assert steps and min(steps) > 4 and max(steps) == 8
+    assert [c.step for c in h.of(JobCheckpointed, "job-5")] == [8]
+    done = h.of(JobCompleted, "job-5")[0]
+    assert done.steps == 8 and done.checkpoint_key == "jobs/job-5/checkpoint-8"
+    # keep_last_checkpoints=1 in the store too: checkpoint-4 is gone, manifest and all
+    manifests = [k for k in h.store.list("jobs/job-5/") if k.endswith("manifest.json")]
+    assert manifests == ["jobs/job-5/checkpoint-8/manifest.json"]
+    assert not h.store.list("jobs/job-5/checkpoint-4/")

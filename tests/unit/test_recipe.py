@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.tiny import build_tiny_model
+from services.trainer.methods import UnsupportedOnHardware
 from services.trainer.recipe import (
     CheckpointError,
     latest_checkpoint,
-    train_lora_sft,
+    train_sft,
     verify_checkpoint,
 )
 
@@ -27,16 +28,16 @@ ROWS = [
     for w in ("apple", "river", "stone", "cat", "dog", "moon")
 ]
 METRIC_FIELDS = {"step", "max_steps", "loss", "learning_rate", "tokens_per_s", "samples_per_s",
-                 "epoch"}
+                 "epoch", "grad_norm", "memory_bytes", "eta_s"}
 
 
-def make_spec(model_dir: str, **hp) -> JobSpec:
+def make_spec(model_dir: str, dropout: float = 0.1, **hp) -> JobSpec:
     hyper = {"max_steps": 30, "batch_size": 4, "learning_rate": 1e-2, "seed": 7, "log_every": 5}
     hyper.update(hp)
     return JobSpec(
         base_model=model_dir,
         dataset="unit",
-        lora={"r": 8, "alpha": 16, "dropout": 0.1},
+        lora={"r": 8, "alpha": 16, "dropout": dropout},
         hyperparameters=hyper,
     )
 
@@ -65,7 +66,7 @@ def run(model_dir, tmp_path_factory):
         assert (path / "manifest.json").is_file()  # complete before anyone is told
         checkpoints.append((path, step))
 
-    result = train_lora_sft(
+    result = train_sft(
         make_spec(model_dir, checkpoint_every=10), model_dir, ROWS, out,
         on_metrics=metrics.append, on_checkpoint=on_checkpoint,
     )
@@ -88,6 +89,7 @@ def test_metrics_reported_every_log_every_steps(run):
         assert set(m) >= METRIC_FIELDS
         assert m["max_steps"] == 30
         assert m["tokens_per_s"] > 0 and m["samples_per_s"] > 0
+        assert m["grad_norm"] > 0 and m["memory_bytes"] > 10_000_000 and m["eta_s"] >= 0
         assert m["epoch"] == pytest.approx(m["step"] * 4 / len(ROWS))
     lrs = [m["learning_rate"] for m in metrics]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] <= 1e-2  # linear decay
@@ -104,7 +106,9 @@ def test_checkpoints_manifest_last_and_hashes_match(run):
         on_disk = {p.name for p in path.iterdir() if p.name != "manifest.json"}
         assert listed == on_disk
         assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors",
-                "trainer_state.json"} <= listed
+                "trainer_state.json", "rng.safetensors", "scheduler.json"} <= listed
+        sched = json.loads((path / "scheduler.json").read_text())["scheduler"]
+        assert sched["last_epoch"] == step
         for f in manifest["files"]:
             data = (path / f["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == f["sha256"]
@@ -160,7 +164,7 @@ def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
         calls.append(1)
         return len(calls) > 3  # allow 3 steps
 
-    result = train_lora_sft(make_spec(model_dir), model_dir, ROWS, tmp_path, should_stop=should_stop)
+    result = train_sft(make_spec(model_dir), model_dir, ROWS, tmp_path, should_stop=should_stop)
     assert result.stopped and result.steps == 3
     assert result.adapter_dir == tmp_path / "checkpoint-3"
     assert verify_checkpoint(result.adapter_dir)["step"] == 3
@@ -168,9 +172,9 @@ def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
     spec = make_spec(model_dir, max_steps=10, checkpoint_every=5, log_every=1)
-    full = train_lora_sft(spec, model_dir, ROWS, tmp_path / "full")
+    full = train_sft(spec, model_dir, ROWS, tmp_path / "full")
     resumed_metrics = []
-    resumed = train_lora_sft(
+    resumed = train_sft(
         spec, model_dir, ROWS, tmp_path / "resumed",
         resume_from=tmp_path / "full" / "checkpoint-5", on_metrics=resumed_metrics.append,
     )
@@ -186,4 +190,82 @@ def test_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
 def test_rows_without_learnable_tokens_are_rejected(model_dir, tmp_path):
     rows = [{"prompt": "a very long prompt " * 20, "completion": " x"}]
     with pytest.raises(ValueError, match="max_seq_length=16"):
-        train_lora_sft(make_spec(model_dir, max_seq_length=16), model_dir, rows, tmp_path)
+        train_sft(make_spec(model_dir, max_seq_length=16), model_dir, rows, tmp_path)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(model_dir, tmp_path):
+    """batch 4 x 1 micro-batch == batch 2 x 2 micro-batches: the loss is normalized by the
+    learned tokens of the whole optimizer step, not averaged per micro-batch."""
+    runs = []
+    for bs, accum in ((4, 1), (2, 2)):
+        metrics = []
+        spec = make_spec(model_dir, dropout=0.0, max_steps=4, batch_size=bs,
+                         gradient_accumulation_steps=accum, log_every=1)
+        train_sft(spec, model_dir, ROWS, tmp_path / f"{bs}x{accum}", on_metrics=metrics.append)
+        runs.append(metrics)
+    a, b = runs
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+def test_eval_loss_and_early_stopping(model_dir, tmp_path):
+    metrics = []
+    spec = make_spec(model_dir, max_steps=30, log_every=5, eval_every=2,
+                     early_stopping={"patience": 2, "min_delta": 100.0})
+    result = train_sft(spec, model_dir, ROWS, tmp_path, eval_rows=ROWS[:3],
+                       on_metrics=metrics.append)
+    # the first evaluation sets the best; two more without a 100.0 improvement stop the run
+    assert result.steps == 6 and not result.stopped
+    assert result.stop_reason.startswith("early_stopping") and "best" in result.stop_reason
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    assert [s for s, _ in evals] == [2, 4, 6]  # reported at each evaluation, not only log_every
+    assert all(math.isfinite(v) and v > 0 for _, v in evals)
+    assert result.eval_loss == evals[-1][1]
+    assert result.adapter_dir == tmp_path / "checkpoint-6"
+    with pytest.raises(ValueError, match="eval_rows"):
+        train_sft(make_spec(model_dir, eval_every=2), model_dir, ROWS, tmp_path / "x")
+
+
+def test_keep_last_checkpoints(model_dir, tmp_path):
+    seen = []
+    spec = make_spec(model_dir, max_steps=6, checkpoint_every=2, keep_last_checkpoints=2)
+    train_sft(spec, model_dir, ROWS, tmp_path, on_checkpoint=lambda p, s: seen.append(s))
+    assert seen == [2, 4, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_adamw_8bit_trains_and_resumes_exactly(model_dir, tmp_path):
+    spec = make_spec(model_dir, max_steps=6, checkpoint_every=3, optimizer="adamw_8bit",
+                     log_every=1)
+    full = train_sft(spec, model_dir, ROWS, tmp_path / "full")
+    opt = load_file(str(tmp_path / "full" / "checkpoint-3" / "optimizer.safetensors"))
+    # bitsandbytes state (state1/state2); tensors under its min_8bit_size (4096) stay 32-bit
+    assert any(k.endswith("/state1") for k in opt) and any(k.endswith("/state2") for k in opt)
+    resumed = train_sft(spec, model_dir, ROWS, tmp_path / "resumed",
+                        resume_from=tmp_path / "full" / "checkpoint-3")
+    assert math.isfinite(full.final_loss) and full.final_loss < full.first_loss
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
+
+
+def test_packing_trains_on_packed_rows(model_dir, tmp_path):
+    metrics = []
+    spec = make_spec(model_dir, max_steps=4, packing=True, batch_size=1, max_seq_length=64,
+                     log_every=1)
+    result = train_sft(spec, model_dir, ROWS, tmp_path, on_metrics=metrics.append)
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    state = json.loads((result.adapter_dir / "trainer_state.json").read_text())
+    assert state["num_units"] < len(ROWS)  # several examples per packed row
+
+
+def test_gpu_only_settings_are_refused_on_cpu_before_any_work(model_dir, tmp_path):
+    base = make_spec(model_dir).model_dump()
+    for spec in (
+        JobSpec.model_validate({**base, "precision": "fp16"}),
+        make_spec(model_dir, optimizer="paged_adamw_8bit"),
+        JobSpec.model_validate({**base, "distributed": {"strategy": "fsdp"}}),
+    ):
+        with pytest.raises(UnsupportedOnHardware, match="CUDA|GPU"):
+            train_sft(spec, model_dir, ROWS, tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -1,0 +1,185 @@
+"""Data-parallel training: run the SFT recipe in `spec.distributed.num_processes` processes.
+
+    train_distributed(spec, ...)   one machine: rank 0 runs in the calling process (so the
+                                   worker's callbacks - metrics, checkpoint uploads, stop
+                                   requests - work unchanged), ranks 1..N-1 are spawned
+                                   processes; gloo on CPU, NCCL on CUDA (one GPU per rank).
+    python -m services.trainer.distributed --spec spec.json --train train.jsonl --out DIR
+                                   one process of a torchrun / accelerate launch job, e.g. over
+                                   several machines (README "Distributed training"): the
+                                   rendezvous comes from the environment (MASTER_ADDR,
+                                   MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK).
+
+Every process runs `recipe.train_sft`; it finds the process group and takes its shard of each
+global batch (see the recipe's docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llmstudio.jobspec import JobSpec
+
+from .methods import UnsupportedOnHardware
+from .recipe import TrainResult, _ignore, _never, train_sft
+
+# A rank that dies leaves the others blocked in a collective; they give up after this.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def check_distributed(spec: JobSpec) -> None:
+    """Raise UnsupportedOnHardware if this machine cannot run the spec's process layout."""
+    n, strategy = spec.distributed.num_processes, spec.distributed.strategy
+    if torch.cuda.is_available():
+        if n > torch.cuda.device_count():
+            raise UnsupportedOnHardware(
+                f"distributed.num_processes={n} needs {n} GPUs on this worker, it has "
+                f"{torch.cuda.device_count()} (multi-node: launch with torchrun, see README)"
+            )
+    elif strategy == "fsdp":
+        raise UnsupportedOnHardware(
+            "distributed.strategy fsdp shards the model over GPUs and needs CUDA (NCCL); "
+            "use strategy ddp for data parallel on CPU processes"
+        )
+
+
+def train_distributed(
+    spec: JobSpec,
+    model_dir: str,
+    train_rows: list[dict],
+    out_dir: Path,
+    *,
+    eval_rows: list[dict] | None = None,
+    on_metrics: Callable[[dict], None] = _ignore,
+    should_stop: Callable[[], bool] = _never,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    resume_from: Path | None = None,
+) -> TrainResult:
+    """`train_sft` over `spec.distributed.num_processes` local processes (just `train_sft` for
+    one). Returns rank 0's result; raises if any rank fails."""
+    n = spec.distributed.num_processes
+    kwargs = {"eval_rows": eval_rows, "resume_from": resume_from}
+    if n == 1:
+        return train_sft(spec, model_dir, train_rows, out_dir, on_metrics=on_metrics,
+                         should_stop=should_stop, on_checkpoint=on_checkpoint, **kwargs)
+    check_distributed(spec)
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group is already running in this process")
+    addr, port = "127.0.0.1", _free_port()
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch / thread state
+    children = [
+        ctx.Process(
+            target=_spawned_rank,
+            args=(rank, n, addr, port, spec.model_dump_json(), model_dir, train_rows,
+                  str(out_dir), kwargs, torch.get_num_threads()),
+            daemon=True,
+        )
+        for rank in range(1, n)
+    ]
+    for p in children:
+        p.start()
+    try:
+        _init(0, n, addr, port)
+        result = train_sft(spec, model_dir, train_rows, out_dir, on_metrics=on_metrics,
+                           should_stop=should_stop, on_checkpoint=on_checkpoint, **kwargs)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for p in children:
+            p.join(timeout=COLLECTIVE_TIMEOUT.total_seconds())
+            if p.is_alive():
+                p.kill()
+    failed = [(rank, p.exitcode) for rank, p in enumerate(children, 1) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"distributed training: rank(s) failed with exit codes {failed}")
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, addr: str, port: int) -> None:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
+        world_size=world, timeout=COLLECTIVE_TIMEOUT,
+    )
+
+
+def _spawned_rank(rank: int, world: int, addr: str, port: int, spec_json: str, model_dir: str,
+                  train_rows: list[dict], out_dir: str, kwargs: dict, threads: int) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)  # recipe.pick_device -> cuda:<rank>
+    torch.set_num_threads(threads)
+    _init(rank, world, addr, port)
+    try:
+        train_sft(JobSpec.model_validate_json(spec_json), model_dir, train_rows, Path(out_dir),
+                  **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# one process of a torchrun / accelerate launch job
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmstudio.jsonl import parse_jsonl
+
+    ap = argparse.ArgumentParser(prog="python -m services.trainer.distributed",
+                                 description="one process of a multi-process SFT job")
+    ap.add_argument("--spec", required=True, help="job spec (JSON or YAML file)")
+    ap.add_argument("--train", required=True, help="training rows (JSONL)")
+    ap.add_argument("--eval", help="validation rows (JSONL) for eval_every / early_stopping")
+    ap.add_argument("--out", required=True, help="checkpoint directory (rank 0 writes)")
+    ap.add_argument("--resume", help="checkpoint directory to resume from")
+    args = ap.parse_args(argv)
+
+    text = Path(args.spec).read_text()
+    if args.spec.endswith((".yaml", ".yml")):
+        import yaml
+
+        spec = JobSpec.model_validate(yaml.safe_load(text))
+    else:
+        spec = JobSpec.model_validate_json(text)
+
+    def rows(path: str | None) -> list[dict] | None:
+        return parse_jsonl(Path(path).read_bytes(), path) if path else None
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)  # env://
+    try:
+        main_rank = dist.get_rank() == 0
+        result = train_sft(
+            spec, spec.base_model, rows(args.train), Path(args.out), eval_rows=rows(args.eval),
+            resume_from=Path(args.resume) if args.resume else None,
+            on_metrics=(lambda m: print(json.dumps(m), flush=True)) if main_rank else _ignore,
+        )
+        if main_rank:
+            print(json.dumps({"steps": result.steps, "final_loss": result.final_loss,
+                              "checkpoint": str(result.adapter_dir),
+                              "stop_reason": result.stop_reason}), flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
