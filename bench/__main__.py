@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.bus_publish", "bench.packing", "bench.peft_memory"]
+BENCHMARKS = ["bench.bus_publish", "bench.packing", "bench.peft_memory", "bench.train_overhead"]
 
 
 def main(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ class JobProgress:
     def __init__(self, desc: str = "training", file=sys.stderr):
         self.bar = tqdm(total=0, desc=desc, unit="step", file=file, dynamic_ncols=True)
         self.status = ""
+        self.eval_loss: float | None = None
 
     def update(self, update) -> None:
         from .client import job_status_name
@@ -24,8 +25,13 @@ class JobProgress:
             if total and self.bar.total != total:
                 self.bar.total = total
             self.bar.n = int(update.step)
-            self.bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
-                                 tok_s=f"{m.get('tokens_per_s', 0):.0f}", refresh=False)
+            postfix = {"loss": f"{m.get('loss', float('nan')):.4f}",
+                       "tok_s": f"{m.get('tokens_per_s', 0):.0f}"}
+            if "eval_loss" in m:
+                self.eval_loss = m["eval_loss"]
+            if self.eval_loss is not None:
+                postfix["eval_loss"] = f"{self.eval_loss:.4f}"
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.refresh()
         elif update.kind == "checkpoint":
             self.bar.write(f"checkpoint at step {update.step}")

@@ -133,12 +133,15 @@ def names_a_path(base_model: str) -> bool:
 
 def metrics_sample(
     *, step: int, max_steps: int, loss: float, learning_rate: float, tokens_per_s: float,
-    samples_per_s: float, epoch: float,
+    samples_per_s: float, epoch: float, **optional: float | None,
 ) -> dict[str, float]:
+    """A sample as stored and streamed; optional metrics (grad_norm, eval_loss, ...) only when
+    the trainer reported them."""
     return {
         "step": float(step), "max_steps": float(max_steps), "loss": loss,
         "learning_rate": learning_rate, "tokens_per_s": tokens_per_s,
         "samples_per_s": samples_per_s, "epoch": epoch,
+        **{k: float(v) for k, v in optional.items() if v is not None},
     }
 
 

@@ -156,7 +156,8 @@ class Handlers:
         sample = metrics_sample(
             step=data.step, max_steps=data.max_steps, loss=data.loss,
             learning_rate=data.learning_rate, tokens_per_s=data.tokens_per_s,
-            samples_per_s=data.samples_per_s, epoch=data.epoch,
+            samples_per_s=data.samples_per_s, epoch=data.epoch, grad_norm=data.grad_norm,
+            memory_bytes=data.memory_bytes, eta_s=data.eta_s, eval_loss=data.eval_loss,
         )
         with self.store.unit() as u:
             job = self._job(u, env, data.job_id)

@@ -67,7 +67,11 @@ def metrics_event(job_id: str, m: dict) -> JobMetrics:
         tokens_per_s=float(m.get("tokens_per_s", 0.0)),
         samples_per_s=float(m.get("samples_per_s", 0.0)),
         epoch=float(m.get("epoch", 0.0)),
+        **{k: float(m[k]) for k in OPTIONAL_METRICS if m.get(k) is not None},
     )
+
+
+OPTIONAL_METRICS = ("grad_norm", "memory_bytes", "eta_s", "eval_loss")
 
 
 def failure_reason(exc: BaseException, limit: int = 2000) -> str:

@@ -239,3 +239,11 @@ def test_lost_assignments_split_by_whether_the_job_started():
     take_back, fail = lost_assignments(assigned, table)
     assert [j.id for j in take_back] == ["job-a"]
     assert [j.id for j in fail] == ["job-b"]
+
+
+def test_metrics_sample_keeps_only_reported_optional_metrics():
+    from services.scheduler.core import metrics_sample
+
+    s = metrics_sample(step=3, max_steps=9, loss=1.0, learning_rate=0.1, tokens_per_s=5.0,
+                       samples_per_s=1.0, epoch=0.2, grad_norm=0.5, eval_loss=None)
+    assert s["grad_norm"] == 0.5 and "eval_loss" not in s and s["step"] == 3.0

@@ -131,6 +131,10 @@ class JobMetrics(EventData):
     tokens_per_s: float = 0.0
     samples_per_s: float = 0.0
     epoch: float = 0.0
+    grad_norm: float | None = None
+    memory_bytes: float | None = None  # CUDA peak allocated, or the process's resident memory
+    eta_s: float | None = None
+    eval_loss: float | None = None  # only on steps that ran a periodic evaluation
 
 
 @register
