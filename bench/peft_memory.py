@@ -65,9 +65,12 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     import transformers  # noqa: F401
 
     from llmstudio.jobspec import JobSpec
+    from llmstudio.ml.allocator import return_freed_tensors_to_os
     from llmstudio.ml.loss import chunked_lm_loss_sum, decoder_and_head
     from services.trainer.methods import load_for_training
 
+    # The trainer's allocator setting (train_sft applies it too), before the baseline.
+    return_freed_tensors_to_os()
     torch.manual_seed(0)
     spec = JobSpec(
         base_model=str(MODEL_DIR), dataset="bench", method=method,

@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.allocator import return_freed_tensors_to_os
 from llmstudio.ml.data import (
     IGNORE_INDEX,
     causal_lm_loss_sum,
@@ -151,7 +152,9 @@ def train_sft(
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. seeds (torch is reseeded per step below, from (seed, step))
+    # 1. freed activations go back to the OS (llmstudio.ml.allocator says why); seeds (torch is
+    #    reseeded per step below, from (seed, step))
+    return_freed_tensors_to_os()
     random.seed(hp.seed)
     np.random.seed(hp.seed % 2**32)
     torch.manual_seed(hp.seed)
