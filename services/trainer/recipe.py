@@ -36,7 +36,6 @@ with (seed, step), so resuming from a checkpoint (`resume_from`) reproduces the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -57,6 +56,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.allocator import return_freed_tensors_to_os
+from llmstudio.ml.checkpoint import MANIFEST, CheckpointError, file_sha256, verify_checkpoint
 from llmstudio.ml.data import (
     IGNORE_INDEX,
     causal_lm_loss_sum,
@@ -71,7 +71,6 @@ from . import methods
 from .methods import DEFAULT_TARGET_MODULES  # noqa: F401 - re-exported for older importers
 
 CHECKPOINT_FORMAT = "llmstudio.checkpoint.v1"
-MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -88,10 +87,6 @@ class TrainResult:
     stopped: bool  # should_stop() asked to stop (cancel / shutdown)
     stop_reason: str = "max_steps"  # max_steps | stopped | early_stopping: <why>
     eval_loss: float | None = None  # the last evaluation's loss, if any ran
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is incomplete or does not match its manifest."""
 
 
 def _never() -> bool:
@@ -491,14 +486,6 @@ def _example_stream(n: int, seed: int, *, start: int = 0) -> Iterator[int]:
 # checkpoints: files first, manifest last; safetensors + JSON only
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -650,7 +637,7 @@ def write_checkpoint(
         if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
             files.append({
                 "path": p.relative_to(ckpt).as_posix(),
-                "sha256": _sha256(p),
+                "sha256": file_sha256(p),
                 "size": p.stat().st_size,
             })
     manifest = {
@@ -661,21 +648,6 @@ def write_checkpoint(
     }
     _write_json_atomic(ckpt / MANIFEST, manifest)
     return ckpt
-
-
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Return the manifest if every listed file exists with its size and sha256."""
-    manifest_path = Path(ckpt) / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint)")
-    manifest = json.loads(manifest_path.read_text())
-    for entry in manifest["files"]:
-        p = Path(ckpt) / entry["path"]
-        if not p.is_file():
-            raise CheckpointError(f"{ckpt}: {entry['path']} listed in the manifest is missing")
-        if p.stat().st_size != entry["size"] or _sha256(p) != entry["sha256"]:
-            raise CheckpointError(f"{ckpt}: {entry['path']} does not match its sha256")
-    return manifest
 
 
 def load_checkpoint(ckpt: Path, prepared, optimizer, param_names: list[str], *,

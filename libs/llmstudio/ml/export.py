@@ -23,7 +23,6 @@ Torch-side only, no service imports: used by the CLI (`llmstudio models export`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from llmstudio.ml import checkpoint
+
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,35 +59,13 @@ class ExportError(RuntimeError):
 # the checkpoint
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
-    """Return the manifest of `ckpt` if every file it lists exists with its size and sha256;
-    raise ExportError naming the first problem otherwise (same rule as the trainer's)."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise ExportError(f"{ckpt}: no such checkpoint directory")
-    path = ckpt / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{ckpt}: no {MANIFEST} (incomplete checkpoint); refusing to export it")
+    """The checkpoint's manifest after checking every file (llmstudio.ml.checkpoint); a bad
+    checkpoint is an ExportError: nothing is exported from it."""
     try:
-        manifest = json.loads(path.read_text())
-        entries = [(e["path"], e["sha256"], e.get("size")) for e in manifest["files"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{path}: malformed manifest: {e!r}") from None
-    for rel, sha, size in entries:
-        p = ckpt / rel
-        if not p.is_file():
-            raise ExportError(f"{ckpt}: {rel} is listed in {MANIFEST} but missing")
-        if (size is not None and p.stat().st_size != size) or _sha256(p) != sha:
-            raise ExportError(f"{ckpt}: {rel} does not match its sha256 in {MANIFEST}")
-    return manifest
+        return checkpoint.verify_checkpoint(ckpt)
+    except checkpoint.CheckpointError as e:
+        raise ExportError(f"{e}; refusing to export it") from None
 
 
 def checkpoint_kind(ckpt: str | Path) -> str:
