@@ -97,7 +97,8 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     losses = []
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        # The trainer's loss path: decoder hidden states, then the head in checkpointed chunks.
+        # Memory-lean loss (llmstudio.ml.loss): decoder hidden states, then the output head on
+        # labelled positions only, in checkpointed chunks. The recipe does not use it yet.
         hidden = decoder(input_ids=ids, attention_mask=am).last_hidden_state
         loss_sum, n_tokens = chunked_lm_loss_sum(hidden, head, ids)
         loss = loss_sum / n_tokens
