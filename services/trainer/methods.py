@@ -26,24 +26,10 @@ from typing import Any
 import torch
 
 from llmstudio.jobspec import PROMPT_METHODS, JobSpec
+from llmstudio.ml.targets import DEFAULT_TARGET_MODULES, default_target_modules  # noqa: F401 - part of this module's API
 
 # --------------------------------------------------------------------------------------------
 # per-architecture defaults
-
-# LoRA-family targets per architecture (config.model_type) when the spec names none.
-_ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": _ATTENTION_PROJECTIONS,
-    "mistral": _ATTENTION_PROJECTIONS,
-    "mixtral": _ATTENTION_PROJECTIONS,
-    "qwen2": _ATTENTION_PROJECTIONS,
-    "qwen2_moe": _ATTENTION_PROJECTIONS,
-    "qwen3": _ATTENTION_PROJECTIONS,
-    "qwen3_moe": _ATTENTION_PROJECTIONS,
-    "gemma": _ATTENTION_PROJECTIONS,
-    "gemma2": _ATTENTION_PROJECTIONS,
-    "gpt2": ["c_attn"],
-}
 
 # IA3 scales keys, values and the feed-forward input (the IA3 paper's choice); the
 # feed-forward modules are scaled on their input, the others on their output.
@@ -65,12 +51,6 @@ ADALORA_RANK_PATTERN_FILE = "adalora_rank_pattern.json"
 # P-tuning: peft saves only the encoder's *output* (the inference artifact); resuming needs the
 # encoder's own weights, kept beside it.
 PROMPT_ENCODER_STATE_FILE = "prompt_encoder_state.safetensors"
-
-
-def default_target_modules(model_type: str) -> list[str] | str:
-    """The modules the LoRA family adapts by default; 'all-linear' (every linear layer but the
-    output head) for architectures without an entry."""
-    return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
 
 
 def _targets(spec: JobSpec, model_type: str) -> list[str] | str:

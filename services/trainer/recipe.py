@@ -68,7 +68,6 @@ from llmstudio.ml.data import (
 from llmstudio.ml.packing import collate_packed, pack_examples
 
 from . import methods
-from .methods import DEFAULT_TARGET_MODULES  # noqa: F401 - re-exported for older importers
 
 CHECKPOINT_FORMAT = "llmstudio.checkpoint.v1"
 TRAINER_STATE = "trainer_state.json"

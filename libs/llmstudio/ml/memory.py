@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from llmstudio.jobspec import PROMPT_METHODS, JobSpec
+from llmstudio.ml.targets import default_target_modules
 
 KEYS = ("weights", "gradients", "optimizer", "activations", "total")
 
@@ -46,9 +47,6 @@ LLAMA_LIKE = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
     "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere", "stablelm",
 })
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Mirrors services/trainer/recipe.py DEFAULT_TARGET_MODULES (that module imports torch).
-_DEFAULT_TARGETS = {"gpt2": ("c_attn",)}
 
 QUANT_BLOCK_OVERHEAD = 4 / 64  # one fp32 absmax per 64-value block (bitsandbytes)
 ADAPTER_METHODS = frozenset({
@@ -152,11 +150,8 @@ def _targets(arch: _Arch, spec: JobSpec) -> list[tuple[int, int, int]]:
     """(in, out, count per layer) of every linear module the adapter wraps."""
     linears = arch.linears()
     wanted = spec.lora.target_modules
-    if wanted is None:
-        if arch.llama:
-            wanted = list(ATTENTION_PROJECTIONS)
-        else:
-            wanted = list(_DEFAULT_TARGETS.get(arch.model_type, ("all-linear",)))
+    if wanted is None:  # what the trainer adapts (llmstudio.ml.targets)
+        wanted = default_target_modules(arch.model_type)
     if wanted == ["all-linear"] or wanted == "all-linear":
         return list(linears.values())
     shapes = []
