@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["bench.bus_publish", "bench.packing", "bench.peft_memory", "bench.train_overhead"]
+BENCHMARKS = [
+    "bench.bus_publish", "bench.packing", "bench.peft_memory", "bench.train_overhead",
+    "bench.dataset_ingest",
+]
 
 
 def main(argv: list[str]) -> int:

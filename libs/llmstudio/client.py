@@ -68,14 +68,103 @@ class _Api:
         self._timeout = client.timeout
 
 
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
+def dataset_options(name: str = "", *, filename: str = "", validation_fraction: float = 0.0,
+                    test_fraction: float = 0.0, seed: int = 0, file_format: str = "",
+                    schema: str = "", column_map: dict[str, str] | None = None,
+                    max_invalid_fraction: float | None = None,
+                    max_duplicate_fraction: float | None = None,
+                    max_pii_fraction: float | None = None, remove_duplicates: bool = False,
+                    remove_near_duplicates: bool = False, redact_pii: bool = False,
+                    base_model: str = "", max_length: int = 0, description: str = "",
+                    idempotency_key: str = "") -> datasets_pb2.CreateDatasetRequest:
+    """The options of an upload or import (see DatasetService in proto/llmstudio/v1)."""
+    policy = datasets_pb2.ValidationPolicy()
+    for field, value in (("max_invalid_fraction", max_invalid_fraction),
+                         ("max_duplicate_fraction", max_duplicate_fraction),
+                         ("max_pii_fraction", max_pii_fraction)):
+        if value is not None:
+            setattr(policy, field, value)
+    return datasets_pb2.CreateDatasetRequest(
+        name=name, filename=filename, validation_fraction=validation_fraction,
+        test_fraction=test_fraction, seed=seed, file_format=file_format, schema=schema,
+        column_map=column_map or {}, policy=policy,
+        quality=datasets_pb2.QualityOptions(remove_duplicates=remove_duplicates,
+                                            remove_near_duplicates=remove_near_duplicates,
+                                            redact_pii=redact_pii),
+        base_model=base_model, max_length=max_length, description=description,
+        idempotency_key=idempotency_key,
+    )
+
+
+def _default_name(path: Path) -> str:
+    """data.jsonl.gz -> data; a datasets folder -> its name."""
+    name = path.name
+    while "." in name and not path.is_dir():
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
 class Datasets(_Api):
-    def push(self, path: str | Path, name: str = "", validation_fraction: float = 0.0,
-             seed: int = 0, idempotency_key: str = "") -> datasets_pb2.Dataset:
+    def push(self, path: str | Path, name: str = "", *, on_progress=None,
+             **options) -> datasets_pb2.Dataset:
+        """Upload a file (or a `datasets` save_to_disk folder, sent as a tar stream) in 1 MiB
+        chunks: the file never sits in memory on either side. `options`: see dataset_options.
+        `on_progress(bytes_sent, total_bytes)` is called after every chunk."""
         path = Path(path)
-        return self._stub.CreateDataset(datasets_pb2.CreateDatasetRequest(
-            name=name or path.stem, content=path.read_bytes(), filename=path.name,
-            validation_fraction=validation_fraction, seed=seed,
-            idempotency_key=idempotency_key), timeout=self._timeout)
+        header = dataset_options(name or _default_name(path), filename=path.name, **options)
+        if path.is_dir():
+            return self._push_folder(path, header, on_progress)
+        return self._push_file(path, header, on_progress)
+
+    def _push_file(self, path: Path, header, on_progress) -> datasets_pb2.Dataset:
+        total = path.stat().st_size
+
+        def chunks():
+            yield datasets_pb2.UploadDatasetChunk(options=header)
+            sent = 0
+            with path.open("rb") as f:
+                while data := f.read(UPLOAD_CHUNK_BYTES):
+                    sent += len(data)
+                    yield datasets_pb2.UploadDatasetChunk(data=data)
+                    if on_progress:
+                        on_progress(sent, total)
+
+        return self._stub.UploadDataset(chunks(), timeout=None)
+
+    def _push_folder(self, path: Path, header, on_progress) -> datasets_pb2.Dataset:
+        import tarfile
+        import tempfile
+
+        # A datasets folder is a few arrow files: send them as one (uncompressed) tar stream.
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / (path.name + ".tar")
+            with tarfile.open(archive, mode="w") as tar:
+                tar.add(path, arcname=path.name)
+            header.filename = archive.name
+            return self._push_file(archive, header, on_progress)
+
+    def import_uri(self, source_uri: str, name: str = "", **options) -> datasets_pb2.Dataset:
+        """Import s3://bucket/key (allowed buckets) or a server path (under allowed roots)."""
+        name = name or _default_name(Path(source_uri.rstrip("/")))
+        return self._stub.ImportDataset(datasets_pb2.ImportDatasetRequest(
+            options=dataset_options(name, **options), source_uri=source_uri), timeout=None)
+
+    def derive(self, parent_id: str, name: str = "", *, remove_duplicates: bool = False,
+               remove_near_duplicates: bool = False, redact_pii: bool = False,
+               resplit: bool = False, validation_fraction: float = 0.0,
+               test_fraction: float = 0.0, seed: int = 0, description: str = "",
+               idempotency_key: str = "") -> datasets_pb2.Dataset:
+        return self._stub.DeriveDataset(datasets_pb2.DeriveDatasetRequest(
+            parent_id=parent_id, name=name,
+            quality=datasets_pb2.QualityOptions(remove_duplicates=remove_duplicates,
+                                                remove_near_duplicates=remove_near_duplicates,
+                                                redact_pii=redact_pii),
+            resplit=resplit, validation_fraction=validation_fraction,
+            test_fraction=test_fraction, seed=seed, description=description,
+            idempotency_key=idempotency_key), timeout=None)
 
     def get(self, dataset_id: str) -> datasets_pb2.Dataset:
         return self._stub.GetDataset(datasets_pb2.GetDatasetRequest(id=dataset_id),
@@ -84,6 +173,16 @@ class Datasets(_Api):
     def list(self, name: str = "") -> list[datasets_pb2.Dataset]:
         return list(self._stub.ListDatasets(datasets_pb2.ListDatasetsRequest(name=name),
                                             timeout=self._timeout).datasets)
+
+    def report(self, dataset_id: str) -> datasets_pb2.DatasetReport:
+        return self._stub.GetDatasetReport(datasets_pb2.GetDatasetReportRequest(id=dataset_id),
+                                           timeout=self._timeout)
+
+    def preview(self, dataset_id: str, base_model: str, *, split: str = "", offset: int = 0,
+                limit: int = 0, max_length: int = 0) -> datasets_pb2.PreviewDatasetResponse:
+        return self._stub.PreviewDataset(datasets_pb2.PreviewDatasetRequest(
+            id=dataset_id, base_model=base_model, split=split, offset=offset, limit=limit,
+            max_length=max_length), timeout=None)
 
 
 class Jobs(_Api):

@@ -7,9 +7,10 @@ single-machine setup under `.llmstudio/`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Default gRPC ports of the services; the embedded stack picks free ports instead.
 DEFAULT_PORTS = {
@@ -63,11 +64,28 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 2.0
     worker_ttl_s: float = 10.0
 
+    # Dataset service: upload limits, and where ImportDataset may read from. Lists are
+    # comma-separated in the environment (LLMSTUDIO_DATASET_IMPORT_BUCKETS=raw,curated).
+    dataset_max_upload_bytes: int = 64 << 30
+    dataset_max_expanded_bytes: int = 64 << 30  # what a compressed upload may expand to
+    dataset_max_line_bytes: int = 16 << 20  # one JSONL line / record
+    dataset_near_duplicate_max_rows: int = 1_000_000  # MinHash scan limit (0 = off)
+    dataset_import_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    dataset_import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    dataset_work_dir: Path | None = None  # spool for uploads (default data_dir/spool)
+
     # Bus consumers: deliveries before a message is parked on the dead-letter subject.
     max_deliver: int = 5
     ack_wait_s: float = 60.0
 
     extra: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("dataset_import_buckets", "dataset_import_roots", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     def db_url(self, service: str) -> str:
         if self.database_url:

@@ -25,7 +25,7 @@ from .errors import StudioError
 log = logging.getLogger(__name__)
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-# Dataset uploads travel in one message (streaming upload comes later): allow 256 MiB.
+# CreateDataset carries a small file in one message; bigger ones stream (UploadDataset).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MESSAGE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -99,12 +99,23 @@ class StudioInterceptor(grpc.aio.ServerInterceptor):
             except StudioError as e:
                 await context.abort(e.code, str(e))
 
+        async def client_stream(requests, context):
+            set_current_principal(principal)
+            try:
+                with start_span():
+                    return await handler.stream_unary(requests, context)
+            except StudioError as e:
+                await context.abort(e.code, str(e))
+
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                client_stream, handler.request_deserializer, handler.response_serializer)
         return handler
 
 
@@ -119,6 +130,9 @@ def _abort_handler(handler, code: grpc.StatusCode, message: str):
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             deny_stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            deny, handler.request_deserializer, handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(
         deny, handler.request_deserializer, handler.response_serializer)
 
@@ -169,7 +183,8 @@ async def stop_server(server: grpc.aio.Server, health: HealthServicer, grace: fl
 
 
 class _ClientMetadata(
-    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
+    grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
 ):
     """Adds the API key and the current trace context to every call of a sync channel."""
 
@@ -188,6 +203,9 @@ class _ClientMetadata(
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
 
 
 def channel(addr: str, api_key: str = "") -> grpc.Channel:

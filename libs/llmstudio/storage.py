@@ -296,6 +296,7 @@ class S3ArtifactStore(ArtifactStore):
         bucket: str,
         secure: bool = False,
         region: str | None = None,
+        create_bucket: bool = True,
     ):
         from minio import Minio  # imported here so the local backend needs no minio
         from minio.error import S3Error
@@ -307,7 +308,7 @@ class S3ArtifactStore(ArtifactStore):
         self.client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
         )
-        if not self.client.bucket_exists(bucket_name=bucket):
+        if create_bucket and not self.client.bucket_exists(bucket_name=bucket):
             try:
                 self.client.make_bucket(bucket_name=bucket, location=region)
             except S3Error as e:  # another process created it in between

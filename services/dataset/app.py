@@ -30,7 +30,7 @@ async def build(rt: Runtime) -> list[Registration]:
 
     rt.on_started.append(announce_pending)
     rt.on_stop.append(close)
-    servicer = DatasetApi(store, artifacts, rt.bus)
+    servicer = DatasetApi(store, artifacts, rt.bus, rt.settings)
     return [
         Registration(
             add=datasets_pb2_grpc.add_DatasetServiceServicer_to_server,

@@ -1,24 +1,34 @@
-"""A dataset's files in the artifact store: the raw upload and the split JSONL files."""
+"""A version's files in the artifact store: the raw upload, the normalized rows, the split files
+and the report. Rows and splits are content-addressed (stored once however many versions share
+them); a version's record is written only after all its files, so no version is ever partial."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from llmstudio.storage import ArtifactNotFound, ArtifactStore
 
-from .core import SPLITS, Prepared
+from . import core
+from .ingest import Ingested, report_json
 
 JSONL = "application/jsonl"
 
 
-def write_files(
-    artifacts: ArtifactStore, raw: bytes, prepared: Prepared, prefix: str
-) -> dict[str, str]:
-    """Store the upload as a content-addressed blob and each split under `prefix/<split>.jsonl`.
-    Returns the artifacts map: "raw" | "train" | "validation" -> key."""
-    keys = {"raw": artifacts.put_blob(raw)}
-    for split in SPLITS:
-        keys[split] = artifacts.put_bytes(f"{prefix}/{split}.jsonl", prepared.files[split], JSONL)
+def write_files(artifacts: ArtifactStore, ingested: Ingested, dataset_id: str,
+                split_prefix: str, raw: Path | None) -> dict[str, str]:
+    """Store a version's files; returns its artifacts map (kind -> key)."""
+    keys: dict[str, str] = {}
+    if raw is not None:
+        keys["raw"] = artifacts.put_blob(raw)
+    rows = core.rows_key(ingested.sha256)
+    if not artifacts.exists(rows):
+        artifacts.put_file(rows, ingested.rows_path, JSONL)
+    keys["rows"] = rows
+    for split, path in ingested.split_paths.items():
+        keys[split] = artifacts.put_file(f"{split_prefix}/{split}.jsonl", path, JSONL)
+    keys["report"] = artifacts.put_bytes(core.report_key(dataset_id),
+                                         report_json(ingested.report), "application/json")
     return keys
 
 
@@ -27,7 +37,7 @@ def split_problems(
 ) -> list[str]:
     """What is wrong with the stored split files (missing, or sha256 differs from the record)."""
     problems = []
-    for split in SPLITS:
+    for split, expected in recorded.items():
         key = keys[split]
         try:
             chunks = artifacts.open_stream(key)
@@ -37,9 +47,9 @@ def split_problems(
         digest = hashlib.sha256()
         for chunk in chunks:
             digest.update(chunk)
-        if digest.hexdigest() != recorded[split]:
+        if digest.hexdigest() != expected:
             problems.append(
                 f"{split} split is corrupt: {key} has sha256 {digest.hexdigest()}, "
-                f"recorded {recorded[split]}"
+                f"recorded {expected}"
             )
     return problems

@@ -1,6 +1,8 @@
-"""Dataset metadata in the service's own database (SQLite or PostgreSQL, SQLAlchemy Core).
+"""Dataset versions in the service's own database (SQLite or PostgreSQL, SQLAlchemy Core).
 
-Every query takes the tenant: a dataset of another tenant simply isn't there.
+A version is immutable once written. Every query takes the tenant: a dataset of another tenant
+simply isn't there. (tenant, name, version) is unique: two uploads racing for the same next
+version number make one of them retry with the next.
 """
 
 from __future__ import annotations
@@ -25,10 +27,21 @@ datasets = sa.Table(
     sa.Column("num_rows", sa.BigInteger, nullable=False),
     sa.Column("train_rows", sa.BigInteger, nullable=False),
     sa.Column("validation_rows", sa.BigInteger, nullable=False),
-    sa.Column("artifacts", sa.JSON, nullable=False),  # "raw" | "train" | "validation" -> key
-    sa.Column("split_sha256", sa.JSON, nullable=False),  # "train" | "validation" -> sha256
+    sa.Column("test_rows", sa.BigInteger, nullable=False),
+    # "raw" | "rows" | "train" | "validation" | "test" | "report" -> key
+    sa.Column("artifacts", sa.JSON, nullable=False),
+    sa.Column("split_sha256", sa.JSON, nullable=False),  # split -> sha256 of its file
     sa.Column("validation_fraction", sa.Float, nullable=False),
+    sa.Column("test_fraction", sa.Float, nullable=False),
     sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("parent_id", sa.String(32), nullable=False),  # "" for an upload
+    sa.Column("transformation", sa.Text, nullable=False),  # JSON: how it was made
+    sa.Column("status", sa.String(32), nullable=False),  # accepted | accepted_with_warnings
+    sa.Column("warnings", sa.JSON, nullable=False),
+    sa.Column("source_schema", sa.String(32), nullable=False),
+    sa.Column("source_format", sa.String(16), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
     sa.Column("created_at", sa.String(40), nullable=False),
     sa.Column("created_by", sa.String(128), nullable=False),
     # NULL when the caller sent no key; NULLs never collide in the unique constraint.
@@ -37,6 +50,7 @@ datasets = sa.Table(
     # False until DatasetRegistered is acknowledged by JetStream; a replay publishes it again.
     sa.Column("announced", sa.Boolean, nullable=False, default=False),
     sa.UniqueConstraint("tenant", "idempotency_key", name="uq_datasets_tenant_idempotency"),
+    sa.UniqueConstraint("tenant", "name", "version", name="uq_datasets_tenant_name_version"),
     sa.Index("ix_datasets_tenant_name", "tenant", "name"),
 )
 
@@ -57,6 +71,16 @@ class DatasetRecord:
     seed: int
     created_at: str
     created_by: str
+    test_rows: int = 0
+    test_fraction: float = 0.0
+    version: int = 1
+    parent_id: str = ""
+    transformation: str = "{}"
+    status: str = "accepted"
+    warnings: list[str] = field(default_factory=list)
+    source_schema: str = ""
+    source_format: str = ""
+    description: str = ""
     idempotency_key: str | None = None
     request_sha256: str = ""
     announced: bool = field(default=False, compare=False)
@@ -64,6 +88,10 @@ class DatasetRecord:
 
 class DuplicateIdempotencyKey(Exception):
     """Another request of the tenant recorded a dataset under this idempotency key first."""
+
+
+class VersionTaken(Exception):
+    """Another request recorded this (name, version) first: take the next number."""
 
 
 class DatasetStore:
@@ -85,7 +113,30 @@ class DatasetStore:
                 record.tenant, record.idempotency_key
             ):
                 raise DuplicateIdempotencyKey(record.idempotency_key) from e
+            if self.latest_version(record.tenant, record.name) >= record.version:
+                raise VersionTaken(record.version) from e
             raise
+
+    def latest_version(self, tenant: str, name: str) -> int:
+        query = sa.select(sa.func.max(datasets.c.version)).where(
+            sa.and_(datasets.c.tenant == tenant, datasets.c.name == name)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar() or 0
+
+    def same_content(self, tenant: str, name: str, sha256: str, split_sha256: dict[str, str],
+                     transformation: str) -> DatasetRecord | None:
+        """The newest version of `name` with this content, split and recipe, if any."""
+        query = datasets.select().where(sa.and_(
+            datasets.c.tenant == tenant, datasets.c.name == name, datasets.c.sha256 == sha256,
+        )).order_by(datasets.c.version.desc())
+        with self.engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                record = DatasetRecord(**row)
+                if (record.split_sha256 == split_sha256
+                        and record.transformation == transformation):
+                    return record
+        return None
 
     def mark_announced(self, dataset_id: str) -> None:
         with self.engine.begin() as conn:
@@ -106,7 +157,8 @@ class DatasetStore:
         if name:
             query = query.where(datasets.c.name == name)
         with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(datasets.c.created_at, datasets.c.id)).mappings()
+            order = (datasets.c.name, datasets.c.version)
+            rows = conn.execute(query.order_by(*order)).mappings()
             return [DatasetRecord(**row) for row in rows]
 
     def unannounced(self) -> list[DatasetRecord]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import hashlib
 import json
 import uuid
 
@@ -20,13 +22,20 @@ from llmstudio.events import (
     decode,
     make_envelope,
 )
+from llmstudio.ml.tiny import build_tiny_model
 from llmstudio.natsserver import free_port
-from llmstudio.storage import LocalArtifactStore
+from llmstudio.storage import LocalArtifactStore, S3ArtifactStore
 from llmstudio.v1 import datasets_pb2, datasets_pb2_grpc
 from services.dataset import core
 from services.dataset.app import build
-from services.dataset.store import DatasetRecord, DatasetStore, DuplicateIdempotencyKey
+from services.dataset.store import (
+    DatasetRecord,
+    DatasetStore,
+    DuplicateIdempotencyKey,
+    VersionTaken,
+)
 from tests.support.harness import put_api_key, running
+from tests.support.seaweed import seaweed_s3
 
 ROWS = [{"prompt": f"Reverse: w{i} v{i}\nAnswer:", "completion": f" v{i} w{i}"} for i in range(40)]
 
@@ -85,6 +94,10 @@ async def create(port, key, **kw):
         return await client.CreateDataset(datasets_pb2.CreateDatasetRequest(**kw), metadata=md)
 
 
+def canonical_jsonl(rows) -> bytes:
+    return "".join(core.canonical(r) + "\n" for r in rows).encode()
+
+
 async def test_create_get_list_with_stable_sha_and_deterministic_split(settings, service, events):
     key = await put_api_key(settings.nats_url, "developer", "acme")
     reformatted = "\n\n".join(
@@ -92,33 +105,39 @@ async def test_create_get_list_with_stable_sha_and_deterministic_split(settings,
         for i, r in enumerate(ROWS)
     ).encode()
     first = await create(service, key, name="reverse", content=jsonl(ROWS), filename="a.jsonl")
-    second = await create(service, key, name="reverse", content=reformatted, filename="b.jsonl")
+    again = await create(service, key, name="reverse", content=reformatted, filename="b.jsonl")
+    changed = await create(service, key, name="reverse", content=jsonl(ROWS[:30]))
 
-    expected = core.prepare("reverse", jsonl(ROWS), "a.jsonl")
-    assert first.id != second.id and first.id.startswith("ds-") and len(first.id) == 15
-    assert first.sha256 == second.sha256 == expected.sha256
-    assert (first.format, first.num_rows) == ("prompt_completion", 40)
-    assert first.train_rows == expected.counts["train"] and first.validation_rows >= 1
-    assert first.train_rows + first.validation_rows == 40
+    sha = hashlib.sha256(canonical_jsonl(ROWS)).hexdigest()
+    assert first.id.startswith("ds-") and len(first.id) == 15
+    # Content-addressed: the same normalized content, split and recipe is the same version.
+    assert again == first and first.sha256 == sha and first.version == 1
+    assert (changed.version, changed.num_rows) == (2, 30) and changed.sha256 != sha
+    assert (first.format, first.num_rows, first.source_schema, first.source_format) == (
+        "prompt_completion", 40, "prompt_completion", "jsonl")
+    assert first.train_rows + first.validation_rows == 40 and first.validation_rows >= 1
+    assert (first.status, list(first.warnings), first.parent_id) == ("accepted", [], "")
+    assert json.loads(first.transformation)["op"] == "upload"
     assert first.tenant == "acme" and first.created_by.startswith("key-")
     assert first.created_at.endswith("Z") and first.created_at[:4].isdigit()
-    assert set(first.artifacts) == {"raw", "train", "validation"}
-    assert dict(first.artifacts) == dict(second.artifacts) | {"raw": first.artifacts["raw"]}
+    assert set(first.artifacts) == {"raw", "rows", "train", "validation", "report"}
 
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     assert artifacts.get_bytes(first.artifacts["raw"]) == jsonl(ROWS)
-    assert artifacts.get_bytes(second.artifacts["raw"]) == reformatted
-    prefix = f"datasets/{expected.sha256}/seed0-val0.1"
-    for split in core.SPLITS:
-        assert first.artifacts[split] == f"{prefix}/{split}.jsonl"
-        assert artifacts.get_bytes(first.artifacts[split]) == expected.files[split]
+    assert artifacts.get_bytes(first.artifacts["rows"]) == canonical_jsonl(ROWS)
+    assert first.artifacts["rows"] == f"datasets/{sha}/rows.jsonl"
+    stored = []
+    for split in ("train", "validation"):
+        assert first.artifacts[split] == f"datasets/{sha}/seed0-val0.1/{split}.jsonl"
+        stored += artifacts.get_bytes(first.artifacts[split]).decode().splitlines()
+    assert sorted(stored) == sorted(canonical_jsonl(ROWS).decode().splitlines())
 
     ch, client, md = stub(service, key)
     async with ch:
         got = await client.GetDataset(datasets_pb2.GetDatasetRequest(id=first.id), metadata=md)
         assert got == first
         listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
-        assert [d.id for d in listed.datasets] == [first.id, second.id]
+        assert [(d.id, d.version) for d in listed.datasets] == [(first.id, 1), (changed.id, 2)]
         by_name = await client.ListDatasets(
             datasets_pb2.ListDatasetsRequest(name="other"), metadata=md)
         assert list(by_name.datasets) == []
@@ -127,17 +146,20 @@ async def test_create_get_list_with_stable_sha_and_deterministic_split(settings,
     assert (env.tenant, env.actor) == ("acme", first.created_by)
     assert (registered.sha256, registered.num_rows) == (first.sha256, 40)
     assert registered.artifacts == dict(first.artifacts)
+    assert len(of_type(events, DatasetRegistered, dataset_id=first.id)) == 1
 
 
-async def test_other_split_parameters_do_not_overwrite_existing_split_files(settings, service):
+async def test_other_split_parameters_make_a_new_version_without_overwriting(settings, service):
     key = await put_api_key(settings.nats_url, "developer", "acme")
     default = await create(service, key, name="r", content=jsonl(ROWS))
     reseeded = await create(service, key, name="r", content=jsonl(ROWS), seed=5,
-                            validation_fraction=0.5)
+                            validation_fraction=0.5, test_fraction=0.2)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
-    assert default.sha256 == reseeded.sha256
+    assert default.sha256 == reseeded.sha256 and reseeded.version == 2
     assert default.artifacts["train"] != reseeded.artifacts["train"]
-    assert 10 < reseeded.validation_rows < 30
+    assert default.artifacts["rows"] == reseeded.artifacts["rows"]
+    assert reseeded.test_rows >= 1 and reseeded.validation_rows >= 10
+    assert reseeded.train_rows + reseeded.validation_rows + reseeded.test_rows == 40
     train = artifacts.get_bytes(default.artifacts["train"]).decode().splitlines()
     assert len(train) == default.train_rows
 
@@ -166,14 +188,15 @@ async def test_invalid_line_rejected_with_line_number_and_nothing_stored(setting
         await create(service, key, name="broken", content=content, filename="data.jsonl")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = e.value.details()
-    assert details.startswith("3 invalid lines; data.jsonl:2: invalid JSON: Expecting ',' delimiter")
+    assert details.startswith("3 invalid rows; data.jsonl:2: invalid JSON: Expecting ',' delimiter")
     assert "data.jsonl:3: field 'completion': missing" in details
+    assert "data.jsonl:4: mixed schemas" in details
 
     env, rejected = (await wait_for(lambda: of_type(events, DatasetRejected, ref="broken")))[0]
     assert env.tenant == "acme" and env.actor.startswith("key-")
     assert rejected.job_id == "" and rejected.reason == details
     assert rejected.errors[0].startswith("data.jsonl:2: invalid JSON")
-    assert len(rejected.errors) == 4
+    assert len(rejected.errors) == 3
 
     ch, client, md = stub(service, key)
     async with ch:
@@ -355,10 +378,10 @@ def test_store_is_tenant_scoped_and_round_trips(store):
 async def test_text_and_preference_datasets(settings, service, events, rows, fmt):
     key = await put_api_key(settings.nats_url, "developer", "acme")
     ds = await create(service, key, name=f"ds-{fmt}", content=jsonl(rows), filename="d.jsonl")
-    expected = core.prepare(f"ds-{fmt}", jsonl(rows), "d.jsonl")
-    assert (ds.format, ds.num_rows, ds.sha256) == (fmt, 6, expected.sha256)
+    expected = hashlib.sha256(canonical_jsonl(rows)).hexdigest()
+    assert (ds.format, ds.num_rows, ds.sha256) == (fmt, 6, expected)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
-    stored = b"".join(artifacts.get_bytes(ds.artifacts[s]) for s in core.SPLITS)
+    stored = b"".join(artifacts.get_bytes(ds.artifacts[s]) for s in ("train", "validation"))
     assert sorted(stored.decode().splitlines()) == sorted(core.canonical(r) for r in rows)
     _, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=ds.id)))[0]
     assert registered.format == fmt
@@ -367,8 +390,8 @@ async def test_text_and_preference_datasets(settings, service, events, rows, fmt
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await create(service, key, name="mixed", content=jsonl(bad), filename="m.jsonl")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"m.jsonl:3: mixed schemas: a prompt_completion row in a file of {fmt} rows (line 1)" \
-        in err.value.details()
+    assert f"m.jsonl:3: mixed schemas: a prompt_completion row in a file of {fmt} rows " \
+        "(set by m.jsonl:1)" in err.value.details()
 
 
 async def test_job_whose_objective_needs_another_format_is_rejected(settings, service, events):
@@ -378,3 +401,224 @@ async def test_job_whose_objective_needs_another_format_is_rejected(settings, se
     _, rejected = (await wait_for(lambda: of_type(events, DatasetRejected, job_id="job-dpo")))[0]
     assert "objective dpo needs a dataset of format preference" in rejected.reason
     assert not of_type(events, DatasetValidated, job_id="job-dpo")
+
+
+def test_store_numbers_versions_per_name_and_refuses_a_taken_number(store):
+    store.add(record(name="r", version=1))
+    store.add(record(name="r", version=2))
+    store.add(record(name="other", version=1))
+    assert store.latest_version("acme", "r") == 2 and store.latest_version("acme", "x") == 0
+    with pytest.raises(VersionTaken):
+        store.add(record(name="r", version=2))
+
+
+# -- streaming upload, import, derive, report, preview -------------------------------------------
+
+
+async def upload(port, key, chunks: list[bytes], **options):
+    ch, client, md = stub(port, key)
+
+    async def messages():
+        yield datasets_pb2.UploadDatasetChunk(
+            options=datasets_pb2.CreateDatasetRequest(**options))
+        for chunk in chunks:
+            yield datasets_pb2.UploadDatasetChunk(data=chunk)
+
+    async with ch:
+        return await client.UploadDataset(messages(), metadata=md)
+
+
+def chunked(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+async def test_streamed_upload_equals_one_message_upload(settings, service):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    streamed = await upload(service, key, chunked(jsonl(ROWS), 97), name="s",
+                            filename="s.jsonl")
+    whole = await create(service, key, name="w", content=jsonl(ROWS))
+    assert streamed.sha256 == whole.sha256 and streamed.num_rows == 40
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    assert artifacts.get_bytes(streamed.artifacts["raw"]) == jsonl(ROWS)
+    assert list((settings.data_dir / "spool").iterdir()) == []  # the spooled upload is gone
+
+
+async def test_upload_protocol_and_size_errors_store_nothing(settings, service):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    ch, client, md = stub(service, key)
+
+    async def data_first():
+        yield datasets_pb2.UploadDatasetChunk(data=b"x")
+
+    async with ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.UploadDataset(data_first(), metadata=md)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("options: the first message")
+
+
+async def test_upload_over_the_size_limit_is_refused(nats_server, tmp_path):
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port(),
+                        dataset_max_upload_bytes=1000)
+    async with running("dataset", build, settings) as port:
+        key = await put_api_key(settings.nats_url, "developer", "acme")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await upload(port, key, chunked(jsonl(ROWS), 300), name="big")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1000 bytes" in e.value.details()
+    assert LocalArtifactStore(tmp_path / "artifacts").list() == []
+
+
+async def test_compressed_upload_past_the_expansion_limit_is_refused(nats_server, tmp_path):
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port(),
+                        dataset_max_expanded_bytes=5000)
+    async with running("dataset", build, settings) as port:
+        key = await put_api_key(settings.nats_url, "developer", "acme")
+        small = await create(port, key, name="ok", content=gzip.compress(jsonl(ROWS[:5])),
+                             filename="ok.jsonl.gz")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await create(port, key, name="bomb", content=gzip.compress(b"\n" * 10**6),
+                         filename="bomb.jsonl.gz")
+        ch, client, md = stub(port, key)
+        async with ch:
+            listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+    assert small.num_rows == 5 and small.source_format == "jsonl"
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "bomb.jsonl.gz" in e.value.details() and "5000" in e.value.details()
+    assert [d.name for d in listed.datasets] == ["ok"]
+
+
+async def import_uri(port, key, uri: str, **options):
+    ch, client, md = stub(port, key)
+    async with ch:
+        return await client.ImportDataset(datasets_pb2.ImportDatasetRequest(
+            options=datasets_pb2.CreateDatasetRequest(**options), source_uri=uri), metadata=md)
+
+
+async def test_import_from_a_server_path_only_under_allowed_roots(nats_server, tmp_path):
+    allowed, outside = tmp_path / "imports", tmp_path / "private"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "ok.jsonl").write_bytes(jsonl(ROWS))
+    (outside / "secret.jsonl").write_bytes(jsonl(ROWS))
+    (allowed / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path / "data",
+                        grpc_port=free_port(), dataset_import_roots=[allowed])
+    async with running("dataset", build, settings) as port:
+        key = await put_api_key(settings.nats_url, "developer", "acme")
+        ds = await import_uri(port, key, (allowed / "ok.jsonl").as_uri(), name="imported")
+        assert ds.num_rows == 40 and json.loads(ds.transformation)["op"] == "import"
+        refused = {
+            (outside / "secret.jsonl").as_uri(): grpc.StatusCode.PERMISSION_DENIED,
+            str(allowed / "link.jsonl"): grpc.StatusCode.PERMISSION_DENIED,
+            f"{allowed}/../private/secret.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
+            "http://example.com/data.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
+            "s3://not-allowed/data.jsonl": grpc.StatusCode.PERMISSION_DENIED,
+            "relative/data.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
+        }
+        for uri, code in refused.items():
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await import_uri(port, key, uri, name="x")
+            assert e.value.code() == code, uri
+            assert e.value.details().startswith("source_uri"), e.value.details()
+        ch, client, md = stub(port, key)
+        async with ch:
+            listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+    assert [d.name for d in listed.datasets] == ["imported"]
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory):
+    with seaweed_s3(tmp_path_factory.mktemp("weed")) as ep:
+        yield ep
+
+
+async def test_import_from_an_allowed_s3_bucket(nats_server, tmp_path, weed):
+    uploads = S3ArtifactStore(weed.endpoint, weed.access_key, weed.secret_key, "raw-data")
+    uploads.put_bytes("team/chat.jsonl", jsonl(ROWS))
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port(),
+                        s3_endpoint=weed.endpoint, s3_access_key=weed.access_key,
+                        s3_secret_key=weed.secret_key, dataset_import_buckets=["raw-data"])
+    async with running("dataset", build, settings) as port:
+        key = await put_api_key(settings.nats_url, "developer", "acme")
+        ds = await import_uri(port, key, "s3://raw-data/team/chat.jsonl", name="from-s3")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await import_uri(port, key, "s3://raw-data/team/missing.jsonl", name="gone")
+    assert ds.num_rows == 40 and ds.sha256 == hashlib.sha256(canonical_jsonl(ROWS)).hexdigest()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "s3://raw-data/team/missing.jsonl" in e.value.details()
+
+
+SECRET_EMAIL = "ada.lovelace@example.org"
+
+
+async def test_derive_dedup_and_redact_records_lineage_and_report(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    rows = ROWS[:20] + ROWS[:3] + [{"prompt": f"write to {SECRET_EMAIL}", "completion": " ok"}]
+    parent = await create(service, key, name="raw", content=jsonl(rows), test_fraction=0.1)
+    assert parent.status == "accepted_with_warnings"
+    assert any(w.startswith("3 exact duplicate") for w in parent.warnings)
+
+    ch, client, md = stub(service, key)
+    async with ch:
+        report = await client.GetDatasetReport(
+            datasets_pb2.GetDatasetReportRequest(id=parent.id), metadata=md)
+        child = await client.DeriveDataset(datasets_pb2.DeriveDatasetRequest(
+            parent_id=parent.id, quality=datasets_pb2.QualityOptions(
+                remove_duplicates=True, redact_pii=True)), metadata=md)
+        with pytest.raises(grpc.aio.AioRpcError) as nothing:
+            await client.DeriveDataset(datasets_pb2.DeriveDatasetRequest(parent_id=parent.id),
+                                       metadata=md)
+        child_report = await client.GetDatasetReport(
+            datasets_pb2.GetDatasetReportRequest(id=child.id), metadata=md)
+    assert (report.exact_duplicates, report.pii_rows, dict(report.pii_counts)) == (
+        3, 1, {"email": 1})
+    assert [(f.row, f.other_row) for f in report.findings if f.kind == "duplicate"] == [
+        (21, 1), (22, 2), (23, 3)]
+    (pii,) = [f for f in report.findings if f.kind == "pii:email"]
+    assert pii.row == 24 and SECRET_EMAIL not in report.report_json
+    assert report.chars.count == 24 and report.chars.max >= report.chars.p50 > 0
+
+    assert (child.name, child.version, child.parent_id) == ("raw", 2, parent.id)
+    assert child.num_rows == 21 and child.test_fraction == parent.test_fraction
+    recipe = json.loads(child.transformation)
+    assert recipe == {"op": "derive", "parent": parent.id, "redact_pii": True,
+                      "remove_duplicates": True, "remove_near_duplicates": False,
+                      "resplit": False}
+    rows_text = LocalArtifactStore(settings.data_dir / "artifacts").get_bytes(
+        child.artifacts["rows"]).decode()
+    assert SECRET_EMAIL not in rows_text and "[EMAIL]" in rows_text
+    assert dict(child_report.pii_counts) == {} and child_report.exact_duplicates == 0
+    assert dict(child_report.redacted_counts) == {"email": 1}
+    assert child_report.removed_exact_duplicates == 3 and child.status == "accepted"
+    assert nothing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=child.id)))[0]
+    assert registered.sha256 == child.sha256
+
+
+async def test_preview_renders_rows_as_the_trainer_sees_them(settings, service, tmp_path):
+    model = build_tiny_model(tmp_path / "tiny")
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    chat = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"hello {i}"},
+                          {"role": "assistant", "content": f"hi {i}"}]} for i in range(4)]
+    ds = await create(service, key, name="chat", content=jsonl(chat), base_model=str(model),
+                      max_length=8)
+    ch, client, md = stub(service, key)
+    async with ch:
+        preview = await client.PreviewDataset(datasets_pb2.PreviewDatasetRequest(
+            id=ds.id, base_model=str(model), limit=2), metadata=md)
+        report = await client.GetDatasetReport(
+            datasets_pb2.GetDatasetReportRequest(id=ds.id), metadata=md)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.PreviewDataset(datasets_pb2.PreviewDatasetRequest(id=ds.id), metadata=md)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert preview.split == "train" and preview.split_rows == ds.train_rows
+    row = preview.rows[0]
+    messages = json.loads(row.row_json)["messages"]
+    assert "Be brief." in row.rendered and messages[1]["content"] in row.rendered
+    assert row.learned.strip().startswith(messages[2]["content"])
+    assert messages[1]["content"] not in row.learned
+    assert 0 < row.learned_tokens < row.num_tokens and not row.truncated
+    assert report.tokenizer == str(model) and report.tokens.count == 4
+    assert report.truncated_rows == 4 and report.tokens.min > 8

@@ -11,7 +11,8 @@ from llmstudio.cli import CliError, build_parser, load_job_spec, main, parse_mod
 
 COMMANDS = [
     ["up"], ["down"], ["status"], ["demo"],
-    ["datasets", "push"], ["datasets", "list"], ["datasets", "show"],
+    ["datasets", "push"], ["datasets", "import"], ["datasets", "derive"], ["datasets", "list"],
+    ["datasets", "show"], ["datasets", "report"], ["datasets", "preview"],
     ["jobs", "create"], ["jobs", "list"], ["jobs", "show"], ["jobs", "watch"], ["jobs", "cancel"],
     ["models", "list"], ["models", "show"], ["models", "stage"],
     ["evals", "list"], ["audit", "verify"], ["audit", "query"],
@@ -35,6 +36,41 @@ def test_model_refs():
         parse_model_ref("reverse@latest")
     with pytest.raises(CliError, match="NAME@VERSION"):
         parse_model_ref("@2")
+
+
+def test_dataset_push_flags_become_ingest_options():
+    from llmstudio.cli import _column_map, _ingest_options
+
+    args = build_parser().parse_args(
+        [
+            "datasets",
+            "push",
+            "qa.csv",
+            "--schema",
+            "prompt_completion",
+            "--map",
+            "prompt=question",
+            "--map",
+            "completion=answer",
+            "--test-fraction",
+            "0.1",
+            "--dedup",
+            "--redact-pii",
+            "--max-invalid-fraction",
+            "0.02",
+        ]
+    )
+    options = _ingest_options(args)
+    assert options["column_map"] == {"prompt": "question", "completion": "answer"}
+    assert (options["schema"], options["test_fraction"], options["max_invalid_fraction"]) == (
+        "prompt_completion",
+        0.1,
+        0.02,
+    )
+    assert options["remove_duplicates"] and options["redact_pii"]
+    assert not options["remove_near_duplicates"] and options["max_pii_fraction"] is None
+    with pytest.raises(CliError, match="expected FIELD=COLUMN"):
+        _column_map(["prompt"])
 
 
 def test_job_spec_errors_name_the_file(tmp_path):

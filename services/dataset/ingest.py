@@ -1,0 +1,557 @@
+"""The ingest pipeline: a source file on local disk -> a validated, cleaned, split dataset version.
+
+    ingest(source, options, limits, workdir)  ->  Ingested (files under workdir, report, verdict)
+                                               or Rejected (errors naming file, line and field)
+
+It streams: every pass reads one record at a time and writes to files under `workdir`, and what
+it keeps per row is a few fixed-size numbers in numpy arrays (hashes, lengths, split scores), so
+memory is bounded by the row count, never by the file size.
+
+    pass 1  decompress (bounded) -> read records -> normalize and validate each -> redact PII if
+            asked -> canonical JSON rows to workdir/candidates.jsonl; scan: exact and near
+            duplicates, PII, lengths (chars, and tokens with a base model's tokenizer)
+    verdict policy thresholds on invalid rows, duplicates and PII -> Rejected, or warnings
+    pass 2  drop removed duplicates -> workdir/rows.jsonl (its sha256 is the version's identity)
+            and each kept row's split score
+    pass 3  write train / validation / test files
+
+The split is a pure function of (seed, canonical row): the same content and seed always give the
+same split, and identical rows land on the same side (no train/validation leakage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import core, formats, schemas
+from .dedup import ExactDuplicates, NearDuplicates, normalize_for_dedup
+from .pii import find_pii, redact
+
+SPLITS = ("train", "validation", "test")
+MAX_FINDINGS_PER_KIND = 20  # row references kept in the report for each kind of finding
+OUTLIER_IQR_FACTOR = 3.0  # Tukey's "far out": beyond Q3 + 3 IQR (or below Q1 - 3 IQR)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Thresholds, as fractions of the rows read (invalid) or of the valid rows (the others)."""
+
+    max_invalid_fraction: float = 0.0
+    max_duplicate_fraction: float = 1.0
+    max_pii_fraction: float = 1.0
+
+    def error(self) -> str | None:
+        for name in ("max_invalid_fraction", "max_duplicate_fraction", "max_pii_fraction"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                return f"policy.{name}: must be between 0 and 1, got {value}"
+        return None
+
+
+@dataclass(frozen=True)
+class Quality:
+    remove_duplicates: bool = False
+    remove_near_duplicates: bool = False
+    redact_pii: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_expanded_bytes: int = 64 << 30  # what a compressed upload may expand to
+    max_line_bytes: int = 16 << 20  # one JSONL line / record
+    near_duplicate_max_rows: int = 1_000_000  # MinHash scan stops (with a warning) beyond this
+
+
+@dataclass(frozen=True)
+class Options:
+    name: str
+    filename: str = ""
+    file_format: str = ""  # "" = detect
+    schema: str = ""  # "" = detect
+    column_map: dict[str, str] = field(default_factory=dict)
+    validation_fraction: float = 0.0  # 0 = core.DEFAULT_VALIDATION_FRACTION
+    test_fraction: float = 0.0
+    seed: int = 0
+    policy: Policy = Policy()
+    quality: Quality = Quality()
+    base_model: str = ""
+    max_length: int = 0
+
+    @property
+    def fractions(self) -> dict[str, float]:
+        validation = self.validation_fraction or core.DEFAULT_VALIDATION_FRACTION
+        return {"test": self.test_fraction, "validation": validation}
+
+    def errors(self) -> list[str]:
+        errors = [e for e in (core.name_error(self.name), self.policy.error()) if e]
+        for split, value in (("validation_fraction", self.validation_fraction),
+                             ("test_fraction", self.test_fraction)):
+            if not (math.isfinite(value) and 0 <= value < 1):
+                errors.append(f"{split}: must be >= 0 and < 1, got {value}")
+        if not errors and self.validation_fraction + self.test_fraction >= 1:
+            errors.append("validation_fraction + test_fraction: must be < 1 (no training rows "
+                          f"left), got {self.validation_fraction + self.test_fraction}")
+        if self.file_format and self.file_format not in formats.FILE_FORMATS:
+            errors.append(f"file_format: must be one of {', '.join(formats.FILE_FORMATS)} or empty "
+                          f"to detect, got {self.file_format!r}")
+        if self.schema and self.schema not in schemas.SCHEMAS:
+            errors.append(f"schema: must be one of {', '.join(schemas.SCHEMAS)} or empty to "
+                          f"detect, got {self.schema!r}")
+        if self.column_map and not self.schema:
+            errors.append("column_map: needs an explicit schema (which fields it maps to)")
+        if self.max_length < 0:
+            errors.append(f"max_length: must be >= 0, got {self.max_length}")
+        return errors
+
+
+@dataclass
+class Ingested:
+    """A valid version's files (under workdir) and what is known about it."""
+
+    format: str  # the normalized format the trainer reads
+    source_schema: str
+    source_format: str
+    sha256: str  # of rows.jsonl
+    num_rows: int
+    counts: dict[str, int]  # split -> rows
+    rows_path: Path
+    split_paths: dict[str, Path]
+    split_sha256: dict[str, str]
+    status: str  # accepted | accepted_with_warnings
+    warnings: list[str]
+    report: dict[str, Any]
+
+
+class Rejected(Exception):
+    def __init__(self, rejection: core.Rejection, report: dict[str, Any] | None = None):
+        self.rejection, self.report = rejection, report or {}
+        super().__init__(rejection.summary())
+
+
+def reject(errors: list[str], invalid_rows: int = 0, total: int | None = None) -> Rejected:
+    return Rejected(core.Rejection(errors[: core.MAX_REPORTED_ERRORS], invalid_rows,
+                                   len(errors) if total is None else total))
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+
+
+def ingest(
+    source: Path,
+    options: Options,
+    workdir: Path,
+    limits: Limits = Limits(),
+    *,
+    token_counter: Callable[[dict], int] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Ingested:
+    """Run the three passes over `source` (a file, or a `datasets` folder). Raises Rejected.
+
+    `token_counter(row) -> tokens` (from the base model's tokenizer, see `tokens.py`) adds
+    token-length stats; `on_progress(rows_read)` is called every 10,000 records."""
+    errors = options.errors()
+    if errors:
+        raise reject(errors)
+    filename = Path(options.filename or source.name).name  # only a name: no client paths in logs
+    try:
+        path, filename = _expanded(source, filename, workdir, limits)
+        file_format = options.file_format or formats.detect_file_format(path, filename)
+        records = formats.read_records(path, filename, file_format,
+                                       max_line_bytes=limits.max_line_bytes)
+        scan = _Scan(options, limits, token_counter)
+        scan.run(records, workdir / "candidates.jsonl", on_progress)
+    except formats.SourceError as e:
+        raise reject([str(e)]) from None
+    scan.source_format = file_format
+    warnings = scan.verdict(filename)
+    return _write_version(scan, options, workdir, warnings)
+
+
+def _expanded(source: Path, filename: str, workdir: Path, limits: Limits) -> tuple[Path, str]:
+    """The source itself, its decompressed copy (bounded) with the compression suffix gone, or
+    the folder a tar holds (a `datasets` folder sent by the CLI)."""
+    if source.is_dir():
+        return source, filename
+    if formats.compression_of(source):
+        target = workdir / "expanded"
+        formats.decompress(source, target, limits.max_expanded_bytes, filename=filename)
+        stem, dot, suffix = filename.rpartition(".")
+        filename = stem if dot and suffix.lower() in formats.COMPRESSION_SUFFIXES else filename
+        source = target
+    if filename.lower().endswith(".tar"):
+        return _untarred(source, filename, workdir / "untarred", limits), filename[:-4]
+    return source, filename
+
+
+def _untarred(archive: Path, filename: str, target: Path, limits: Limits) -> Path:
+    """Extract a tar holding one folder: regular files only, no absolute paths or '..'
+    (tarfile's "data" filter), at most max_expanded_bytes in total."""
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+            total = sum(m.size for m in members if m.isfile())
+            if total > limits.max_expanded_bytes:
+                raise formats.SourceError(f"{filename}: expands to {total} bytes, more than the "
+                                          f"limit of {limits.max_expanded_bytes}")
+            tar.extractall(target, members=[m for m in members if m.isfile() or m.isdir()],
+                           filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise formats.SourceError(f"{filename}: not a readable tar archive: {e}") from None
+    entries = list(target.iterdir()) if target.exists() else []
+    if len(entries) != 1 or not entries[0].is_dir():
+        raise formats.SourceError(f"{filename}: a tar upload must hold exactly one folder "
+                                  "(a datasets save_to_disk folder)")
+    return entries[0]
+
+
+class _Growable:
+    """An append-only numpy vector (amortized doubling): a few bytes per row, not an object."""
+
+    def __init__(self, dtype):
+        self.data, self.n = np.empty(1024, dtype=dtype), 0
+
+    def append(self, value) -> None:
+        if self.n == len(self.data):
+            self.data = np.resize(self.data, 2 * self.n)
+        self.data[self.n] = value
+        self.n += 1
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.n]
+
+
+def row_text(row: dict) -> str:
+    """The text a row carries, for duplicate detection, PII scanning and length stats."""
+    if "messages" in row:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
+    return "\n".join(str(row[k]) for k in sorted(row))
+
+
+def _redacted(row: dict, counts: Counter) -> dict:
+    def clean(text: str) -> str:
+        text, found = redact(text)
+        counts.update(found)
+        return text
+
+    if "messages" in row:
+        return {"messages": [{"role": m["role"], "content": clean(m["content"])}
+                             for m in row["messages"]]}
+    return {k: clean(v) for k, v in row.items()}
+
+
+class _Scan:
+    """Pass 1: read, validate, normalize, and scan every record."""
+
+    def __init__(self, options: Options, limits: Limits, token_counter):
+        self.options, self.limits, self.token_counter = options, limits, token_counter
+        self.schema = options.schema
+        self.first_line = ""  # where the detected schema came from
+        self.format = schemas.NORMALIZED_FORMAT.get(self.schema, "")
+        self.source_format = ""
+        self.rows_read = self.invalid_rows = self.total_errors = 0
+        self.errors: list[str] = []
+        self.exact = ExactDuplicates()
+        self.near = NearDuplicates() if limits.near_duplicate_max_rows > 0 else None
+        self.near_stopped_at = 0
+        self.chars = _Growable(np.int64)
+        self.tokens = _Growable(np.int64)
+        self.pii_counts: Counter = Counter()
+        self.pii_rows = 0
+        self.redacted_counts: Counter = Counter()
+        self.findings: dict[str, list[dict]] = {}
+        self.valid = 0
+
+    def finding(self, kind: str, row: int, **detail) -> None:
+        kept = self.findings.setdefault(kind, [])
+        if len(kept) < MAX_FINDINGS_PER_KIND:
+            kept.append({"kind": kind, "row": row, **detail})
+
+    def error(self, location: str, reasons: list[str]) -> None:
+        self.invalid_rows += 1
+        self.total_errors += len(reasons)
+        room = core.MAX_REPORTED_ERRORS - len(self.errors)
+        self.errors.extend(f"{location}: {r}" for r in reasons[:max(room, 0)])
+
+    def run(self, records: Iterator[tuple[str, Any]], out: Path, on_progress) -> None:
+        with out.open("w", encoding="utf-8") as sink:
+            for location, value in records:
+                self.rows_read += 1
+                if on_progress and self.rows_read % 10_000 == 0:
+                    on_progress(self.rows_read)
+                row = self.normalized(location, value)
+                if row is not None:
+                    sink.write(core.canonical(row) + "\n")
+        if on_progress:
+            on_progress(self.rows_read)
+
+    def normalized(self, location: str, value: Any) -> dict | None:
+        if isinstance(value, formats.RecordError):
+            self.error(location, [value.reason])
+            return None
+        schema = self.options.schema or schemas.detect_schema(value)
+        if not self.options.schema and schema and not self.schema:
+            self.schema, self.first_line = schema, location
+            self.format = schemas.NORMALIZED_FORMAT[schema]
+        if schema is None:
+            self.error(location, [f"row matches no known schema ({', '.join(schemas.SCHEMAS)}); "
+                                  f"got keys {sorted(value) or 'none'}"])
+            return None
+        if schema != self.schema:
+            self.error(location, [f"mixed schemas: a {schema} row in a file of {self.schema} "
+                                  f"rows (set by {self.first_line})"])
+            return None
+        # Without an explicit schema, normalize detects again and refuses rows that mix two.
+        row, reasons = schemas.normalize(value, self.options.schema or None,
+                                         self.options.column_map or None)
+        if reasons:
+            self.error(location, reasons)
+            return None
+        self.observe(row, location)
+        if self.options.quality.redact_pii:
+            row = _redacted(row, self.redacted_counts)
+        return row
+
+    def observe(self, row: dict, location: str) -> None:
+        index = self.valid
+        self.valid += 1
+        text = row_text(row)
+        normalized = normalize_for_dedup(text)
+        self.exact.add(normalized)
+        if self.near is not None:
+            if self.limits.near_duplicate_max_rows and index >= self.limits.near_duplicate_max_rows:
+                self.near_stopped_at = self.near_stopped_at or index
+            else:
+                self.near.add(text)
+        found = find_pii(text)
+        if found:
+            self.pii_rows += 1
+            self.pii_counts.update(f.type for f in found)
+            for f in found:
+                self.finding(f"pii:{f.type}", index + 1,
+                             detail=f"{location}: {_masked(text[f.start:f.end])}")
+        self.chars.append(len(text))
+        if self.token_counter is not None:
+            self.tokens.append(self.token_counter(row))
+
+    # -- verdict ---------------------------------------------------------------------------------
+
+    def verdict(self, filename: str) -> list[str]:
+        """Raise Rejected by the policy, else return the warnings."""
+        policy, warnings = self.options.policy, []
+        if self.valid == 0:
+            if not self.errors:
+                raise reject([f"{filename}: empty file: no rows"])
+            raise reject(self.errors, self.invalid_rows, self.total_errors)
+        if self.invalid_rows:
+            fraction = self.invalid_rows / self.rows_read
+            if fraction > policy.max_invalid_fraction:
+                raise reject(self.errors, self.invalid_rows, self.total_errors)
+            warnings.append(f"{self.invalid_rows} invalid row(s) dropped ({fraction:.2%} of "
+                            f"{self.rows_read}, policy allows {policy.max_invalid_fraction:.2%}); "
+                            f"first: {self.errors[0]}")
+        self.duplicates = self.exact.finish()
+        self.near_pairs = self.near.finish() if self.near is not None else []
+        for dup, first in heapq.nsmallest(MAX_FINDINGS_PER_KIND, self.duplicates.items()):
+            self.finding("duplicate", dup + 1, other_row=first + 1)
+        exact_dups = set(self.duplicates)
+        self.near_only = sorted((d, o, j) for d, o, j in self.near_pairs if d not in exact_dups)
+        for dup, other, jaccard in self.near_only[:MAX_FINDINGS_PER_KIND]:
+            self.finding("near_duplicate", dup + 1, other_row=other + 1,
+                         detail=f"estimated Jaccard {jaccard:.2f}")
+        # Thresholds and warnings are about what the version keeps: duplicates removed and PII
+        # redacted at ingest no longer count against it (the report still lists them).
+        q = self.options.quality
+        self.remaining = {
+            "exact": 0 if q.remove_duplicates else len(self.duplicates),
+            "near": 0 if q.remove_near_duplicates else len(self.near_only),
+            "pii_rows": 0 if q.redact_pii else self.pii_rows,
+        }
+        checks = (
+            ("exact duplicate", self.remaining["exact"], policy.max_duplicate_fraction),
+            ("with PII", self.remaining["pii_rows"], policy.max_pii_fraction),
+        )
+        for what, count, limit in checks:
+            if count / self.valid > limit:
+                raise reject([f"{filename}: {count} of {self.valid} rows {what} "
+                               f"({count / self.valid:.2%}) is above the policy's {limit:.2%}"])
+        if self.remaining["exact"]:
+            warnings.append(f"{self.remaining['exact']} exact duplicate row(s)")
+        if self.remaining["near"]:
+            warnings.append(f"{self.remaining['near']} near-duplicate row(s)")
+        if self.near_stopped_at:
+            warnings.append(f"near-duplicate scan covered the first {self.near_stopped_at} rows "
+                            f"only (limit {self.limits.near_duplicate_max_rows})")
+        if self.remaining["pii_rows"]:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.pii_counts.items()))
+            warnings.append(f"PII in {self.pii_rows} row(s): {kinds}")
+        self.outliers = self._length_outliers()
+        if self.outliers:
+            warnings.append(f"{self.outliers} row(s) are length outliers (beyond "
+                            f"{OUTLIER_IQR_FACTOR:g} IQR of the character-length quartiles)")
+        self.truncated = 0
+        if self.token_counter is not None and self.options.max_length:
+            self.truncated = int((self.tokens.view() > self.options.max_length).sum())
+            if self.truncated:
+                warnings.append(f"{self.truncated} row(s) are longer than max_length "
+                                f"{self.options.max_length} tokens and would be truncated")
+        return warnings
+
+    def _length_outliers(self) -> int:
+        chars = self.chars.view()
+        if len(chars) < 8:  # quartiles of a handful of rows say nothing
+            return 0
+        q1, q3 = np.percentile(chars, [25, 75])
+        spread = OUTLIER_IQR_FACTOR * max(q3 - q1, 1.0)
+        outlying = np.flatnonzero((chars > q3 + spread) | (chars < q1 - spread))
+        for index in outlying[:MAX_FINDINGS_PER_KIND]:
+            self.finding("outlier", int(index) + 1, detail=f"{int(chars[index])} characters")
+        return len(outlying)
+
+    def removed(self) -> np.ndarray:
+        """Sorted indices of the valid rows that the quality options drop."""
+        drop: set[int] = set()
+        if self.options.quality.remove_duplicates:
+            drop.update(self.duplicates)
+        if self.options.quality.remove_near_duplicates:
+            drop.update(d for d, _, _ in self.near_pairs)
+        return np.array(sorted(drop), dtype=np.int64)
+
+
+def _masked(value: str) -> str:
+    """A finding's value as the report shows it: enough to locate it, not enough to leak it."""
+    return value[:2] + "*" * max(len(value) - 4, 1) + value[-2:] if len(value) > 6 else "*" * 6
+
+
+def length_stats(values: np.ndarray) -> dict[str, float | int]:
+    if len(values) == 0:
+        return {"count": 0}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99], method="nearest")
+    return {"count": int(len(values)), "min": int(values.min()), "max": int(values.max()),
+            "mean": float(values.mean()), "p50": int(p50), "p95": int(p95), "p99": int(p99)}
+
+
+# -- passes 2 and 3 -----------------------------------------------------------------------------
+
+
+def split_unit(seed: int, row: str) -> float:
+    """The row's position in [0, 1), from sha256(seed:row): test below the test fraction,
+    validation in the next band, train above."""
+    digest = hashlib.sha256(f"{seed}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(units: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
+    """Split index per row (0 train, 1 validation, 2 test).
+
+    Bands: test [0, t), validation [t, t + v), train [t + v, 1). A requested split left empty
+    by the bands (train first) takes the row nearest to its band from the largest split (which
+    keeps >= 1 row), so with enough rows every requested split is non-empty. A single row is
+    training data.
+    """
+    t, v = fractions["test"], fractions["validation"]
+    sides = np.where(units < t, 2, np.where(units < t + v, 1, 0)).astype(np.int8)
+    if len(units) == 1:
+        return np.zeros(1, dtype=np.int8)
+    bands = {0: (t + v, 1.0), 1: (t, t + v), 2: (0.0, t)}
+    for side in (0, 1, 2):
+        lo, hi = bands[side]
+        if hi <= lo or (sides == side).any():
+            continue
+        counts = np.bincount(sides, minlength=3)
+        donor = int(counts.argmax())
+        if counts[donor] < 2:
+            continue
+        distance = np.where(units < lo, lo - units, units - hi)
+        candidates = np.flatnonzero(sides == donor)
+        sides[candidates[np.argmin(distance[candidates])]] = side
+    return sides
+
+
+def _write_version(scan: _Scan, options: Options, workdir: Path,
+                   warnings: list[str]) -> Ingested:
+    removed = scan.removed()
+    rows_path = workdir / "rows.jsonl"
+    digest = hashlib.sha256()
+    units = _Growable(np.float64)
+    with (workdir / "candidates.jsonl").open("rb") as src, rows_path.open("wb") as dst:
+        for index, line in enumerate(src):
+            position = np.searchsorted(removed, index)
+            if position < len(removed) and removed[position] == index:
+                continue
+            dst.write(line)
+            digest.update(line)
+            units.append(split_unit(options.seed, line[:-1].decode("utf-8")))
+    (workdir / "candidates.jsonl").unlink()
+    sides = assign_splits(units.view(), options.fractions)
+    wanted = [s for s in SPLITS if s != "test" or options.test_fraction > 0]
+    split_paths = {s: workdir / f"{s}.jsonl" for s in wanted}
+    split_digests = {s: hashlib.sha256() for s in wanted}
+    handles = {s: p.open("wb") for s, p in split_paths.items()}
+    try:
+        with rows_path.open("rb") as src:
+            for line, side in zip(src, sides, strict=True):
+                split = SPLITS[side]
+                handles[split].write(line)
+                split_digests[split].update(line)
+    finally:
+        for h in handles.values():
+            h.close()
+    counts = {s: int((sides == i).sum()) for i, s in enumerate(SPLITS) if s in wanted}
+    report = _report(scan, options, warnings, len(sides))
+    return Ingested(
+        format=scan.format, source_schema=scan.schema, source_format=scan.source_format,
+        sha256=digest.hexdigest(), num_rows=len(sides), counts=counts, rows_path=rows_path,
+        split_paths=split_paths,
+        split_sha256={s: d.hexdigest() for s, d in split_digests.items()},
+        status="accepted_with_warnings" if warnings else "accepted",
+        warnings=warnings, report=report,
+    )
+
+
+def _report(scan: _Scan, options: Options, warnings: list[str], kept: int) -> dict[str, Any]:
+    return {
+        "status": "accepted_with_warnings" if warnings else "accepted",
+        "warnings": warnings,
+        "source": {"format": scan.source_format, "schema": scan.schema},
+        "rows_read": scan.rows_read,
+        "valid_rows": scan.valid,
+        "rows": kept,
+        "invalid_rows": scan.invalid_rows,
+        "errors": scan.errors,
+        "total_errors": scan.total_errors,
+        # In the version (after the quality options) ...
+        "exact_duplicates": scan.remaining["exact"],
+        "near_duplicates": scan.remaining["near"],
+        "pii_rows": scan.remaining["pii_rows"],
+        "pii_counts": {} if options.quality.redact_pii else dict(sorted(scan.pii_counts.items())),
+        # ... and what the quality options took out of the source rows.
+        "removed": {"exact_duplicates": len(scan.duplicates) - scan.remaining["exact"],
+                    "near_duplicates": len(scan.near_only) - scan.remaining["near"]},
+        "redacted": dict(sorted(scan.redacted_counts.items())),
+        "near_duplicate_scan_rows": scan.near_stopped_at or scan.valid,
+        "length_outliers": scan.outliers,
+        "chars": length_stats(scan.chars.view()),
+        "tokens": length_stats(scan.tokens.view()) if scan.token_counter else {"count": 0},
+        "tokenizer": options.base_model if scan.token_counter else "",
+        "max_length": options.max_length,
+        "truncated_rows": scan.truncated,
+        "quality": {"remove_duplicates": options.quality.remove_duplicates,
+                    "remove_near_duplicates": options.quality.remove_near_duplicates,
+                    "redact_pii": options.quality.redact_pii},
+        "findings": [f for kind in sorted(scan.findings) for f in scan.findings[kind]],
+    }
+
+
+def report_json(report: dict[str, Any]) -> bytes:
+    return json.dumps(report, indent=1, sort_keys=True).encode("utf-8")

@@ -1,0 +1,63 @@
+"""Where ImportDataset may read from: S3 URIs of allowed buckets, server paths under allowed
+roots. Everything else is refused before a byte is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from llmstudio.errors import InvalidArgument, PermissionDenied
+
+
+@dataclass(frozen=True)
+class S3Source:
+    bucket: str
+    key: str
+
+
+@dataclass(frozen=True)
+class PathSource:
+    path: Path
+
+
+def parse_source(uri: str, allowed_buckets: list[str],
+                 allowed_roots: list[Path]) -> S3Source | PathSource:
+    """Check `uri` against the allowlists. Raises InvalidArgument (malformed, unsupported scheme,
+    '..') or PermissionDenied (outside the allowlists)."""
+    if not uri:
+        raise InvalidArgument("source_uri", "required (s3://bucket/key or file:///path)")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        key = parsed.path.lstrip("/")
+        if not parsed.netloc or not key:
+            raise InvalidArgument("source_uri", f"{uri!r}: expected s3://bucket/key")
+        if ".." in PurePosixPath(key).parts:
+            raise InvalidArgument("source_uri", f"{uri!r}: '..' is not allowed in a key")
+        if parsed.netloc not in allowed_buckets:
+            allowed = ", ".join(allowed_buckets) or "none (LLMSTUDIO_DATASET_IMPORT_BUCKETS)"
+            raise PermissionDenied(f"source_uri: bucket {parsed.netloc!r} is not in the import "
+                                   f"allowlist (allowed: {allowed})")
+        return S3Source(parsed.netloc, key)
+    if parsed.scheme not in ("file", ""):
+        raise InvalidArgument("source_uri", f"scheme {parsed.scheme!r} is not supported: use "
+                                            "s3://bucket/key or file:///path")
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise InvalidArgument("source_uri", f"{uri!r}: a file URI names no host")
+    raw = unquote(parsed.path) if parsed.scheme == "file" else uri
+    path = PurePosixPath(raw)
+    if not path.is_absolute():
+        raise InvalidArgument("source_uri", f"{uri!r}: a server path must be absolute")
+    if ".." in path.parts:
+        raise InvalidArgument("source_uri", f"{uri!r}: '..' is not allowed in a path")
+    if not allowed_roots:
+        raise PermissionDenied("source_uri: importing server paths is disabled (set "
+                               "LLMSTUDIO_DATASET_IMPORT_ROOTS)")
+    resolved = Path(raw).resolve()  # a symlink must not lead out of the roots either
+    roots = [Path(r).resolve() for r in allowed_roots]
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise PermissionDenied(f"source_uri: {raw} is outside the allowed import roots "
+                               f"({', '.join(map(str, roots))})")
+    if not resolved.exists():
+        raise InvalidArgument("source_uri", f"{raw}: no such file or folder")
+    return PathSource(resolved)
