@@ -75,7 +75,7 @@ _PERMUTATION_RNG = np.random.default_rng(0x5EED)
 _MULTIPLIERS = _PERMUTATION_RNG.integers(1, 2**63, NUM_PERMUTATIONS, dtype=np.uint64) * 2 + 1
 _INCREMENTS = _PERMUTATION_RNG.integers(0, 2**63, NUM_PERMUTATIONS, dtype=np.uint64)
 _SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
-_NIBBLE_SHIFTS = (np.arange(VALUES_PER_BAND, dtype=np.uint32) * BITS_PER_VALUE)
+_NIBBLE_SHIFTS = np.arange(VALUES_PER_BAND, dtype=np.uint32) * BITS_PER_VALUE
 
 
 def normalize_for_dedup(text: str) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import core, formats, schemas
-from .dedup import ExactDuplicates, NearDuplicates, normalize_for_dedup
+from .dedup import ExactDuplicates, NearDuplicates
 from .pii import find_pii, redact
 
 SPLITS = ("train", "validation", "test")
@@ -326,8 +326,7 @@ class _Scan:
         index = self.valid
         self.valid += 1
         text = row_text(row)
-        normalized = normalize_for_dedup(text)
-        self.exact.add(normalized)
+        self.exact.add(text)  # normalizes (NFKC, case, whitespace) itself
         if self.near is not None:
             if self.limits.near_duplicate_max_rows and index >= self.limits.near_duplicate_max_rows:
                 self.near_stopped_at = self.near_stopped_at or index

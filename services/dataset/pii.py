@@ -9,22 +9,24 @@ set, so every type is a shape plus a check that ordinary text rarely passes.
     email        local@domain.tld; the TLD is a two-letter country code or a common generic one
                  (so `q@k.transpose(` and `x@self.weight` in code are not addresses); not the
                  user part of a URL (`https://user:pw@host`) nor an SSH remote (`git@host:path`).
-    phone        E.164 (`+44 20 7946 0958`, 8-15 digits after `+`) and North American numbers
-                 (`(555) 123-4567`, `555-123-4567`, `555.123.4567`, `1-800-555-0199`; the area
-                 code starts with 2-9 and separators are consistent; the exchange is not checked,
-                 as sample numbers like 555-123-4567 are common). National formats without a
-                 country code (`020 7946 0958`) are not detected: they look like any digit group.
+    phone        E.164 (`+44 20 7946 0958`: an assigned country code, 8-15 digits) and North
+                 American numbers (`(555) 123-4567`, `555-123-4567`, `555.123.4567`,
+                 `1-800-555-0199`; area code 2-9xx, consistent separators, not the tail of a
+                 longer digit group; the exchange is not checked, as sample numbers like
+                 555-123-4567 are common). National formats without a country code
+                 (`020 7946 0958`) are not detected: they look like any digit group.
     credit_card  13-19 digits, contiguous or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 with one kind of
                  separator, a known issuer prefix with a length that issuer uses, and Luhn.
     iban         two capital letters, check digits, BBAN, optionally spaced in groups of four; the
                  length must be the country's and the mod-97 checksum must hold.
-    ip_address   IPv4 (octets 0-255, no leading zeros) not preceded by a version word (`v`,
-                 `version`, `release`, `build`, `section`, ...), and IPv6 incl. compressed forms
-                 (validated by `ipaddress`; a compressed address needs a digit and a group with a
-                 hex letter or four digits, so C++ `Add::add` and slices `x[1::2]` are not
-                 addresses). Loopback and unspecified addresses (127.0.0.0/8, 0.0.0.0, ::1, ::)
-                 and netmasks (255.x.x.x) identify no one and appear in every config snippet:
-                 not reported.
+    ip_address   IPv4 (octets 0-255, no leading zeros, not followed by `.word`) not preceded by
+                 a version word (`v`, `version`, `release`, `build`, `section`, ...), and IPv6
+                 incl. compressed forms (validated by `ipaddress`; a compressed address needs a
+                 digit and a group with a hex letter or four digits, so C++ `Add::add` and slices
+                 `x[1::2]` are not addresses). Loopback, unspecified, multicast and reserved
+                 addresses (127/8, 0.0.0.0, 224/4, 240/4 with netmasks like 255.255.255.0, ::1,
+                 ::) identify no one and fill config snippets: not reported. Plain dotted quads
+                 in other contexts (`"1.0.0.0"` as a version string) are reported.
     national_id  US SSN `ddd-dd-dddd` (area not 000/666/9xx, group not 00, serial not 0000);
                  UK NINO `AB123456C` (valid prefix letters, suffix A-D); Canadian SIN
                  `ddd-ddd-ddd` (Luhn); Spanish DNI `12345678Z` / NIE `X1234567L` (mod-23 letter);
@@ -36,9 +38,9 @@ set, so every type is a shape plus a check that ordinary text rarely passes.
                  Stripe sk_/rk_ live/test and pk_live_, Google AIza..., JWTs, PEM private key
                  blocks, passwords in URLs (`scheme://user:pw@host`), and values assigned to a
                  password/secret/api_key/token/... key (`=`, `:`, `:=`, `=>`) that look generated:
-                 not a placeholder or a code reference, with a letter and a digit, and either three
-                 character classes or >= 16 chars of >= 3 bits/char with >= 20% digits. Only the
-                 value is a finding, so `password=[SECRET]` keeps the key.
+                 not a placeholder, code reference or class name, with a letter and a digit, and
+                 either three character classes or >= 16 chars of >= 3 bits/char with >= 20%
+                 digits. Only the value is a finding, so `password=[SECRET]` keeps the key.
 
 Overlaps are resolved in favour of the more specific type (secret > iban > credit_card >
 national_id > email > ip_address > phone), then the longer finding.
@@ -185,18 +187,28 @@ def _find_email_at(text: str, at: int, found: list[Finding]) -> None:
 
 # --- phone -------------------------------------------------------------------------------------
 
-# North American: "1" country prefix, "(" area code, or the area code's first digit.
+# North American, not the tail of a longer digit sequence (SI digit grouping: 4.359 744 722 2071).
 _NANP_PHONE_RE = re.compile(
-    r"[(\d](?<![\w+.-][(\d])"
-    r"(?:(?<=1)[ .-]?(?:\([2-9]\d\d\)[ .-]?\d{3}[ .-]|[2-9]\d\d([ .-])\d{3}\1)"
-    r"|(?<=\()[2-9]\d\d\)[ .-]?\d{3}[ .-]"
-    r"|(?<=[2-9])\d\d([ .-])\d{3}\2)"
+    r"[(\d](?<![\w+.-][(\d])(?<!\d[ .-][(\d])"
+    r"(?:(?<=1)([ .-])[2-9]\d\d\1\d{3}\1"  # 1-800-555-0199, 1 555 123 4567
+    r"|(?<=1)[ -]?\([2-9]\d\d\)[ .-]?\d{3}[ .-]"  # 1 (555) 123-4567
+    r"|(?<=\()[2-9]\d\d\)[ .-]?\d{3}[ .-]"  # (555) 123-4567
+    r"|(?<=[2-9])\d\d([ .-])\d{3}\2)"  # 555-123-4567, 555.123.4567
     r"\d{4}(?![\w-]|\.\d)"
 )
 # `+`, country code, then 7-14 more digits, each optionally after one separator or parenthesis.
 _INTERNATIONAL_PHONE_RE = re.compile(
     r"\+(?<![\w+]\+)[1-9](?:[ .-]?\(?\d\)?){7,14}(?![\w-]|[ .-]?\d)"
 )
+# ITU-T E.164 country calling codes in use: "+2147483647" in code is not a phone number.
+_COUNTRY_CALLING_CODES = frozenset(
+    "1 7 20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 60 61 62 "
+    "63 64 65 66 81 82 84 86 90 91 92 93 94 95 98 211 212 213 216 218 290 291 297 298 299 380 "
+    "381 382 383 385 386 387 389 420 421 423 670 800 808 850 852 853 855 856 870 878 880 881 "
+    "882 883 886 888 979 992 993 994 995 996 998".split()
+) | {str(code) for code in (*range(220, 259), *range(260, 270), *range(350, 360),
+                            *range(370, 379), *range(500, 510), *range(590, 600),
+                            *range(672, 693), *range(960, 969), *range(970, 978))}
 
 
 def _find_phones(text: str, digits: int, found: list[Finding]) -> None:
@@ -206,7 +218,12 @@ def _find_phones(text: str, digits: int, found: list[Finding]) -> None:
     if "+" in text:
         for match in _INTERNATIONAL_PHONE_RE.finditer(text):
             number = match.group()
-            if number.count("(") == number.count(")") <= 1:
+            if number.count("(") != number.count(")") or number.count("(") > 1:
+                continue
+            if number.count(".") == 1:  # a signed decimal: +35236450.6
+                continue
+            digits_only = "".join(char for char in number if char.isdigit())
+            if any(digits_only[:n] in _COUNTRY_CALLING_CODES for n in (1, 2, 3)):
                 found.append(Finding(PHONE, match.start(), match.end()))
 
 
@@ -312,7 +329,7 @@ def _iban_checksum_valid(compact: str) -> bool:
 
 # --- IP address --------------------------------------------------------------------------------
 
-_IPV4_RE = re.compile(r"\d(?<![\w.-]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w-]|\.\d)")
+_IPV4_RE = re.compile(r"\d(?<![\w.-]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w-]|\.\w)")
 _VERSION_BEFORE_RE = re.compile(
     r"(?i)(?:\bv|\bversion|\bver\.?|\brelease|\brel\.?|\bbuild|\bsection|§)\s*[:#]?\s*$"
 )
@@ -325,12 +342,12 @@ _HEX_LETTER_RE = re.compile(r"[A-Fa-f]")
 def _find_ipv4(text: str, found: list[Finding]) -> None:
     for match in _IPV4_RE.finditer(text):
         start = match.start()
-        address = match.group()
-        octets = address.split(".")
-        if any(int(octet) > 255 or (len(octet) > 1 and octet[0] == "0") for octet in octets):
-            continue  # not an address, or written with leading zeros (a date: 01.02.03.04)
-        if address == "0.0.0.0" or octets[0] in ("127", "255"):
-            continue  # unspecified, loopback, or a netmask (255.255.255.0): no one's address
+        try:  # octets 0-255, no leading zeros (01.02.03.04 is more likely a date)
+            parsed = ipaddress.IPv4Address(match.group())
+        except ValueError:
+            continue
+        if parsed.is_loopback or parsed.is_unspecified or parsed.is_multicast or parsed.is_reserved:
+            continue  # no one's address; 240/4 also holds netmasks such as 255.255.255.0
         if _VERSION_BEFORE_RE.search(text, max(0, start - 16), start):
             continue
         found.append(Finding(IP_ADDRESS, start, match.end()))
@@ -362,9 +379,10 @@ _UK_NINO_RE = re.compile(
     r"[A-CEGHJ-PR-TW-Z](?<![A-Za-z0-9][A-Z])[A-CEGHJ-NPR-TW-Z](?: ?\d{2}){3} ?[A-D](?![A-Za-z0-9])"
 )
 _UK_NINO_UNUSED_PREFIXES = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
-# DNI: 8 digits and a letter; NIE: X, Y or Z, 7 digits and a letter.
+# DNI: 8 digits and a letter; NIE: X, Y or Z, 7 digits and a letter. Not after "/": DOIs such
+# as 10.1137/10081232X end that way.
 _SPAIN_ID_RE = re.compile(
-    r"[\dXYZ](?<![\w+.-][\dXYZ])(?:(?<=\d)\d{7}|(?<=[XYZ])-?\d{7})-?[A-Z](?![\w-])"
+    r"[\dXYZ](?<![\w+./-][\dXYZ])(?:(?<=\d)\d{7}|(?<=[XYZ])-?\d{7})-?[A-Z](?![\w-])"
 )
 _SPAIN_CHECK_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
 _ITALY_FISCAL_CODE_RE = re.compile(
@@ -476,9 +494,14 @@ _PREFIXED_TOKEN_RE = re.compile(
 _TOKEN_PREFIXES = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox",
                    "_live_", "_test_", "AIza", "eyJ")
 _OPENAI_KEY_RE = re.compile(r"(?<![\w-])sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}")
+# Headers (Proc-Type, DEK-Info), then a base64 body, whose newlines may be escaped (a key in a
+# string literal); a block cut short ends with its body. Code that merely mentions the markers
+# has no body between them.
 _PRIVATE_KEY_RE = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"
-    r"(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|[A-Za-z0-9+/=\s]*)"
+    r"(?:(?:\s|\\[nr])*[A-Za-z-]+:[^\n\\]*)*"
+    r"(?:[A-Za-z0-9+/=\s]|\\[nr]){40,}"
+    r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?"
 )
 _URL_PASSWORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:([^\s:/@]+)@")
 _SECRET_KEY_WORDS = ("pass", "pwd", "secret", "key", "token", "credential")
@@ -496,6 +519,7 @@ _ASSIGNED_SECRET_RE = re.compile(
 _NOT_LITERAL_CHARS = frozenset("<>{}[]()$*%")
 _PLACEHOLDER_WORDS = frozenset({"password", "pass", "passwd", "pwd", "secret", "changeme"})
 _DOTTED_PATH_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+_CAPITALIZED_WORD_RE = re.compile(r"[A-Z][a-z]{2,}")
 
 
 def _find_secrets(text: str, found: list[Finding]) -> None:
@@ -537,6 +561,9 @@ def _has_digit_upper_lower(value: str) -> bool:
 def _looks_generated(value: str) -> bool:
     """A literal secret rather than a word, a placeholder or a reference to one."""
     if _NOT_LITERAL_CHARS & set(value) or _DOTTED_PATH_RE.fullmatch(value):
+        return False
+    # mostly capitalized words: a type or class name (`private_key: PKCS7PrivateKeyTypes`)
+    if sum(map(len, _CAPITALIZED_WORD_RE.findall(value))) >= 0.6 * len(value):
         return False
     digits = sum(char.isdigit() for char in value)
     if digits == 0 or not any(char.isalpha() for char in value):
