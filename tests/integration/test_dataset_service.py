@@ -622,3 +622,38 @@ async def test_preview_renders_rows_as_the_trainer_sees_them(settings, service, 
     assert 0 < row.learned_tokens < row.num_tokens and not row.truncated
     assert report.tokenizer == str(model) and report.tokens.count == 4
     assert report.truncated_rows == 4 and report.tokens.min > 8
+
+
+async def test_a_100_mb_single_line_is_refused_by_line_and_nothing_is_stored(settings, service):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    ch, client, md = stub(service, key)
+    head = jsonl(ROWS[:2]) + b'{"prompt": "'
+
+    async def messages():
+        yield datasets_pb2.UploadDatasetChunk(options=datasets_pb2.CreateDatasetRequest(
+            name="huge", filename="huge.jsonl"))
+        yield datasets_pb2.UploadDatasetChunk(data=head)
+        for _ in range(100):  # 100 MiB of one line, sent without holding it here either
+            yield datasets_pb2.UploadDatasetChunk(data=b"x" * (1 << 20))
+        yield datasets_pb2.UploadDatasetChunk(data=b'", "completion": "y"}\n' + jsonl(ROWS[2:4]))
+
+    async with ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await client.UploadDataset(messages(), metadata=md)
+        listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("1 invalid row; huge.jsonl:3: line is ")
+    assert f"limit of {settings.dataset_max_line_bytes} bytes" in e.value.details()
+    assert list(listed.datasets) == []
+    assert LocalArtifactStore(settings.data_dir / "artifacts").list() == []
+    assert list((settings.data_dir / "spool").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../etc", "/etc/passwd", "a/../../b", "data\x00"])
+async def test_names_that_are_paths_are_refused(settings, service, name):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create(service, key, name=name, content=jsonl(ROWS))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("name: must")
+    assert LocalArtifactStore(settings.data_dir / "artifacts").list() == []

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from services.dataset import core, ingest
+from services.dataset.pii import PII_TYPES
 
 SECRET_EMAIL = "jane.doe@example.com"
 
@@ -386,3 +387,14 @@ def test_every_fixture_ingests_to_the_same_normalized_rows(tmp_path, path, fmt):
     got = ingest.ingest(path, ingest.Options(name="fixture"), tmp_path)
     assert got.format == fmt
     assert [json.loads(x) for x in lines(got.rows_path)] == [json.loads(x) for x in expected]
+
+
+def test_the_redacted_version_of_the_seeded_pii_fixture_holds_none_of_it(tmp_path):
+    seeded = FIXTURES.parent / "pii" / "seeded.jsonl"
+    expected = [e for line in lines(seeded) for e in json.loads(line)["expected"]]
+    got = ingest.ingest(seeded, ingest.Options(name="pii", schema="text",
+                                               quality=ingest.Quality(redact_pii=True)), tmp_path)
+    text = got.rows_path.read_text(encoding="utf-8")
+    assert {e["type"] for e in expected} == set(PII_TYPES)
+    assert [e["value"] for e in expected if e["value"] in text] == []
+    assert sum(got.report["redacted"].values()) >= len(expected)
