@@ -60,6 +60,8 @@ async def announce(bus: Bus, store: DatasetStore, record: DatasetRecord) -> None
         dataset_id=record.id, name=record.name, sha256=record.sha256, format=record.format,
         num_rows=record.num_rows, train_rows=record.train_rows,
         validation_rows=record.validation_rows, artifacts=record.artifacts,
+        version=record.version, parent_id=record.parent_id,
+        transformation=record.transformation,
     )
     await bus.publish(event, tenant=record.tenant, actor=record.created_by)
     await asyncio.to_thread(store.mark_announced, record.id)

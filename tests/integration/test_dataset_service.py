@@ -593,7 +593,9 @@ async def test_derive_dedup_and_redact_records_lineage_and_report(settings, serv
     assert child_report.removed_exact_duplicates == 3 and child.status == "accepted"
     assert nothing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=child.id)))[0]
-    assert registered.sha256 == child.sha256
+    assert (registered.sha256, registered.version, registered.parent_id) == (
+        child.sha256, 2, parent.id)
+    assert json.loads(registered.transformation) == recipe
 
 
 async def test_preview_renders_rows_as_the_trainer_sees_them(settings, service, tmp_path):

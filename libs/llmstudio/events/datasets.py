@@ -19,6 +19,9 @@ class DatasetRegistered(EventData):
     train_rows: int
     validation_rows: int
     artifacts: dict[str, str]
+    version: int = 1
+    parent_id: str = ""  # the version this one was derived from ("" for an upload)
+    transformation: str = ""  # JSON: how it was made (upload, import, derive and its options)
 
 
 @register
