@@ -66,7 +66,7 @@ def _one(method: str, gc: bool, steps: int) -> dict:
 
     from llmstudio.jobspec import JobSpec
     from llmstudio.ml.allocator import return_freed_tensors_to_os
-    from llmstudio.ml.loss import chunked_lm_loss_sum, decoder_and_head
+    from llmstudio.ml.loss import CausalLMLossSum
     from services.trainer.methods import load_for_training
 
     # The trainer's allocator setting (train_sft applies it too), before the baseline.
@@ -93,21 +93,19 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     load_peak_anon = poller.peak_anon * 1024
 
     opt = torch.optim.AdamW([p for _, p in pm.trainable], lr=1e-4)
-    decoder, head = decoder_and_head(pm.model)
+    loss_model = CausalLMLossSum(pm.model)  # the recipe's training loss, chunked
     losses = []
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        # Memory-lean loss (llmstudio.ml.loss): decoder hidden states, then the output head on
-        # labelled positions only, in checkpointed chunks. The recipe does not use it yet.
-        hidden = decoder(input_ids=ids, attention_mask=am).last_hidden_state
-        loss_sum, n_tokens = chunked_lm_loss_sum(hidden, head, ids)
-        loss = loss_sum / n_tokens
+        # The recipe's loss (llmstudio.ml.loss): decoder hidden states, then the output head on
+        # labelled positions only, in checkpointed chunks.
+        loss = loss_model(labels=ids, input_ids=ids, attention_mask=am) / (ids.numel() - len(ids))
         loss.backward()
         opt.step()
         pm.after_backward(step)
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
-        del hidden, loss_sum, loss
+        del loss
     train_s = time.perf_counter() - t0
     poller.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

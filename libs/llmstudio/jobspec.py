@@ -99,6 +99,13 @@ class EvalOptions(_Strict):
     max_new_tokens: int = Field(32, ge=1)
 
 
+# Methods the FSDP strategy does not shard: bitsandbytes' quantized weights are not tensors FSDP
+# can split; AdaLoRA's rank allocator reads and masks whole matrices and their gradients; peft
+# saves a prompt-learning adapter as an embedding computed from the prompt encoder's (there
+# sharded) parameters, and these methods train too few parameters for sharding to matter.
+FSDP_UNSUPPORTED_METHODS = ("qlora", "lora_8bit", "adalora", *PROMPT_METHODS)
+
+
 class DistributedOptions(_Strict):
     """Data parallel training: `num_processes` workers' processes (accelerate / torchrun)."""
 
@@ -131,6 +138,16 @@ class JobSpec(_Strict):
             raise ValueError("adalora.target_r must be <= adalora.init_r")
         if self.hyperparameters.packing and self.objective in ("dpo", "orpo"):
             raise ValueError("hyperparameters.packing applies to sft and pretrain only")
+        if self.distributed.strategy == "fsdp" and self.method in FSDP_UNSUPPORTED_METHODS:
+            raise ValueError(
+                f"distributed.strategy fsdp does not support method {self.method}; use ddp"
+            )
+        if self.distributed.strategy == "fsdp" and self.hyperparameters.optimizer != "adamw":
+            raise ValueError(
+                "distributed.strategy fsdp does not support optimizer "
+                f"{self.hyperparameters.optimizer} (bitsandbytes does not update sharded "
+                "parameters); use adamw or strategy ddp"
+            )
         return self
 
     def model_name(self) -> str:

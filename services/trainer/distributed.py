@@ -10,8 +10,10 @@
                                    rendezvous comes from the environment (MASTER_ADDR,
                                    MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK).
 
-Every process runs `recipe.train_sft`; it finds the process group and takes its shard of each
-global batch (see the recipe's docstring).
+Every process runs `recipe.train_sft`; it finds the process group, takes its shard of each
+global batch and wraps the model the way `spec.distributed.strategy` says: DDP, or FSDP2
+(parameters, gradients and optimizer state sharded over the ranks; gloo on CPU works too).
+See the recipe's docstring.
 """
 
 from __future__ import annotations
@@ -40,17 +42,11 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 def check_distributed(spec: JobSpec) -> None:
     """Raise UnsupportedOnHardware if this machine cannot run the spec's process layout."""
-    n, strategy = spec.distributed.num_processes, spec.distributed.strategy
-    if torch.cuda.is_available():
-        if n > torch.cuda.device_count():
-            raise UnsupportedOnHardware(
-                f"distributed.num_processes={n} needs {n} GPUs on this worker, it has "
-                f"{torch.cuda.device_count()} (multi-node: launch with torchrun, see README)"
-            )
-    elif strategy == "fsdp":
+    n = spec.distributed.num_processes
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
         raise UnsupportedOnHardware(
-            "distributed.strategy fsdp shards the model over GPUs and needs CUDA (NCCL); "
-            "use strategy ddp for data parallel on CPU processes"
+            f"distributed.num_processes={n} needs {n} GPUs on this worker, it has "
+            f"{torch.cuda.device_count()} (multi-node: launch with torchrun, see README)"
         )
 
 

@@ -484,19 +484,24 @@ def _peft_type(model) -> str:
     return str(model.peft_config[model.active_adapter].peft_type.value)
 
 
-def save_trainable(model, ckpt_dir: Path) -> None:
+def save_trainable(
+    model, ckpt_dir: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """Adapters: peft `save_pretrained` (adapter_model.safetensors + adapter_config.json); full:
-    transformers `save_pretrained` (model.safetensors + config.json). Never pickle."""
+    transformers `save_pretrained` (model.safetensors + config.json). Never pickle.
+    `state_dict`: the model's full state when its parameters are sharded (FSDP), saved instead
+    of the model's own."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    given = {} if state_dict is None else {"state_dict": state_dict}
     if _is_peft(model):
         if _peft_type(model) == "ADALORA":
             with _adalora_unpruned(model) as pattern:
-                model.save_pretrained(str(ckpt_dir), safe_serialization=True)
+                model.save_pretrained(str(ckpt_dir), safe_serialization=True, **given)
             if pattern:
                 (ckpt_dir / ADALORA_RANK_PATTERN_FILE).write_text(json.dumps(pattern))
         else:
-            model.save_pretrained(str(ckpt_dir), safe_serialization=True)
+            model.save_pretrained(str(ckpt_dir), safe_serialization=True, **given)
         if _peft_type(model) == "P_TUNING":
             from safetensors.torch import save_file
 
@@ -506,7 +511,7 @@ def save_trainable(model, ckpt_dir: Path) -> None:
             }
             save_file(state, str(ckpt_dir / PROMPT_ENCODER_STATE_FILE))
     else:
-        model.save_pretrained(str(ckpt_dir), safe_serialization=True)
+        model.save_pretrained(str(ckpt_dir), safe_serialization=True, **given)
 
 
 def _check_keys(ckpt_dir: Path, got: set[str], want: set[str]) -> None:

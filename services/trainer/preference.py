@@ -12,10 +12,17 @@
 - Prompts are cut to their last `spec.preference.max_prompt_length` tokens before TRL sees them
   (the text nearest the answer matters most); prompt + answer is cut to `max_seq_length`.
 - fp32 on CPU (TRL's configs default to bf16 and gradient checkpointing: both off unless the
-  spec asks for them and there is a GPU); nothing reported to W&B & co.; TRL writes no
-  checkpoints of its own: checkpoints are written here with `recipe.write_checkpoint` (adapter
-  safetensors, optimizer.safetensors, trainer_state.json, manifest.json last) and announced
-  through `on_checkpoint`, every `checkpoint_every` steps and at the end (also when stopped).
+  spec asks for them and there is a GPU); nothing reported to W&B & co.
+- Checkpoints: transformers decides when (every `checkpoint_every` steps, at `max_steps`, and when
+  `should_stop` asks; always after that step's metrics are logged), and what it writes is the
+  recipe's checkpoint (`recipe.write_checkpoint`: adapter or model safetensors,
+  optimizer.safetensors, rng.safetensors, scheduler.json, trainer_state.json holding also the
+  Trainer's own state, manifest.json last), announced through `on_checkpoint`; the newest
+  `keep_last_checkpoints` are kept. TRL and transformers write no files of their own.
+- Resume (`resume_from`): transformers' own resume path (global step; the batches of the current
+  epoch already trained are skipped; the RNG is restored after them), reading those files instead
+  of its pickles, so the run goes on with the same data order, learning rate, optimizer moments
+  and counters as if it had never stopped.
 - Metrics forwarded to `on_metrics` every `log_every` steps: step, max_steps, loss,
   learning_rate, epoch, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies
   (plus TRL's logps/* when present). DPO rewards are beta * log(pi/pi_ref); ORPO rewards are
@@ -24,7 +31,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,14 +43,29 @@ from typing import Any
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
 
 from . import methods
-from .recipe import CHECKPOINT_FORMAT, TrainResult, pick_device, write_checkpoint
+from .recipe import (
+    CHECKPOINT_FORMAT,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    TRAINER_STATE,
+    TrainResult,
+    load_optimizer_state,
+    pick_device,
+    remove_checkpoint,
+    restore_rng_state,
+    write_checkpoint,
+)
 
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 _OPTIM = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 # TRL log keys forwarded to on_metrics (besides step / max_steps / loss / learning_rate / epoch).
 _FORWARDED_PREFIXES = ("rewards/", "logps/", "log_odds", "nll_loss")
+# Key in trainer_state.json: the transformers TrainerState, which its resume path reads back.
+TRANSFORMERS_STATE = "transformers_state"
 
 
 def _never() -> bool:
@@ -79,8 +104,22 @@ def _optimizer_param_names(model, optimizer) -> list[str]:
     return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def _unwrapped_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _complete_checkpoints(out_dir: Path) -> list[Path]:
+    """The checkpoint-<step> directories under `out_dir` that have their manifest, oldest first."""
+    found = [
+        p for p in out_dir.glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit() and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
 class _Bridge(TrainerCallback):
-    """TRL/transformers events -> on_metrics, should_stop, our checkpoints."""
+    """TRL/transformers events -> on_metrics, should_stop, when to checkpoint."""
 
     def __init__(self, run: _Run) -> None:
         self.run = run
@@ -90,14 +129,23 @@ class _Bridge(TrainerCallback):
         self.run.after_backward(state.global_step + 1)
         return control
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+    def on_step_end(self, args, state, control, **kw):
         run = self.run
         run.step = state.global_step
-        ce = run.spec.hyperparameters.checkpoint_every
-        if ce and run.step % ce == 0 and run.step < run.spec.hyperparameters.max_steps:
-            run.checkpoint(model, optimizer)
-        if run.should_stop():
-            run.stopped = True
+        hp = run.spec.hyperparameters
+        every = hp.checkpoint_every
+        # should_save: the Trainer logs this step, then calls _RecipeCheckpoints._save_checkpoint
+        if run.step >= hp.max_steps or (every and run.step % every == 0):
+            control.should_save = True
+        if run.stop_requested():
+            control.should_save = True  # no finished step is lost
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        # A stop asked for while the checkpoint was written (the worker uploads it in
+        # on_checkpoint) ends the run at this step, not one step later.
+        if self.run.stop_requested():
             control.should_training_stop = True
         return control
 
@@ -134,6 +182,49 @@ class _Bridge(TrainerCallback):
         return control
 
 
+class _RecipeCheckpoints:
+    """Mixed into TRL's DPOTrainer / ORPOTrainer. transformers keeps deciding when to save and
+    how to resume (global step, skipping the batches of the resumed epoch already trained,
+    restoring the RNG only after them, so neither the data order nor the random stream changes);
+    these overrides make it write and read the recipe's checkpoint files (safetensors + JSON)
+    instead of its pickles.
+    The `resume_from_checkpoint` path transformers passes in is ignored: the files come from
+    `run.resume_from` (see `_train`)."""
+
+    run: _Run
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.run.checkpoint(self)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        methods.load_trainable(self.run.prepared, self.run.resume_from)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        ckpt = self.run.resume_from
+        optimizer = _unwrapped_optimizer(self.optimizer)
+        load_optimizer_state(
+            optimizer, ckpt / OPTIMIZER_FILE, _optimizer_param_names(self.model, optimizer)
+        )
+        saved = json.loads((ckpt / SCHEDULER_FILE).read_text())
+        schedule = saved["scheduler"]
+        schedule["lr_lambdas"] = [None] * len(schedule["lr_lambdas"])  # functions of the spec
+        self.lr_scheduler.load_state_dict(schedule)
+        scaler = self.accelerator.scaler
+        if scaler is not None and scaler.is_enabled() and "grad_scaler" in saved:
+            scaler.load_state_dict(saved["grad_scaler"])
+
+    def _load_rng_state(self, checkpoint) -> None:
+        restore_rng_state(self.run.resume_from / RNG_FILE)
+
+
+def _trainer_class(objective: str) -> type:
+    if objective == "dpo":
+        from trl import DPOTrainer as trl_trainer
+    else:
+        from trl.experimental.orpo import ORPOTrainer as trl_trainer
+    return type(trl_trainer.__name__, (_RecipeCheckpoints, trl_trainer), {})
+
+
 class _Run:
     """Mutable state of one training run, shared by the callback and the checkpoint writer."""
 
@@ -148,19 +239,51 @@ class _Run:
         hp = spec.hyperparameters
         self.samples_per_step = hp.batch_size * hp.gradient_accumulation_steps
         self.step = 0
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # as of the last log
         self.loss = math.nan
         self.first_loss = math.nan
         self.stopped = False
         self.history: list[dict] = []
         self.last_ckpt: Path | None = None
+        self.kept = _complete_checkpoints(out_dir)  # oldest first, for keep_last_checkpoints
+        self.resume_from: Path | None = None
+        self.resume_state: dict[str, Any] = {}
+        self.prepared: methods.PreparedModel | None = None
         self.after_backward: Callable[[int], None] = lambda _step: None
         self.last_log_step, self.last_log_t = 0, time.perf_counter()
 
-    def checkpoint(self, model, optimizer) -> Path:
+    def restore(self, ckpt: Path) -> None:
+        """Step, losses, counters and history as `ckpt` left them; the trainer loads the rest
+        (`_RecipeCheckpoints`)."""
+        verify_checkpoint(ckpt)
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        if TRANSFORMERS_STATE not in state:
+            raise CheckpointError(
+                f"{ckpt}: no Trainer state in {TRAINER_STATE} (an SFT checkpoint, or one written "
+                "before preference runs could resume); cannot resume a preference run from it"
+            )
+        if state["num_examples"] != self.num_examples:
+            raise CheckpointError(
+                f"{ckpt}: trained on {state['num_examples']} rows, this run has "
+                f"{self.num_examples}; cannot resume on different data"
+            )
+        self.resume_from, self.resume_state = ckpt, state
+        self.step = self.last_log_step = state["step"]
+        self.loss, self.first_loss = state["loss"], state["first_loss"]
+        self.tokens_seen = state["tokens_seen"]
+        self.history = state["log_history"]
+        self.last_ckpt = ckpt
+
+    def stop_requested(self) -> bool:
+        """should_stop(), asked while steps remain; once true, stays true."""
+        if not self.stopped and self.step < self.spec.hyperparameters.max_steps:
+            self.stopped = self.should_stop()
+        return self.stopped
+
+    def checkpoint(self, trainer) -> Path:
         hp = self.spec.hyperparameters
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        param_names = _optimizer_param_names(model, inner)
+        self.step = trainer.state.global_step
+        optimizer = _unwrapped_optimizer(trainer.optimizer)
         samples_seen = self.step * self.samples_per_step
         trainer_state = {
             "format": CHECKPOINT_FORMAT,
@@ -169,22 +292,57 @@ class _Run:
             "max_steps": hp.max_steps,
             "loss": self.loss,
             "first_loss": self.first_loss,
-            "tokens_seen": self.tokens_seen,
+            # DPO's own count is exact at this step; self.tokens_seen is as of the last log
+            "tokens_seen": getattr(trainer, "_total_train_tokens", self.tokens_seen),
             "samples_seen": samples_seen,
             "epoch": samples_seen / max(self.num_examples, 1),
             "num_examples": self.num_examples,
-            "seeds": {"seed": hp.seed, "trainer": "transformers.Trainer (TRL)"},
+            "seeds": {
+                "seed": hp.seed,
+                "data_order": "transformers.Trainer: per-epoch shuffle seeded by (seed, epoch)",
+            },
             "base_model": self.model_dir,
             "spec": self.spec.model_dump(mode="json"),
             "log_history": self.history,
+            TRANSFORMERS_STATE: dataclasses.asdict(trainer.state),
         }
         path = write_checkpoint(
-            self.out_dir / f"checkpoint-{self.step}", model, inner, param_names, trainer_state
+            self.out_dir / f"checkpoint-{self.step}", trainer.model, optimizer,
+            _optimizer_param_names(trainer.model, optimizer), trainer_state,
+            scheduler=trainer.lr_scheduler, scaler=trainer.accelerator.scaler,
         )
         self.last_ckpt = path
+        self.kept.append(path)
+        if hp.keep_last_checkpoints:
+            while len(self.kept) > hp.keep_last_checkpoints:
+                remove_checkpoint(self.kept.pop(0))
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, self.step)
         return path
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            steps=self.step,
+            final_loss=self.loss,
+            first_loss=self.first_loss,
+            tokens_seen=self.tokens_seen,
+            adapter_dir=self.last_ckpt,
+            stopped=self.stopped,
+            stop_reason="stopped" if self.stopped else "max_steps",
+        )
+
+
+def _train(trainer, run: _Run) -> None:
+    if run.resume_from is None:
+        trainer.train()
+        return
+    # transformers reads its TrainerState from <dir>/trainer_state.json, the name of the recipe's
+    # own state file: hand it a directory holding just that state; _RecipeCheckpoints reads
+    # everything else from the checkpoint itself.
+    with tempfile.TemporaryDirectory(prefix=".resume-", dir=run.out_dir) as staging:
+        state = run.resume_state[TRANSFORMERS_STATE]
+        (Path(staging) / TRAINER_STATE).write_text(json.dumps(state))
+        trainer.train(resume_from_checkpoint=staging)
 
 
 def _config(spec: JobSpec, out_dir: Path, on_gpu: bool):
@@ -236,6 +394,7 @@ def train_preference(
     on_metrics: Callable[[dict], None] = _ignore,
     should_stop: Callable[[], bool] = _never,
     on_checkpoint: Callable[[Path, int], None] | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
     if spec.objective not in PREFERENCE_OBJECTIVES:
         raise ValueError(f"train_preference runs dpo and orpo, not {spec.objective}")
@@ -248,8 +407,13 @@ def train_preference(
     hp = spec.hyperparameters
     set_seed(hp.seed)
     run = _Run(spec, model_dir, out_dir, on_metrics, should_stop, on_checkpoint, len(train_rows))
-    if should_stop():  # cancelled before the first step
-        return TrainResult(0, math.nan, math.nan, 0, None, True, stop_reason="stopped")
+    if resume_from is not None:
+        run.restore(Path(resume_from))
+    if run.step >= hp.max_steps:  # resumed from the final checkpoint: nothing left to train
+        return run.result()
+    if should_stop():  # cancelled before the first step (of this process)
+        run.stopped = True
+        return run.result()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
@@ -257,8 +421,10 @@ def train_preference(
     device = pick_device()
     # The method registry loads the model (fp32; 4/8-bit base for qlora / lora_8bit) and wraps
     # it with the spec's adapter; TRL then uses the adapter-disabled model as DPO's reference.
-    # (A full fine-tune gets a frozen reference copy from TRL.)
+    # (A full fine-tune gets a frozen reference copy from TRL, made before a resumed run loads
+    # its checkpoint's weights: the reference stays the base model.)
     prepared = methods.load_for_training(spec, model_dir, device)
+    run.prepared = prepared
     run.after_backward = prepared.after_backward
     model = prepared.model
 
@@ -272,13 +438,12 @@ def train_preference(
         for r in train_rows
     ])
     config = _config(spec, out_dir, device.type == "cuda")
+    trainer = _trainer_class(spec.objective)(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[_Bridge(run)],
+    )
+    trainer.run = run
     if spec.objective == "dpo":
-        from trl import DPOTrainer
-
-        trainer = DPOTrainer(
-            model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-            callbacks=[_Bridge(run)],
-        )
         # Given a PeftModel, TRL copies its fresh adapter into a frozen "ref" adapter to score
         # the reference. A freshly initialized adapter is the identity, so the base model with
         # adapters disabled (what TRL does without "ref") is the same reference, costs no copy,
@@ -286,25 +451,9 @@ def train_preference(
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         if "ref" in getattr(unwrapped, "peft_config", {}):
             unwrapped.delete_adapter("ref")
-    else:
-        from trl.experimental.orpo import ORPOTrainer
-
-        trainer = ORPOTrainer(
-            model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-            callbacks=[_Bridge(run)],
-        )
+        # DPO's token count starts at 0 in each process: a resumed run goes on from its checkpoint's
+        trainer._total_train_tokens = run.tokens_seen
     trainer.remove_callback(PrinterCallback)  # metrics go to on_metrics, not stdout
-    trainer.train()
-
+    _train(trainer, run)
     run.step = trainer.state.global_step
-    if run.step > 0 and (run.last_ckpt is None or run.last_ckpt.name != f"checkpoint-{run.step}"):
-        run.checkpoint(trainer.model, trainer.optimizer)
-    return TrainResult(
-        steps=run.step,
-        final_loss=run.loss,
-        first_loss=run.first_loss,
-        tokens_seen=run.tokens_seen,
-        adapter_dir=run.last_ckpt,
-        stopped=run.stopped,
-        stop_reason="stopped" if run.stopped else "max_steps",
-    )
+    return run.result()

@@ -12,10 +12,20 @@ tokens of the whole step (all micro-batches, all processes), clips the gradient 
 metrics every `log_every` steps, evaluates every `eval_every` steps (early stopping), honours a
 stop request and writes checkpoints, keeping the newest `keep_last_checkpoints`.
 
+The loss: the model runs inside `llmstudio.ml.loss.CausalLMLossSum`, which puts only the
+labelled positions through the output head, in chunks, so the full [batch, seq, vocab] logits
+never exist (architectures that change the logits after the head, and prompt-learning methods,
+keep the full logits).
+
 Data parallel: when torch.distributed is initialized (services/trainer/distributed.py), every
 process runs this same function; each global micro-batch of `batch_size * world_size` examples
-is cut into one shard per rank, the model is wrapped in DistributedDataParallel (gradients
-all-reduced), and only rank 0 writes checkpoints and reports metrics.
+is cut into one shard per rank, and only rank 0 writes checkpoints and reports metrics.
+Gradients are averaged over the ranks by DistributedDataParallel (strategy ddp: every rank
+holds the whole model) or by FSDP2 `fully_shard` (strategy fsdp: each rank holds 1/world of
+the parameters, gradients and optimizer state; a decoder layer's parameters are all-gathered
+just for its forward and backward). Under FSDP every rank takes part in writing a checkpoint:
+the shards are gathered into full tensors on rank 0, so a checkpoint is the same files whatever
+the strategy and number of processes, and any of them can resume it.
 
 A checkpoint directory holds:
     adapter or model weights    safetensors (methods.save_trainable)
@@ -57,14 +67,8 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.allocator import return_freed_tensors_to_os
 from llmstudio.ml.checkpoint import MANIFEST, CheckpointError, file_sha256, verify_checkpoint
-from llmstudio.ml.data import (
-    IGNORE_INDEX,
-    causal_lm_loss_sum,
-    collate,
-    count_learned_tokens,
-    encode_example,
-    pad_id_of,
-)
+from llmstudio.ml.data import IGNORE_INDEX, collate, count_learned_tokens, encode_example, pad_id_of
+from llmstudio.ml.loss import CausalLMLossSum
 from llmstudio.ml.packing import collate_packed, pack_examples
 
 from . import methods
@@ -122,19 +126,11 @@ def train_sft(
     out_dir = Path(out_dir)
     rank, world = _rank_and_world()
     main = rank == 0
+    sharded = world > 1 and spec.distributed.strategy == "fsdp"
     device = pick_device()
 
-    # 0. refuse what this hardware cannot run, before any work (fp16 on a CPU, fsdp on a CPU...)
+    # 0. refuse what this hardware cannot run, before any work (fp16 on a CPU...)
     methods.check_hardware(spec, device)
-    if spec.distributed.strategy == "fsdp" and device.type != "cuda":
-        raise methods.UnsupportedOnHardware(
-            "distributed.strategy fsdp shards the model over GPUs and needs CUDA (NCCL); "
-            "use strategy ddp for data parallel on CPU processes"
-        )
-    if spec.distributed.strategy == "fsdp" and world > 1:
-        raise NotImplementedError(
-            "distributed.strategy fsdp: this recipe shards with DDP only so far; use ddp"
-        )
     if spec.distributed.num_processes != world:
         raise ValueError(
             f"distributed.num_processes={spec.distributed.num_processes} but this run has "
@@ -175,33 +171,43 @@ def train_sft(
             batch = collate([examples[u] for u in units], pad_id)
         return {k: v.to(device) for k, v in batch.items()}
 
-    # 3. model, the way the method says (full weights, adapter, quantized base...)
+    # 3. model, the way the method says (full weights, adapter, quantized base...); resumed
+    #    weights are loaded before sharding, as a checkpoint holds full tensors
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
     prepared = methods.load_for_training(spec, model_dir, device)
     model = prepared.model
     model.train()
-    named_params = list(prepared.trainable)
-    param_names = [n for n, _ in named_params]
-    params = [p for _, p in named_params]
-    train_model = model
-    if world > 1:  # gradients all-reduced across processes (averaged: see the loss scale below)
+    if resume_from is not None:
+        verify_checkpoint(Path(resume_from))
+        methods.load_trainable(prepared, Path(resume_from))
+    loss_model = CausalLMLossSum(model, prepared.logits_offset)
+    train_model: torch.nn.Module = loss_model
+    if sharded:  # gradients reduce-scattered (averaged: see the loss scale below)
+        shard_model(loss_model, amp_dtype)
+        # fully_shard replaced every parameter by its shard: train those, and drop the
+        # references to the full-size originals so that their memory is freed
+        prepared.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    elif world > 1:  # gradients all-reduced (averaged: see the loss scale below)
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    param_names = [n for n, _ in prepared.trainable]
+    params = [p for _, p in prepared.trainable]
 
-    # 4. optimizer + schedule + mixed precision
+    # 4. optimizer + schedule + fp16 loss scaling (on sharded gradients too: DTensor reduces
+    #    the inf/NaN check over the ranks)
     optimizer = make_optimizer(hp.optimizer, params, hp.learning_rate, hp.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, hp.max_steps)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=spec.precision == "fp16")
 
-    # 5. resume: weights, optimizer, scheduler, RNG, step, data position, early stopping
+    # 5. resume: optimizer, scheduler, RNG, step, data position, early stopping
     step, samples_seen, tokens_seen = 0, 0, 0
     loss, first_loss, history = math.nan, math.nan, []
     early = {"best": None, "best_step": 0, "bad_evals": 0}
     eval_loss: float | None = None
     if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), prepared, optimizer, param_names,
-                                scheduler=scheduler, scaler=scaler)
+        state = load_training_state(Path(resume_from), optimizer, param_names, scheduler=scheduler,
+                                    scaler=scaler, sharded_model=model if sharded else None)
         if state["num_examples"] != len(examples):
             raise CheckpointError(
                 f"{resume_from}: trained on {state['num_examples']} examples, "
@@ -220,9 +226,21 @@ def train_sft(
     kept: list[Path] = sorted(
         (p for p in out_dir.glob("checkpoint-*") if (p / MANIFEST).is_file()), key=_ckpt_step
     ) if main else []
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = None  # rank 0's newest checkpoint
+    ckpt_step = -1  # its step, known to every rank
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
+        """Rank 0 writes a checkpoint of this step. Every rank calls it: under FSDP gathering
+        the shards into full tensors is a collective."""
+        nonlocal ckpt_step
+        ckpt_step = step
+        model_state = optimizer_state = None
+        if sharded:
+            model_state, optimizer_state = gather_full_state(
+                model, optimizer, param_names, adapter=prepared.is_adapter
+            )
+        if not main:
+            return None
         trainer_state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -247,7 +265,8 @@ def train_sft(
             "log_history": history,
         }
         path = write_checkpoint(out_dir / f"checkpoint-{step}", model, optimizer, param_names,
-                                trainer_state, scheduler=scheduler, scaler=scaler)
+                                trainer_state, scheduler=scheduler, scaler=scaler,
+                                model_state=model_state, optimizer_state=optimizer_state)
         kept.append(path)
         if hp.keep_last_checkpoints:
             while len(kept) > hp.keep_last_checkpoints:
@@ -275,13 +294,11 @@ def train_sft(
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or world == 1 else train_model.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                      enabled=amp_dtype is not None):
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = train_model(**inputs).logits[:, prepared.logits_offset:]
-                part, _ = causal_lm_loss_sum(logits, batch["labels"])
-                # DDP averages gradients over ranks: scale by world so the result is the
+            with _gradient_sync(train_model, last), torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                part = train_model(**batch)
+                # DDP and FSDP average gradients over ranks: scale by world so the result is the
                 # gradient of (sum of every rank's loss) / (learned tokens of the step)
                 objective = part * world / max(step_tokens, 1)
                 if last and prepared.extra_loss is not None:  # e.g. AdaLoRA's regularizer
@@ -307,8 +324,8 @@ def train_sft(
 
         evaluated = bool(eval_interval) and (step % eval_interval == 0 or step == hp.max_steps)
         if evaluated:
-            eval_loss = evaluate_loss(model, eval_examples, hp.batch_size, pad_id, device,
-                                      amp_dtype, prepared.logits_offset)
+            eval_loss = evaluate_loss(loss_model, eval_examples, hp.batch_size, pad_id, device,
+                                      amp_dtype)
             improved = early["best"] is None or eval_loss < early["best"] - (
                 hp.early_stopping.min_delta if hp.early_stopping else 0.0)
             if improved:
@@ -344,11 +361,11 @@ def train_sft(
 
         if stop_reason != "max_steps":
             break
-        if main and hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.max_steps:
+        if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.max_steps:
             last_ckpt = checkpoint()
 
     # 7. final checkpoint (also when stopped early, so no finished step is lost)
-    if main and step > 0 and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
+    if step > 0 and ckpt_step != step:
         last_ckpt = checkpoint()
     if world > 1:
         dist.barrier()  # no rank leaves (and tears the group down) before the last checkpoint
@@ -382,22 +399,20 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_id: int,
-                  device: torch.device, amp_dtype: torch.dtype | None,
-                  logits_offset: int = 0) -> float:
-    """Mean next-token loss over the learned tokens of `examples` (same masking as training)."""
-    was_training = model.training
-    model.eval()
+def evaluate_loss(loss_model: CausalLMLossSum, examples: list[dict], batch_size: int,
+                  pad_id: int, device: torch.device, amp_dtype: torch.dtype | None) -> float:
+    """Mean next-token loss over the learned tokens of `examples` (same masking as training).
+    Under FSDP every rank must call it with the same examples (the forward all-gathers)."""
+    was_training = loss_model.training
+    loss_model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                          enabled=amp_dtype is not None):
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            s, n = causal_lm_loss_sum(logits[:, logits_offset:], batch["labels"])
-            total += float(s)
-            count += n
-    model.train(was_training)
+            total += float(loss_model(**batch))
+            count += _learned(batch["labels"])
+    loss_model.train(was_training)
     return total / max(count, 1)
 
 
@@ -422,6 +437,28 @@ def _encode(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
 
 def _learned(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@contextlib.contextmanager
+def _gradient_sync(train_model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Context for one micro-batch's forward and backward: without `sync`, gradients only
+    accumulate on this rank (DDP's no_sync, FSDP's set_requires_gradient_sync(False)); the
+    step's last micro-batch reduces them all at once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if sync:
+        yield
+    elif isinstance(train_model, FSDPModule):
+        train_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            train_model.set_requires_gradient_sync(True)
+    elif isinstance(train_model, torch.nn.parallel.DistributedDataParallel):
+        with train_model.no_sync():
+            yield
+    else:
+        yield
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -482,6 +519,70 @@ def _example_stream(n: int, seed: int, *, start: int = 0) -> Iterator[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# FSDP: sharding the model, and its full state for checkpoints
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (through a peft wrapper): the modules whose
+    class is in its `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def shard_model(loss_model: CausalLMLossSum, amp_dtype: torch.dtype | None) -> None:
+    """FSDP2, in place: each decoder layer is one shard group, all-gathered for its own forward
+    and backward only; the root `loss_model` holds the rest (embeddings, final norm, output
+    head: tied weights must share a group) and stays gathered from its forward to its backward.
+    With bf16 / fp16 the gathered parameters are cast to that dtype for compute, gradients are
+    reduced in fp32 and the sharded parameters (what the optimizer updates) stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    layers = decoder_layers(loss_model.model)
+    if not layers:
+        raise ValueError(
+            "distributed.strategy fsdp: found no decoder layers (_no_split_modules) to shard in "
+            f"{type(loss_model.model).__name__}; use strategy ddp"
+        )
+    policy = MixedPrecisionPolicy(param_dtype=amp_dtype,
+                                  reduce_dtype=torch.float32 if amp_dtype else None)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(loss_model, mp_policy=policy)
+
+
+def gather_full_state(model, optimizer: torch.optim.Optimizer, param_names: list[str], *,
+                      adapter: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full (unsharded) state dict of an FSDP-sharded `model` (only its trainable parameters
+    for an adapter; buffers always) and of its optimizer in `optimizer.state_dict()`'s layout,
+    on rank 0's CPU; the other ranks get empty dicts. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
+    weights = get_model_state_dict(model, options=options)
+    # tied parameters (an output head sharing the input embedding) are gathered as separate
+    # copies: make them one tensor again, so that save_pretrained stores it once, as unsharded
+    first_name: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(p), name)
+        if first != name and name in weights and first in weights:
+            weights[name] = weights[first]
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not by_name:
+        return weights, {}
+    index = {name: i for i, name in enumerate(param_names)}  # parameter name -> position
+    return weights, {
+        "state": {index[name]: s for name, s in by_name["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                         for g in by_name["param_groups"]],
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # checkpoints: files first, manifest last; safetensors + JSON only
 
 
@@ -510,12 +611,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def optimizer_tensors(
-    optimizer: torch.optim.Optimizer, param_names: list[str]
+    sd: dict[str, Any], param_names: list[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten an optimizer state dict into named tensors + JSON-able rest. Nested state
-    (bitsandbytes keeps its quantization state in a dict per parameter) becomes
-    `state/<param name>/<key>/<sub key>`."""
-    sd = optimizer.state_dict()
+    """Flatten an optimizer state dict (`optimizer.state_dict()`) into named tensors + JSON-able
+    rest. Nested state (bitsandbytes keeps its quantization state in a dict per parameter)
+    becomes `state/<param name>/<key>/<sub key>`."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
 
@@ -547,9 +647,12 @@ def _set_path(d: dict, path: str, value: Any) -> None:
 
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, path: Path, param_names: list[str]
+    optimizer: torch.optim.Optimizer, path: Path, param_names: list[str], *,
+    sharded_model: torch.nn.Module | None = None,
 ) -> None:
-    """Inverse of `optimizer_tensors` as stored in optimizer.safetensors."""
+    """Inverse of `optimizer_tensors` as stored in optimizer.safetensors. With `sharded_model`
+    (the FSDP-sharded model owning the optimizer's parameters) the full state read from the file
+    is sharded like the parameters."""
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["optimizer"])
     if meta["param_names"] != param_names:
@@ -567,7 +670,17 @@ def load_optimizer_state(
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if sharded_model is None:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    by_name = {  # the layout of torch.distributed.checkpoint: parameters by name
+        "state": {param_names[i]: s for i, s in state.items()},
+        "param_groups": [{**g, "params": [param_names[i] for i in g["params"]]} for g in groups],
+    }
+    set_optimizer_state_dict(sharded_model, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -609,13 +722,18 @@ def write_checkpoint(
     *,
     scheduler=None,
     scaler: torch.amp.GradScaler | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights, optimizer, scheduler, RNG and trainer state into `ckpt`, then
-    manifest.json last."""
+    manifest.json last. `model_state` / `optimizer_state`: the full state of an FSDP-sharded
+    model and its optimizer (`gather_full_state`), written instead of the sharded one."""
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / MANIFEST).unlink(missing_ok=True)  # rewriting: invalid until the new manifest
-    methods.save_trainable(model, ckpt)
-    tensors, meta = optimizer_tensors(optimizer, param_names)
+    methods.save_trainable(model, ckpt, state_dict=model_state)
+    tensors, meta = optimizer_tensors(
+        optimizer.state_dict() if optimizer_state is None else optimizer_state, param_names
+    )
     save_file(tensors, str(ckpt / OPTIMIZER_FILE),
               metadata={"format": "llmstudio.optimizer.v1", "optimizer": json.dumps(meta)})
     rng_tensors, rng_meta = rng_state()
@@ -649,14 +767,15 @@ def write_checkpoint(
     return ckpt
 
 
-def load_checkpoint(ckpt: Path, prepared, optimizer, param_names: list[str], *,
-                    scheduler=None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler, grad scaler and RNG states from a verified
-    checkpoint; return its trainer_state."""
-    verify_checkpoint(ckpt)
+def load_training_state(ckpt: Path, optimizer, param_names: list[str], *, scheduler=None,
+                        scaler: torch.amp.GradScaler | None = None,
+                        sharded_model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore optimizer, scheduler, grad scaler and RNG states from a verified checkpoint
+    whose weights are loaded (methods.load_trainable); return its trainer_state.
+    `sharded_model`: see `load_optimizer_state`."""
     state = json.loads((ckpt / TRAINER_STATE).read_text())
-    methods.load_trainable(prepared, ckpt)
-    load_optimizer_state(optimizer, ckpt / OPTIMIZER_FILE, param_names)
+    load_optimizer_state(optimizer, ckpt / OPTIMIZER_FILE, param_names,
+                         sharded_model=sharded_model)
     sched_path = ckpt / SCHEDULER_FILE
     if sched_path.is_file():
         sched = json.loads(sched_path.read_text())

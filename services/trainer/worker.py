@@ -222,6 +222,11 @@ class Worker:
             job.checkpoint_key = prefix
             self._prune_stored_checkpoints(item.job_id, spec.hyperparameters.keep_last_checkpoints)
 
+        # resume from this job's newest complete checkpoint in the store (a job restarted on
+        # another worker goes on where the last one stopped)
+        resume_from = self._fetch_latest_checkpoint(item.job_id, work_dir)
+        if resume_from is not None:
+            job.checkpoint_key = checkpoint_prefix(item.job_id, int(resume_from.name.split("-")[1]))
         # objective dispatch: dpo / orpo -> TRL preference trainer, sft / pretrain -> the recipe
         if spec.objective in ("dpo", "orpo"):
             from .preference import train_preference  # imports TRL only when needed
@@ -229,16 +234,12 @@ class Worker:
             return train_preference(
                 spec, spec.base_model, rows, work_dir,
                 on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,
+                resume_from=resume_from,
             )
-        # sft / pretrain: resume from this job's newest complete checkpoint in the store (a job
-        # restarted on another worker goes on where the last one stopped)
         hp = spec.hyperparameters
         eval_rows = None
         if hp.eval_every or hp.early_stopping:
             eval_rows = self._split_rows(item.dataset_artifacts, VALIDATION_SPLIT, "eval_every")
-        resume_from = self._fetch_latest_checkpoint(item.job_id, work_dir)
-        if resume_from is not None:
-            job.checkpoint_key = checkpoint_prefix(item.job_id, int(resume_from.name.split("-")[1]))
         return train_distributed(  # train_sft itself for num_processes == 1
             spec, spec.base_model, rows, work_dir, eval_rows=eval_rows,
             on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,

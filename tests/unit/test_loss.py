@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmstudio.ml.data import IGNORE_INDEX, causal_lm_loss_sum
-from llmstudio.ml.loss import chunked_lm_loss_sum, decoder_and_head
+from llmstudio.ml.loss import CausalLMLossSum, chunked_lm_loss_sum, decoder_and_head
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,17 @@ def test_prompt_learning_adapters_have_no_decoder_head_split(tiny):
 
     peft_model = get_peft_model(tiny, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert decoder_and_head(peft_model) is None
+
+
+def test_heads_that_rescale_the_logits_keep_the_full_logits(tiny, monkeypatch):
+    assert decoder_and_head(tiny) is not None
+    monkeypatch.setattr(tiny.config, "model_type", "gemma2")  # soft-caps its logits
+    assert decoder_and_head(tiny) is None
+
+
+def test_loss_module_equals_the_loss_of_the_full_logits(tiny):
+    ids, labels = _batch()
+    with torch.no_grad():
+        want, _ = causal_lm_loss_sum(tiny(input_ids=ids).logits, labels)
+        got = CausalLMLossSum(tiny, chunk_tokens=7)(input_ids=ids, labels=labels)
+    assert torch.allclose(got, want, rtol=1e-5)

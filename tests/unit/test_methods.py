@@ -18,6 +18,7 @@ from services.trainer.methods import (
     TrainableMismatch,
     UnsupportedOnHardware,
     check_hardware,
+    cpu_has_fast_bf16,
     load_for_training,
     load_trainable,
     save_trainable,
@@ -135,7 +136,13 @@ def test_method_trains_only_its_parameters_and_round_trips(method, tiny, batch, 
     params_before = [p for _, p in fresh.trainable]
     load_trainable(fresh, tmp_path / "ckpt")
     assert [p for _, p in fresh.trainable] == params_before  # same objects: optimizer stays valid
-    torch.testing.assert_close(_logits(fresh, ids, am), trained, atol=1e-4, rtol=1e-4)
+    for (name, loaded), (_, saved) in zip(fresh.trainable, pm.trainable, strict=True):
+        assert torch.equal(loaded.detach(), saved.detach()), name
+    tolerance = {"atol": 1e-4, "rtol": 1e-4}
+    if method == "qlora" and cpu_has_fast_bf16():
+        # On CPUs with AVX512-BF16, bitsandbytes runs 4-bit matmuls in bf16 (8-bit mantissa).
+        tolerance = {"atol": 0.2, "rtol": 0.05}
+    torch.testing.assert_close(_logits(fresh, ids, am), trained, **tolerance)
 
 
 def test_load_trainable_refuses_a_mismatched_checkpoint(tiny, tmp_path):

@@ -1,5 +1,6 @@
 """DPO and ORPO through TRL on the tiny model: the reward margin grows on a toy preference set,
-metrics and stop requests flow through the callback, checkpoints have the recipe's layout."""
+metrics and stop requests flow through the callback, checkpoints have the recipe's layout, and a
+run stopped at a checkpoint and resumed from it reaches the same losses as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ import statistics
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.tiny import build_tiny_model
 from services.trainer.preference import train_preference
-from services.trainer.recipe import MANIFEST, TRAINER_STATE, verify_checkpoint
+from services.trainer.recipe import (
+    MANIFEST,
+    TRAINER_STATE,
+    CheckpointError,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 
 PAIRS = [
     ("sky", "blue", "green"), ("grass", "green", "blue"), ("snow", "white", "black"),
@@ -114,6 +122,85 @@ def test_stop_request_and_periodic_checkpoints(tiny, tmp_path):
     for path, _ in ckpts:
         verify_checkpoint(path)
     assert result.adapter_dir == ckpts[-1][0]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_stopped_run_resumes_to_the_same_losses(tiny, tmp_path, objective):
+    # 16 rows, 4 a step: checkpoint-5 is one batch into the second epoch, so resuming must skip
+    # that batch of the epoch's shuffle; warmup makes the learning rate schedule matter.
+    n, k = 10, 5
+    spec = _spec(
+        tiny,
+        objective,
+        max_steps=n,
+        batch_size=4,
+        warmup_steps=3,
+        checkpoint_every=k,
+        keep_last_checkpoints=1,
+    )
+    keys = ("loss", "rewards/margins", "rewards/chosen", "learning_rate", "epoch")
+
+    reference: dict[int, dict] = {}
+    full = train_preference(
+        spec,
+        tiny,
+        ROWS,
+        tmp_path / "full",
+        on_metrics=lambda m: reference.__setitem__(m["step"], m),
+    )
+    assert full.steps == n and sorted(reference) == list(range(1, n + 1))
+
+    # 1. stopped once checkpoint-k is announced (as the worker is on shutdown)
+    out, first, ckpts = tmp_path / "out", {}, []
+    stopped = train_preference(
+        spec,
+        tiny,
+        ROWS,
+        out,
+        on_metrics=lambda m: first.__setitem__(m["step"], m),
+        should_stop=lambda: bool(ckpts),
+        on_checkpoint=lambda p, s: ckpts.append(s),
+    )
+    assert stopped.stopped and stopped.steps == k and ckpts == [k]
+    resume_point = latest_checkpoint(out)
+    assert resume_point == out / f"checkpoint-{k}" == stopped.adapter_dir
+    for step, m in first.items():
+        for key in keys:
+            assert m[key] == pytest.approx(reference[step][key], rel=1e-3), (step, key)
+
+    # 2. a new call resumes from it and finishes: same losses, margins and schedule
+    resumed: dict[int, dict] = {}
+    ckpts.clear()
+    result = train_preference(
+        spec,
+        tiny,
+        ROWS,
+        out,
+        on_metrics=lambda m: resumed.__setitem__(m["step"], m),
+        on_checkpoint=lambda p, s: ckpts.append(s),
+        resume_from=resume_point,
+    )
+    assert result.steps == n and not result.stopped and ckpts == [n]
+    assert sorted(resumed) == list(range(k + 1, n + 1))
+    for step, m in resumed.items():
+        for key in keys:
+            assert m[key] == pytest.approx(reference[step][key], rel=1e-3), (step, key)
+    assert result.final_loss == pytest.approx(full.final_loss, rel=1e-3)
+    assert result.first_loss == full.first_loss  # carried over from the checkpoint
+    state = json.loads((result.adapter_dir / TRAINER_STATE).read_text())
+    assert [m["step"] for m in state["log_history"]] == list(range(1, n + 1))
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)
+    # keep_last_checkpoints=1: checkpoint-k went once checkpoint-n was complete
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{n}"]
+
+    # 3. resuming the finished run trains nothing; other data is refused
+    again = train_preference(spec, tiny, ROWS, out, resume_from=result.adapter_dir)
+    assert again.steps == n and not again.stopped and again.adapter_dir == result.adapter_dir
+    with pytest.raises(CheckpointError, match="different data"):
+        train_preference(spec, tiny, ROWS[:8], out, resume_from=result.adapter_dir)
 
 
 def test_rejects_rows_without_preference_fields(tiny, tmp_path):

@@ -264,8 +264,43 @@ def test_gpu_only_settings_are_refused_on_cpu_before_any_work(model_dir, tmp_pat
     for spec in (
         JobSpec.model_validate({**base, "precision": "fp16"}),
         make_spec(model_dir, optimizer="paged_adamw_8bit"),
-        JobSpec.model_validate({**base, "distributed": {"strategy": "fsdp"}}),
     ):
         with pytest.raises(UnsupportedOnHardware, match="CUDA|GPU"):
             train_sft(spec, model_dir, ROWS, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_trains_like_the_full_logits(model_dir, tmp_path, monkeypatch, method):
+    """The recipe's loss goes through the output head in chunks (llmstudio.ml.loss); one step
+    of it gives the loss, gradient norm and weights of the full-logits path."""
+    import llmstudio.ml.loss as loss_module
+
+    spec = JobSpec.model_validate({
+        **make_spec(model_dir, dropout=0.0, max_steps=1, log_every=1).model_dump(),
+        "method": method,
+    })
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    chunk_calls = []
+    chunked_lm_loss_sum = loss_module.chunked_lm_loss_sum
+
+    def counting(*args, **kwargs):
+        chunk_calls.append(1)
+        return chunked_lm_loss_sum(*args, **kwargs)
+
+    runs = {}
+    for path in ("chunked", "full_logits"):
+        if path == "full_logits":  # no decoder / head split: CausalLMLossSum takes the logits
+            monkeypatch.setattr(loss_module, "decoder_and_head", lambda model: None)
+        monkeypatch.setattr(loss_module, "chunked_lm_loss_sum", counting)
+        chunk_calls.clear()
+        metrics = []
+        result = train_sft(spec, model_dir, ROWS, tmp_path / path, on_metrics=metrics.append)
+        runs[path] = (result, metrics[0], load_file(str(result.adapter_dir / weights)),
+                      len(chunk_calls))
+    (_, chunked, w_chunked, calls), (_, full, w_full, no_calls) = runs.values()
+    assert calls > 0 and no_calls == 0
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert chunked["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+    for key in w_full:
+        torch.testing.assert_close(w_chunked[key], w_full[key], rtol=1e-5, atol=1e-6)
