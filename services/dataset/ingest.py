@@ -264,8 +264,8 @@ class _Scan:
         self.exact = ExactDuplicates()
         self.near = NearDuplicates() if limits.near_duplicate_max_rows > 0 else None
         self.near_stopped_at = 0
-        self.chars = _Growable(np.int64)
-        self.tokens = _Growable(np.int64)
+        self.chars = _Growable(np.int32)  # 4 bytes a row: a row is at most max_line_bytes
+        self.tokens = _Growable(np.int32)
         self.pii_counts: Counter = Counter()
         self.pii_rows = 0
         self.redacted_counts: Counter = Counter()
