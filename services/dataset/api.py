@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import secrets
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from .files import write_files
 from .sources import PathSource, parse_source
 from .store import DatasetRecord, DatasetStore, DuplicateIdempotencyKey, VersionTaken
 
-COPY_CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 PREVIEW_DEFAULT_ROWS, PREVIEW_MAX_ROWS, PREVIEW_DEFAULT_LENGTH = 5, 100, 2048
 
 
@@ -266,7 +267,8 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
         out.mkdir()
         try:
             ingested = await asyncio.to_thread(
-                ingest.ingest, source.path, options, out, self.limits, token_counter=counter
+                ingest.ingest, source.path, options, out, self.limits, token_counter=counter,
+                on_progress=lambda rows: log.info("dataset %s: %d rows read", options.name, rows),
             )
         except ingest.Rejected as e:
             await self._reject(principal, options.name, e.rejection)

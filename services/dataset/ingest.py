@@ -41,6 +41,7 @@ from .pii import find_pii, redact
 SPLITS = ("train", "validation", "test")
 MAX_FINDINGS_PER_KIND = 20  # row references kept in the report for each kind of finding
 OUTLIER_IQR_FACTOR = 3.0  # Tukey's "far out": beyond Q3 + 3 IQR (or below Q1 - 3 IQR)
+PROGRESS_EVERY_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def ingest(
     """Run the three passes over `source` (a file, or a `datasets` folder). Raises Rejected.
 
     `token_counter(row) -> tokens` (from the base model's tokenizer, see `tokens.py`) adds
-    token-length stats; `on_progress(rows_read)` is called every 10,000 records."""
+    token-length stats; `on_progress(rows_read)` is called every PROGRESS_EVERY_ROWS records
+    and at the end."""
     errors = options.errors()
     if errors:
         raise reject(errors)
@@ -287,7 +289,7 @@ class _Scan:
         with out.open("w", encoding="utf-8") as sink:
             for location, value in records:
                 self.rows_read += 1
-                if on_progress and self.rows_read % 10_000 == 0:
+                if on_progress and self.rows_read % PROGRESS_EVERY_ROWS == 0:
                     on_progress(self.rows_read)
                 row = self.normalized(location, value)
                 if row is not None:
