@@ -124,7 +124,8 @@ def _ingest_options(args) -> dict:
     return {
         "validation_fraction": args.validation_fraction, "test_fraction": args.test_fraction,
         "seed": args.seed, "file_format": args.format or "", "schema": args.schema or "",
-        "column_map": _column_map(args.map), "max_invalid_fraction": args.max_invalid_fraction,
+        "column_map": _column_map(args.map), "source_split": args.split or "",
+        "max_invalid_fraction": args.max_invalid_fraction,
         "max_duplicate_fraction": args.max_duplicate_fraction,
         "max_pii_fraction": args.max_pii_fraction, "remove_duplicates": args.dedup,
         "remove_near_duplicates": args.near_dedup, "redact_pii": args.redact_pii,
@@ -527,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--schema", choices=["prompt_completion", "alpaca", "sharegpt",
                                              "openai_chat", "preference", "text"],
                         help="row schema (default: detected)")
+        sp.add_argument("--split", metavar="NAME",
+                        help="a datasets folder with several splits: read only this one")
         sp.add_argument("--map", action="append", metavar="FIELD=COLUMN",
                         help="map a schema field to a column of the file (needs --schema)")
         sp.add_argument("--max-invalid-fraction", type=float,

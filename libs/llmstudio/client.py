@@ -74,6 +74,7 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 def dataset_options(name: str = "", *, filename: str = "", validation_fraction: float = 0.0,
                     test_fraction: float = 0.0, seed: int = 0, file_format: str = "",
                     schema: str = "", column_map: dict[str, str] | None = None,
+                    source_split: str = "",
                     max_invalid_fraction: float | None = None,
                     max_duplicate_fraction: float | None = None,
                     max_pii_fraction: float | None = None, remove_duplicates: bool = False,
@@ -90,7 +91,7 @@ def dataset_options(name: str = "", *, filename: str = "", validation_fraction: 
     return datasets_pb2.CreateDatasetRequest(
         name=name, filename=filename, validation_fraction=validation_fraction,
         test_fraction=test_fraction, seed=seed, file_format=file_format, schema=schema,
-        column_map=column_map or {}, policy=policy,
+        column_map=column_map or {}, source_split=source_split, policy=policy,
         quality=datasets_pb2.QualityOptions(remove_duplicates=remove_duplicates,
                                             remove_near_duplicates=remove_near_duplicates,
                                             redact_pii=redact_pii),

@@ -74,6 +74,7 @@ def options_of(request: datasets_pb2.CreateDatasetRequest) -> ingest.Options:
     return ingest.Options(
         name=request.name, filename=request.filename, file_format=request.file_format,
         schema=request.schema, column_map=dict(request.column_map),
+        source_split=request.source_split,
         validation_fraction=request.validation_fraction, test_fraction=request.test_fraction,
         seed=request.seed,
         policy=ingest.Policy(**{
@@ -412,7 +413,7 @@ def _upload_transformation(request: datasets_pb2.CreateDatasetRequest) -> str:
     q = request.quality
     return core.transformation(
         "upload", file_format=request.file_format, schema=request.schema,
-        column_map=dict(request.column_map), remove_duplicates=q.remove_duplicates,
+        column_map=dict(request.column_map), source_split=request.source_split, remove_duplicates=q.remove_duplicates,
         remove_near_duplicates=q.remove_near_duplicates, redact_pii=q.redact_pii,
     )
 

@@ -80,6 +80,7 @@ class Options:
     filename: str = ""
     file_format: str = ""  # "" = detect
     schema: str = ""  # "" = detect
+    source_split: str = ""  # one split of a saved DatasetDict ("" = all)
     column_map: dict[str, str] = field(default_factory=dict)
     validation_fraction: float = 0.0  # 0 = core.DEFAULT_VALIDATION_FRACTION
     test_fraction: float = 0.0
@@ -109,6 +110,9 @@ class Options:
         if self.schema and self.schema not in schemas.SCHEMAS:
             errors.append(f"schema: must be one of {', '.join(schemas.SCHEMAS)} or empty to "
                           f"detect, got {self.schema!r}")
+        if self.source_split and self.file_format not in ("", "hf_disk"):
+            errors.append(f"source_split: applies to datasets folders (hf_disk), not "
+                          f"{self.file_format}")
         if self.column_map and not self.schema:
             errors.append("column_map: needs an explicit schema (which fields it maps to)")
         if self.max_length < 0:
@@ -165,12 +169,17 @@ def ingest(
     errors = options.errors()
     if errors:
         raise reject(errors)
+    workdir.mkdir(parents=True, exist_ok=True)
     filename = Path(options.filename or source.name).name  # only a name: no client paths in logs
     try:
         path, filename = _expanded(source, filename, workdir, limits)
         file_format = options.file_format or formats.detect_file_format(path, filename)
+        if options.source_split and file_format != "hf_disk":
+            raise formats.SourceError(f"{filename}: source_split applies to datasets folders "
+                                      f"(hf_disk), not {file_format}")
         records = formats.read_records(path, filename, file_format,
-                                       max_line_bytes=limits.max_line_bytes)
+                                       max_line_bytes=limits.max_line_bytes,
+                                       split=options.source_split or None)
         scan = _Scan(options, limits, token_counter)
         scan.run(records, workdir / "candidates.jsonl", on_progress)
     except formats.SourceError as e:

@@ -398,3 +398,19 @@ def test_the_redacted_version_of_the_seeded_pii_fixture_holds_none_of_it(tmp_pat
     assert {e["type"] for e in expected} == set(PII_TYPES)
     assert [e["value"] for e in expected if e["value"] in text] == []
     assert sum(got.report["redacted"].values()) >= len(expected)
+
+
+def test_one_split_of_a_datasets_folder_can_be_read_alone(tmp_path, rejected):
+    folder = FIXTURES / "prompt_completion_dict_hf"
+    expected = lines(FIXTURES / "expected" / "prompt_completion.jsonl")
+    everything = ingest.ingest(folder, ingest.Options(name="d"), tmp_path / "a")
+    train = ingest.ingest(folder, ingest.Options(name="d", source_split="train"), tmp_path / "b")
+    assert len(lines(everything.rows_path)) == len(expected)
+    assert 0 < len(lines(train.rows_path)) < len(expected)
+    assert json.loads(lines(train.rows_path)[0]) == json.loads(expected[0])
+    with pytest.raises(ingest.Rejected) as e:
+        ingest.ingest(folder, ingest.Options(name="d", source_split="dev"), tmp_path / "c")
+    assert e.value.rejection.errors == [
+        "prompt_completion_dict_hf: has no split 'dev'; its splits: train, test"]
+    r = rejected(jsonl(pc(1)), source_split="train")
+    assert r.errors == ["data.jsonl: source_split applies to datasets folders (hf_disk), not jsonl"]
