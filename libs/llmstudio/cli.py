@@ -131,6 +131,7 @@ def _ingest_options(args) -> dict:
         "remove_near_duplicates": args.near_dedup, "redact_pii": args.redact_pii,
         "base_model": args.base_model or "", "max_length": args.max_length,
         "description": args.description or "",
+        "idempotency_key": args.idempotency_key or "",
     }
 
 
@@ -169,7 +170,8 @@ def cmd_datasets_derive(args):
         args.id, name=args.name or "", remove_duplicates=args.dedup,
         remove_near_duplicates=args.near_dedup, redact_pii=args.redact_pii,
         resplit=args.resplit, validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction, seed=args.seed, description=args.description or "")
+        test_fraction=args.test_fraction, seed=args.seed, description=args.description or "",
+        idempotency_key=args.idempotency_key or "")
     _out(args, to_dict(d), _dataset_text(d))
 
 
@@ -519,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--redact-pii", action="store_true",
                         help="replace e-mails, phones, cards, IBANs, IPs, ids, secrets")
         sp.add_argument("--description")
+        sp.add_argument("--idempotency-key", metavar="KEY",
+                        help="a retry with the same key returns the version the first call made")
         if derive:
             sp.add_argument("--resplit", action="store_true",
                             help="split again with the fractions and seed given here")

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     dataset_import_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     dataset_import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     dataset_work_dir: Path | None = None  # spool for uploads (default data_dir/spool)
+    dataset_max_concurrent_ingests: int = 2  # more get RESOURCE_EXHAUSTED
+    # Where base_model (token stats, previews) may point; empty = any local dir or hub id.
+    dataset_model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # Bus consumers: deliveries before a message is parked on the dead-letter subject.
     max_deliver: int = 5
@@ -80,7 +83,8 @@ class Settings(BaseSettings):
 
     extra: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("dataset_import_buckets", "dataset_import_roots", mode="before")
+    @field_validator("dataset_import_buckets", "dataset_import_roots", "dataset_model_roots",
+                     mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

@@ -14,9 +14,11 @@ import logging
 import secrets
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from llmstudio.auth import Principal, current_principal
@@ -29,7 +31,7 @@ from llmstudio.v1 import datasets_pb2, datasets_pb2_grpc
 
 from . import core, ingest
 from .files import write_files
-from .sources import PathSource, parse_source
+from .sources import PathSource, check_model_dir, parse_source
 from .store import DatasetRecord, DatasetStore, DuplicateIdempotencyKey, VersionTaken
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,9 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
                  settings: Settings):
         self.store, self.artifacts, self.bus, self.settings = store, artifacts, bus, settings
         self.spool_root = settings.dataset_work_dir or Path(settings.data_dir) / "spool"
+        self.ingest_slots = asyncio.Semaphore(settings.dataset_max_concurrent_ingests)
+        self.ingest_pool = ThreadPoolExecutor(settings.dataset_max_concurrent_ingests,
+                                              thread_name_prefix="ingest")
         self.limits = ingest.Limits(
             max_expanded_bytes=settings.dataset_max_expanded_bytes,
             max_line_bytes=settings.dataset_max_line_bytes,
@@ -236,6 +241,8 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
             "derive", parent=parent.id, remove_duplicates=q.remove_duplicates,
             remove_near_duplicates=q.remove_near_duplicates, redact_pii=q.redact_pii,
             resplit=request.resplit,
+            **({"validation_fraction": split[0], "test_fraction": split[1], "seed": split[2]}
+               if request.resplit else {}),
         )
         with self._workdir() as work:
             rows = work / "parent.jsonl"
@@ -263,31 +270,32 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
         if options.base_model:
             from .tokens import load_tokenizer, token_counter
 
+            check_model_dir(options.base_model, self.settings.dataset_model_roots)
             counter = token_counter(await asyncio.to_thread(load_tokenizer, options.base_model))
         out = work / "out"
         out.mkdir()
+        if self.ingest_slots.locked():
+            raise ResourceExhausted(
+                f"{self.settings.dataset_max_concurrent_ingests} datasets are being ingested; "
+                "retry in a moment (LLMSTUDIO_DATASET_MAX_CONCURRENT_INGESTS)")
         try:
-            ingested = await asyncio.to_thread(
-                ingest.ingest, source.path, options, out, self.limits, token_counter=counter,
-                on_progress=lambda rows: log.info("dataset %s: %d rows read", options.name, rows),
-            )
+            async with self.ingest_slots:
+                # Its own threads: long ingests never take the threads reads and handlers use.
+                ingested = await asyncio.get_running_loop().run_in_executor(
+                    self.ingest_pool, partial(
+                        ingest.ingest, source.path, options, out, self.limits,
+                        token_counter=counter, on_progress=lambda rows: log.info(
+                            "dataset %s: %d rows read", options.name, rows)))
         except ingest.Rejected as e:
             await self._reject(principal, options.name, e.rejection)
             raise InvalidArgument("", str(e)) from None
-        existing = await asyncio.to_thread(
-            self.store.same_content, principal.tenant, options.name, ingested.sha256,
-            ingested.split_sha256, source.transformation,
-        )
-        if existing is not None and not key:
-            # Immutable, content-addressed: the same content, split and recipe is that version.
-            if not existing.announced:
-                await announce(self.bus, self.store, existing)
-            return to_proto(existing)
         dataset_id = "ds-" + secrets.token_hex(6)
         prefix = core.split_prefix(ingested.sha256, options.validation_fraction, options.seed,
                                    options.test_fraction)
+        # A redacted version must not link to the unredacted upload.
+        raw = None if options.quality.redact_pii else source.raw
         artifacts = await asyncio.to_thread(
-            write_files, self.artifacts, ingested, dataset_id, prefix, source.raw
+            write_files, self.artifacts, ingested, dataset_id, prefix, raw
         )
         record = DatasetRecord(
             id=dataset_id, tenant=principal.tenant, name=options.name, sha256=ingested.sha256,
@@ -379,6 +387,7 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
                                        request.offset, limit)
         from .tokens import load_tokenizer, preview_row
 
+        check_model_dir(request.base_model, self.settings.dataset_model_roots)
         tokenizer = await asyncio.to_thread(load_tokenizer, request.base_model)
         max_length = request.max_length or PREVIEW_DEFAULT_LENGTH
         out = []

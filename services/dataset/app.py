@@ -25,12 +25,14 @@ async def build(rt: Runtime) -> list[Registration]:
         for record in await asyncio.to_thread(store.unannounced):
             await announce(rt.bus, store, record)
 
+    servicer = DatasetApi(store, artifacts, rt.bus, rt.settings)
+
     async def close() -> None:
+        servicer.ingest_pool.shutdown(wait=False, cancel_futures=True)
         store.close()
 
     rt.on_started.append(announce_pending)
     rt.on_stop.append(close)
-    servicer = DatasetApi(store, artifacts, rt.bus, rt.settings)
     return [
         Registration(
             add=datasets_pb2_grpc.add_DatasetServiceServicer_to_server,

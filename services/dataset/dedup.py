@@ -153,15 +153,23 @@ class ExactDuplicates:
         self._hashes.append_value(int.from_bytes(digest, "little"))
 
     def finish(self) -> dict[int, int]:
+        """Duplicate row -> the row it first occurred at."""
+        duplicates, firsts = self.finish_arrays()
+        return dict(zip(duplicates.tolist(), firsts.tolist(), strict=True))
+
+    def finish_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(duplicate rows ascending, the row each first occurred at) as int64 arrays: no
+        Python object per duplicate, for files that are mostly duplicates."""
+        none = (np.empty(0, np.int64), np.empty(0, np.int64))
         chunks = self._hashes.take_chunks()
         if not chunks:
-            return {}
+            return none
         ordered = np.concatenate(chunks)
         ordered.sort()
         repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
         del ordered
         if not len(repeated):
-            return {}
+            return none
         # rows whose hash occurs more than once, found chunk by chunk to bound the temporaries
         member_rows, member_hashes = [], []
         for number, chunk in enumerate(chunks):
@@ -176,8 +184,9 @@ class ExactDuplicates:
         starts_group[0] = True
         starts_group[1:] = row_hashes[1:] != row_hashes[:-1]
         first = rows[np.maximum.accumulate(np.where(starts_group, np.arange(len(rows)), 0))]
-        return {int(row): int(earliest)
-                for row, earliest in zip(rows[~starts_group], first[~starts_group], strict=True)}
+        duplicates, firsts = rows[~starts_group], first[~starts_group]
+        order = np.argsort(duplicates, kind="stable")
+        return duplicates[order], firsts[order]
 
 
 class NearDuplicates:
@@ -236,6 +245,13 @@ class NearDuplicates:
         self._pending_count = 0
 
     def finish(self) -> list[tuple[int, int, float]]:
+        """(duplicate row, earliest row of its cluster, estimated Jaccard) per duplicate."""
+        rows, earliest, similarity = self.finish_arrays()
+        return [(row, first, round(jaccard, 4)) for row, first, jaccard in zip(
+            rows.tolist(), earliest.tolist(), similarity.tolist(), strict=True)]
+
+    def finish_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """finish() as arrays (rows ascending): no Python object per duplicate."""
         self._flush()
         signatures = self._signatures.take()
         row_numbers = self._row_numbers.take()
@@ -246,15 +262,12 @@ class NearDuplicates:
             keep = _estimated_jaccard(signatures, later, earlier) >= self.threshold
             edges = np.unique(np.concatenate([edges, later[keep] * count + earlier[keep]]))
         if not len(edges):
-            return []
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
         slots, earliest = _earliest_in_component(edges // count, edges % count)
         similarity = _estimated_jaccard(signatures, slots, earliest)
-        return [
-            (int(row), int(first), round(float(jaccard), 4))
-            for row, first, jaccard in zip(
-                row_numbers[slots], row_numbers[earliest], similarity, strict=True
-            )
-        ]
+        rows, firsts = row_numbers[slots], row_numbers[earliest]
+        order = np.argsort(rows, kind="stable")
+        return rows[order], firsts[order], similarity[order].astype(np.float64)
 
 
 def _minhash(shingles: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -22,7 +22,6 @@ same split, and identical rows land on the same side (no train/validation leakag
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import math
 import tarfile
@@ -42,6 +41,7 @@ SPLITS = ("train", "validation", "test")
 MAX_FINDINGS_PER_KIND = 20  # row references kept in the report for each kind of finding
 OUTLIER_IQR_FACTOR = 3.0  # Tukey's "far out": beyond Q3 + 3 IQR (or below Q1 - 3 IQR)
 PROGRESS_EVERY_ROWS = 100_000
+MAX_TAR_MEMBERS = 10_000  # a datasets folder: arrow files, state.json, dataset_info.json
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,10 @@ class Options:
                              ("test_fraction", self.test_fraction)):
             if not (math.isfinite(value) and 0 <= value < 1):
                 errors.append(f"{split}: must be >= 0 and < 1, got {value}")
-        if not errors and self.validation_fraction + self.test_fraction >= 1:
+        held_out = sum(self.fractions.values())  # with the default validation fraction
+        if not errors and held_out >= 1:
             errors.append("validation_fraction + test_fraction: must be < 1 (no training rows "
-                          f"left), got {self.validation_fraction + self.test_fraction}")
+                          f"left), got {held_out:g}")
         if self.file_format and self.file_format not in formats.FILE_FORMATS:
             errors.append(f"file_format: must be one of {', '.join(formats.FILE_FORMATS)} or empty "
                           f"to detect, got {self.file_format!r}")
@@ -210,13 +211,18 @@ def _untarred(archive: Path, filename: str, target: Path, limits: Limits) -> Pat
     (tarfile's "data" filter), at most max_expanded_bytes in total."""
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            members = tar.getmembers()
-            total = sum(m.size for m in members if m.isfile())
-            if total > limits.max_expanded_bytes:
-                raise formats.SourceError(f"{filename}: expands to {total} bytes, more than the "
-                                          f"limit of {limits.max_expanded_bytes}")
-            tar.extractall(target, members=[m for m in members if m.isfile() or m.isdir()],
-                           filter="data")
+            members, total = [], 0
+            for member in tar:  # one at a time: a tar of a million entries is refused early
+                if len(members) == MAX_TAR_MEMBERS:
+                    raise formats.SourceError(f"{filename}: more than {MAX_TAR_MEMBERS} entries; "
+                                              "a datasets folder has a few files")
+                if member.isfile() or member.isdir():
+                    members.append(member)
+                    total += member.size if member.isfile() else 0
+                if total > limits.max_expanded_bytes:
+                    raise formats.SourceError(f"{filename}: expands to more than the limit of "
+                                              f"{limits.max_expanded_bytes} bytes")
+            tar.extractall(target, members=members, filter="data")
     except (tarfile.TarError, OSError) as e:
         raise formats.SourceError(f"{filename}: not a readable tar archive: {e}") from None
     entries = list(target.iterdir()) if target.exists() else []
@@ -242,27 +248,29 @@ class _Growable:
         return self.data[: self.n]
 
 
+# Joins a row's fields for duplicate detection and length stats. Not whitespace (the dedup
+# normalizer collapses whitespace), so text moved across a field boundary is a different row.
+FIELD_SEPARATOR = " \u241f "
+
+
 def row_text(row: dict) -> str:
-    """The text a row carries, for duplicate detection, PII scanning and length stats."""
+    """The text a row carries, for duplicate detection and length stats."""
     if "messages" in row:
-        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
-    return "\n".join(str(row[k]) for k in sorted(row))
+        return FIELD_SEPARATOR.join(f"{m['role']}: {m['content']}" for m in row["messages"])
+    return FIELD_SEPARATOR.join(str(row[k]) for k in sorted(row))
 
 
-def _redacted(row: dict, counts: Counter) -> dict:
-    def clean(text: str) -> str:
-        text, found = redact(text)
-        counts.update(found)
-        return text
-
+def _with_texts(row: dict, change) -> dict:
+    """`row` with `change(path, text)` applied to each of its texts (message contents, or
+    every field), in a stable order."""
     if "messages" in row:
-        return {"messages": [{"role": m["role"], "content": clean(m["content"])}
-                             for m in row["messages"]]}
-    return {k: clean(v) for k, v in row.items()}
+        return {"messages": [{"role": m["role"], "content": change(f"messages[{i}]", m["content"])}
+                             for i, m in enumerate(row["messages"])]}
+    return {k: change(k, row[k]) for k in sorted(row)}
 
 
 class _Scan:
-    """Pass 1: read, validate, normalize, and scan every record."""
+    """Pass 1: read, validate, normalize, redact if asked, and scan every record."""
 
     def __init__(self, options: Options, limits: Limits, token_counter):
         self.options, self.limits, self.token_counter = options, limits, token_counter
@@ -275,10 +283,11 @@ class _Scan:
         self.exact = ExactDuplicates()
         self.near = NearDuplicates() if limits.near_duplicate_max_rows > 0 else None
         self.near_stopped_at = 0
-        self.chars = _Growable(np.int32)  # 4 bytes a row: a row is at most max_line_bytes
+        # a few bytes per valid row, indexed by its position among the valid rows
+        self.chars = _Growable(np.int32)  # a row is at most max_line_bytes
         self.tokens = _Growable(np.int32)
-        self.pii_counts: Counter = Counter()
-        self.pii_rows = 0
+        self.has_pii = _Growable(np.bool_)
+        self.pii_counts: Counter = Counter()  # occurrences found in the source rows
         self.redacted_counts: Counter = Counter()
         self.findings: dict[str, list[dict]] = {}
         self.valid = 0
@@ -328,28 +337,45 @@ class _Scan:
         if reasons:
             self.error(location, reasons)
             return None
-        self.observe(row, location)
-        if self.options.quality.redact_pii:
-            row = _redacted(row, self.redacted_counts)
+        row = self._privacy(row, location)
+        self._observe(row)
         return row
 
-    def observe(self, row: dict, location: str) -> None:
+    def _privacy(self, row: dict, location: str) -> dict:
+        """Scan each text for PII, as redaction sees it; redact it if asked."""
+        index, found_any = self.valid, False
+
+        def scan(path: str, text: str) -> str:
+            nonlocal found_any
+            found = find_pii(text)
+            if not found:
+                return text
+            found_any = True
+            self.pii_counts.update(f.type for f in found)
+            for f in found:
+                self.finding(f"pii:{f.type}", index + 1,
+                             detail=f"{location}: {path}: {_masked(text[f.start:f.end])}")
+            if not self.options.quality.redact_pii:
+                return text
+            redacted, counts = redact(text)
+            self.redacted_counts.update(counts)
+            return redacted
+
+        row = _with_texts(row, scan)
+        self.has_pii.append(found_any)
+        return row
+
+    def _observe(self, row: dict) -> None:
+        """Duplicates and lengths, of the row as it is stored (after redaction)."""
         index = self.valid
         self.valid += 1
         text = row_text(row)
         self.exact.add(text)  # normalizes (NFKC, case, whitespace) itself
         if self.near is not None:
-            if self.limits.near_duplicate_max_rows and index >= self.limits.near_duplicate_max_rows:
+            if index >= self.limits.near_duplicate_max_rows:
                 self.near_stopped_at = self.near_stopped_at or index
             else:
                 self.near.add(text)
-        found = find_pii(text)
-        if found:
-            self.pii_rows += 1
-            self.pii_counts.update(f.type for f in found)
-            for f in found:
-                self.finding(f"pii:{f.type}", index + 1,
-                             detail=f"{location}: {_masked(text[f.start:f.end])}")
         self.chars.append(len(text))
         if self.token_counter is not None:
             self.tokens.append(self.token_counter(row))
@@ -357,8 +383,10 @@ class _Scan:
     # -- verdict ---------------------------------------------------------------------------------
 
     def verdict(self, filename: str) -> list[str]:
-        """Raise Rejected by the policy, else return the warnings."""
-        policy, warnings = self.options.policy, []
+        """Decide which rows the version keeps; raise Rejected by the policy, else return the
+        warnings. Thresholds, stats and warnings are about the rows kept: duplicates removed
+        at ingest no longer count against the version (the report still lists them)."""
+        policy, q, warnings = self.options.policy, self.options.quality, []
         if self.valid == 0:
             if not self.errors:
                 raise reject([f"{filename}: empty file: no rows"])
@@ -370,72 +398,82 @@ class _Scan:
             warnings.append(f"{self.invalid_rows} invalid row(s) dropped ({fraction:.2%} of "
                             f"{self.rows_read}, policy allows {policy.max_invalid_fraction:.2%}); "
                             f"first: {self.errors[0]}")
-        self.duplicates = self.exact.finish()
-        self.near_pairs = self.near.finish() if self.near is not None else []
-        for dup, first in heapq.nsmallest(MAX_FINDINGS_PER_KIND, self.duplicates.items()):
-            self.finding("duplicate", dup + 1, other_row=first + 1)
-        exact_dups = set(self.duplicates)
-        self.near_only = sorted((d, o, j) for d, o, j in self.near_pairs if d not in exact_dups)
-        for dup, other, jaccard in self.near_only[:MAX_FINDINGS_PER_KIND]:
-            self.finding("near_duplicate", dup + 1, other_row=other + 1,
-                         detail=f"estimated Jaccard {jaccard:.2f}")
-        # Thresholds and warnings are about what the version keeps: duplicates removed and PII
-        # redacted at ingest no longer count against it (the report still lists them).
-        q = self.options.quality
-        self.remaining = {
-            "exact": 0 if q.remove_duplicates else len(self.duplicates),
-            "near": 0 if q.remove_near_duplicates else len(self.near_only),
-            "pii_rows": 0 if q.redact_pii else self.pii_rows,
+        exact_rows, exact_firsts = self.exact.finish_arrays()
+        none = (np.empty(0, np.int64),) * 2 + (np.empty(0),)
+        near_rows, near_firsts, jaccard = self.near.finish_arrays() if self.near else none
+        near_only = ~np.isin(near_rows, exact_rows)
+        near_rows, near_firsts, jaccard = near_rows[near_only], near_firsts[near_only], jaccard[
+            near_only]
+        self.kept = np.ones(self.valid, dtype=bool)
+        if q.remove_duplicates:
+            self.kept[exact_rows] = False
+        if q.remove_near_duplicates:  # exact duplicates are the near-duplicates at Jaccard 1
+            self.kept[near_rows] = False
+            self.kept[exact_rows] = False
+        kept_count = int(self.kept.sum())
+        self.counts = {
+            "exact": int(self.kept[exact_rows].sum()),
+            "near": int(self.kept[near_rows].sum()),
+            "removed_exact": int((~self.kept[exact_rows]).sum()),
+            "removed_near": int((~self.kept[near_rows]).sum()),
+            "pii_rows": 0 if q.redact_pii else int(self.has_pii.view()[self.kept].sum()),
         }
+        for row, first in zip(exact_rows[:MAX_FINDINGS_PER_KIND].tolist(),
+                              exact_firsts[:MAX_FINDINGS_PER_KIND].tolist(), strict=True):
+            self.finding("duplicate", row + 1, other_row=first + 1,
+                         detail="removed" if not self.kept[row] else "")
+        for row, first, j in zip(near_rows[:MAX_FINDINGS_PER_KIND].tolist(),
+                                 near_firsts[:MAX_FINDINGS_PER_KIND].tolist(),
+                                 jaccard[:MAX_FINDINGS_PER_KIND].tolist(), strict=True):
+            removed = "; removed" if not self.kept[row] else ""
+            self.finding("near_duplicate", row + 1, other_row=first + 1,
+                         detail=f"estimated Jaccard {j:.2f}{removed}")
         checks = (
-            ("exact duplicate", self.remaining["exact"], policy.max_duplicate_fraction),
-            ("with PII", self.remaining["pii_rows"], policy.max_pii_fraction),
+            ("exact duplicate", self.counts["exact"], policy.max_duplicate_fraction),
+            ("with PII", self.counts["pii_rows"], policy.max_pii_fraction),
         )
         for what, count, limit in checks:
-            if count / self.valid > limit:
-                raise reject([f"{filename}: {count} of {self.valid} rows {what} "
-                               f"({count / self.valid:.2%}) is above the policy's {limit:.2%}"])
-        if self.remaining["exact"]:
-            warnings.append(f"{self.remaining['exact']} exact duplicate row(s)")
-        if self.remaining["near"]:
-            warnings.append(f"{self.remaining['near']} near-duplicate row(s)")
+            if count / kept_count > limit:
+                raise reject([f"{filename}: {count} of {kept_count} rows {what} "
+                               f"({count / kept_count:.2%}) is above the policy's {limit:.2%}"])
+        if self.counts["exact"]:
+            warnings.append(f"{self.counts['exact']} exact duplicate row(s)")
+        if self.counts["near"]:
+            warnings.append(f"{self.counts['near']} near-duplicate row(s)")
         if self.near_stopped_at:
             warnings.append(f"near-duplicate scan covered the first {self.near_stopped_at} rows "
                             f"only (limit {self.limits.near_duplicate_max_rows})")
-        if self.remaining["pii_rows"]:
+        if q.remove_near_duplicates and self.near is None:
+            warnings.append("near-duplicates were not removed: the near-duplicate scan is off "
+                            "(LLMSTUDIO_DATASET_NEAR_DUPLICATE_MAX_ROWS=0)")
+        if self.counts["pii_rows"]:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.pii_counts.items()))
-            warnings.append(f"PII in {self.pii_rows} row(s): {kinds}")
+            warnings.append(f"PII in {self.counts['pii_rows']} row(s): {kinds}")
         self.outliers = self._length_outliers()
         if self.outliers:
             warnings.append(f"{self.outliers} row(s) are length outliers (beyond "
                             f"{OUTLIER_IQR_FACTOR:g} IQR of the character-length quartiles)")
         self.truncated = 0
         if self.token_counter is not None and self.options.max_length:
-            self.truncated = int((self.tokens.view() > self.options.max_length).sum())
+            kept_tokens = self.tokens.view()[self.kept]
+            self.truncated = int((kept_tokens > self.options.max_length).sum())
             if self.truncated:
                 warnings.append(f"{self.truncated} row(s) are longer than max_length "
                                 f"{self.options.max_length} tokens and would be truncated")
         return warnings
 
     def _length_outliers(self) -> int:
-        chars = self.chars.view()
+        kept_rows = np.flatnonzero(self.kept)
+        chars = self.chars.view()[kept_rows]
         if len(chars) < 8:  # quartiles of a handful of rows say nothing
             return 0
         q1, q3 = np.percentile(chars, [25, 75])
         spread = OUTLIER_IQR_FACTOR * max(q3 - q1, 1.0)
         outlying = np.flatnonzero((chars > q3 + spread) | (chars < q1 - spread))
-        for index in outlying[:MAX_FINDINGS_PER_KIND]:
-            self.finding("outlier", int(index) + 1, detail=f"{int(chars[index])} characters")
+        for position in outlying[:MAX_FINDINGS_PER_KIND].tolist():
+            self.finding("outlier", int(kept_rows[position]) + 1,
+                         detail=f"{int(chars[position])} characters")
         return len(outlying)
-
-    def removed(self) -> np.ndarray:
-        """Sorted indices of the valid rows that the quality options drop."""
-        drop: set[int] = set()
-        if self.options.quality.remove_duplicates:
-            drop.update(self.duplicates)
-        if self.options.quality.remove_near_duplicates:
-            drop.update(d for d, _, _ in self.near_pairs)
-        return np.array(sorted(drop), dtype=np.int64)
 
 
 def _masked(value: str) -> str:
@@ -470,7 +508,9 @@ def assign_splits(units: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
     training data.
     """
     t, v = fractions["test"], fractions["validation"]
-    sides = np.where(units < t, 2, np.where(units < t + v, 1, 0)).astype(np.int8)
+    sides = np.zeros(len(units), dtype=np.int8)  # int8 throughout: a byte a row
+    sides[units < t + v] = 1
+    sides[units < t] = 2
     if len(units) == 1:
         return np.zeros(1, dtype=np.int8)
     bands = {0: (t + v, 1.0), 1: (t, t + v), 2: (0.0, t)}
@@ -490,14 +530,12 @@ def assign_splits(units: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
 
 def _write_version(scan: _Scan, options: Options, workdir: Path,
                    warnings: list[str]) -> Ingested:
-    removed = scan.removed()
     rows_path = workdir / "rows.jsonl"
     digest = hashlib.sha256()
     units = _Growable(np.float64)
     with (workdir / "candidates.jsonl").open("rb") as src, rows_path.open("wb") as dst:
-        for index, line in enumerate(src):
-            position = np.searchsorted(removed, index)
-            if position < len(removed) and removed[position] == index:
+        for line, kept in zip(src, scan.kept, strict=True):
+            if not kept:
                 continue
             dst.write(line)
             digest.update(line)
@@ -540,19 +578,21 @@ def _report(scan: _Scan, options: Options, warnings: list[str], kept: int) -> di
         "invalid_rows": scan.invalid_rows,
         "errors": scan.errors,
         "total_errors": scan.total_errors,
-        # In the version (after the quality options) ...
-        "exact_duplicates": scan.remaining["exact"],
-        "near_duplicates": scan.remaining["near"],
-        "pii_rows": scan.remaining["pii_rows"],
+        # Rows of the version (after the quality options) with duplicates or PII ...
+        "exact_duplicates": scan.counts["exact"],
+        "near_duplicates": scan.counts["near"],
+        "pii_rows": scan.counts["pii_rows"],
+        # ... PII occurrences found in the source rows (none left when redacted) ...
         "pii_counts": {} if options.quality.redact_pii else dict(sorted(scan.pii_counts.items())),
         # ... and what the quality options took out of the source rows.
-        "removed": {"exact_duplicates": len(scan.duplicates) - scan.remaining["exact"],
-                    "near_duplicates": len(scan.near_only) - scan.remaining["near"]},
+        "removed": {"exact_duplicates": scan.counts["removed_exact"],
+                    "near_duplicates": scan.counts["removed_near"]},
         "redacted": dict(sorted(scan.redacted_counts.items())),
         "near_duplicate_scan_rows": scan.near_stopped_at or scan.valid,
         "length_outliers": scan.outliers,
-        "chars": length_stats(scan.chars.view()),
-        "tokens": length_stats(scan.tokens.view()) if scan.token_counter else {"count": 0},
+        "chars": length_stats(scan.chars.view()[scan.kept]),
+        "tokens": (length_stats(scan.tokens.view()[scan.kept]) if scan.token_counter
+                   else {"count": 0}),
         "tokenizer": options.base_model if scan.token_counter else "",
         "max_length": options.max_length,
         "truncated_rows": scan.truncated,

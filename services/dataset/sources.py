@@ -27,8 +27,13 @@ def parse_source(uri: str, allowed_buckets: list[str],
     '..') or PermissionDenied (outside the allowlists)."""
     if not uri:
         raise InvalidArgument("source_uri", "required (s3://bucket/key or file:///path)")
+    if "\x00" in uri or "%00" in uri:
+        raise InvalidArgument("source_uri", "must not contain a NUL character")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
+        if parsed.query or parsed.fragment or uri.endswith(("?", "#")):
+            raise InvalidArgument("source_uri", f"{uri!r}: an S3 URI takes no '?' or '#' part "
+                                                "(percent-encode them in the key)")
         key = parsed.path.lstrip("/")
         if not parsed.netloc or not key:
             raise InvalidArgument("source_uri", f"{uri!r}: expected s3://bucket/key")
@@ -61,3 +66,17 @@ def parse_source(uri: str, allowed_buckets: list[str],
     if not resolved.exists():
         raise InvalidArgument("source_uri", f"{raw}: no such file or folder")
     return PathSource(resolved)
+
+
+def check_model_dir(base_model: str, allowed_roots: list[Path]) -> None:
+    """With model roots configured, base_model must be a folder under one of them (so a read
+    key cannot probe the server's files through tokenizer errors). Raises PermissionDenied."""
+    if not allowed_roots:
+        return
+    if "\x00" in base_model:
+        raise InvalidArgument("base_model", "must not contain a NUL character")
+    resolved = Path(base_model).resolve()
+    roots = [Path(r).resolve() for r in allowed_roots]
+    if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_dir():
+        raise PermissionDenied("base_model: not a model folder under the allowed model roots "
+                               "(LLMSTUDIO_DATASET_MODEL_ROOTS)")

@@ -124,20 +124,6 @@ class DatasetStore:
         with self.engine.connect() as conn:
             return conn.execute(query).scalar() or 0
 
-    def same_content(self, tenant: str, name: str, sha256: str, split_sha256: dict[str, str],
-                     transformation: str) -> DatasetRecord | None:
-        """The newest version of `name` with this content, split and recipe, if any."""
-        query = datasets.select().where(sa.and_(
-            datasets.c.tenant == tenant, datasets.c.name == name, datasets.c.sha256 == sha256,
-        )).order_by(datasets.c.version.desc())
-        with self.engine.connect() as conn:
-            for row in conn.execute(query).mappings():
-                record = DatasetRecord(**row)
-                if (record.split_sha256 == split_sha256
-                        and record.transformation == transformation):
-                    return record
-        return None
-
     def mark_announced(self, dataset_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(

@@ -5,6 +5,7 @@ names a base model: transformers and torch stay out of the service's memory othe
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,24 @@ def token_counter(tokenizer) -> Callable[[dict], int]:
     from llmstudio.ml.data import encode_example
 
     def count(row: dict) -> int:
-        return len(encode_example(tokenizer, row, NO_TRUNCATION)["input_ids"])
+        with _rows_the_tokenizer_cannot_encode():
+            return len(encode_example(tokenizer, row, NO_TRUNCATION)["input_ids"])
 
     return count
+
+
+@contextmanager
+def _rows_the_tokenizer_cannot_encode():
+    """A row the base model's tokenizer cannot encode (no chat template, a template error) is
+    the base model's problem: INVALID_ARGUMENT naming it, not an internal error."""
+    from jinja2 import TemplateError
+
+    from llmstudio.ml.data import RowError
+
+    try:
+        yield
+    except (RowError, TemplateError) as e:
+        raise InvalidArgument("base_model", f"its tokenizer cannot encode these rows: {e}") from None
 
 
 def _learned_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
@@ -55,8 +71,9 @@ def _learned_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 def preview_row(tokenizer, row: dict, max_length: int) -> dict[str, Any]:
     from llmstudio.ml.data import encode_example
 
-    full = encode_example(tokenizer, row, NO_TRUNCATION)["input_ids"]
-    example = encode_example(tokenizer, row, max_length)
+    with _rows_the_tokenizer_cannot_encode():
+        full = encode_example(tokenizer, row, NO_TRUNCATION)["input_ids"]
+        example = encode_example(tokenizer, row, max_length)
     ids, labels = example["input_ids"], example["labels"]
     return {
         "rendered": tokenizer.decode(ids),

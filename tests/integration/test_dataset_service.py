@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import shutil
 import uuid
 
 import grpc
@@ -110,9 +111,11 @@ async def test_create_get_list_with_stable_sha_and_deterministic_split(settings,
 
     sha = hashlib.sha256(canonical_jsonl(ROWS)).hexdigest()
     assert first.id.startswith("ds-") and len(first.id) == 15
-    # Content-addressed: the same normalized content, split and recipe is the same version.
-    assert again == first and first.sha256 == sha and first.version == 1
-    assert (changed.version, changed.num_rows) == (2, 30) and changed.sha256 != sha
+    # Every push is a version; the same normalized content shares its stored files.
+    assert (first.version, again.version) == (1, 2) and again.sha256 == first.sha256 == sha
+    assert {k: v for k, v in again.artifacts.items() if k not in ("raw", "report")} == {
+        k: v for k, v in first.artifacts.items() if k not in ("raw", "report")}
+    assert (changed.version, changed.num_rows) == (3, 30) and changed.sha256 != sha
     assert (first.format, first.num_rows, first.source_schema, first.source_format) == (
         "prompt_completion", 40, "prompt_completion", "jsonl")
     assert first.train_rows + first.validation_rows == 40 and first.validation_rows >= 1
@@ -137,7 +140,8 @@ async def test_create_get_list_with_stable_sha_and_deterministic_split(settings,
         got = await client.GetDataset(datasets_pb2.GetDatasetRequest(id=first.id), metadata=md)
         assert got == first
         listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
-        assert [(d.id, d.version) for d in listed.datasets] == [(first.id, 1), (changed.id, 2)]
+        assert [(d.id, d.version) for d in listed.datasets] == [
+            (first.id, 1), (again.id, 2), (changed.id, 3)]
         by_name = await client.ListDatasets(
             datasets_pb2.ListDatasetsRequest(name="other"), metadata=md)
         assert list(by_name.datasets) == []
@@ -515,6 +519,8 @@ async def test_import_from_a_server_path_only_under_allowed_roots(nats_server, t
             "http://example.com/data.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
             "s3://not-allowed/data.jsonl": grpc.StatusCode.PERMISSION_DENIED,
             "relative/data.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
+            f"{allowed.as_uri()}/ok%00.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
+            "s3://not-allowed/a#b.jsonl": grpc.StatusCode.INVALID_ARGUMENT,
         }
         for uri, code in refused.items():
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -588,6 +594,7 @@ async def test_derive_dedup_and_redact_records_lineage_and_report(settings, serv
     rows_text = LocalArtifactStore(settings.data_dir / "artifacts").get_bytes(
         child.artifacts["rows"]).decode()
     assert SECRET_EMAIL not in rows_text and "[EMAIL]" in rows_text
+    assert "raw" not in child.artifacts and "raw" in parent.artifacts
     assert dict(child_report.pii_counts) == {} and child_report.exact_duplicates == 0
     assert dict(child_report.redacted_counts) == {"email": 1}
     assert child_report.removed_exact_duplicates == 3 and child.status == "accepted"
@@ -659,3 +666,42 @@ async def test_names_that_are_paths_are_refused(settings, service, name):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("name: must")
     assert LocalArtifactStore(settings.data_dir / "artifacts").list() == []
+
+
+async def test_a_redacted_upload_keeps_no_link_to_the_unredacted_file(settings, service):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    rows = ROWS[:10] + [{"prompt": f"write to {SECRET_EMAIL}", "completion": " ok"}]
+    ds = await create(service, key, name="clean", content=jsonl(rows),
+                      quality=datasets_pb2.QualityOptions(redact_pii=True))
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    assert "raw" not in ds.artifacts
+    assert all(SECRET_EMAIL.encode() not in artifacts.get_bytes(k) for k in ds.artifacts.values())
+
+
+async def test_base_model_problems_are_invalid_argument_or_outside_the_model_roots(
+        nats_server, tmp_path):
+    model = build_tiny_model(tmp_path / "models" / "tiny")
+    bare = tmp_path / "models" / "no-template"
+    shutil.copytree(model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path / "data",
+                        grpc_port=free_port(), dataset_model_roots=[tmp_path / "models"])
+    chat = [{"messages": [{"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": f"yo {i}"}]} for i in range(3)]
+    async with running("dataset", build, settings) as port:
+        key = await put_api_key(settings.nats_url, "developer", "acme")
+        errors = {}
+        for name, base in (("bare", bare), ("outside", tmp_path), ("etc", "/etc")):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await create(port, key, name=name, content=jsonl(chat), base_model=str(base))
+            errors[name] = e.value
+        ok = await create(port, key, name="ok", content=jsonl(chat), base_model=str(model))
+    assert errors["bare"].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors["bare"].details().startswith("base_model: its tokenizer cannot encode")
+    for name in ("outside", "etc"):
+        assert errors[name].code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "LLMSTUDIO_DATASET_MODEL_ROOTS" in errors[name].details()
+    assert ok.num_rows == 3

@@ -414,3 +414,63 @@ def test_one_split_of_a_datasets_folder_can_be_read_alone(tmp_path, rejected):
         "prompt_completion_dict_hf: has no split 'dev'; its splits: train, test"]
     r = rejected(jsonl(pc(1)), source_split="train")
     assert r.errors == ["data.jsonl: source_split applies to datasets folders (hf_disk), not jsonl"]
+
+
+def test_near_duplicate_removal_also_removes_exact_duplicates_and_the_report_agrees(run):
+    rows = [pc(i) for i in range(30)] + [pc(1), pc(2)]
+    got = run(jsonl(*rows), quality=ingest.Quality(remove_near_duplicates=True))
+    assert got.num_rows == 30
+    assert got.report["exact_duplicates"] == 0 and got.report["removed"]["exact_duplicates"] == 2
+    assert got.report["chars"]["count"] == 30 and got.warnings == []
+
+
+def test_stats_and_pii_rows_count_the_rows_kept(run):
+    leak = {"prompt": f"mail {SECRET_EMAIL} now please", "completion": " sure thing"}
+    rows = [pc(i) for i in range(10)] + [leak, leak, leak]
+    got = run(jsonl(*rows), quality=ingest.Quality(remove_duplicates=True))
+    assert got.num_rows == 11 and got.report["pii_rows"] == 1
+    assert got.report["chars"]["count"] == 11
+    assert got.warnings == ["PII in 1 row(s): email 3"]
+
+
+def test_rows_equal_after_redaction_are_duplicates_of_the_version(run):
+    rows = [pc(i) for i in range(5)] + [
+        {"prompt": "write to ann@example.com", "completion": "ok"},
+        {"prompt": "write to bob@example.org", "completion": "ok"}]
+    got = run(jsonl(*rows), quality=ingest.Quality(redact_pii=True, remove_duplicates=True))
+    assert got.num_rows == 6 and got.report["removed"]["exact_duplicates"] == 1
+    assert got.report["redacted"] == {"email": 2}
+
+
+def test_pii_is_found_per_field_as_redaction_sees_it(run):
+    split_secret = {"prompt": "Xk9mPq2vL7wR4zAb93", "completion": "set api_key ="}
+    found = run(jsonl(*[pc(i) for i in range(3)], split_secret))
+    redacted = run(jsonl(*[pc(i) for i in range(3)], split_secret),
+                   quality=ingest.Quality(redact_pii=True))
+    assert found.report["pii_rows"] == 0 and redacted.report["redacted"] == {}
+    assert redacted.sha256 == found.sha256
+
+
+def test_text_moved_across_fields_is_not_a_duplicate(run):
+    got = run(jsonl({"prompt": "alpha beta", "completion": "gamma"},
+                    {"prompt": "alpha", "completion": "beta gamma"}))
+    assert got.report["exact_duplicates"] == 0
+
+
+def test_the_default_validation_fraction_counts_towards_leaving_training_rows(rejected):
+    r = rejected(jsonl(*[pc(i) for i in range(20)]), test_fraction=0.9)
+    assert r.errors == ["validation_fraction + test_fraction: must be < 1 (no training rows "
+                        "left), got 1"]
+
+
+def test_a_tar_with_too_many_entries_is_refused(tmp_path, rejected, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_TAR_MEMBERS", 5)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"f{i}").write_text("x")
+    archive = tmp_path / "many.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname="many")
+    r = rejected(archive.read_bytes(), "many.tar")
+    assert r.errors == ["many.tar: more than 5 entries; a datasets folder has a few files"]
