@@ -10,14 +10,25 @@ File formats:
              ({"data": [...]}); streamed item by item, never loaded whole
     csv      a header row, then one record per row (a quoted cell may span lines); cells stay
              text: schemas decodes the conversation fields that CSV can only hold as JSON text
-    parquet  read by record batch
+    parquet  read by record batch, a few rows at a time
     hf_disk  a folder written by `datasets`' save_to_disk: a Dataset, or a DatasetDict whose
              splits are read one after another in its dataset_dict.json order (or one of them:
              read_records' `split`)
 
-Text formats must be UTF-8; a UTF-8 byte-order mark at the start is ignored. A JSONL or CSV line
-longer than max_line_bytes, or a JSON item longer than that, is skipped without being held in
-memory and reported as a RecordError.
+Text formats must be UTF-8; a UTF-8 byte-order mark at the start is ignored. A JSONL line, a CSV
+record (all the lines it spans: a quoted cell may hold newlines) or a JSON item longer than
+max_line_bytes is skipped without being held in memory and reported as a RecordError. (csv holds
+the record it parses as 4-byte characters: up to 4 * max_line_bytes.)
+
+Parquet and saved datasets compress inside the file, where the upload's expansion limit does not
+see: a 2 KB Parquet file can hold 400 MB of rows. Arrow sizes each row before Python sees it: the
+bytes of its values (strings and binaries by length, other values by width, lists and structs by
+their values' sum). A row larger than max_line_bytes is a RecordError and never a Python object;
+past max_total_bytes of rows in all, the upload is a SourceError; and rows become Python objects
+a few at a time (PYTHON_ROWS, and max_line_bytes of values). Not bounded: what pyarrow decodes
+whole to read a row. That is, of Parquet, a page of a column (a dictionary page too) and a batch
+of rows (PARQUET_BATCH_ROWS, fewer where the row group's metadata tells of long rows); of a saved
+dataset, a record batch of its Arrow files, decompressed (datasets writes 1,000 rows a batch).
 
 Locations name the file and where the record starts: "data.jsonl:12", "data.csv:7" (lines count
 from 1, as in editors), "data.json:item 5 (line 12)", "data.parquet:row 3", "data:train:row 3"
@@ -50,7 +61,8 @@ COMPRESSION_SUFFIXES = ("gz", "bz2", "xz", "zst")  # also the names compression_
 
 CHUNK_BYTES = 256 << 10  # read size; about what a reader holds beyond one record
 SNIFF_BYTES = 64 << 10  # how much of a file format detection looks at
-PARQUET_BATCH_ROWS = 512  # rows held at once: small enough for long texts, large enough to be fast
+PARQUET_BATCH_ROWS = 64  # rows pyarrow decodes at once, at most: few, for long texts
+PYTHON_ROWS = 64  # Parquet and Arrow rows made Python objects at once
 UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of UTF-32's
 UTF16_HINT = "the text looks UTF-16 encoded; re-encode the file as UTF-8"
@@ -253,26 +265,31 @@ def read_records(
     file_format: str,
     *,
     max_line_bytes: int,
+    max_total_bytes: int | None = None,
     split: str | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """(location, record dict or RecordError) for each record of the file, in order.
 
-    max_line_bytes bounds a JSONL or CSV line and a JSON item. split picks one split of a saved
-    DatasetDict (hf_disk only); None reads them all."""
+    max_line_bytes bounds a JSONL line, a CSV record, a JSON item, and the decoded values of a
+    Parquet or Arrow row. max_total_bytes bounds the decoded values of all the rows of a Parquet
+    file or saved dataset, whose compression is inside the file (None: no bound); the text
+    formats are bounded by their file size. split picks one split of a saved DatasetDict
+    (hf_disk only); None reads them all."""
     if file_format not in FILE_FORMATS:
         raise SourceError(
             f"{filename}: unknown file format {file_format!r}; known: {', '.join(FILE_FORMATS)}"
         )
     if split is not None and file_format != "hf_disk":
         raise ValueError(f"split applies to hf_disk only, not {file_format}")
+    expansion = _Expansion(filename, max_total_bytes)
     if file_format == "hf_disk":
-        return _read_hf_disk(path, filename, split)
+        return _read_hf_disk(path, filename, split, max_line_bytes, expansion)
     if path.is_dir():
         raise SourceError(f"{filename}: is a folder, not a {file_format} file")
     if path.stat().st_size == 0:
         raise SourceError(f"{filename}: empty file: no rows")
     if file_format == "parquet":
-        return _read_parquet(path, filename)
+        return _read_parquet(path, filename, max_line_bytes, expansion)
     reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[file_format]
     return reader(path, filename, max_line_bytes)
 
@@ -294,10 +311,15 @@ def _too_long(what: str, length: int, limit: int) -> RecordError:
     return RecordError(f"{what} is {length} bytes, longer than the limit of {limit} bytes")
 
 
-def _lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+def _lines(
+    stream: IO[bytes],
+    max_line_bytes: int,
+    on_dropped: Callable[[bytes | bytearray], None] | None = None,
+) -> Iterator[tuple[int, bytes | None, int]]:
     """(line number, line without its newline, its length) for each line. The line is None when
     it is longer than max_line_bytes: its bytes were counted and dropped chunk by chunk, so a
-    line of any length costs at most max_line_bytes + CHUNK_BYTES of memory."""
+    line of any length costs at most max_line_bytes + CHUNK_BYTES of memory. on_dropped, if
+    given, sees the dropped bytes piece by piece, in order, before the line is yielded."""
     lineno = 0
     held = bytearray()  # the current line's bytes from earlier chunks
     dropped = 0  # > 0 while passing over a line that is too long: its length so far
@@ -307,6 +329,9 @@ def _lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes 
             lineno += 1
             length = dropped + len(held) + end - start
             if length > max_line_bytes:
+                if on_dropped:
+                    on_dropped(held)
+                    on_dropped(chunk[start:end])
                 yield lineno, None, length
             else:
                 yield lineno, bytes(held) + chunk[start:end] if held else chunk[start:end], length
@@ -315,6 +340,9 @@ def _lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes 
             start = end + 1
         rest = len(chunk) - start
         if dropped or len(held) + rest > max_line_bytes:
+            if on_dropped:
+                on_dropped(held)
+                on_dropped(chunk[start:])
             dropped += len(held) + rest
             held.clear()
         else:
@@ -565,37 +593,114 @@ def _json_items(cursor: _Cursor, filename: str, max_item_bytes: int) -> Iterator
 # -- CSV ----------------------------------------------------------------------------------------
 
 
+class _CsvSkip:
+    """Follows csv's reader (the default dialect, strict) over the bytes of a record that is
+    too long to parse, fed piece by piece, to find the line where the record ends. Quotes and
+    commas are ASCII, which UTF-8 never uses inside a multi-byte character."""
+
+    FIELD, UNQUOTED, QUOTED, QUOTE, BROKEN = range(5)  # BROKEN: csv drops the line's rest
+
+    def __init__(self) -> None:
+        self.state = self.FIELD
+
+    def feed(self, data: bytes | bytearray) -> None:
+        at, state = 0, self.state
+        while at < len(data) and state != self.BROKEN:
+            if state == self.FIELD:
+                quoted = data[at] == ord('"')
+                state = self.QUOTED if quoted else self.UNQUOTED
+                at += quoted
+            elif state == self.UNQUOTED:  # a quote inside an unquoted field is a character
+                comma = data.find(b",", at)
+                state, at = (self.UNQUOTED, len(data)) if comma == -1 else (self.FIELD, comma + 1)
+            elif state == self.QUOTED:
+                quote = data.find(b'"', at)
+                state, at = (self.QUOTED, len(data)) if quote == -1 else (self.QUOTE, quote + 1)
+            else:  # just past a quote in a quoted field: '""' is a quote, '",' ends the field
+                char = data[at]
+                state = {ord('"'): self.QUOTED, ord(","): self.FIELD}.get(char, self.BROKEN)
+                at += 1
+        self.state = state
+
+    def line_ends_record(self) -> bool:
+        """At a newline; False inside a quoted field, which the newline belongs to."""
+        if self.state == self.QUOTED:
+            return False
+        self.state = self.FIELD
+        return True
+
+
+@dataclass
+class _CsvRecord:
+    """The physical lines csv.reader read for the record it is reading."""
+
+    start: int = 0  # its first line
+    end: int = 0  # its last line so far
+    size: int = 0  # bytes from its start, newlines inside it included
+    too_long: bool = False  # skipped unparsed: csv was handed a stand-in
+
+    def add(self, lineno: int, length: int) -> None:
+        self.size += length + (self.start > 0)
+        self.start = self.start or lineno
+        self.end = lineno
+
+
 def _read_csv(path: Path, filename: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
-    # csv's only cell limit is process-wide; a cell may be as long as a line (never lowered, so
-    # other readers in the process keep theirs)
+    # csv's only cell limit is process-wide; a cell may be as long as a record (never lowered,
+    # so other readers in the process keep theirs)
     if csv.field_size_limit() < max_line_bytes:
         csv.field_size_limit(max_line_bytes)
-    too_long: list[tuple[int, int]] = []  # (line, length) skipped since the last record
+    record = _CsvRecord()
+    skip = _CsvSkip()
 
     with _open_text(path, filename) as stream:
+        # _lines hands over the pieces of a line too long to hold, for skip to follow
+        lines = _lines(stream, max_line_bytes, skip.feed)
 
         def text_lines() -> Iterator[str]:
-            for lineno, line, length in _lines(stream, max_line_bytes):
-                if line is None:
-                    too_long.append((lineno, length))
-                    yield "\n"  # keeps csv's line count in step with the file's
-                else:  # invalid bytes survive as surrogates, reported per cell below
+            """The lines for csv: one at a time, as it asks. A record that gets longer than
+            max_line_bytes is read on to its end unparsed, and csv handed a line that ends it
+            (csv asks for a line past the record's first only inside a quoted cell)."""
+            while True:
+                skip.state = _CsvSkip.QUOTED if record.start else _CsvSkip.FIELD
+                if (item := next(lines, None)) is None:
+                    return
+                lineno, line, length = item
+                record.add(lineno, length)
+                if line is not None and record.size <= max_line_bytes:
+                    # invalid bytes survive as surrogates, reported per cell below
                     yield line.decode("utf-8", "surrogateescape") + "\n"
+                    continue
+                stand_in = "\n" if record.start == lineno else '"\n'
+                if line is not None:
+                    skip.feed(line)
+                while not skip.line_ends_record() and (item := next(lines, None)):
+                    lineno, line, length = item
+                    record.add(lineno, length)
+                    if line is not None:
+                        skip.feed(line)
+                record.too_long = True
+                yield stand_in
 
         rows = csv.reader(text_lines(), strict=True)
         header: list[str] | None = None
         while True:
-            start = rows.line_num + 1
+            record = _CsvRecord()  # text_lines sees this one: a closure reads it when it runs
             try:
                 row: list[str] | csv.Error = next(rows)
             except StopIteration:
                 break
             except csv.Error as e:
                 row = e
-            for lineno, length in too_long:
-                yield f"{filename}:{lineno}", _too_long("line", length, max_line_bytes)
-            too_long.clear()
-            if isinstance(row, csv.Error):
+            start = record.start
+            if record.too_long:
+                if header is None:
+                    raise SourceError(
+                        f"{filename}:{start}: the header row is {record.size} bytes, longer "
+                        f"than the limit of {max_line_bytes} bytes"
+                    )
+                yield f"{filename}:{start}", _csv_too_long(record, max_line_bytes)
+            elif isinstance(row, csv.Error):
                 if header is None:
                     raise SourceError(f"{filename}:{start}: unreadable CSV header: {row}")
                 yield f"{filename}:{start}", RecordError(f"malformed CSV: {row}")
@@ -607,6 +712,13 @@ def _read_csv(path: Path, filename: str, max_line_bytes: int) -> Iterator[tuple[
                 yield f"{filename}:{start}", _csv_record(row, header)
     if header is None:
         raise SourceError(f"{filename}: no header row: the file holds no CSV rows")
+
+
+def _csv_too_long(record: _CsvRecord, limit: int) -> RecordError:
+    if record.end == record.start:
+        return _too_long("line", record.size, limit)
+    reason = _too_long("record", record.size, limit).reason
+    return RecordError(f"{reason} (lines {record.start} to {record.end})")
 
 
 def _csv_header(row: list[str], filename: str, line: int) -> list[str]:
@@ -656,6 +768,7 @@ def _csv_record(row: list[str], header: list[str]) -> dict | RecordError:
 def _pyarrow(filename: str, file_format: str):
     try:
         import pyarrow
+        import pyarrow.compute
         import pyarrow.ipc
         import pyarrow.parquet
     except ImportError:
@@ -666,23 +779,151 @@ def _pyarrow(filename: str, file_format: str):
     return pyarrow
 
 
-def _read_parquet(path: Path, filename: str) -> Iterator[tuple[str, Any]]:
+class _Expansion:
+    """The decoded bytes of an upload's records so far, against max_total_bytes: Parquet and
+    Arrow compress inside the file, so the upload's own expansion limit does not see them."""
+
+    def __init__(self, filename: str, limit: int | None):
+        self.filename = filename
+        self.limit = limit
+        self.total = 0
+
+    def room(self) -> float:
+        """How many more bytes fit."""
+        return float("inf") if self.limit is None else self.limit - self.total
+
+    def add(self, size: int, location: str) -> None:
+        self.total += size
+        if self.limit is not None and self.total > self.limit:
+            raise SourceError(
+                f"{self.filename}: expands to more than {self.limit} bytes of values, the limit "
+                f"for an upload (passed at {location})"
+            )
+
+
+def _value_bytes(pa, array) -> Any:
+    """Each row's decoded size (a numpy int64 array): strings and binaries by their length,
+    other values by their width, lists, maps and structs by the sum of their values, nulls 0.
+    Computed by Arrow and numpy, without making Python objects of the values."""
+    import numpy as np  # pyarrow's own dependency
+
+    string_arrays = (pa.StringArray, pa.BinaryArray, pa.LargeStringArray, pa.LargeBinaryArray)
+    if isinstance(array.type, pa.ExtensionType):
+        return _value_bytes(pa, array.storage)
+    if isinstance(array, pa.DictionaryArray):
+        return _value_bytes(pa, array.dictionary_decode())
+    n = len(array)
+    if n == 0 or array.null_count == n:
+        return np.zeros(n, np.int64)
+    if isinstance(array, string_arrays):
+        sizes = np.diff(_offsets(pa, array))
+    elif isinstance(array, (pa.ListArray, pa.LargeListArray)):  # maps too
+        offsets = _offsets(pa, array)
+        first, last = int(offsets[0]), int(offsets[-1])
+        sums = np.zeros(last - first + 1, np.int64)
+        np.cumsum(_value_bytes(pa, array.values.slice(first, last - first)), out=sums[1:])
+        sizes = sums[offsets[1:] - first] - sums[offsets[:-1] - first]
+    elif isinstance(array, pa.FixedSizeListArray):
+        sizes = np.zeros(n, np.int64)
+        parents = pa.compute.list_parent_indices(array).to_numpy(zero_copy_only=False)
+        np.add.at(sizes, parents, _value_bytes(pa, pa.compute.list_flatten(array)))
+    elif isinstance(array, pa.StructArray):
+        sizes = np.zeros(n, np.int64)
+        for field in array.flatten():  # the fields of this slice, null where the struct is
+            sizes += _value_bytes(pa, field)
+    else:
+        try:
+            sizes = np.full(n, max(1, array.type.bit_width // 8), np.int64)
+        except ValueError:  # not fixed-width
+            if str(array.type) in ("string_view", "binary_view"):  # pyarrow 16 on
+                sizes = _value_bytes(pa, array.cast(pa.large_binary()))
+            else:  # unions and the like: what each row references
+                sizes = np.array([array.slice(i, 1).nbytes for i in range(n)])
+    sizes = sizes.astype(np.int64, copy=False)
+    if array.null_count:  # a null may still span bytes (a list's offsets); it holds none
+        sizes = np.where(array.is_valid().to_numpy(zero_copy_only=False), sizes, 0)
+    return sizes
+
+
+def _offsets(pa, array) -> Any:
+    """The n + 1 offsets of a string, binary or list array's rows into its values (which a
+    slice shares whole), from its buffer: Array.offsets.to_numpy() is 100 times slower."""
+    import numpy as np  # pyarrow's own dependency
+
+    large = isinstance(array, (pa.LargeStringArray, pa.LargeBinaryArray, pa.LargeListArray))
+    offsets = np.frombuffer(array.buffers()[1], np.int64 if large else np.int32)
+    return offsets[array.offset : array.offset + len(array) + 1].astype(np.int64)
+
+
+def _batch_records(
+    pa,
+    batch,
+    label: str,
+    first_row: int,
+    max_record_bytes: int,
+    expansion: _Expansion,
+) -> Iterator[tuple[str, Any]]:
+    """The rows of an Arrow record batch, made Python objects a few at a time: at most
+    PYTHON_ROWS rows and max_record_bytes of values (or one row). A row larger than
+    max_record_bytes is a RecordError, never made a Python object."""
+    import numpy as np  # pyarrow's own dependency
+
+    sizes = np.zeros(batch.num_rows, np.int64)
+    for column in batch.columns:
+        sizes += _value_bytes(pa, column)
+    start = 0
+    while start < len(sizes):
+        size = int(sizes[start])
+        if size > max_record_bytes:
+            location = f"{label}:row {first_row + start}"
+            expansion.add(size, location)
+            yield location, _too_long("record", size, max_record_bytes)
+            start += 1
+            continue
+        # the rows from start whose sizes add up to max_record_bytes at most (one at least)
+        held = np.cumsum(sizes[start : start + PYTHON_ROWS])
+        count = int(np.searchsorted(held, max_record_bytes, side="right"))
+        records = batch.slice(start, count).to_pylist()
+        if expansion.room() >= held[count - 1]:
+            expansion.add(int(held[count - 1]), label)
+            for row, record in enumerate(records, first_row + start):
+                yield f"{label}:row {row}", record
+        else:  # the limit falls in these rows: name the row that passes it
+            for i, record in enumerate(records, start):
+                location = f"{label}:row {first_row + i}"
+                expansion.add(int(sizes[i]), location)
+                yield location, record
+        start += count
+
+
+def _read_parquet(
+    path: Path, filename: str, max_record_bytes: int, expansion: _Expansion
+) -> Iterator[tuple[str, Any]]:
     pa = _pyarrow(filename, "parquet")
     row = 0
     try:
         # pre_buffer (the default) reads a whole row group at once, often 100+ MB; buffered
         # reads hold one page per column (a 143 MB row group: 154 MB of Arrow memory -> 11 MB)
         with pa.parquet.ParquetFile(path, buffer_size=CHUNK_BYTES, pre_buffer=False) as parquet:
-            batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, use_threads=False)
-            for batch in batches:
-                for record in batch.to_pylist():
-                    yield f"{filename}:row {row}", record
-                    row += 1
+            for group in range(parquet.num_row_groups):
+                # a batch is decoded whole: fewer rows where the metadata tells they are long,
+                # about max_record_bytes a batch
+                meta = parquet.metadata.row_group(group)
+                row_bytes = max(1, meta.total_byte_size // max(1, meta.num_rows))
+                rows = max(1, min(PARQUET_BATCH_ROWS, max_record_bytes // row_bytes))
+                batches = parquet.iter_batches(
+                    batch_size=rows, row_groups=[group], use_threads=False
+                )
+                for batch in batches:
+                    yield from _batch_records(pa, batch, filename, row, max_record_bytes, expansion)
+                    row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{filename}: not a readable Parquet file: {e}") from e
 
 
-def _read_hf_disk(folder: Path, filename: str, split: str | None) -> Iterator[tuple[str, Any]]:
+def _read_hf_disk(
+    folder: Path, filename: str, split: str | None, max_record_bytes: int, expansion: _Expansion
+) -> Iterator[tuple[str, Any]]:
     if (folder / HF_DICT_FILE).is_file():
         splits = _json_file(folder / HF_DICT_FILE, filename).get("splits")
         if not (isinstance(splits, list) and all(isinstance(s, str) for s in splits)):
@@ -695,12 +936,16 @@ def _read_hf_disk(folder: Path, filename: str, split: str | None) -> Iterator[tu
             splits = [split]
         for name in splits:
             yield from _read_arrow_dataset(
-                _inside(folder, name, filename), f"{filename}:{name}", filename
+                _inside(folder, name, filename),
+                f"{filename}:{name}",
+                filename,
+                max_record_bytes,
+                expansion,
             )
     elif (folder / HF_STATE_FILE).is_file():
         if split is not None:
             raise SourceError(f"{filename}: holds one dataset, no splits; cannot read '{split}'")
-        yield from _read_arrow_dataset(folder, filename, filename)
+        yield from _read_arrow_dataset(folder, filename, filename, max_record_bytes, expansion)
     else:
         raise _not_a_saved_dataset(filename)
 
@@ -712,7 +957,9 @@ def _not_a_saved_dataset(filename: str) -> SourceError:
     )
 
 
-def _read_arrow_dataset(folder: Path, label: str, filename: str) -> Iterator[tuple[str, Any]]:
+def _read_arrow_dataset(
+    folder: Path, label: str, filename: str, max_record_bytes: int, expansion: _Expansion
+) -> Iterator[tuple[str, Any]]:
     """The rows of one saved Dataset: its Arrow stream files in state.json's order."""
     pa = _pyarrow(filename, "hf_disk")
     state = _json_file(folder / HF_STATE_FILE, filename)
@@ -725,10 +972,9 @@ def _read_arrow_dataset(folder: Path, label: str, filename: str) -> Iterator[tup
         arrow_file = _inside(folder, name, filename)
         try:  # read, not memory-mapped: mapped pages would count against the service's memory
             with pa.OSFile(str(arrow_file)) as source:
-                for batch in pa.ipc.open_stream(source):
-                    for record in batch.to_pylist():
-                        yield f"{label}:row {row}", record
-                        row += 1
+                for batch in pa.ipc.open_stream(source):  # a batch is read whole
+                    yield from _batch_records(pa, batch, label, row, max_record_bytes, expansion)
+                    row += batch.num_rows
         except (pa.ArrowException, OSError) as e:
             raise SourceError(f"{label}: cannot read {name}: {e}") from e
 

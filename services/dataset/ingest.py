@@ -180,6 +180,7 @@ def ingest(
                                       f"(hf_disk), not {file_format}")
         records = formats.read_records(path, filename, file_format,
                                        max_line_bytes=limits.max_line_bytes,
+                                       max_total_bytes=limits.max_expanded_bytes,
                                        split=options.source_split or None)
         scan = _Scan(options, limits, token_counter)
         scan.run(records, workdir / "candidates.jsonl", on_progress)
@@ -532,16 +533,18 @@ def _write_version(scan: _Scan, options: Options, workdir: Path,
                    warnings: list[str]) -> Ingested:
     rows_path = workdir / "rows.jsonl"
     digest = hashlib.sha256()
-    units = _Growable(np.float64)
+    # float32 positions: 4 bytes a row; the rounding is deterministic, so is the split
+    units, n = np.empty(int(scan.kept.sum()), dtype=np.float32), 0
     with (workdir / "candidates.jsonl").open("rb") as src, rows_path.open("wb") as dst:
         for line, kept in zip(src, scan.kept, strict=True):
             if not kept:
                 continue
             dst.write(line)
             digest.update(line)
-            units.append(split_unit(options.seed, line[:-1].decode("utf-8")))
+            units[n] = split_unit(options.seed, line[:-1].decode("utf-8"))
+            n += 1
     (workdir / "candidates.jsonl").unlink()
-    sides = assign_splits(units.view(), options.fractions)
+    sides = assign_splits(units, options.fractions)
     wanted = [s for s in SPLITS if s != "test" or options.test_fraction > 0]
     split_paths = {s: workdir / f"{s}.jsonl" for s in wanted}
     split_digests = {s: hashlib.sha256() for s in wanted}

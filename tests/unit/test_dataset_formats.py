@@ -14,6 +14,8 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from services.dataset import formats, schemas
@@ -411,6 +413,154 @@ def test_a_long_record_is_skipped_in_bounded_memory(
         RecordError(f"{what} is {length} bytes, longer than the limit of {LIMIT} bytes"),
     )
     assert [r for _, r in records[::2]] == [{"text": "a"}, {"text": "b"}]
+
+
+# -- size limits of Parquet, saved datasets and CSV records -------------------------------------
+
+BIG = 3 << 20  # bytes in an oversized value: 3 times LIMIT
+
+
+def _chat(i: int, question: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    }
+
+
+def _save(folder: Path, file_format: str, rows: list[dict] | dict[str, list[dict]]) -> Path:
+    """rows as a zstd-compressed Parquet file, or a folder of datasets' save_to_disk (a
+    DatasetDict for a dict of splits)."""
+    if file_format == "parquet":
+        path = folder / "x.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, compression="zstd")
+        return path
+    datasets = pytest.importorskip("datasets")
+    path = folder / "x"
+    if isinstance(rows, dict):
+        splits = {name: datasets.Dataset.from_list(split) for name, split in rows.items()}
+        datasets.DatasetDict(splits).save_to_disk(str(path))
+    else:
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "hf_disk"])
+def test_a_row_over_the_limit_is_a_record_error_and_never_a_python_object(tmp_path, file_format):
+    rows = [_chat(i, f"question {i}") for i in range(150)]  # batches of 64 rows, and more
+    rows[70] = _chat(70, "x" * BIG)
+    path = _save(tmp_path, file_format, rows)
+    tracemalloc.start()
+    try:
+        records = read(path, file_format)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < BIG // 2, f"peak {peak} bytes: the {BIG}-byte text became a str"
+    assert [location for location, _ in records] == [f"{path.name}:row {i}" for i in range(150)]
+    size = BIG + len("user") + len("assistant") + len("answer 70")  # its values' bytes
+    assert records[70][1] == RecordError(
+        f"record is {size} bytes, longer than the limit of {LIMIT} bytes"
+    )
+    assert [r for _, r in records[:70] + records[71:]] == rows[:70] + rows[71:]
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "hf_disk"])
+def test_rows_that_expand_past_max_total_bytes_stop_the_upload(tmp_path, file_format):
+    half = LIMIT // 2
+    path = _save(tmp_path, file_format, [{"text": "x" * half}] * 4)
+    if file_format == "parquet":
+        assert path.stat().st_size < 64 << 10  # compressed inside: the upload limit sees this
+    name, limit = path.name, 3 * half - 1  # row 2 passes it
+    records = formats.read_records(
+        path, name, file_format, max_line_bytes=LIMIT, max_total_bytes=limit
+    )
+    read_before = []
+    with pytest.raises(SourceError) as e:
+        read_before.extend(location for location, _ in records)
+    assert str(e.value) == (
+        f"{name}: expands to more than {limit} bytes of values, the limit for an upload "
+        f"(passed at {name}:row 2)"
+    )
+    assert read_before == [f"{name}:row 0", f"{name}:row 1"]
+    assert len(read(path, file_format, max_total_bytes=4 * half)) == 4  # the limit is inclusive
+
+
+def test_max_total_bytes_counts_every_split_of_a_saved_dataset_dict(tmp_path):
+    half = LIMIT // 2
+    row = {"text": "x" * half}
+    path = _save(tmp_path, "hf_disk", {"train": [row, row], "test": [row, row]})
+    with pytest.raises(SourceError, match=r"\(passed at x:test:row 1\)$"):
+        read(path, "hf_disk", max_total_bytes=3 * half)
+    assert len(read(path, "hf_disk", split="test", max_total_bytes=3 * half)) == 2
+
+
+def test_a_csv_record_over_the_limit_across_lines_and_cells_is_skipped_in_bounded_memory(
+    tmp_path,
+):
+    cell = b'"' + (b"x" * (64 << 10) + b"\n") * 40 + b'"'  # 2.5 MiB in lines of 64 KiB
+    record = b",".join([cell] * 3)
+    path = _write(tmp_path, "x.csv", b"a,b,c\n1,2,3\n" + record + b"\n4,5,6\n")
+    tracemalloc.start()
+    try:
+        records = read(path, "csv")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    end = 3 + record.count(b"\n")
+    assert records == [
+        ("x.csv:2", {"a": "1", "b": "2", "c": "3"}),
+        (
+            "x.csv:3",
+            RecordError(
+                f"record is {len(record)} bytes, longer than the limit of {LIMIT} bytes "
+                f"(lines 3 to {end})"
+            ),
+        ),
+        (f"x.csv:{end + 1}", {"a": "4", "b": "5", "c": "6"}),
+    ]
+    # csv holds up to LIMIT characters of the record, 4 bytes each; all of it would be 30 MiB
+    assert peak < 8 * LIMIT, f"peak {peak} bytes for a {len(record)}-byte record"
+
+
+def _record_too_long(size: int, start: int, end: int) -> RecordError:
+    return RecordError(
+        f"record is {size} bytes, longer than the limit of 64 bytes (lines {start} to {end})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "records"),
+    [
+        (  # an over-long line opens a quoted cell that goes on; its "" split across reads
+            b'a,b\n"' + b'x""' * 40 + b'\nmore",b\nnext,row\n',
+            [("x.csv:2", _record_too_long(129, 2, 3)), ("x.csv:4", {"a": "next", "b": "row"})],
+        ),
+        (  # the file ends inside the quoted cell
+            b'a,b\n1,2\n"' + b"y\n" * 40,
+            [("x.csv:2", {"a": "1", "b": "2"}), ("x.csv:3", _record_too_long(80, 3, 42))],
+        ),
+        (  # a quote then text: csv (strict) ends the record at that line
+            b'a,b\n"' + b"z\n" * 40 + b'"junk,b\nnext,row\n',
+            [("x.csv:2", _record_too_long(88, 2, 42)), ("x.csv:43", {"a": "next", "b": "row"})],
+        ),
+    ],
+    ids=["quote-opened-on-a-long-line", "file-ends-in-the-quote", "quote-then-text"],
+)
+def test_csv_records_over_the_limit_end_where_csv_ends_them(
+    tmp_path, monkeypatch, content, records
+):
+    monkeypatch.setattr(formats, "CHUNK_BYTES", 7)
+    path = _write(tmp_path, "x.csv", content)
+    assert read(path, "csv", max_line_bytes=64) == records
+
+
+def test_a_csv_header_over_the_limit_is_refused(tmp_path):
+    path = _write(tmp_path, "x.csv", b'"' + b"h\n" * 40 + b'",b\n1,2\n')
+    with pytest.raises(SourceError) as e:
+        read(path, "csv", max_line_bytes=64)
+    assert str(e.value) == "x.csv:1: the header row is 84 bytes, longer than the limit of 64 bytes"
 
 
 # -- decompression ------------------------------------------------------------------------------

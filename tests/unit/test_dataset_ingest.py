@@ -474,3 +474,15 @@ def test_a_tar_with_too_many_entries_is_refused(tmp_path, rejected, monkeypatch)
         tar.add(folder, arcname="many")
     r = rejected(archive.read_bytes(), "many.tar")
     assert r.errors == ["many.tar: more than 5 entries; a datasets folder has a few files"]
+
+
+def test_a_parquet_file_decoding_past_the_expansion_limit_is_refused(tmp_path, rejected):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    path = tmp_path / "bomb.parquet"
+    table = pa.table({"prompt": ["x" * (1 << 20)] * 8, "completion": ["y"] * 8})
+    pq.write_table(table, path, compression="zstd")
+    assert path.stat().st_size < 100_000
+    r = rejected(path.read_bytes(), "bomb.parquet",
+                 limits=ingest.Limits(max_expanded_bytes=4 << 20, max_line_bytes=2 << 20))
+    assert len(r.errors) == 1 and r.errors[0].startswith("bomb.parquet: expands to more than")
