@@ -125,6 +125,13 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
             near_duplicate_max_rows=settings.dataset_near_duplicate_max_rows,
         )
 
+    def clear_spool(self) -> int:
+        """Remove what ingests that died with a previous process left in the spool."""
+        leftovers = list(self.spool_root.glob("ingest-*")) if self.spool_root.is_dir() else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(leftovers)
+
     @contextmanager
     def _workdir(self):
         self.spool_root.mkdir(parents=True, exist_ok=True)
@@ -158,6 +165,8 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
                         if header.content:
                             raise InvalidArgument("options.content", "must be empty: the file "
                                                                      "follows in data chunks")
+                        if errors := options_of(header).errors():  # before a byte is spooled
+                            raise InvalidArgument("", "; ".join(errors))
                         continue
                     if chunk.WhichOneof("part") != "data":
                         raise InvalidArgument("options", "only the first message may carry "

@@ -26,6 +26,7 @@ async def build(rt: Runtime) -> list[Registration]:
             await announce(rt.bus, store, record)
 
     servicer = DatasetApi(store, artifacts, rt.bus, rt.settings)
+    await asyncio.to_thread(servicer.clear_spool)  # this process owns the spool from now on
 
     async def close() -> None:
         servicer.ingest_pool.shutdown(wait=False, cancel_futures=True)

@@ -705,3 +705,29 @@ async def test_base_model_problems_are_invalid_argument_or_outside_the_model_roo
         assert errors[name].code() == grpc.StatusCode.PERMISSION_DENIED
         assert "LLMSTUDIO_DATASET_MODEL_ROOTS" in errors[name].details()
     assert ok.num_rows == 3
+
+
+async def test_upload_options_are_checked_before_the_file_and_the_spool_is_cleared_on_start(
+        settings, nats_server):
+    stale = settings.data_dir / "spool" / "ingest-stale"
+    stale.mkdir(parents=True)
+    (stale / "upload").write_bytes(b"left by a crash")
+    async with running("dataset", build, settings) as port:
+        assert not stale.exists()
+        key = await put_api_key(settings.nats_url, "developer", "acme")
+        ch, client, md = stub(port, key)
+        sent = []
+
+        async def messages():
+            yield datasets_pb2.UploadDatasetChunk(options=datasets_pb2.CreateDatasetRequest(
+                name="ok", test_fraction=2.0))
+            for i in range(1000):
+                sent.append(i)
+                yield datasets_pb2.UploadDatasetChunk(data=b"x" * (1 << 20))
+
+        async with ch:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.UploadDataset(messages(), metadata=md)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("test_fraction: must be >= 0 and < 1")
+    assert len(sent) < 1000  # refused long before the whole file was sent
