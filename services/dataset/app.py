@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from llmstudio.grpcutil import Registration
+from llmstudio.ml.allocator import return_freed_tensors_to_os
 from llmstudio.service import Runtime
 from llmstudio.v1 import datasets_pb2_grpc
 
@@ -14,6 +15,9 @@ from .store import DatasetStore
 
 
 async def build(rt: Runtime) -> list[Registration]:
+    # Upload chunks and per-row arrays are large blocks freed over and over: pin glibc's mmap
+    # threshold so they go back to the OS instead of growing the heap (peak RSS of an ingest).
+    return_freed_tensors_to_os()
     store = DatasetStore(rt.settings.db_url("dataset"))
     await asyncio.to_thread(store.create_tables)
     artifacts = rt.artifact_store()
