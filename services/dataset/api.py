@@ -14,6 +14,7 @@ import logging
 import secrets
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -290,11 +291,19 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
         try:
             async with self.ingest_slots:
                 # Its own threads: long ingests never take the threads reads and handlers use.
-                ingested = await asyncio.get_running_loop().run_in_executor(
-                    self.ingest_pool, partial(
-                        ingest.ingest, source.path, options, out, self.limits,
-                        token_counter=counter, on_progress=lambda rows: log.info(
-                            "dataset %s: %d rows read", options.name, rows)))
+                # A cancelled call (client gone, deadline) stops its ingest too, so the slot it
+                # frees is really free.
+                cancelled = threading.Event()
+                try:
+                    ingested = await asyncio.get_running_loop().run_in_executor(
+                        self.ingest_pool, partial(
+                            ingest.ingest, source.path, options, out, self.limits,
+                            token_counter=counter, should_stop=cancelled.is_set,
+                            on_progress=lambda rows: log.info(
+                                "dataset %s: %d rows read", options.name, rows)))
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
         except ingest.Rejected as e:
             await self._reject(principal, options.name, e.rejection)
             raise InvalidArgument("", str(e)) from None

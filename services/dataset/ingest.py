@@ -41,6 +41,7 @@ SPLITS = ("train", "validation", "test")
 MAX_FINDINGS_PER_KIND = 20  # row references kept in the report for each kind of finding
 OUTLIER_IQR_FACTOR = 3.0  # Tukey's "far out": beyond Q3 + 3 IQR (or below Q1 - 3 IQR)
 PROGRESS_EVERY_ROWS = 100_000
+CHECK_STOP_EVERY_ROWS = 1_000
 MAX_TAR_MEMBERS = 10_000  # a datasets folder: arrow files, state.json, dataset_info.json
 
 
@@ -139,6 +140,10 @@ class Ingested:
     report: dict[str, Any]
 
 
+class Cancelled(Exception):
+    """The caller went away (should_stop): nothing was written but the workdir."""
+
+
 class Rejected(Exception):
     def __init__(self, rejection: core.Rejection, report: dict[str, Any] | None = None):
         self.rejection, self.report = rejection, report or {}
@@ -161,8 +166,10 @@ def ingest(
     *,
     token_counter: Callable[[dict], int] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Ingested:
-    """Run the three passes over `source` (a file, or a `datasets` folder). Raises Rejected.
+    """Run the three passes over `source` (a file, or a `datasets` folder). Raises Rejected,
+    or Cancelled when `should_stop()` turns true (checked every CHECK_STOP_EVERY_ROWS records).
 
     `token_counter(row) -> tokens` (from the base model's tokenizer, see `tokens.py`) adds
     token-length stats; `on_progress(rows_read)` is called every PROGRESS_EVERY_ROWS records
@@ -183,7 +190,7 @@ def ingest(
                                        max_total_bytes=limits.max_expanded_bytes,
                                        split=options.source_split or None)
         scan = _Scan(options, limits, token_counter)
-        scan.run(records, workdir / "candidates.jsonl", on_progress)
+        scan.run(records, workdir / "candidates.jsonl", on_progress, should_stop)
     except formats.SourceError as e:
         raise reject([str(e)]) from None
     scan.source_format = file_format
@@ -304,12 +311,15 @@ class _Scan:
         room = core.MAX_REPORTED_ERRORS - len(self.errors)
         self.errors.extend(f"{location}: {r}" for r in reasons[:max(room, 0)])
 
-    def run(self, records: Iterator[tuple[str, Any]], out: Path, on_progress) -> None:
+    def run(self, records: Iterator[tuple[str, Any]], out: Path, on_progress,
+            should_stop) -> None:
         with out.open("w", encoding="utf-8") as sink:
             for location, value in records:
                 self.rows_read += 1
                 if on_progress and self.rows_read % PROGRESS_EVERY_ROWS == 0:
                     on_progress(self.rows_read)
+                if should_stop and self.rows_read % CHECK_STOP_EVERY_ROWS == 0 and should_stop():
+                    raise Cancelled(f"stopped after {self.rows_read} records")
                 row = self.normalized(location, value)
                 if row is not None:
                     sink.write(core.canonical(row) + "\n")

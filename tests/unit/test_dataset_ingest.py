@@ -486,3 +486,17 @@ def test_a_parquet_file_decoding_past_the_expansion_limit_is_refused(tmp_path, r
     r = rejected(path.read_bytes(), "bomb.parquet",
                  limits=ingest.Limits(max_expanded_bytes=4 << 20, max_line_bytes=2 << 20))
     assert len(r.errors) == 1 and r.errors[0].startswith("bomb.parquet: expands to more than")
+
+
+def test_an_ingest_stops_when_its_caller_goes_away(tmp_path):
+    source = tmp_path / "d.jsonl"
+    source.write_bytes(jsonl(*[pc(i) for i in range(5000)]))
+    checks = []
+
+    def should_stop() -> bool:
+        checks.append(1)
+        return len(checks) == 2
+
+    with pytest.raises(ingest.Cancelled, match="stopped after 2000 records"):
+        ingest.ingest(source, ingest.Options(name="d"), tmp_path / "w", should_stop=should_stop)
+    assert len(checks) == 2
