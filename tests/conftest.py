@@ -19,3 +19,15 @@ def nats_server(tmp_path):
     server = start_nats_server(tmp_path / "jetstream")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Torch on one intra-op thread for a module: tiny matmuls gain nothing from threads, and
+    on a busy 2-core machine they lose a lot. Use: pytestmark = usefixtures("single_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

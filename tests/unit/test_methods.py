@@ -33,13 +33,7 @@ LR = {"ia3": 0.2, "vera": 0.1, "prefix_tuning": 0.05, "prompt_tuning": 0.1, "p_t
 ALL_METHODS = list(typing.get_args(Method))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: a second intra-op thread only adds contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,7 @@ print(json.dumps({"resumed_from": str(start), "steps": r.steps, "final_loss": r.
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _child(args: list[str]) -> subprocess.Popen:
