@@ -39,11 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PROMPT_COMPLETION = "prompt_completion"
-MESSAGES = "messages"
-TEXT = "text"
-PREFERENCE = "preference"
-FORMATS = (PROMPT_COMPLETION, MESSAGES, TEXT, PREFERENCE)
+from .core import MESSAGES, PREFERENCE, PROMPT_COMPLETION, TEXT
 
 ROLES = ("system", "user", "assistant")
 CHAT_ROLES = {role: role for role in ROLES}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.dataset import formats, schemas
+from services.dataset import core, formats, schemas
 from services.dataset.schemas import normalize
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "datasets"
@@ -41,7 +41,7 @@ def test_each_schema_normalizes_to_one_of_the_trainer_formats():
         "prompt_completion": "prompt_completion",
         "text": "text",
     }
-    assert set(schemas.NORMALIZED_FORMAT.values()) == set(schemas.FORMATS)
+    assert set(schemas.NORMALIZED_FORMAT.values()) == set(core.FORMATS)
 
 
 @pytest.mark.parametrize(
