@@ -31,3 +31,32 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A database URL for a store: a fresh SQLite file, or a fresh schema in the machine's
+    PostgreSQL (127.0.0.1:5432, database `test`), dropped afterwards; skipped where none runs."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    from llmstudio.db import make_engine
+
+    try:
+        admin = make_engine(PG_BASE)
+        schema = f"t_{uuid.uuid4().hex[:10]}"
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    except Exception as e:  # noqa: BLE001 - no server, no database, no rights
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e}")
+    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nats
 from faststream import AckPolicy
@@ -37,6 +39,36 @@ from .events import DeadLettered, Envelope, EventData, InvalidEvent, decode, mak
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope, EventData], Awaitable[None]]
+E = TypeVar("E", bound=EventData)
+
+
+class UnexpectedEvent(ValueError):
+    """A valid event of a type its subject does not carry: parked at once, never retried."""
+
+
+def subscription_subject(classes: tuple[type[EventData], ...], entity: str = "*") -> str:
+    """The filter subject for event classes: `<SUBJECT>.<entity>` for one subject, else the
+    longest common prefix of their subjects + `.>` (`llmstudio.job.>`)."""
+    subjects = {cls.SUBJECT for cls in classes}
+    if len(subjects) == 1:
+        return f"{subjects.pop()}.{entity}"
+    parts = [s.split(".") for s in sorted(subjects)]
+    common = []
+    for tokens in zip(*parts, strict=False):
+        if len(set(tokens)) > 1:
+            break
+        common.append(tokens[0])
+    if len(common) < 2:
+        raise ValueError(f"events of different domains in one subscription: {sorted(subjects)}")
+    return ".".join(common) + ".>"
+
+
+_delivery_subject: ContextVar[str] = ContextVar("delivery_subject", default="")
+
+
+def delivered_subject() -> str:
+    """The NATS subject of the message the running handler was called for ("" outside one)."""
+    return _delivery_subject.get()
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,38 @@ class Bus:
     # -- consuming -------------------------------------------------------------------------
     def subscribe(
         self,
+        events: type[E] | tuple[type[EventData], ...],
+        *,
+        durable: str,
+        handler: Callable[[Envelope, E], Awaitable[None]],
+        entity: str = "*",
+        deliver_new: bool = False,
+        inactive_threshold_s: float | None = None,
+    ) -> None:
+        """Register `handler` for `events` (one event class, or several of one domain) as the
+        durable pull consumer `<service>-<durable>`; the subject comes from the classes.
+
+        The handler is called only with the subscribed types: an event of another type of the
+        same domain is acked and skipped; a message on one of the subscribed subjects that
+        carries another type is parked as a forgery or a bug. See `subscribe_subject`.
+        """
+        classes = events if isinstance(events, tuple) else (events,)
+        accepted = {cls.TYPE: cls for cls in classes}
+        owned = tuple(f"{cls.SUBJECT}." for cls in classes)
+
+        async def typed(env: Envelope, data: EventData) -> None:
+            if env.type in accepted:
+                await handler(env, data)  # type: ignore[arg-type]
+            elif delivered_subject().startswith(owned):
+                raise UnexpectedEvent(f"{env.type} on a subject of {sorted(accepted)}")
+
+        self.subscribe_subject(
+            durable, subscription_subject(classes, entity), typed,
+            deliver_new=deliver_new, inactive_threshold_s=inactive_threshold_s,
+        )
+
+    def subscribe_subject(
+        self,
         name: str,
         subject: str,
         handler: Handler,
@@ -145,7 +209,9 @@ class Bus:
         deliver_new: bool = False,
         inactive_threshold_s: float | None = None,
     ) -> None:
-        """Register `handler` as the durable pull consumer `<service>-<name>` on `subject`.
+        """Register `handler` for every event on `subject` as the durable pull consumer
+        `<service>-<name>`: for consumers of whole streams (the audit log), where the handler
+        takes every type. Services subscribe to event classes with `subscribe`.
 
         Must be called before `start()`. The handler gets a validated envelope and its data; it
         must be idempotent (delivery is at least once). Raising makes the message redelivered
@@ -176,14 +242,21 @@ class Bus:
 
         subscriber(on_message)
 
-    def subscribe_core(self, subject: str, handler: Handler) -> None:
-        """Plain core-NATS subscription (heartbeats); invalid messages are logged and skipped."""
+    def subscribe_core(
+        self, event: type[E], handler: Callable[[Envelope, E], Awaitable[None]]
+    ) -> None:
+        """Plain core-NATS subscription to `event` (heartbeats): not stored, not acked; a message
+        that is not a valid event of that type is logged and skipped."""
+        subject = f"{event.SUBJECT}.*"
 
         async def on_message(msg: NatsMessage) -> None:
             try:
                 env, data = decode(msg.body)
             except InvalidEvent as e:
                 log.warning("ignoring invalid message on %s: %s", subject, e)
+                return
+            if not isinstance(data, event):
+                log.warning("ignoring %s on %s", env.type, subject)
                 return
             await handler(env, data)
 
@@ -205,11 +278,12 @@ class Bus:
             kind=trace.SpanKind.CONSUMER,
             attributes={"messaging.destination": raw.subject, "event.id": env.id},
         ) as span:
+            token = _delivery_subject.set(raw.subject)
             try:
                 await handler(env, data)
             except Exception as e:  # noqa: BLE001 - any failure is retried, then parked
                 span.record_exception(e)
-                if deliveries >= max_deliver:
+                if isinstance(e, UnexpectedEvent) or deliveries >= max_deliver:
                     reason = f"handler failed {deliveries} times: {type(e).__name__}: {e}"
                     log.error("%s: parking %s: %s", consumer, raw.subject, reason)
                     await self._park(consumer, raw.subject, msg.body, reason, deliveries)
@@ -218,6 +292,8 @@ class Bus:
                     log.warning("%s: %s failed (%s), will retry", consumer, raw.subject, e)
                     await msg.nack(delay=min(2.0**deliveries * 0.25, 10.0))
                 return
+            finally:
+                _delivery_subject.reset(token)
             await msg.ack()
 
     async def _park(self, consumer: str, subject: str, body: bytes, reason: str, deliveries: int):

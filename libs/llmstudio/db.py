@@ -1,15 +1,23 @@
 """SQLAlchemy engine factory and unit-of-work store base shared by the services' stores (SQLite by
-default, PostgreSQL too)."""
+default, PostgreSQL too).
+
+One rule for every service: a use case's database work runs in one transaction in a worker
+thread (`await store.in_unit(fn)`), never on the event loop; the schema is created and upgraded by
+the service's Alembic migrations (`store.migrate()`, at start), never by `create_all`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
 
 U = TypeVar("U")
+R = TypeVar("R")
 
 
 def make_engine(url: str) -> Engine:
@@ -32,16 +40,35 @@ def make_engine(url: str) -> Engine:
 class UnitOfWorkStore(Generic[U]):
     """A store whose use cases each run in one transaction: `unit()` yields the subclass's
     `unit_class` (its queries) on the transaction's connection; committed when the block ends,
-    rolled back if it raises. The subclass sets `metadata` (its tables) and `unit_class`."""
+    rolled back if it raises. The subclass sets `service` (the prefix of its tables and of its
+    Alembic version table), `metadata` (its tables), `unit_class` and `migrations` (the folder
+    of its Alembic scripts)."""
 
+    service: ClassVar[str]
     metadata: ClassVar[MetaData]
     unit_class: ClassVar[Callable[[Connection], Any]]
+    migrations: ClassVar[Path]
 
     def __init__(self, url: str):
         self.engine = make_engine(url)
 
-    def create_tables(self) -> None:
+    def create_tables(self) -> None:  # TODO(issue 8): removed once every store migrates
         self.metadata.create_all(self.engine)
+
+    def migrate(self, revision: str = "head") -> None:
+        """Create or upgrade the schema to `revision` (blocking: call it at start)."""
+        from .migrations import upgrade
+
+        upgrade(self.engine, self.migrations, self.service, revision)
+
+    async def in_unit(self, fn: Callable[..., R], *args: Any) -> R:
+        """`fn(unit, *args)` in one transaction, in a worker thread: how async code touches the
+        database (a blocking call on the event loop would stall every other request)."""
+        return await asyncio.to_thread(self._run_unit, fn, *args)
+
+    def _run_unit(self, fn: Callable[..., R], *args: Any) -> R:
+        with self.unit() as u:
+            return fn(u, *args)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -5,7 +5,9 @@ A service defines its outbox table on its own MetaData (`outbox_table(metadata, 
 `registry_outbox`), gives its transaction class the outbox queries (`OutboxUnit`), and wires one
 `Outbox` publisher on its store and bus.
 
-A use case adds its events inside its store transaction (`Outbox.add`); `flush()` publishes them
+The outbox is the only way a service publishes a domain event. A use case runs as
+`await outbox.transact(fn)`: `fn(unit)` changes state and adds its events (`Outbox.add`) in one
+transaction, in a worker thread; then the events are flushed. `flush()` publishes them
 oldest first and deletes each once JetStream has acked it. If publishing fails (NATS down, the
 process dies) the rows stay and are published by the next flush: by the next use case, or by the
 background loop (`run()`). An envelope's id is fixed when it is written, so a row published twice
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from opentelemetry import trace
 from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, Text, select
@@ -33,6 +36,7 @@ from .bus import Bus
 from .events import Envelope, EventData, make_envelope
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 def outbox_table(metadata: MetaData, prefix: str) -> Table:
@@ -123,13 +127,12 @@ class Outbox:
         """What `flush()` does; kept apart so a service may make `flush()` `try_flush()`."""
         async with self._lock:
             while True:
-                pending = self._pending()
+                pending = await asyncio.to_thread(self._pending)
                 if not pending:
                     return
                 for event in pending:
                     await self._publish(event)
-                    with self.store.unit() as u:
-                        u.remove_event(event.id)
+                    await asyncio.to_thread(self._remove, event.id)
 
     async def try_flush(self) -> bool:
         """`flush()`, but a failure is logged and left to `run()`; False if something is left."""
@@ -146,9 +149,24 @@ class Outbox:
             await self.try_flush()
             await asyncio.sleep(self.interval_s if interval_s is None else interval_s)
 
+    async def transact(self, fn: Callable[..., R], *args: Any) -> R:
+        """A use case: `fn(unit, *args)` in one transaction in a worker thread (its events added
+        with `add`), then its events flushed. Returns what `fn` returns."""
+        result = await asyncio.to_thread(self._in_unit, fn, *args)
+        await self.flush()
+        return result
+
+    def _in_unit(self, fn: Callable[..., R], *args: Any) -> R:
+        with self.store.unit() as u:
+            return fn(u, *args)
+
     def _pending(self) -> list[PendingEvent]:
         with self.store.unit() as u:
             return u.pending_events()
+
+    def _remove(self, event_id: int) -> None:
+        with self.store.unit() as u:
+            u.remove_event(event_id)
 
     async def _publish(self, event: PendingEvent) -> None:
         env = Envelope.model_validate_json(event.envelope)

@@ -8,9 +8,17 @@ import json
 import nats
 import pytest
 
-from llmstudio.bus import Bus
+from llmstudio.bus import Bus, subscription_subject
 from llmstudio.config import Settings
-from llmstudio.events import DeadLettered, JobQueued, decode
+from llmstudio.events import (
+    DeadLettered,
+    JobCompleted,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    decode,
+    make_envelope,
+)
 
 
 async def _wait(pred, timeout=10.0):
@@ -32,7 +40,7 @@ async def test_event_delivered_once_and_deduplicated(settings):
         seen.append((env.id, data.job_id))
 
     bus = Bus(settings, "t1")
-    bus.subscribe("queued", "llmstudio.job.queued.*", on_queued)
+    bus.subscribe(JobQueued, durable="queued", handler=on_queued)
     await bus.start()
     try:
         env = await bus.publish(JobQueued(job_id="job-1", dataset_sha256="ab"), tenant="acme")
@@ -56,8 +64,8 @@ async def test_invalid_event_is_dead_lettered_not_redelivered(settings):
         parked.append(data)
 
     bus = Bus(settings, "t2")
-    bus.subscribe("queued", "llmstudio.job.queued.*", on_queued)
-    bus.subscribe("dead", "llmstudio.deadletter.>", on_dead)
+    bus.subscribe(JobQueued, durable="queued", handler=on_queued)
+    bus.subscribe(DeadLettered, durable="dead", handler=on_dead, entity=">")
     await bus.start()
     try:
         nc = await nats.connect(settings.nats_url)
@@ -92,8 +100,8 @@ async def test_failing_handler_retried_then_parked(settings):
         parked.append(data)
 
     bus = Bus(settings, "t3")
-    bus.subscribe("queued", "llmstudio.job.queued.*", flaky)
-    bus.subscribe("dead", "llmstudio.deadletter.>", on_dead)
+    bus.subscribe(JobQueued, durable="queued", handler=flaky)
+    bus.subscribe(DeadLettered, durable="dead", handler=on_dead, entity=">")
     await bus.start()
     try:
         await bus.publish(JobQueued(job_id="job-9", dataset_sha256="cd"), tenant="acme")
@@ -103,5 +111,44 @@ async def test_failing_handler_retried_then_parked(settings):
         assert "database is down" in parked[0].reason and parked[0].deliveries == 3
         env, data = decode(parked[0].payload.encode())
         assert data.job_id == "job-9"
+    finally:
+        await bus.stop()
+
+
+def test_subscription_subject_comes_from_the_event_classes():
+    assert subscription_subject((JobQueued,)) == "llmstudio.job.queued.*"
+    assert subscription_subject((DeadLettered,), ">") == "llmstudio.deadletter.>"
+    assert subscription_subject((JobCompleted, JobFailed)) == "llmstudio.job.>"
+    with pytest.raises(ValueError, match="different domains"):
+        subscription_subject((JobQueued, DeadLettered))
+
+
+async def test_typed_subscription_routes_by_type_and_parks_a_mismatch(settings):
+    """A handler sees only the types it subscribed to: another type of the domain is skipped,
+    and an event published on a subscribed subject with another type (forged or a bug) is
+    parked at the first delivery, not handed over."""
+    ended, parked = [], []
+
+    async def on_ended(env, data):
+        ended.append(type(data).__name__)
+
+    async def on_dead(env, data):
+        parked.append(data)
+
+    bus = Bus(settings, "t4")
+    bus.subscribe((JobCompleted, JobFailed), durable="ended", handler=on_ended)
+    bus.subscribe(DeadLettered, durable="dead", handler=on_dead, entity=">")
+    await bus.start()
+    try:
+        await bus.publish(JobStarted(job_id="j1", worker_id="w1"), tenant="acme")
+        await bus.publish(JobFailed(job_id="j1", reason="boom"), tenant="acme")
+        forged = make_envelope(JobStarted(job_id="j2", worker_id="w1"), source="x", tenant="acme")
+        await bus.publish_envelope(forged, "llmstudio.job.completed.j2")
+        await _wait(lambda: ended and parked)
+        await asyncio.sleep(0.5)
+        assert ended == ["JobFailed"]
+        assert len(parked) == 1 and parked[0].deliveries == 1
+        assert parked[0].original_subject == "llmstudio.job.completed.j2"
+        assert "llmstudio.job.started.v1 on a subject of" in parked[0].reason
     finally:
         await bus.stop()

@@ -87,7 +87,7 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
         traces[env.id] = telemetry.current_trace_id()
         events.append((env, data))
 
-    client.subscribe("evals", "llmstudio.eval.>", record)
+    client.subscribe_subject("evals", "llmstudio.eval.>", record)
 
     def of(cls, job_id):
         return [(e, d) for e, d in events if isinstance(d, cls) and d.job_id == job_id]

@@ -86,8 +86,8 @@ class Observer:
             self.dead.append(data)
 
         self.dead: list = []
-        self.bus.subscribe("models", "llmstudio.model.>", on_model)
-        self.bus.subscribe("dead", "llmstudio.deadletter.>", on_dead)
+        self.bus.subscribe_subject("models", "llmstudio.model.>", on_model)
+        self.bus.subscribe_subject("dead", "llmstudio.deadletter.>", on_dead)
 
     async def settled(self, stream: str, durable: str, delivered: int) -> bool:
         """Has `durable` acked `delivered` messages, with none pending or awaiting a retry?"""

@@ -58,8 +58,8 @@ class Harness:
             self.traces[env.id] = telemetry.current_trace_id()
             self.events.append((env, data))
 
-        self.bus.subscribe("jobs", "llmstudio.job.>", record)
-        self.bus.subscribe("metrics", "llmstudio.metrics.>", record)
+        self.bus.subscribe_subject("jobs", "llmstudio.job.>", record)
+        self.bus.subscribe_subject("metrics", "llmstudio.metrics.>", record)
 
     def of(self, cls, job_id: str) -> list:
         return [d for _, d in self.events if isinstance(d, cls) and d.job_id == job_id]
