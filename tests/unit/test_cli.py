@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from llmstudio.cli import CliError, build_parser, load_job_spec, main, parse_model_ref
+from llmstudio.cli import CliError, build_parser, main
+from llmstudio.cli.jobs import load_job_spec
+from llmstudio.cli.models import parse_model_ref
 
 COMMANDS = [
     ["up"], ["down"], ["status"], ["demo"],
@@ -39,7 +41,7 @@ def test_model_refs():
 
 
 def test_dataset_push_flags_become_ingest_options():
-    from llmstudio.cli import _column_map, _ingest_options
+    from llmstudio.cli.datasets import _column_map, _ingest_options
 
     args = build_parser().parse_args(
         [
@@ -118,7 +120,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_job_create_output_shows_the_memory_estimate():
-    from llmstudio.cli import _memory_line
+    from llmstudio.cli.jobs import _memory_line
     from llmstudio.v1 import jobs_pb2
 
     job = jobs_pb2.Job(id="job-1")

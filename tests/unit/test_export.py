@@ -17,6 +17,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmstudio import cli
+from llmstudio.cli import models as cli_models
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.export import ExportError, export_adapter, export_merged
 from llmstudio.ml.tiny import CHAT_TEMPLATE, build_tiny_model
@@ -226,7 +227,7 @@ def test_cli_parses_models_export():
     args = cli.build_parser().parse_args(
         ["models", "export", "tiny-lora@3", "--out", "exp", "--merged", "--base-model", "/m",
          "--json"])
-    assert args.fn is cli.cmd_models_export
+    assert args.fn is cli_models.cmd_export
     assert (args.ref, args.out, args.merged, args.base_model, args.dtype, args.json) == (
         "tiny-lora@3", "exp", True, "/m", "float32", True)
     args = cli.build_parser().parse_args(["models", "export", "tiny-lora@3", "--out", "exp"])
@@ -259,7 +260,7 @@ def test_cli_downloads_the_checkpoint_and_exports(ckpt, model_dir, tmp_path, mon
             asked.append((name, v))
             return version
 
-    monkeypatch.setattr(cli, "_client", lambda args: SimpleNamespace(models=FakeModels()))
+    monkeypatch.setattr(cli_models, "connect", lambda args: SimpleNamespace(models=FakeModels()))
     out = tmp_path / "merged"
     rc = cli.main(["models", "export", "tiny-lora@1", "--out", str(out), "--merged", "--json",
                    "--data-dir", str(data_dir)])

@@ -1,0 +1,7 @@
+"""`python -m llmstudio.cli`: the same as the `llmstudio` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""What every command shares: the error it reports, its output, its client, its flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import Settings
+
+
+class CliError(Exception):
+    """A failure to report as one line, exit code 1."""
+
+
+def output(args, data, text: str | None = None) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        print(text if text is not None else json.dumps(data, indent=2, default=str))
+
+
+def connect(args):
+    from ..client import Client
+
+    return Client(api_key=args.api_key, data_dir=args.data_dir)
+
+
+def data_dir(args) -> Path:
+    return Path(args.data_dir or Settings().data_dir)
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    common.add_argument("--data-dir", help="embedded stack data dir (default .llmstudio)")
+    common.add_argument("--api-key", help="API key (default: LLMSTUDIO_API_KEY, or the "
+                        "embedded stack's admin key)")
+    return common
+
+
+# The flags every parser takes, the top-level one and each command's (argparse `parents`).
+COMMON_FLAGS = _common_flags()
+
+
+def add_command(parent, name, fn, help_text, **kw) -> argparse.ArgumentParser:
+    sp = parent.add_parser(name, help=help_text, description=help_text, parents=[COMMON_FLAGS],
+                           **kw)
+    sp.set_defaults(fn=fn)
+    return sp
+
+
+def add_group(subparsers, name, help_text):
+    """A command with actions of its own (`llmstudio datasets push`): their subparsers."""
+    return subparsers.add_parser(name, help=help_text).add_subparsers(
+        dest="sub", required=True, metavar="ACTION")

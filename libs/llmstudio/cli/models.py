@@ -1,0 +1,119 @@
+"""`llmstudio models ...`: list, show, stage, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import Settings
+from .common import CliError, add_command, add_group, connect, data_dir, output
+
+
+def _version_line(v) -> str:
+    from ..client import stage_name
+
+    m = v.metrics
+    em = ""
+    if "tuned_exact_match" in m:
+        em = f" exact_match {m.get('base_exact_match', 0):.2f} -> {m['tuned_exact_match']:.2f}"
+    return (f"{v.model_name}@{v.version}  {stage_name(v.stage):<11} job={v.lineage.job_id} "
+            f"dataset_sha256={v.lineage.dataset_sha256[:12]}{em}")
+
+
+def parse_model_ref(ref: str) -> tuple[str, int]:
+    name, _, version = ref.partition("@")
+    if not name:
+        raise CliError(f"bad model reference {ref!r}: use NAME or NAME@VERSION")
+    if version and not version.isdigit():
+        raise CliError(f"bad version in {ref!r}: must be a number")
+    return name, int(version or 0)
+
+
+def cmd_list(args):
+    from ..client import to_dict
+
+    models = connect(args).models.list()
+    lines = [_version_line(v) for m in models for v in m.versions]
+    output(args, [to_dict(m) for m in models], "\n".join(lines) or "no models")
+
+
+def cmd_show(args):
+    from ..client import to_dict
+
+    name, version = parse_model_ref(args.ref)
+    c = connect(args)
+    msg = c.models.get_version(name, version) if version else c.models.get(name)
+    output(args, to_dict(msg), json.dumps(to_dict(msg), indent=2))
+
+
+def cmd_stage(args):
+    from ..client import to_dict
+
+    name, version = parse_model_ref(args.ref)
+    if not version:
+        raise CliError("give the version to move: NAME@VERSION")
+    v = connect(args).models.set_stage(name, version, args.stage)
+    output(args, to_dict(v), _version_line(v))
+
+
+def cmd_export(args):
+    """Download a version's checkpoint and export it: the adapter alone, or merged (--merged)."""
+    import tempfile
+
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"export needs the training extras ({e.name or e} is not installed): "
+                       "pip install 'llm-studio[train]'") from None
+    from ..ml.export import export_adapter, export_merged
+    from ..storage import (
+        ArtifactNotFound,
+        CorruptArtifact,
+        IncompleteArtifact,
+        artifact_store_from_settings,
+    )
+
+    name, version = parse_model_ref(args.ref)
+    v = connect(args).models.get_version(name, version)
+    key = v.artifacts.get("checkpoint") or v.artifacts.get("adapter")
+    if not key:
+        raise CliError(f"{v.model_name}@{v.version} has no checkpoint or adapter artifact")
+    lineage = {"model_name": v.model_name, "model_version": v.version,
+               "job_id": v.lineage.job_id, "dataset_id": v.lineage.dataset_id,
+               "dataset_sha256": v.lineage.dataset_sha256, "artifact": key}
+    store = artifact_store_from_settings(Settings(data_dir=data_dir(args)))
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="llmstudio-export-") as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        try:
+            store.get_dir(key, ckpt)
+        except (ArtifactNotFound, IncompleteArtifact, CorruptArtifact) as e:
+            raise CliError(f"{v.model_name}@{v.version}: checkpoint {key}: {e}") from None
+        if args.merged:
+            path = export_merged(ckpt, out, base_model=args.base_model, dtype=args.dtype,
+                                 lineage=lineage)
+        else:
+            path = export_adapter(ckpt, out, lineage=lineage)
+    kind = "merged" if args.merged else "adapter"
+    output(args, {"path": str(path), "kind": kind, "model": v.model_name, "version": v.version,
+                  "artifact": key}, str(path))
+
+
+def register(sub) -> None:
+    ms = add_group(sub, "models", "model registry")
+    add_command(ms, "list", cmd_list, "list models and versions")
+    add_command(ms, "show", cmd_show,
+                "a model, or one version with NAME@VERSION").add_argument("ref")
+    sp = add_command(ms, "stage", cmd_stage, "move a version to a stage")
+    sp.add_argument("ref", help="NAME@VERSION")
+    sp.add_argument("stage", choices=["development", "staging", "production", "archived"])
+    sp = add_command(ms, "export", cmd_export, "export a version: its adapter, or (--merged) a "
+                     "plain transformers model with the adapter merged into the base")
+    sp.add_argument("ref", help="NAME@VERSION (NAME alone: the latest version)")
+    sp.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    sp.add_argument("--merged", action="store_true", help="merge the adapter into the base model")
+    sp.add_argument("--base-model", help="local base model dir (default: the one it was trained on)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights dtype of a merged export")
