@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from llmstudio.events import JobSubmitted
 from llmstudio.grpcutil import Registration
 from llmstudio.ml.allocator import return_freed_tensors_to_os
 from llmstudio.service import Runtime
@@ -22,7 +23,7 @@ async def build(rt: Runtime) -> list[Registration]:
     await asyncio.to_thread(store.create_tables)
     artifacts = rt.artifact_store()
     jobs = JobDatasetCheck(store, artifacts, rt.bus)
-    rt.bus.subscribe("job-submitted", "llmstudio.job.submitted.*", jobs.on_job_submitted)
+    rt.bus.subscribe(JobSubmitted, durable="job-submitted", handler=jobs.on_job_submitted)
 
     async def announce_pending() -> None:
         # Datasets stored just before a crash, whose DatasetRegistered never went out.

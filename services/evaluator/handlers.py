@@ -58,7 +58,7 @@ class Evaluations:
         self._stopping = threading.Event()  # read by the evaluation thread between batches
 
     def subscribe(self) -> None:
-        self.bus.subscribe("job-completed", "llmstudio.job.completed.*", self.on_job_completed)
+        self.bus.subscribe(JobCompleted, durable="job-completed", handler=self.on_job_completed)
 
     async def on_job_completed(self, env: Envelope, data: EventData) -> None:
         if not isinstance(data, JobCompleted):

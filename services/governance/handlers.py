@@ -19,7 +19,7 @@ class AuditHandlers:
     def subscribe(self, bus: Bus) -> None:
         streams = {name: STREAMS[name].subjects for name in AUDITED_STREAMS}
         for consumer, subject in audit_consumers(streams):
-            bus.subscribe(consumer, subject, self.on_event)
+            bus.subscribe_subject(consumer, subject, self.on_event)
 
     async def on_event(self, env: Envelope, data: EventData) -> None:
         # Idempotent: the log skips an event id it already holds.

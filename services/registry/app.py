@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llmstudio.events import EvalCompleted, JobCompleted
 from llmstudio.grpcutil import Registration
 from llmstudio.service import Runtime
 from llmstudio.v1 import registry_pb2_grpc
@@ -17,8 +18,9 @@ async def build(rt: Runtime) -> list[Registration]:
     store.create_tables()
     outbox = Outbox(store, rt.bus)
     handlers = RegistryHandlers(store, outbox)
-    rt.bus.subscribe("job-completed", "llmstudio.job.completed.*", handlers.on_job_completed)
-    rt.bus.subscribe("eval-completed", "llmstudio.eval.completed.*", handlers.on_eval_completed)
+    rt.bus.subscribe(JobCompleted, durable="job-completed", handler=handlers.on_job_completed)
+    rt.bus.subscribe(EvalCompleted, durable="eval-completed",
+                     handler=handlers.on_eval_completed)
     rt.background.append(outbox.run)
 
     async def dispose() -> None:

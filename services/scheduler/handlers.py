@@ -42,6 +42,7 @@ _HAPPENINGS: dict[type[EventData], Happening] = {
     JobFailed: Happening.FAILED,
     JobCancelled: Happening.CANCELLED,
 }
+JOB_REPORTS = (JobCheckpointed, *_HAPPENINGS)
 MAX_REJECTION_ERRORS = 5
 
 
@@ -57,11 +58,12 @@ class Handlers:
         self.actor = actor
 
     def subscribe(self, bus: Bus) -> None:
-        bus.subscribe("dataset-validated", "llmstudio.dataset.validated.*", self.on_validated)
-        bus.subscribe("dataset-rejected", "llmstudio.dataset.rejected.>", self.on_rejected)
-        bus.subscribe("jobs", "llmstudio.job.>", self.on_job_event)
-        bus.subscribe("metrics", "llmstudio.metrics.>", self.on_metrics)
-        bus.subscribe_core("llmstudio.worker.heartbeat.*", self.on_heartbeat)
+        bus.subscribe(DatasetValidated, durable="dataset-validated", handler=self.on_validated)
+        bus.subscribe(DatasetRejected, durable="dataset-rejected", handler=self.on_rejected,
+                      entity=">")
+        bus.subscribe(JOB_REPORTS, durable="jobs", handler=self.on_job_event)
+        bus.subscribe(JobMetrics, durable="metrics", handler=self.on_metrics)
+        bus.subscribe_core(WorkerHeartbeat, self.on_heartbeat)
 
     # -- dataset service ----------------------------------------------------------------------
     async def on_validated(self, env: Envelope, data: EventData) -> None:

@@ -27,8 +27,8 @@ def subscribe(bus: Bus, worker: Worker) -> None:
             worker.cancel(data)
 
     wid = worker.worker_id
-    bus.subscribe(f"work-{wid}", f"llmstudio.work.{wid}", on_work,
+    bus.subscribe(WorkItem, durable=f"work-{wid}", handler=on_work, entity=wid,
                   inactive_threshold_s=CONSUMER_TTL_S)
     # Only cancels issued from now on matter to a fresh worker; every worker sees each one.
-    bus.subscribe(f"cancel-{wid}", "llmstudio.job.cancel_requested.*", on_cancel,
+    bus.subscribe(JobCancelRequested, durable=f"cancel-{wid}", handler=on_cancel,
                   deliver_new=True, inactive_threshold_s=CONSUMER_TTL_S)
