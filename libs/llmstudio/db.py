@@ -48,6 +48,9 @@ class UnitOfWorkStore(Generic[U]):
     metadata: ClassVar[MetaData]
     unit_class: ClassVar[Callable[[Connection], Any]]
     migrations: ClassVar[Path]
+    # First-revision tables named before the `<service>_` convention: they, too, mark a database
+    # made before migrations (stamped at the first revision, then upgraded).
+    legacy_tables: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, url: str):
         self.engine = make_engine(url)
@@ -59,7 +62,7 @@ class UnitOfWorkStore(Generic[U]):
         """Create or upgrade the schema to `revision` (blocking: call it at start)."""
         from .migrations import upgrade
 
-        upgrade(self.engine, self.migrations, self.service, revision)
+        upgrade(self.engine, self.migrations, self.service, revision, self.legacy_tables)
 
     async def in_unit(self, fn: Callable[..., R], *args: Any) -> R:
         """`fn(unit, *args)` in one transaction, in a worker thread: how async code touches the
@@ -77,4 +80,4 @@ class UnitOfWorkStore(Generic[U]):
     def unit(self) -> Iterator[U]:
         """One transaction: committed when the block ends, rolled back if it raises."""
         with self.engine.begin() as conn:
-            yield self.unit_class(conn)
+            yield type(self).unit_class(conn)

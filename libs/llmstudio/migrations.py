@@ -9,6 +9,7 @@ upgraded from there: an existing database is upgraded, never recreated.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from alembic import command, context
@@ -28,13 +29,19 @@ def version_table(service: str) -> str:
     return f"{service}_alembic_version"
 
 
-def upgrade(engine: Engine, migrations: Path, service: str, revision: str = "head") -> None:
-    """Bring the service's schema to `revision`, stamping a pre-migrations database first."""
+def upgrade(
+    engine: Engine, migrations: Path, service: str, revision: str = "head",
+    legacy_tables: Collection[str] = (),
+) -> None:
+    """Bring the service's schema to `revision`, stamping a pre-migrations database first: one
+    with `<service>_*` tables, or with any of `legacy_tables` (first-revision tables named before
+    the `<service>_` convention, renamed by a later revision)."""
     cfg = alembic_config(migrations, service)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         tables = set(inspect(conn).get_table_names())
-        own = {t for t in tables if t.startswith(f"{service}_")} - {version_table(service)}
+        own = {t for t in tables if t.startswith(f"{service}_") or t in legacy_tables}
+        own -= {version_table(service)}
         if own and version_table(service) not in tables:
             command.stamp(cfg, first_revision(migrations))
         command.upgrade(cfg, revision)
