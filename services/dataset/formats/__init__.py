@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .schemas import json_type
+from ..schemas import json_type
 
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet", "hf_disk")
 COMPRESSION_SUFFIXES = ("gz", "bz2", "xz", "zst")  # also the names compression_of returns
