@@ -99,13 +99,18 @@ class OutboxStore(Protocol):
 class Outbox:
     """Publishes what use cases wrote to the outbox. `flush()` raises when an event cannot be
     published (the rows stay); `try_flush()` logs instead; `run()` retries in the background.
-    A service whose use cases must never fail on publishing overrides `flush()` with
-    `try_flush()`."""
+    A service whose use cases must never fail on publishing (their change is committed: the
+    caller must hear it was made) passes `defer_failures=True`: then `flush()`, and so
+    `transact`, log a failed publish and leave it to `run()`."""
 
-    def __init__(self, store: OutboxStore, bus: Bus, *, interval_s: float = 5.0):
+    def __init__(
+        self, store: OutboxStore, bus: Bus, *, interval_s: float = 5.0,
+        defer_failures: bool = False,
+    ):
         self.store = store
         self.bus = bus
         self.interval_s = interval_s
+        self.defer_failures = defer_failures
         self._lock = asyncio.Lock()
         self._tracer = trace.get_tracer(bus.service)
 
@@ -120,8 +125,12 @@ class Outbox:
         unit.enqueue(data.subject(), env.model_dump_json(), tp)
 
     async def flush(self) -> None:
-        """Publish every queued event, oldest first; raise if one cannot be published."""
-        await self.publish_pending()
+        """Publish every queued event, oldest first; raise if one cannot be published (unless
+        `defer_failures`)."""
+        if self.defer_failures:
+            await self.try_flush()
+        else:
+            await self.publish_pending()
 
     async def publish_pending(self) -> None:
         """What `flush()` does; kept apart so a service may make `flush()` `try_flush()`."""
