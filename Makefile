@@ -34,11 +34,18 @@ run: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Everything but training steps (tests marked slow): the inner loop, under 90 s.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+# ruff (style, line length), import-linter (the architecture's contracts, pyproject.toml) and mypy
+# (the kernel, every service's core.py and usecases.py, against the generated .pyi).
+TYPED   = libs/llmstudio $(wildcard services/*/core.py services/*/usecases.py)
 
 lint: install
 	$(VENV)/bin/ruff check libs services tests bench
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/mypy $(TYPED)
 
 bench: install
 	$(PY) -m bench

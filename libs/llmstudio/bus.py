@@ -28,6 +28,7 @@ from faststream.nats import (
     StorageType,
     StreamConfig,
 )
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry import trace
@@ -147,7 +148,7 @@ class Bus:
         await self.broker.stop()
 
     @property
-    def nc(self) -> nats.aio.client.Client:
+    def nc(self) -> NATS:
         return self.broker.connection
 
     # -- publishing ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 from google.protobuf import json_format, struct_pb2
 
 from .config import Settings
@@ -199,7 +200,7 @@ class Jobs(_Api):
 
     def list(self, status: str = "") -> list[jobs_pb2.Job]:
         code = jobs_pb2.JobStatus.Value("JOB_STATUS_" + status.upper()) if status else 0
-        return list(self._stub.ListJobs(jobs_pb2.ListJobsRequest(status=code),
+        return list(self._stub.ListJobs(jobs_pb2.ListJobsRequest(status=code),  # type: ignore[arg-type]
                                         timeout=self._timeout).jobs)
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
@@ -224,7 +225,8 @@ class Models(_Api):
 
     def set_stage(self, name: str, version: int, stage: str) -> registry_pb2.ModelVersion:
         return self._stub.SetStage(registry_pb2.SetStageRequest(
-            model_name=name, version=version, stage=parse_stage(stage)), timeout=self._timeout)
+            model_name=name, version=version, stage=parse_stage(stage)),  # type: ignore[arg-type]
+            timeout=self._timeout)
 
 
 class Evaluations(_Api):
@@ -272,7 +274,7 @@ class Client:
             key = admin_key(self.data_dir)
         self.api_key = key or ""
         self.timeout = timeout
-        self._channels = {}
+        self._channels: dict[str, grpc.Channel] = {}
         self.datasets = Datasets(self, "dataset", datasets_pb2_grpc.DatasetServiceStub)
         self.jobs = Jobs(self, "scheduler", jobs_pb2_grpc.JobServiceStub)
         self.models = Models(self, "registry", registry_pb2_grpc.RegistryServiceStub)

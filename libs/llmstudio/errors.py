@@ -1,41 +1,38 @@
-"""Domain errors. Services raise these; the gRPC layer maps each to its status code."""
+"""Domain errors. Services raise these; the gRPC layer (`grpcutil.status_code`) maps each to its
+status code, so a domain module never needs gRPC."""
 
 from __future__ import annotations
 
-import grpc
-
 
 class StudioError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """Base of the domain errors; an unknown subclass maps to INTERNAL."""
 
 
 class InvalidArgument(StudioError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
     def __init__(self, field: str, reason: str):
         self.field, self.reason = field, reason
         super().__init__(f"{field}: {reason}" if field else reason)
 
 
 class NotFound(StudioError):
-    code = grpc.StatusCode.NOT_FOUND
+    pass
 
 
 class AlreadyExists(StudioError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    pass
 
 
 class FailedPrecondition(StudioError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    pass
 
 
 class PermissionDenied(StudioError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    pass
 
 
 class Unauthenticated(StudioError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    pass
 
 
 class ResourceExhausted(StudioError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    pass

@@ -18,11 +18,30 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
-from . import telemetry
+from . import errors, telemetry
 from .auth import KeyDirectory, Principal, set_current_principal
 from .errors import StudioError
 
 log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[StudioError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def status_code(error: StudioError) -> grpc.StatusCode:
+    """The status code of a domain error (of its nearest mapped class; else INTERNAL)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # CreateDataset carries a small file in one message; bigger ones stream (UploadDataset).
@@ -88,7 +107,7 @@ class StudioInterceptor(grpc.aio.ServerInterceptor):
                 with start_span():
                     return await handler.unary_unary(request, context)
             except StudioError as e:
-                await context.abort(e.code, str(e))
+                await context.abort(status_code(e), str(e))
 
         async def stream(request, context):
             set_current_principal(principal)
@@ -97,7 +116,7 @@ class StudioInterceptor(grpc.aio.ServerInterceptor):
                     async for item in handler.unary_stream(request, context):
                         yield item
             except StudioError as e:
-                await context.abort(e.code, str(e))
+                await context.abort(status_code(e), str(e))
 
         async def client_stream(requests, context):
             set_current_principal(principal)
@@ -105,7 +124,7 @@ class StudioInterceptor(grpc.aio.ServerInterceptor):
                 with start_span():
                     return await handler.stream_unary(requests, context)
             except StudioError as e:
-                await context.abort(e.code, str(e))
+                await context.abort(status_code(e), str(e))
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import telemetry
 from .auth import KeyDirectory
@@ -29,9 +30,9 @@ class Runtime:
     settings: Settings
     bus: Bus
     keys: KeyDirectory = field(default_factory=KeyDirectory)
-    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    on_started: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    on_started: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     grpc_port: int = 0
 
     def artifact_store(self):
@@ -51,7 +52,7 @@ def configure_logging(name: str) -> None:
 
 async def run(
     name: str,
-    build: Callable[[Runtime], Awaitable[list[Registration]]],
+    build: Callable[[Runtime], Coroutine[Any, Any, list[Registration]]],
     settings: Settings | None = None,
     stop_event: asyncio.Event | None = None,
 ) -> None:
@@ -108,5 +109,5 @@ def _write_ready_file(settings: Settings, name: str, port: int) -> None:
     path.write_text(f"{os.getpid()} {port}\n")
 
 
-def main(name: str, build: Callable[[Runtime], Awaitable[list[Registration]]]) -> None:
+def main(name: str, build: Callable[[Runtime], Coroutine[Any, Any, list[Registration]]]) -> None:
     asyncio.run(run(name, build))

@@ -50,6 +50,7 @@ class JsonLinesSpanExporter(SpanExporter):
 
 def span_record(span: ReadableSpan) -> dict:
     ctx = span.get_span_context()
+    assert ctx is not None, "a finished span has a context"
     return {
         "trace_id": format(ctx.trace_id, "032x"),
         "span_id": format(ctx.span_id, "016x"),

@@ -83,7 +83,7 @@ def cmd_watch(args):
         last = update.job
         if args.json:
             print(json.dumps(to_dict(update), sort_keys=True), flush=True)
-        else:
+        elif bar is not None:
             bar.update(update)
     if bar:
         bar.close()

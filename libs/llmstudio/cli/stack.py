@@ -13,11 +13,11 @@ def cmd_up(args):
 
     state = local.up(data_dir(args), progress=None if args.json else
                      (lambda name: print(f"  {name:<11} ready", file=sys.stderr)))
-    data = {"nats_url": state.nats_url,
-            "services": {n: s.addr if s.port else f"pid {s.pid}" for n, s in state.services.items()},
+    services = {n: s.addr if s.port else f"pid {s.pid}" for n, s in state.services.items()}
+    data = {"nats_url": state.nats_url, "services": services,
             "credentials": str(Path(state.data_dir) / local.CREDENTIALS_FILE)}
     lines = [f"LLM Studio is up (data in {state.data_dir})", f"  nats        {state.nats_url}"]
-    lines += [f"  {n:<11} {a}" for n, a in data["services"].items()]
+    lines += [f"  {n:<11} {a}" for n, a in services.items()]
     lines.append(f"admin API key in {data['credentials']} (the CLI uses it automatically)")
     output(args, data, "\n".join(lines))
 
