@@ -28,11 +28,6 @@ def default_worker_id(configured: str = "") -> str:
     return sanitize_worker_id(configured or f"{socket.gethostname()}-{os.getpid()}")
 
 
-def checkpoint_prefix(job_id: str, step: int) -> str:
-    """Artifact prefix of a job's checkpoint (the adapter is the checkpoint's adapter files)."""
-    return f"jobs/{job_id}/checkpoint-{step}"
-
-
 def train_split_key(dataset_artifacts: dict[str, str]) -> str:
     key = dataset_artifacts.get(TRAIN_SPLIT)
     if not key:

@@ -15,9 +15,8 @@
   spec asks for them and there is a GPU); nothing reported to W&B & co.
 - Checkpoints: transformers decides when (every `checkpoint_every` steps, at `max_steps`, and when
   `should_stop` asks; always after that step's metrics are logged), and what it writes is the
-  recipe's checkpoint (`recipe.write_checkpoint`: adapter or model safetensors,
-  optimizer.safetensors, rng.safetensors, scheduler.json, trainer_state.json holding also the
-  Trainer's own state, manifest.json last), announced through `on_checkpoint`; the newest
+  recipe's checkpoint (`llmstudio.ml.checkpoint.write_checkpoint`, as the SFT recipe's, its
+  trainer state also holding the Trainer's own), announced through `on_checkpoint`; the newest
   `keep_last_checkpoints` are kept. TRL and transformers write no files of their own.
 - Resume (`resume_from`): transformers' own resume path (global step; the batches of the current
   epoch already trained are skipped; the RNG is restored after them), reading those files instead
@@ -41,30 +40,29 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
 from llmstudio.jobspec import JobSpec
-from llmstudio.ml.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
-
-from . import methods
-from .recipe import (
-    CHECKPOINT_FORMAT,
-    OPTIMIZER_FILE,
-    RNG_FILE,
-    SCHEDULER_FILE,
-    TRAINER_STATE,
-    TrainResult,
+from llmstudio.ml.checkpoint import (
+    CheckpointError,
+    TrainerState,
     load_optimizer_state,
-    pick_device,
-    remove_checkpoint,
+    load_schedule,
+    prune_checkpoints,
+    read_trainer_state,
     restore_rng_state,
+    verify_checkpoint,
     write_checkpoint,
 )
+
+from . import methods
+from .recipe import TrainResult, pick_device
 
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 _OPTIM = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 # TRL log keys forwarded to on_metrics (besides step / max_steps / loss / learning_rate / epoch).
 _FORWARDED_PREFIXES = ("rewards/", "logps/", "log_odds", "nll_loss")
-# Key in trainer_state.json: the transformers TrainerState, which its resume path reads back.
+# Key of TrainerState.recipe: the transformers TrainerState, which its resume path reads back.
 TRANSFORMERS_STATE = "transformers_state"
 
 
@@ -107,15 +105,6 @@ def _optimizer_param_names(model, optimizer) -> list[str]:
 def _unwrapped_optimizer(optimizer):
     """The torch optimizer inside accelerate's AcceleratedOptimizer."""
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def _complete_checkpoints(out_dir: Path) -> list[Path]:
-    """The checkpoint-<step> directories under `out_dir` that have their manifest, oldest first."""
-    found = [
-        p for p in out_dir.glob("checkpoint-*")
-        if p.name.removeprefix("checkpoint-").isdigit() and (p / MANIFEST).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
 
 
 class _Bridge(TrainerCallback):
@@ -202,19 +191,11 @@ class _RecipeCheckpoints:
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         ckpt = self.run.resume_from
         optimizer = _unwrapped_optimizer(self.optimizer)
-        load_optimizer_state(
-            optimizer, ckpt / OPTIMIZER_FILE, _optimizer_param_names(self.model, optimizer)
-        )
-        saved = json.loads((ckpt / SCHEDULER_FILE).read_text())
-        schedule = saved["scheduler"]
-        schedule["lr_lambdas"] = [None] * len(schedule["lr_lambdas"])  # functions of the spec
-        self.lr_scheduler.load_state_dict(schedule)
-        scaler = self.accelerator.scaler
-        if scaler is not None and scaler.is_enabled() and "grad_scaler" in saved:
-            scaler.load_state_dict(saved["grad_scaler"])
+        load_optimizer_state(optimizer, ckpt, _optimizer_param_names(self.model, optimizer))
+        load_schedule(ckpt, self.lr_scheduler, self.accelerator.scaler)
 
     def _load_rng_state(self, checkpoint) -> None:
-        restore_rng_state(self.run.resume_from / RNG_FILE)
+        restore_rng_state(self.run.resume_from)
 
 
 def _trainer_class(objective: str) -> type:
@@ -245,9 +226,8 @@ class _Run:
         self.stopped = False
         self.history: list[dict] = []
         self.last_ckpt: Path | None = None
-        self.kept = _complete_checkpoints(out_dir)  # oldest first, for keep_last_checkpoints
         self.resume_from: Path | None = None
-        self.resume_state: dict[str, Any] = {}
+        self.resume_state: TrainerState | None = None
         self.prepared: methods.PreparedModel | None = None
         self.after_backward: Callable[[int], None] = lambda _step: None
         self.last_log_step, self.last_log_t = 0, time.perf_counter()
@@ -256,22 +236,23 @@ class _Run:
         """Step, losses, counters and history as `ckpt` left them; the trainer loads the rest
         (`_RecipeCheckpoints`)."""
         verify_checkpoint(ckpt)
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
-        if TRANSFORMERS_STATE not in state:
+        state = read_trainer_state(ckpt)
+        if TRANSFORMERS_STATE not in state.recipe:
             raise CheckpointError(
-                f"{ckpt}: no Trainer state in {TRAINER_STATE} (an SFT checkpoint, or one written "
-                "before preference runs could resume); cannot resume a preference run from it"
+                f"{ckpt}: no Trainer state in its trainer state (an SFT checkpoint, or one "
+                "written before preference runs could resume); cannot resume a preference run "
+                "from it"
             )
-        if state["num_examples"] != self.num_examples:
+        if state.num_examples != self.num_examples:
             raise CheckpointError(
-                f"{ckpt}: trained on {state['num_examples']} rows, this run has "
+                f"{ckpt}: trained on {state.num_examples} rows, this run has "
                 f"{self.num_examples}; cannot resume on different data"
             )
         self.resume_from, self.resume_state = ckpt, state
-        self.step = self.last_log_step = state["step"]
-        self.loss, self.first_loss = state["loss"], state["first_loss"]
-        self.tokens_seen = state["tokens_seen"]
-        self.history = state["log_history"]
+        self.step = self.last_log_step = state.step
+        self.loss, self.first_loss = state.loss, state.first_loss
+        self.tokens_seen = state.tokens_seen
+        self.history = state.log_history
         self.last_ckpt = ckpt
 
     def stop_requested(self) -> bool:
@@ -285,37 +266,34 @@ class _Run:
         self.step = trainer.state.global_step
         optimizer = _unwrapped_optimizer(trainer.optimizer)
         samples_seen = self.step * self.samples_per_step
-        trainer_state = {
-            "format": CHECKPOINT_FORMAT,
-            "objective": self.spec.objective,
-            "step": self.step,
-            "max_steps": hp.max_steps,
-            "loss": self.loss,
-            "first_loss": self.first_loss,
+        state = TrainerState(
+            objective=self.spec.objective,
+            step=self.step,
+            max_steps=hp.max_steps,
+            loss=self.loss,
+            first_loss=self.first_loss,
             # DPO's own count is exact at this step; self.tokens_seen is as of the last log
-            "tokens_seen": getattr(trainer, "_total_train_tokens", self.tokens_seen),
-            "samples_seen": samples_seen,
-            "epoch": samples_seen / max(self.num_examples, 1),
-            "num_examples": self.num_examples,
-            "seeds": {
+            tokens_seen=getattr(trainer, "_total_train_tokens", self.tokens_seen),
+            samples_seen=samples_seen,
+            epoch=samples_seen / max(self.num_examples, 1),
+            num_examples=self.num_examples,
+            seeds={
                 "seed": hp.seed,
                 "data_order": "transformers.Trainer: per-epoch shuffle seeded by (seed, epoch)",
             },
-            "base_model": self.model_dir,
-            "spec": self.spec.model_dump(mode="json"),
-            "log_history": self.history,
-            TRANSFORMERS_STATE: dataclasses.asdict(trainer.state),
-        }
+            base_model=self.model_dir,
+            spec=self.spec.model_dump(mode="json"),
+            log_history=self.history,
+            recipe={TRANSFORMERS_STATE: dataclasses.asdict(trainer.state)},
+        )
         path = write_checkpoint(
-            self.out_dir / f"checkpoint-{self.step}", trainer.model, optimizer,
-            _optimizer_param_names(trainer.model, optimizer), trainer_state,
+            self.out_dir, state,
+            save_weights=lambda d: methods.save_trainable(trainer.model, d),
+            optimizer=optimizer, param_names=_optimizer_param_names(trainer.model, optimizer),
             scheduler=trainer.lr_scheduler, scaler=trainer.accelerator.scaler,
         )
         self.last_ckpt = path
-        self.kept.append(path)
-        if hp.keep_last_checkpoints:
-            while len(self.kept) > hp.keep_last_checkpoints:
-                remove_checkpoint(self.kept.pop(0))
+        prune_checkpoints(self.out_dir, hp.keep_last_checkpoints)
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, self.step)
         return path
@@ -333,15 +311,15 @@ class _Run:
 
 
 def _train(trainer, run: _Run) -> None:
-    if run.resume_from is None:
+    if run.resume_state is None:
         trainer.train()
         return
     # transformers reads its TrainerState from <dir>/trainer_state.json, the name of the recipe's
     # own state file: hand it a directory holding just that state; _RecipeCheckpoints reads
     # everything else from the checkpoint itself.
     with tempfile.TemporaryDirectory(prefix=".resume-", dir=run.out_dir) as staging:
-        state = run.resume_state[TRANSFORMERS_STATE]
-        (Path(staging) / TRAINER_STATE).write_text(json.dumps(state))
+        state = run.resume_state.recipe[TRANSFORMERS_STATE]
+        (Path(staging) / TRAINER_STATE_NAME).write_text(json.dumps(state))
         trainer.train(resume_from_checkpoint=staging)
 
 

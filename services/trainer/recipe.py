@@ -27,17 +27,9 @@ just for its forward and backward). Under FSDP every rank takes part in writing 
 the shards are gathered into full tensors on rank 0, so a checkpoint is the same files whatever
 the strategy and number of processes, and any of them can resume it.
 
-A checkpoint directory holds:
-    adapter or model weights    safetensors (methods.save_trainable)
-    optimizer.safetensors       optimizer state tensors named `state/<param name>/<key>`; the
-                                non-tensor state (param_groups) is JSON in the metadata
-    rng.safetensors             torch CPU (+ CUDA) and numpy RNG states as tensors; python's
-                                `random` state and the rest as JSON in the metadata
-    scheduler.json              LR scheduler (+ fp16 grad scaler) state
-    trainer_state.json          step, losses, data position, early stopping, seeds, spec, history
-    manifest.json               written LAST: every other file with its sha256 and size
-A reader trusts a checkpoint only if manifest.json exists and the hashes match
-(`verify_checkpoint`). Nothing is pickled: only safetensors and JSON.
+Checkpoints: `llmstudio.ml.checkpoint` owns the format (weights, optimizer, RNG, schedule,
+trainer state, manifest written last); this recipe says when, and the method registry writes
+the weights.
 
 Determinism: the data order is a pure function of (seed, epoch) and each step reseeds torch
 with (seed, step), so resuming from a checkpoint (`resume_from`) reproduces the same run.
@@ -46,11 +38,9 @@ with (seed, step), so resuming from a checkpoint (`resume_from`) reproduces the 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,24 +50,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.allocator import return_freed_tensors_to_os
-from llmstudio.ml.checkpoint import MANIFEST, CheckpointError, file_sha256, verify_checkpoint
+from llmstudio.ml.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    load_training_state,
+    prune_checkpoints,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from llmstudio.ml.data import IGNORE_INDEX, collate, count_learned_tokens, encode_example, pad_id_of
 from llmstudio.ml.loss import CausalLMLossSum
 from llmstudio.ml.packing import collate_packed, pack_examples
 
 from . import methods
-
-CHECKPOINT_FORMAT = "llmstudio.checkpoint.v1"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
-SCHEDULER_FILE = "scheduler.json"
 
 
 @dataclass
@@ -206,26 +195,23 @@ def train_sft(
     early = {"best": None, "best_step": 0, "bad_evals": 0}
     eval_loss: float | None = None
     if resume_from is not None:
-        state = load_training_state(Path(resume_from), optimizer, param_names, scheduler=scheduler,
-                                    scaler=scaler, sharded_model=model if sharded else None)
-        if state["num_examples"] != len(examples):
+        state = load_training_state(Path(resume_from), optimizer, param_names,
+                                    scheduler=scheduler, scaler=scaler,
+                                    sharded_model=model if sharded else None)
+        if state.num_examples != len(examples):
             raise CheckpointError(
-                f"{resume_from}: trained on {state['num_examples']} examples, "
+                f"{resume_from}: trained on {state.num_examples} examples, "
                 f"this run has {len(examples)}; cannot resume on different data"
             )
-        step, samples_seen = state["step"], state["samples_seen"]
-        tokens_seen, first_loss, loss = state["tokens_seen"], state["first_loss"], state["loss"]
-        history = state.get("log_history", [])
-        early = state.get("early_stopping", early)
-        eval_loss = state.get("eval_loss")
+        step, samples_seen = state.step, state.samples_seen
+        tokens_seen, first_loss, loss = state.tokens_seen, state.first_loss, state.loss
+        history, eval_loss = state.log_history, state.eval_loss
+        early = state.recipe.get("early_stopping", early)
 
     # 6. the loop
     stream = _example_stream(num_units, hp.seed, start=samples_seen)
     micro_units = hp.batch_size * world  # one global micro-batch, every rank's shard
     units_per_step = micro_units * hp.gradient_accumulation_steps
-    kept: list[Path] = sorted(
-        (p for p in out_dir.glob("checkpoint-*") if (p / MANIFEST).is_file()), key=_ckpt_step
-    ) if main else []
     last_ckpt: Path | None = None  # rank 0's newest checkpoint
     ckpt_step = -1  # its step, known to every rank
 
@@ -241,36 +227,34 @@ def train_sft(
             )
         if not main:
             return None
-        trainer_state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "max_steps": hp.max_steps,
-            "loss": loss,
-            "first_loss": first_loss,
-            "eval_loss": eval_loss,
-            "tokens_seen": tokens_seen,
-            "samples_seen": samples_seen,  # data position in the shuffled unit stream
-            "epoch": samples_seen / num_units,
-            "num_examples": len(examples),
-            "num_units": num_units,
-            "world_size": world,
-            "early_stopping": early,
-            "seeds": {
+        state = TrainerState(
+            objective=spec.objective,
+            step=step,
+            max_steps=hp.max_steps,
+            loss=loss,
+            first_loss=first_loss,
+            eval_loss=eval_loss,
+            tokens_seen=tokens_seen,
+            samples_seen=samples_seen,  # data position in the shuffled unit stream
+            epoch=samples_seen / num_units,
+            num_examples=len(examples),
+            seeds={
                 "seed": hp.seed,
                 "torch_per_step": "seed * 100003 + step",
                 "data_order": "random.Random(f'{seed}:{epoch}').shuffle(range(num_units))",
             },
-            "base_model": model_dir,
-            "spec": spec.model_dump(mode="json"),
-            "log_history": history,
-        }
-        path = write_checkpoint(out_dir / f"checkpoint-{step}", model, optimizer, param_names,
-                                trainer_state, scheduler=scheduler, scaler=scaler,
-                                model_state=model_state, optimizer_state=optimizer_state)
-        kept.append(path)
-        if hp.keep_last_checkpoints:
-            while len(kept) > hp.keep_last_checkpoints:
-                remove_checkpoint(kept.pop(0))
+            base_model=model_dir,
+            spec=spec.model_dump(mode="json"),
+            log_history=history,
+            recipe={"early_stopping": early, "num_units": num_units, "world_size": world},
+        )
+        path = write_checkpoint(
+            out_dir, state,
+            save_weights=lambda d: methods.save_trainable(model, d, state_dict=model_state),
+            optimizer=optimizer, param_names=param_names, optimizer_state=optimizer_state,
+            scheduler=scheduler, scaler=scaler,
+        )
+        prune_checkpoints(out_dir, hp.keep_last_checkpoints)
         if on_checkpoint is not None:
             on_checkpoint(path, step)
         return path
@@ -580,231 +564,3 @@ def gather_full_state(model, optimizer: torch.optim.Optimizer, param_names: list
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
                          for g in by_name["param_groups"]],
     }
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints: files first, manifest last; safetensors + JSON only
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _ckpt_step(path: Path) -> int:
-    tail = path.name.split("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def optimizer_tensors(
-    sd: dict[str, Any], param_names: list[str]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten an optimizer state dict (`optimizer.state_dict()`) into named tensors + JSON-able
-    rest. Nested state (bitsandbytes keeps its quantization state in a dict per parameter)
-    becomes `state/<param name>/<key>/<sub key>`."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-
-    def flatten(name: str, path: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            tensors[f"state/{name}/{path}"] = value.detach().cpu().contiguous()
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                flatten(name, f"{path}/{k}", v)
-        else:
-            scalars.setdefault(name, {})[path] = _jsonable(value)
-
-    for idx, pstate in sd["state"].items():
-        for key, value in pstate.items():
-            flatten(param_names[idx], key, value)
-    meta = {
-        "param_names": param_names,
-        "param_groups": _jsonable(sd["param_groups"]),
-        "scalars": scalars,
-    }
-    return tensors, meta
-
-
-def _set_path(d: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        d = d.setdefault(p, {})
-    d[leaf] = value
-
-
-def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, path: Path, param_names: list[str], *,
-    sharded_model: torch.nn.Module | None = None,
-) -> None:
-    """Inverse of `optimizer_tensors` as stored in optimizer.safetensors. With `sharded_model`
-    (the FSDP-sharded model owning the optimizer's parameters) the full state read from the file
-    is sharded like the parameters."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["optimizer"])
-    if meta["param_names"] != param_names:
-        raise CheckpointError(f"{path}: optimizer parameters do not match the trainable ones")
-    tensors = load_file(str(path))
-    index = {name: i for i, name in enumerate(param_names)}
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, name, field = key.split("/", 2)
-        _set_path(state.setdefault(index[name], {}), field, value)
-    for name, extra in meta["scalars"].items():
-        for field, value in extra.items():
-            _set_path(state.setdefault(index[name], {}), field, value)
-    groups = meta["param_groups"]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    if sharded_model is None:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    by_name = {  # the layout of torch.distributed.checkpoint: parameters by name
-        "state": {param_names[i]: s for i, s in state.items()},
-        "param_groups": [{**g, "params": [param_names[i] for i in g["params"]]} for g in groups],
-    }
-    set_optimizer_state_dict(sharded_model, optimizer, by_name,
-                             options=StateDictOptions(full_state_dict=True))
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every RNG the run draws from: tensors (torch, CUDA, numpy keys) + JSON (python, numpy)."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda/{i}"] = s
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    py_version, py_state, py_gauss = random.getstate()
-    meta = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
-    }
-    return tensors, meta
-
-
-def restore_rng_state(path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["rng"])
-    tensors = load_file(str(path))
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("torch_cuda/"))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, state, gauss = meta["python"]
-    random.setstate((version, tuple(state), gauss))
-
-
-def write_checkpoint(
-    ckpt: Path,
-    model,
-    optimizer: torch.optim.Optimizer,
-    param_names: list[str],
-    trainer_state: dict[str, Any],
-    *,
-    scheduler=None,
-    scaler: torch.amp.GradScaler | None = None,
-    model_state: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write weights, optimizer, scheduler, RNG and trainer state into `ckpt`, then
-    manifest.json last. `model_state` / `optimizer_state`: the full state of an FSDP-sharded
-    model and its optimizer (`gather_full_state`), written instead of the sharded one."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / MANIFEST).unlink(missing_ok=True)  # rewriting: invalid until the new manifest
-    methods.save_trainable(model, ckpt, state_dict=model_state)
-    tensors, meta = optimizer_tensors(
-        optimizer.state_dict() if optimizer_state is None else optimizer_state, param_names
-    )
-    save_file(tensors, str(ckpt / OPTIMIZER_FILE),
-              metadata={"format": "llmstudio.optimizer.v1", "optimizer": json.dumps(meta)})
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(ckpt / RNG_FILE),
-              metadata={"format": "llmstudio.rng.v1", "rng": json.dumps(rng_meta)})
-    sched = {}
-    if scheduler is not None:
-        sd = scheduler.state_dict()
-        sd["lr_lambdas"] = [None] * len(sd.get("lr_lambdas", []))  # pure functions of the spec
-        sched["scheduler"] = _jsonable(sd)
-    if scaler is not None and scaler.is_enabled():
-        sched["grad_scaler"] = _jsonable(scaler.state_dict())
-    _write_json_atomic(ckpt / SCHEDULER_FILE, sched)
-    _write_json_atomic(ckpt / TRAINER_STATE, trainer_state)
-
-    files = []
-    for p in sorted(ckpt.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
-            files.append({
-                "path": p.relative_to(ckpt).as_posix(),
-                "sha256": file_sha256(p),
-                "size": p.stat().st_size,
-            })
-    manifest = {
-        "format": CHECKPOINT_FORMAT,
-        "step": trainer_state["step"],
-        "created_at": time.time(),
-        "files": files,
-    }
-    _write_json_atomic(ckpt / MANIFEST, manifest)
-    return ckpt
-
-
-def load_training_state(ckpt: Path, optimizer, param_names: list[str], *, scheduler=None,
-                        scaler: torch.amp.GradScaler | None = None,
-                        sharded_model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Restore optimizer, scheduler, grad scaler and RNG states from a verified checkpoint
-    whose weights are loaded (methods.load_trainable); return its trainer_state.
-    `sharded_model`: see `load_optimizer_state`."""
-    state = json.loads((ckpt / TRAINER_STATE).read_text())
-    load_optimizer_state(optimizer, ckpt / OPTIMIZER_FILE, param_names,
-                         sharded_model=sharded_model)
-    sched_path = ckpt / SCHEDULER_FILE
-    if sched_path.is_file():
-        sched = json.loads(sched_path.read_text())
-        if scheduler is not None and "scheduler" in sched:
-            sd = sched["scheduler"]
-            sd["lr_lambdas"] = [None] * len(sd.get("lr_lambdas", []))
-            scheduler.load_state_dict(sd)
-        if scaler is not None and scaler.is_enabled() and "grad_scaler" in sched:
-            scaler.load_state_dict(sched["grad_scaler"])
-    elif scheduler is not None:  # an older checkpoint: the schedule is a function of the step
-        for _ in range(state["step"]):
-            scheduler.step()
-    if (ckpt / RNG_FILE).is_file():
-        restore_rng_state(ckpt / RNG_FILE)
-    return state
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step under `out_dir`, if any."""
-    best: tuple[int, Path] | None = None
-    for p in Path(out_dir).glob("checkpoint-*"):
-        if (p / MANIFEST).is_file() and p.name.split("-", 1)[1].isdigit():
-            s = int(p.name.split("-", 1)[1])
-            if best is None or s > best[0]:
-                best = (s, p)
-    return best[1] if best else None
-
-
-def remove_checkpoint(ckpt: Path) -> None:
-    """Delete a checkpoint, manifest first, so a reader never sees a half-deleted one."""
-    (Path(ckpt) / MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(ckpt, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import threading
 from collections.abc import Coroutine
@@ -38,12 +37,12 @@ from llmstudio.events import (
 )
 from llmstudio.jobspec import JobSpec, format_validation_error
 from llmstudio.jsonl import parse_jsonl
-from llmstudio.storage import ArtifactStore, CorruptArtifact, IncompleteArtifact
+from llmstudio.ml import checkpoint
+from llmstudio.storage import ArtifactStore
 
 from .core import (
     RecentIds,
     check_local_model_dir,
-    checkpoint_prefix,
     cpu_hardware,
     default_worker_id,
     failure_reason,
@@ -51,10 +50,9 @@ from .core import (
     train_split_key,
 )
 from .distributed import train_distributed
-from .recipe import CheckpointError, TrainResult
+from .recipe import TrainResult
 
 log = logging.getLogger(__name__)
-_CHECKPOINT_MANIFEST = re.compile(r"checkpoint-(\d+)/manifest\.json")
 VALIDATION_SPLIT = "validation"
 tracer = trace.get_tracer("trainer")
 
@@ -216,17 +214,20 @@ class Worker:
 
         def on_checkpoint(path: Path, step: int) -> None:
             # Stored and announced before training goes on, so a crash loses no reported step.
-            prefix = checkpoint_prefix(item.job_id, step)
+            prefix = checkpoint.store_prefix(item.job_id, step)
             self.store.put_dir(prefix, path)
             call(self._publish(job, JobCheckpointed(job_id=item.job_id, step=step, checkpoint_key=prefix)))
             job.checkpoint_key = prefix
-            self._prune_stored_checkpoints(item.job_id, spec.hyperparameters.keep_last_checkpoints)
+            checkpoint.prune_stored_checkpoints(
+                self.store, item.job_id, spec.hyperparameters.keep_last_checkpoints
+            )
 
         # resume from this job's newest complete checkpoint in the store (a job restarted on
         # another worker goes on where the last one stopped)
-        resume_from = self._fetch_latest_checkpoint(item.job_id, work_dir)
-        if resume_from is not None:
-            job.checkpoint_key = checkpoint_prefix(item.job_id, int(resume_from.name.split("-")[1]))
+        resume_from = None
+        stored = checkpoint.download_latest_checkpoint(self.store, item.job_id, work_dir)
+        if stored is not None:
+            job.checkpoint_key, resume_from = stored
         # objective dispatch: dpo / orpo -> TRL preference trainer, sft / pretrain -> the recipe
         if spec.objective in ("dpo", "orpo"):
             from .preference import train_preference  # imports TRL only when needed
@@ -246,7 +247,7 @@ class Worker:
             resume_from=resume_from,
         )
 
-    # -- checkpoints in the artifact store -------------------------------------------------------
+    # -- inputs ----------------------------------------------------------------------------------
     def _split_rows(self, artifacts: dict[str, str], split: str, why: str) -> list[dict]:
         key = artifacts.get(split)
         if not key:
@@ -255,40 +256,6 @@ class Worker:
                 f"(splits: {sorted(artifacts) or 'none'})"
             )
         return parse_jsonl(self.store.get_bytes(key), self.store.uri(key))
-
-    def _stored_checkpoints(self, job_id: str) -> list[tuple[int, str]]:
-        """(step, prefix) of this job's complete checkpoints in the store, oldest first."""
-        found = []
-        for key in self.store.list(f"jobs/{job_id}/"):
-            m = _CHECKPOINT_MANIFEST.fullmatch(key[len(f"jobs/{job_id}/"):])
-            if m:
-                step = int(m.group(1))
-                found.append((step, checkpoint_prefix(job_id, step)))
-        return sorted(found)
-
-    def _fetch_latest_checkpoint(self, job_id: str, work_dir: Path) -> Path | None:
-        """Download the newest complete checkpoint of `job_id` (falling back to older ones if a
-        download fails its hashes) into work_dir/checkpoint-<step>."""
-        for step, prefix in reversed(self._stored_checkpoints(job_id)):
-            dest = work_dir / f"checkpoint-{step}"
-            try:
-                self.store.get_dir(prefix, dest)
-            except (IncompleteArtifact, CorruptArtifact, CheckpointError) as e:
-                log.warning("job %s: checkpoint %s unusable, trying an older one: %s", job_id, prefix, e)
-                shutil.rmtree(dest, ignore_errors=True)
-                continue
-            log.info("job %s: resuming from %s (step %d)", job_id, prefix, step)
-            return dest
-        return None
-
-    def _prune_stored_checkpoints(self, job_id: str, keep: int) -> None:
-        """keep_last_checkpoints in the store: delete older ones, each manifest first."""
-        if not keep:
-            return
-        stored = self._stored_checkpoints(job_id)
-        for _step, prefix in stored[:-keep]:
-            self.store.delete_prefix(f"{prefix}/manifest.json")
-            self.store.delete_prefix(f"{prefix}/")
 
     def _outcome(self, job: Job, result: TrainResult) -> EventData:
         item = job.item

@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from llmstudio.jobspec import JobSpec
-from llmstudio.ml.tiny import build_tiny_model
-from services.trainer.preference import train_preference
-from services.trainer.recipe import (
+from llmstudio.ml.checkpoint import (
     MANIFEST,
     TRAINER_STATE,
     CheckpointError,
     latest_checkpoint,
     verify_checkpoint,
 )
+from llmstudio.ml.tiny import build_tiny_model
+from services.trainer.preference import train_preference
 
 PAIRS = [
     ("sky", "blue", "green"), ("grass", "green", "blue"), ("snow", "white", "black"),

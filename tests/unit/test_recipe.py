@@ -14,14 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from llmstudio.ml.tiny import build_tiny_model
 from services.trainer.methods import UnsupportedOnHardware
-from services.trainer.recipe import (
-    CheckpointError,
-    latest_checkpoint,
-    train_sft,
-    verify_checkpoint,
-)
+from services.trainer.recipe import train_sft
 
 ROWS = [
     {"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
@@ -250,7 +246,7 @@ def test_packing_trains_on_packed_rows(model_dir, tmp_path):
     result = train_sft(spec, model_dir, ROWS, tmp_path, on_metrics=metrics.append)
     assert result.steps == 4 and math.isfinite(result.final_loss)
     state = json.loads((result.adapter_dir / "trainer_state.json").read_text())
-    assert state["num_units"] < len(ROWS)  # several examples per packed row
+    assert state["recipe"]["num_units"] < len(ROWS)  # several examples per packed row
 
 
 def test_gpu_only_settings_are_refused_on_cpu_before_any_work(model_dir, tmp_path):

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.checkpoint import latest_checkpoint, verify_checkpoint
 from llmstudio.ml.tiny import build_tiny_model
-from services.trainer.recipe import latest_checkpoint, train_sft, verify_checkpoint
+from services.trainer.recipe import train_sft
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [
@@ -34,7 +35,8 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from llmstudio.jobspec import JobSpec
-from services.trainer.recipe import latest_checkpoint, train_sft
+from llmstudio.ml.checkpoint import latest_checkpoint
+from services.trainer.recipe import train_sft
 spec_json, rows_json, out, log, resume, delay = sys.argv[1:7]
 spec = JobSpec.model_validate_json(Path(spec_json).read_text())
 rows = json.loads(Path(rows_json).read_text())

@@ -9,7 +9,6 @@ import pytest
 from services.trainer.core import (
     RecentIds,
     check_local_model_dir,
-    checkpoint_prefix,
     cpu_hardware,
     cpu_has_bf16,
     default_worker_id,
@@ -52,7 +51,6 @@ def test_metrics_event_and_names():
                                  "tokens_per_s": 100.0, "samples_per_s": 4.0, "epoch": 0.5})
     assert (ev.job_id, ev.step, ev.max_steps, ev.loss, ev.epoch) == ("job-1", 4, 8, 1.5, 0.5)
     assert ev.subject() == "llmstudio.metrics.job-1"
-    assert checkpoint_prefix("job-1", 8) == "jobs/job-1/checkpoint-8"
     assert failure_reason(KeyError("x")) == "KeyError: 'x'"
     assert len(failure_reason(ValueError("y" * 5000))) == 2000
 

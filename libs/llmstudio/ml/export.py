@@ -9,7 +9,8 @@
                                       card); load it with AutoModelForCausalLM.from_pretrained(out)
 
 A checkpoint is trusted only if its manifest.json lists every file with a matching sha256 (the
-trainer writes the manifest last), so a half-written checkpoint is refused. Nothing is pickled:
+trainer writes the manifest last; llmstudio.ml.checkpoint owns the format and tells an adapter
+from full weights), so a half-written checkpoint is refused. Nothing is pickled:
 only safetensors and JSON are read or written, and an export that would contain a pickle-format
 file (*.bin, *.pt, *.pth, *.pkl) fails. Exports are atomic: everything is written into a hidden
 temp dir next to `out_dir`, then renamed into place; a failed export leaves nothing behind.
@@ -34,10 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from llmstudio.ml import checkpoint
+from llmstudio.ml.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, weight_files
 
-TRAINER_STATE = "trainer_state.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 EXPORT_INFO = "llmstudio_export.json"
 EXPORT_FORMAT = "llmstudio.export.v1"
 
@@ -68,20 +67,15 @@ def verify_checkpoint(ckpt: str | Path) -> dict[str, Any]:
         raise ExportError(f"{e}; refusing to export it") from None
 
 
-def checkpoint_kind(ckpt: str | Path) -> str:
+def _kind(ckpt: Path) -> str:
     """'adapter', 'prompt_adapter' (prompt learning: cannot be merged) or 'full'."""
-    ckpt = Path(ckpt)
-    if (ckpt / ADAPTER_CONFIG).is_file():
-        peft_type = str(json.loads((ckpt / ADAPTER_CONFIG).read_text()).get("peft_type", ""))
-        return "prompt_adapter" if peft_type.upper() in PROMPT_LEARNING_TYPES else "adapter"
-    if (ckpt / "config.json").is_file() and _weight_files(ckpt):
-        return "full"
-    raise ExportError(f"{ckpt}: neither an adapter ({ADAPTER_CONFIG}) nor full model weights "
-                      "(config.json + model.safetensors)")
-
-
-def _weight_files(ckpt: Path) -> list[Path]:
-    return sorted(p for p in ckpt.glob("model*.safetensors"))
+    try:
+        kind = checkpoint.checkpoint_kind(ckpt)
+    except checkpoint.CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if kind == "adapter" and checkpoint.adapter_type(ckpt) in PROMPT_LEARNING_TYPES:
+        return "prompt_adapter"
+    return kind
 
 
 def _trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -228,7 +222,7 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, *,
     (model_name, model_version, job_id, dataset_sha256, stage...) to the card."""
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     manifest = verify_checkpoint(ckpt)
-    kind = checkpoint_kind(ckpt)
+    kind = _kind(ckpt)
     if kind == "full":
         raise ExportError(f"{ckpt}: a full fine-tune checkpoint has no adapter; export it merged")
     if not (ckpt / ADAPTER_WEIGHTS).is_file():
@@ -286,7 +280,7 @@ def export_merged(checkpoint_dir: str | Path, out_dir: str | Path, base_model: s
 
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     manifest = verify_checkpoint(ckpt)
-    kind = checkpoint_kind(ckpt)
+    kind = _kind(ckpt)
     state = _trainer_state(ckpt)
     method = (state.get("spec") or {}).get("method", "")
     if kind == "prompt_adapter":
@@ -332,7 +326,7 @@ def export_merged(checkpoint_dir: str | Path, out_dir: str | Path, base_model: s
     with _atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(str(tmp))  # transformers 5: safetensors only
         tokenizer.save_pretrained(str(tmp))  # includes the chat template
-        if not _weight_files(tmp):
+        if not weight_files(tmp):
             raise ExportError(f"save_pretrained wrote no model*.safetensors in {tmp}")
         _write_info(tmp, info, merged=True)
     return out
