@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event
 
 U = TypeVar("U")
 R = TypeVar("R")
@@ -46,7 +46,7 @@ class UnitOfWorkStore(Generic[U]):
 
     service: ClassVar[str]
     metadata: ClassVar[MetaData]
-    unit_class: ClassVar[Callable[[Connection], Any]]
+    unit_class: ClassVar[type]  # called with the connection (a callable here reads as a method)
     migrations: ClassVar[Path]
     # First-revision tables named before the `<service>_` convention: they, too, mark a database
     # made before migrations (stamped at the first revision, then upgraded).
