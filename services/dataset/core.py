@@ -10,7 +10,7 @@ The normalized formats (what the trainer reads; a version holds one):
     preference         {"prompt": str, "chosen": str, "rejected": str}         (dpo, orpo)
 
 Input schemas (Alpaca, ShareGPT, OpenAI chat, ...) map onto these in `schemas.py`; file formats
-are read in `formats.py`; the streaming pipeline is `ingest.py`.
+are read in `formats/`; the streaming pipeline is `ingest.py`.
 
 Rows are stored as canonical JSON (sorted keys, only the format's fields, no whitespace), so a
 version's sha256 identifies its content, not its formatting.

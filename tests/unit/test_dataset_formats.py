@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.dataset import formats, schemas
-from services.dataset.formats import RecordError, SourceError
+from services.dataset.formats import RecordError, SourceError, limits
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "datasets"
 BAD = FIXTURES / "bad"
@@ -131,7 +131,7 @@ def test_locations_name_the_file_and_where_the_record_starts(fixture, locations)
 )
 def test_records_split_across_read_chunks_read_the_same(monkeypatch, fixture, chunk_bytes):
     whole = read(FIXTURES / fixture)
-    monkeypatch.setattr(formats, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(limits, "CHUNK_BYTES", chunk_bytes)
     assert read(FIXTURES / fixture) == whole
 
 
@@ -551,7 +551,7 @@ def _record_too_long(size: int, start: int, end: int) -> RecordError:
 def test_csv_records_over_the_limit_end_where_csv_ends_them(
     tmp_path, monkeypatch, content, records
 ):
-    monkeypatch.setattr(formats, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(limits, "CHUNK_BYTES", 7)
     path = _write(tmp_path, "x.csv", content)
     assert read(path, "csv", max_line_bytes=64) == records
 
