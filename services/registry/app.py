@@ -1,23 +1,29 @@
-"""Wiring of the registry: store, outbox, bus handlers and the gRPC servicer."""
+"""Wiring of the registry: store (migrated at start), outbox, use cases, bus handlers and the
+gRPC servicer."""
 
 from __future__ import annotations
 
+import asyncio
+
 from llmstudio.events import EvalCompleted, JobCompleted
 from llmstudio.grpcutil import Registration
+from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
 from llmstudio.v1 import registry_pb2_grpc
 
 from .api import RegistryApi
 from .handlers import RegistryHandlers
-from .outbox import Outbox
 from .store import RegistryStore
+from .usecases import Registry
 
 
 async def build(rt: Runtime) -> list[Registration]:
     store = RegistryStore(rt.settings.db_url("registry"))
-    store.create_tables()
-    outbox = Outbox(store, rt.bus)
-    handlers = RegistryHandlers(store, outbox)
+    await asyncio.to_thread(store.migrate)
+    # A committed change is reported as made; its events wait in the outbox while NATS is down.
+    outbox = Outbox(store, rt.bus, defer_failures=True)
+    registry = Registry(store, outbox)
+    handlers = RegistryHandlers(registry)
     rt.bus.subscribe(JobCompleted, durable="job-completed", handler=handlers.on_job_completed)
     rt.bus.subscribe(EvalCompleted, durable="eval-completed",
                      handler=handlers.on_eval_completed)
@@ -30,7 +36,7 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=registry_pb2_grpc.add_RegistryServiceServicer_to_server,
-            servicer=RegistryApi(store, outbox),
+            servicer=RegistryApi(registry),
             full_name="llmstudio.v1.RegistryService",
         )
     ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from llmstudio.errors import FailedPrecondition, NotFound
+from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import EvalCompleted, JobCompleted
 
 
@@ -74,6 +74,25 @@ class StageChange:
     version: ModelVersion  # already in its new stage
     from_stage: Stage
     to_stage: Stage
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """What a SetStage asks: kept under its idempotency key, so a retry is answered, not
+    re-applied."""
+
+    model_name: str
+    version: int
+    stage: Stage
+
+
+def check_same_request(earlier: StageRequest, asked: StageRequest) -> None:
+    """An idempotency key names one request: reusing it for another is refused."""
+    if earlier != asked:
+        raise InvalidArgument(
+            "idempotency_key",
+            f"already used to move {ref(earlier.model_name, earlier.version)} to {earlier.stage}",
+        )
 
 
 def ref(model_name: str, version: int) -> str:

@@ -1,14 +1,15 @@
 """Registry persistence (SQLAlchemy 2 Core; SQLite or PostgreSQL).
 
-Tables are prefixed `registry_` because the services may share one PostgreSQL database.
-Every use case runs in one transaction (`RegistryStore.unit()`), and the events it announces
-are written in that same transaction to an outbox (see `outbox.py`), so a version never exists
-without its event, nor an event without its version.
+Tables are prefixed `registry_` because the services may share one PostgreSQL database; their
+schema is made and upgraded by the Alembic scripts in `migrations/`. Every use case runs in one
+transaction, and the events it announces are written in that same transaction to the outbox
+(`registry_outbox`), so a version never exists without its event, nor an event without its
+version.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -25,7 +26,7 @@ from sqlalchemy import (
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 
-from .core import Model, ModelVersion, Stage
+from .core import Model, ModelVersion, Stage, StageRequest
 
 metadata = MetaData()
 
@@ -67,13 +68,6 @@ stage_requests = Table(
 )
 
 outbox = outbox_table(metadata, "registry")
-
-
-@dataclass(frozen=True)
-class StageRequest:
-    model_name: str
-    version: int
-    stage: Stage
 
 
 class Unit(OutboxUnit):
@@ -172,10 +166,12 @@ class Unit(OutboxUnit):
 
 
 class RegistryStore(UnitOfWorkStore[Unit]):
-    """Each use case runs in one transaction: `with store.unit() as u: ...`."""
+    """Each use case runs in one transaction: `await store.in_unit(fn)`."""
 
+    service = "registry"
     metadata = metadata
     unit_class = Unit
+    migrations = Path(__file__).parent / "migrations"
 
 
 def _version_row(v: ModelVersion) -> dict:

@@ -1,6 +1,7 @@
 """The shared transactional outbox (`llmstudio.outbox`) against a real nats-server: what is
 written while NATS is down is published once it is back, in order, with the ids it was written
-with, and removed from the outbox once JetStream has acked it."""
+with, and removed from the outbox once JetStream has acked it. It runs on the registry's store
+(its migrated `registry_outbox` table): any store with an outbox table would do."""
 
 from __future__ import annotations
 
@@ -8,26 +9,21 @@ import asyncio
 
 import nats
 import pytest
-from sqlalchemy import MetaData, inspect
+from sqlalchemy import inspect
 
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
-from llmstudio.db import UnitOfWorkStore
 from llmstudio.events import Envelope, ModelStageChanged
 from llmstudio.natsserver import start_nats_server
-from llmstudio.outbox import Outbox, OutboxUnit, outbox_table
-
-metadata = MetaData()
-table = outbox_table(metadata, "demo")
+from llmstudio.outbox import Outbox
+from services.registry.store import RegistryStore
 
 
-class Unit(OutboxUnit):
-    outbox_table = table
-
-
-class Store(UnitOfWorkStore[Unit]):
-    metadata = metadata
-    unit_class = Unit
+def migrated_store(tmp_path) -> RegistryStore:
+    """A store with an outbox table (`registry_outbox`), as a service has at start."""
+    store = RegistryStore(f"sqlite:///{tmp_path / 'o.db'}")
+    store.migrate()
+    return store
 
 
 def stage_changed(version: int) -> ModelStageChanged:
@@ -36,10 +32,9 @@ def stage_changed(version: int) -> ModelStageChanged:
 
 
 def test_table_keeps_the_service_prefix(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
-    store.create_tables()
-    assert table.name == "demo_outbox"
-    assert "demo_outbox" in inspect(store.engine).get_table_names()
+    store = migrated_store(tmp_path)
+    assert store.unit_class.outbox_table.name == "registry_outbox"
+    assert "registry_outbox" in inspect(store.engine).get_table_names()
     store.dispose()
 
 
@@ -64,8 +59,7 @@ async def _stream_messages(url: str, count: int, timeout: float = 10.0) -> list:
 
 
 async def test_events_written_while_nats_is_down_are_published_later_in_order(nats_server, tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
-    store.create_tables()
+    store = migrated_store(tmp_path)
     bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
     outbox = Outbox(store, bus, interval_s=0.2)
     await bus.start()
@@ -116,8 +110,7 @@ async def test_events_written_while_nats_is_down_are_published_later_in_order(na
 
 
 async def test_a_published_event_is_removed_from_the_outbox(nats_server, tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
-    store.create_tables()
+    store = migrated_store(tmp_path)
     bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
     outbox = Outbox(store, bus)
     await bus.start()

@@ -20,12 +20,14 @@ from llmstudio.events import (
     ModelVersionRegistered,
 )
 from llmstudio.natsserver import free_port
+from llmstudio.outbox import Outbox
 from llmstudio.v1 import registry_pb2 as pb
 from llmstudio.v1 import registry_pb2_grpc
 from services.registry import core
 from services.registry.app import build
-from services.registry.outbox import Outbox
-from services.registry.store import RegistryStore, StageRequest
+from services.registry.core import Stage, StageRequest
+from services.registry.store import RegistryStore
+from services.registry.usecases import Registry, VersionNotRegisteredYet
 from tests.support.harness import put_api_key, running
 
 SHA = "5e" * 32
@@ -294,34 +296,12 @@ async def test_evaluation_before_its_version_is_retried_until_the_job_registers(
 
 # -- store and outbox -------------------------------------------------------------------------
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
-
-def _postgres_store() -> RegistryStore:
-    try:
-        import psycopg
-
-        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=2).close()
-    except Exception as e:  # noqa: BLE001 - any failure means no usable server here
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
-    return RegistryStore(PG_URL)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
-    else:
-        s = _postgres_store()
-        from services.registry.store import metadata
-
-        metadata.drop_all(s.engine)
-    s.create_tables()
+@pytest.fixture
+def store(db_url):
+    s = RegistryStore(db_url)
+    s.migrate()
     yield s
-    if request.param == "postgresql":
-        from services.registry.store import metadata
-
-        metadata.drop_all(s.engine)
     s.dispose()
 
 
@@ -345,11 +325,11 @@ def test_store_keeps_versions_per_tenant_and_job(store):
             "smol-lora", "2030-01-01T00:00:00.000Z", ["job-1", "job-2"])
         assert [v.tenant for v in u.model("globex", "smol-lora").versions] == ["globex"]
         u.save_version(core.with_evaluation(found, eval_completed("job-2"), "later"))
-        u.add_stage_request("acme", "k1", StageRequest("smol-lora", 2, core.Stage.STAGING), "now")
+        u.add_stage_request("acme", "k1", StageRequest("smol-lora", 2, Stage.STAGING), "now")
     with store.unit() as u:
         saved = u.get_version("acme", "smol-lora", 2)
         assert saved.metrics["tuned_exact_match"] == 0.95 and saved.updated_at == "later"
-        assert u.stage_request("acme", "k1") == StageRequest("smol-lora", 2, core.Stage.STAGING)
+        assert u.stage_request("acme", "k1") == StageRequest("smol-lora", 2, Stage.STAGING)
         assert u.stage_request("globex", "k1") is None
     # A second version for the same job is refused by the database, whatever the caller does.
     with pytest.raises(IntegrityError), store.unit() as u:
@@ -373,22 +353,25 @@ class FlakyBus:
         self.published.append((env.id, subject))
 
 
-async def test_outbox_keeps_events_until_published_with_a_stable_id(tmp_path):
-    store = RegistryStore(f"sqlite:///{tmp_path / 'registry.db'}")
-    store.create_tables()
+async def test_use_cases_commit_while_nats_is_down_and_publish_later_with_stable_ids(store):
     bus = FlakyBus()
-    outbox = Outbox(store, bus)
-    with store.unit() as u:
-        for version in (1, 2):
-            outbox.add(u, ModelStageChanged(ref=f"m-v{version}", model_name="m", version=version,
-                                            from_stage="staging", to_stage="production"),
-                       tenant="acme", actor="alice")
-    with pytest.raises(ConnectionError):
-        await outbox.flush()
+    outbox = Outbox(store, bus, defer_failures=True)
+    registry = Registry(store, outbox)
+    # NATS is down: each change is still made and answered; its events wait in the outbox.
+    registered = await registry.register_job("acme", "alice", job_completed("job-1"))
+    assert (registered.ref, registered.stage) == ("smol-lora-v1", Stage.DEVELOPMENT)
+    moved = await registry.set_stage(
+        "acme", "alice", StageRequest("smol-lora", 1, Stage.STAGING), "k1")
+    assert moved.stage == Stage.STAGING
+    assert (await registry.get_version("acme", "smol-lora", 1)).stage == Stage.STAGING
     with store.unit() as u:
         pending = u.pending_events()
     assert [p.subject for p in pending] == [
-        "llmstudio.model.stage_changed.m-v1", "llmstudio.model.stage_changed.m-v2"]
+        "llmstudio.model.version_registered.smol-lora-v1",
+        "llmstudio.model.stage_changed.smol-lora-v1"]
+    # A redelivered job and a retried request change nothing and announce nothing more.
+    assert (await registry.register_job("acme", "alice", job_completed("job-1"))).version == 1
+    await registry.set_stage("acme", "alice", StageRequest("smol-lora", 1, Stage.STAGING), "k1")
     bus.up = True
     await outbox.flush()
     # In order, and with the ids written at first: a re-publish would be deduplicated.
@@ -398,4 +381,25 @@ async def test_outbox_keeps_events_until_published_with_a_stable_id(tmp_path):
         assert u.pending_events() == []
     await outbox.flush()
     assert len(bus.published) == 2
-    store.dispose()
+
+
+async def test_use_cases_refuse_bad_arguments_by_field(store):
+    from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
+
+    registry = Registry(store, Outbox(store, FlakyBus(), defer_failures=True))
+    await registry.register_job("acme", "alice", job_completed("job-1"))
+    for call, field in [
+        (registry.get_version("acme", " ", 1), "model_name"),
+        (registry.get_version("acme", "smol-lora", -1), "version"),
+        (registry.get_model("acme", ""), "name"),
+        (registry.set_stage("acme", "a", StageRequest("smol-lora", 0, Stage.STAGING)), "version"),
+    ]:
+        with pytest.raises(InvalidArgument) as err:
+            await call
+        assert err.value.field == field
+    with pytest.raises(NotFound):
+        await registry.set_stage("globex", "a", StageRequest("smol-lora", 1, Stage.STAGING))
+    with pytest.raises(FailedPrecondition):
+        await registry.set_stage("acme", "a", StageRequest("smol-lora", 1, Stage.PRODUCTION))
+    with pytest.raises(VersionNotRegisteredYet):  # another tenant's job is not this one
+        await registry.attach_evaluation("globex", eval_completed("job-1"))

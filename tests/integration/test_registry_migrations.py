@@ -1,0 +1,178 @@
+"""The registry's Alembic migrations, on SQLite and PostgreSQL: the first revision is the schema
+the registry made before migrations, a database of that schema (with or without a version
+table) is upgraded with its rows kept, and the models at head match the migrated schema."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from llmstudio.events import ModelStageChanged, make_envelope
+from llmstudio.migrations import current_revision, version_table
+from llmstudio.outbox import Outbox
+from services.registry.core import Stage, StageRequest
+from services.registry.store import RegistryStore, metadata
+from services.registry.usecases import Registry
+
+# The schema `create_all` made before migrations (commit 030388d), frozen here.
+LEGACY = sa.MetaData()
+sa.Table(
+    "registry_models", LEGACY,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(256), primary_key=True),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+sa.Table(
+    "registry_versions", LEGACY,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("model_name", sa.String(256), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("job_id", sa.String(128), nullable=False),
+    sa.Column("lineage", sa.JSON, nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("artifacts", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("updated_at", sa.String(40), nullable=False),
+    sa.UniqueConstraint("tenant", "job_id", name="registry_versions_job"),
+)
+sa.Table(
+    "registry_stage_requests", LEGACY,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("idempotency_key", sa.String(256), primary_key=True),
+    sa.Column("model_name", sa.String(256), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("stage", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+sa.Table(
+    "registry_outbox", LEGACY,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("subject", sa.String(512), nullable=False),
+    sa.Column("envelope", sa.Text, nullable=False),
+    sa.Column("traceparent", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
+
+LINEAGE = {"dataset_id": "ds-1", "job_id": "job-1", "method": "lora",
+           "hyperparameters": {"method": "lora", "max_steps": 80}, "evaluation_id": "ev-1"}
+PENDING = make_envelope(
+    ModelStageChanged(ref="smol-v1", model_name="smol", version=1, from_stage="development",
+                      to_stage="staging"),
+    source="registry", tenant="acme", actor="alice")
+
+
+def schema_diff(engine: sa.Engine, models: sa.MetaData) -> list:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(
+            conn, opts={"version_table": version_table("registry"), "compare_type": True})
+        return compare_metadata(ctx, models)
+
+
+def at_head(store: RegistryStore) -> bool:
+    head = ScriptDirectory(str(store.migrations)).get_current_head()
+    return current_revision(store.engine, store.migrations, "registry") == head
+
+
+def write_legacy_rows(engine: sa.Engine) -> None:
+    """Rows as the registry wrote them before migrations: a model with two versions (one
+    evaluated and in staging), a SetStage idempotency key, an event not yet published."""
+    t = LEGACY.tables
+    with engine.begin() as conn:
+        conn.execute(t["registry_models"].insert(), [
+            {"tenant": "acme", "name": "smol", "created_at": "2030-01-01T00:00:00.000Z"}])
+        conn.execute(t["registry_versions"].insert(), [
+            {"tenant": "acme", "model_name": "smol", "version": 1, "stage": "staging",
+             "job_id": "job-1", "lineage": LINEAGE,
+             "metrics": {"final_loss": 0.125, "tuned_exact_match": 0.95},
+             "artifacts": {"adapter": "adapters/job-1"},
+             "created_at": "2030-01-01T00:00:00.000Z", "updated_at": "2030-01-02T00:00:00.000Z"},
+            {"tenant": "acme", "model_name": "smol", "version": 2, "stage": "development",
+             "job_id": "job-2", "lineage": {}, "metrics": {}, "artifacts": {},
+             "created_at": "2030-01-03T00:00:00.000Z", "updated_at": "2030-01-03T00:00:00.000Z"},
+        ])
+        conn.execute(t["registry_stage_requests"].insert(), [
+            {"tenant": "acme", "idempotency_key": "k1", "model_name": "smol", "version": 1,
+             "stage": "staging", "created_at": "2030-01-02T00:00:00.000Z"}])
+        conn.execute(t["registry_outbox"].insert(), [
+            {"subject": "llmstudio.model.stage_changed.smol-v1",
+             "envelope": PENDING.model_dump_json(), "traceparent": "",
+             "created_at": "2030-01-02T00:00:00.000Z"}])
+
+
+class RecordingBus:
+    service = "registry"
+
+    def __init__(self):
+        self.published: list[tuple[str, str]] = []
+
+    async def publish_envelope(self, env, subject):
+        self.published.append((env.id, subject))
+
+
+async def assert_legacy_rows_read_through_use_cases(store: RegistryStore) -> None:
+    bus = RecordingBus()
+    registry = Registry(store, Outbox(store, bus))
+    [model] = await registry.list_models("acme")
+    assert (model.name, model.created_at, [v.version for v in model.versions]) == (
+        "smol", "2030-01-01T00:00:00.000Z", [1, 2])
+    v1 = await registry.get_version("acme", "smol", 1)
+    assert (v1.stage, v1.job_id, v1.lineage, v1.artifacts) == (
+        Stage.STAGING, "job-1", LINEAGE, {"adapter": "adapters/job-1"})
+    assert v1.metrics == {"final_loss": 0.125, "tuned_exact_match": 0.95}
+    assert (v1.created_at, v1.updated_at) == (
+        "2030-01-01T00:00:00.000Z", "2030-01-02T00:00:00.000Z")
+    assert (await registry.get_version("acme", "smol", 0)).version == 2
+    # The stored idempotency key still answers its request without applying it again ...
+    replayed = await registry.set_stage("acme", "alice", StageRequest("smol", 1, Stage.STAGING),
+                                        "k1")
+    assert replayed == v1
+    # ... and the event left in the outbox is published, with the id it was written with.
+    assert bus.published == [(PENDING.id, "llmstudio.model.stage_changed.smol-v1")]
+    # New versions number on from the stored ones.
+    moved = await registry.set_stage("acme", "alice", StageRequest("smol", 2, Stage.STAGING))
+    assert moved.stage == Stage.STAGING and len(bus.published) == 2
+
+
+def test_first_revision_is_the_schema_made_before_migrations(db_url):
+    store = RegistryStore(db_url)
+    try:
+        store.migrate("0001")
+        assert schema_diff(store.engine, LEGACY) == []
+    finally:
+        store.dispose()
+
+
+async def test_rows_written_at_the_first_revision_are_read_at_head(db_url):
+    store = RegistryStore(db_url)
+    try:
+        store.migrate("0001")
+        write_legacy_rows(store.engine)
+        store.migrate()
+        assert at_head(store)
+        await assert_legacy_rows_read_through_use_cases(store)
+    finally:
+        store.dispose()
+
+
+async def test_a_database_made_before_migrations_is_stamped_and_upgraded(db_url):
+    store = RegistryStore(db_url)
+    try:
+        LEGACY.create_all(store.engine)  # what the registry's start did before migrations
+        write_legacy_rows(store.engine)
+        store.migrate()
+        assert at_head(store)
+        await assert_legacy_rows_read_through_use_cases(store)
+    finally:
+        store.dispose()
+
+
+def test_the_models_at_head_match_the_migrated_schema(db_url):
+    store = RegistryStore(db_url)
+    try:
+        store.migrate()
+        assert schema_diff(store.engine, metadata) == []
+    finally:
+        store.dispose()
