@@ -5,9 +5,8 @@ from __future__ import annotations
 from llmstudio.auth import Principal, current_principal
 from llmstudio.v1 import common_pb2, governance_pb2, governance_pb2_grpc
 
-from .audit import AuditLog
 from .core import AuditRecord, check_after_sequence, query_limit
-from .keys import KeyManager
+from .usecases import AuditLog, KeyManager
 
 
 class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):

@@ -1,25 +1,33 @@
-"""Wiring of governance: store, audit consumers, key bootstrap and bucket sync, gRPC servicer."""
+"""Wiring of governance: store (migrated at start), outbox, audit consumers, key bootstrap and
+bucket sync, gRPC servicer."""
 
 from __future__ import annotations
 
+import asyncio
+
 from llmstudio.grpcutil import Registration
+from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
 from llmstudio.v1 import governance_pb2_grpc
 
 from .api import GovernanceApi
-from .audit import AuditLog
 from .handlers import AuditHandlers
-from .keys import KeyManager
 from .store import GovernanceStore
+from .usecases import AuditLog, KeyManager
 
 BOOTSTRAP_BANNER = "Bootstrap admin API key (shown once, store it now): "
 
 
 async def build(rt: Runtime) -> list[Registration]:
     store = GovernanceStore(rt.settings.db_url("governance"))
+    await asyncio.to_thread(store.migrate)
+    # A committed key change is reported as made (a new key's secret exists only in the reply);
+    # its event waits in the outbox while NATS is down.
+    outbox = Outbox(store, rt.bus, defer_failures=True)
     audit = AuditLog(store)
-    keys = KeyManager(store, rt.bus, rt.keys)
+    keys = KeyManager(store, outbox, rt.bus, rt.keys)
     AuditHandlers(audit).subscribe(rt.bus)
+    rt.background.append(outbox.run)
 
     async def provision_keys() -> None:
         generated = await keys.bootstrap(rt.settings.bootstrap_admin_key)
@@ -29,7 +37,7 @@ async def build(rt: Runtime) -> list[Registration]:
         await keys.sync_bucket()
 
     async def close_store() -> None:
-        store.close()
+        store.dispose()
 
     rt.on_started.append(provision_keys)
     rt.on_stop.append(close_store)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from opentelemetry import trace
-
 from llmstudio import telemetry
-from llmstudio.bus import AUDITED_STREAMS, STREAMS, Bus
+from llmstudio.bus import AUDITED_STREAMS, STREAMS, Bus, delivered_subject
 from llmstudio.events import Envelope, EventData
 
-from .audit import AuditLog
 from .core import AuditEvent, audit_consumers, canonical_json, iso_utc
+from .usecases import AuditLog
 
 
 class AuditHandlers:
@@ -17,6 +15,7 @@ class AuditHandlers:
         self.audit = audit
 
     def subscribe(self, bus: Bus) -> None:
+        # Whole streams, every type (untyped on purpose): the log keeps every event.
         streams = {name: STREAMS[name].subjects for name in AUDITED_STREAMS}
         for consumer, subject in audit_consumers(streams):
             bus.subscribe_subject(consumer, subject, self.on_event)
@@ -30,7 +29,8 @@ def audit_event(env: Envelope, data: EventData) -> AuditEvent:
     return AuditEvent(
         event_id=env.id,
         event_type=env.type,
-        subject=_delivered_subject(data),
+        # The NATS subject it travelled on; outside a handler, the one it is published on.
+        subject=delivered_subject() or data.subject(),
         entity=env.subject,
         source=env.source,
         tenant=env.tenant,
@@ -39,10 +39,3 @@ def audit_event(env: Envelope, data: EventData) -> AuditEvent:
         data_json=canonical_json(env.data),
         trace_id=telemetry.current_trace_id(),
     )
-
-
-def _delivered_subject(data: EventData) -> str:
-    # Handlers are not given the NATS subject; the bus records it on the consumer span it runs
-    # the handler in. Without a recording span, the subject the event is published on.
-    attributes = getattr(trace.get_current_span(), "attributes", None) or {}
-    return attributes.get("messaging.destination") or data.subject()

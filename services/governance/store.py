@@ -1,15 +1,21 @@
-"""Governance persistence (SQLAlchemy Core; SQLite or PostgreSQL): the audit log and API keys."""
+"""Governance persistence (SQLAlchemy Core; SQLite or PostgreSQL): the audit log, API keys and
+the outbox of key events.
+
+Tables are prefixed `governance_` (the services may share one PostgreSQL database); their schema
+is made and upgraded by the Alembic scripts in `migrations/` (before them the log and the keys
+were `audit_log` and `api_keys`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
-    Engine,
     MetaData,
     String,
     Table,
@@ -20,7 +26,8 @@ from sqlalchemy import (
     update,
 )
 
-from llmstudio.db import make_engine
+from llmstudio.db import UnitOfWorkStore
+from llmstudio.outbox import OutboxUnit, outbox_table
 
 from .core import ApiKey, AuditEvent, AuditRecord, chain
 
@@ -29,7 +36,7 @@ metadata = MetaData()
 # Append-only. `sequence` is the primary key, so two writers that read the same head cannot
 # both append: the second insert fails and is retried on the new head.
 audit_log = Table(
-    "audit_log",
+    "governance_audit_log",
     metadata,
     Column("sequence", BigInteger, primary_key=True, autoincrement=False),
     Column("event_id", String(128), nullable=False, unique=True),
@@ -47,7 +54,7 @@ audit_log = Table(
 )
 
 api_keys = Table(
-    "api_keys",
+    "governance_api_keys",
     metadata,
     Column("key_id", String(32), primary_key=True),
     Column("key_hash", String(64), nullable=False, unique=True),
@@ -59,32 +66,30 @@ api_keys = Table(
     Column("revoked_at", String(40)),
 )
 
+outbox = outbox_table(metadata, "governance")
 
-class GovernanceStore:
-    def __init__(self, url: str):
-        self.engine: Engine = make_engine(url)
-        metadata.create_all(self.engine)
 
-    def close(self) -> None:
-        self.engine.dispose()
+class Unit(OutboxUnit):
+    """The queries of one transaction (the outbox's from `OutboxUnit`)."""
+
+    outbox_table = outbox
 
     # -- audit log ---------------------------------------------------------------------------
     def append(self, event: AuditEvent) -> AuditRecord | None:
-        """Chain `event` after the head in one transaction; None if its id is already logged.
+        """Chain `event` after the head; None if its id is already logged.
 
         The caller serializes appends; the primary key on `sequence` guards other writers.
         """
-        with self.engine.begin() as conn:
-            seen = conn.execute(
-                select(audit_log.c.sequence).where(audit_log.c.event_id == event.event_id)
-            ).first()
-            if seen:
-                return None
-            head = conn.execute(
-                select(audit_log).order_by(audit_log.c.sequence.desc()).limit(1)
-            ).first()
-            record = chain(event, AuditRecord(**head._mapping) if head else None)
-            conn.execute(insert(audit_log).values(**asdict(record)))
+        seen = self.conn.execute(
+            select(audit_log.c.sequence).where(audit_log.c.event_id == event.event_id)
+        ).first()
+        if seen:
+            return None
+        head = self.conn.execute(
+            select(audit_log).order_by(audit_log.c.sequence.desc()).limit(1)
+        ).first()
+        record = chain(event, AuditRecord(**head._mapping) if head else None)
+        self.conn.execute(insert(audit_log).values(**asdict(record)))
         return record
 
     def query(
@@ -105,8 +110,7 @@ class GovernanceStore:
         if tenant is not None:
             stmt = stmt.where(audit_log.c.tenant == tenant)
         stmt = stmt.order_by(audit_log.c.sequence).limit(limit)
-        with self.engine.connect() as conn:
-            return [AuditRecord(**row._mapping) for row in conn.execute(stmt)]
+        return [AuditRecord(**row._mapping) for row in self.conn.execute(stmt)]
 
     def iter_audit(self, batch: int = 1000) -> Iterator[AuditRecord]:
         """Every record in sequence order, read in batches (the log can be large)."""
@@ -120,32 +124,36 @@ class GovernanceStore:
 
     # -- API keys ----------------------------------------------------------------------------
     def count_keys(self) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(api_keys)).scalar_one()
+        return self.conn.execute(select(func.count()).select_from(api_keys)).scalar_one()
 
     def add_key(self, key: ApiKey) -> None:
-        row = {**asdict(key), "roles": list(key.roles)}
-        with self.engine.begin() as conn:
-            conn.execute(insert(api_keys).values(**row))
+        self.conn.execute(insert(api_keys).values(**{**asdict(key), "roles": list(key.roles)}))
 
     def get_key(self, key_id: str) -> ApiKey | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
+        row = self.conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
         return _api_key(row) if row else None
 
     def list_keys(self) -> list[ApiKey]:
-        with self.engine.connect() as conn:
-            return [_api_key(r) for r in conn.execute(select(api_keys).order_by(api_keys.c.key_id))]
+        return [_api_key(r) for r in self.conn.execute(select(api_keys).order_by(api_keys.c.key_id))]
 
     def revoke_key(self, key_id: str, revoked_at: str) -> bool:
         """Mark a live key revoked; False if it was revoked already."""
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(api_keys)
-                .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=revoked_at)
-            )
+        result = self.conn.execute(
+            update(api_keys)
+            .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=revoked_at)
+        )
         return result.rowcount == 1
+
+
+class GovernanceStore(UnitOfWorkStore[Unit]):
+    """Each use case runs in one transaction: `await store.in_unit(fn)`."""
+
+    service = "governance"
+    metadata = metadata
+    unit_class = Unit
+    migrations = Path(__file__).parent / "migrations"
+    legacy_tables = frozenset({"audit_log", "api_keys"})
 
 
 def _api_key(row) -> ApiKey:

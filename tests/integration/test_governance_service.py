@@ -11,7 +11,6 @@ import uuid
 import grpc
 import nats
 import pytest
-from sqlalchemy import create_engine, text
 
 from llmstudio.auth import Principal, hash_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
@@ -21,10 +20,10 @@ from llmstudio.natsserver import free_port
 from llmstudio.v1 import governance_pb2 as pb
 from llmstudio.v1 import governance_pb2_grpc
 from services.governance.app import BOOTSTRAP_BANNER, build
-from services.governance.audit import AuditLog
 from services.governance.core import canonical_json, verify_chain
 from services.governance.handlers import audit_event
 from services.governance.store import GovernanceStore
+from services.governance.usecases import AuditLog
 from tests.support.harness import running
 
 ADMIN = "lls_test-bootstrap-admin-secret"
@@ -202,20 +201,20 @@ async def test_audit_log_exactly_once_chained_tamper_evident_and_kept_across_res
 
         db = settings.data_dir / "governance.db"
         with sqlite3.connect(db) as conn:  # the NATS subject each event travelled on
-            subjects = dict(conn.execute("SELECT event_id, subject FROM audit_log"))
+            subjects = dict(conn.execute("SELECT event_id, subject FROM governance_audit_log"))
         assert subjects[queued.id] == "llmstudio.job.queued.job-1"
         assert subjects[parked.event_id] == "llmstudio.deadletter.governance-audit-jobs"
 
         # tamper with one stored record
         k = job.sequence
         with sqlite3.connect(db) as conn:
-            conn.execute("UPDATE audit_log SET data_json = ? WHERE sequence = ?",
+            conn.execute("UPDATE governance_audit_log SET data_json = ? WHERE sequence = ?",
                          ('{"dataset_sha256":"ff","job_id":"job-1"}', k))
         broken = await c.call("VerifyAudit", pb.VerifyAuditRequest(), ADMIN)
         assert (broken.ok, broken.first_bad_sequence, broken.records) == (False, k, 5)
         assert "edited" in broken.reason
         with sqlite3.connect(db) as conn:
-            conn.execute("UPDATE audit_log SET data_json = ? WHERE sequence = ?",
+            conn.execute("UPDATE governance_audit_log SET data_json = ? WHERE sequence = ?",
                          (job.data_json, k))
         assert (await c.call("VerifyAudit", pb.VerifyAuditRequest(), ADMIN)).ok
         await c.close()
@@ -236,7 +235,7 @@ async def test_audit_log_exactly_once_chained_tamper_evident_and_kept_across_res
         await c.close()
     await publisher.stop()
     with sqlite3.connect(settings.data_dir / "governance.db") as conn:
-        assert conn.execute("SELECT count(*) FROM api_keys").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM governance_api_keys").fetchone() == (1,)
 
 
 async def test_generated_bootstrap_key_is_printed_once_and_works(settings, capsys):
@@ -256,44 +255,18 @@ async def test_generated_bootstrap_key_is_printed_once_and_works(settings, capsy
         assert (await c.call("WhoAmI", pb.WhoAmIRequest(), secret)).tenant == "default"
         await c.close()
     with sqlite3.connect(settings.data_dir / "governance.db") as conn:
-        stored = conn.execute("SELECT key_hash FROM api_keys").fetchall()
+        stored = conn.execute("SELECT key_hash FROM governance_api_keys").fetchall()
     assert stored == [(hash_secret(secret),)]  # only the hash is kept
 
 
 # -- the store on its own: concurrent appends stay one chain, on SQLite and PostgreSQL ----------
 
 
-def _pg_url():
-    base = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    try:
-        engine = create_engine(base, connect_args={"connect_timeout": 2})
-        schema = f"gov_{uuid.uuid4().hex[:8]}"
-        with engine.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-    except Exception:  # noqa: BLE001 - no PostgreSQL here
-        return None
-    return engine, schema
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'governance.db'}"
-        return
-    found = _pg_url()
-    if found is None:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    engine, schema = found
-    yield f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    engine.dispose()
-
-
-async def test_concurrent_appends_form_one_chain_and_skip_known_ids(store_url):
+async def test_concurrent_appends_form_one_chain_and_skip_known_ids(db_url):
     from llmstudio.events import make_envelope
 
-    store = GovernanceStore(store_url)
+    store = GovernanceStore(db_url)
+    store.migrate()
     try:
         log = AuditLog(store)
         envs = [make_envelope(JobQueued(job_id=f"job-{i}", dataset_sha256="ab"),
@@ -303,8 +276,9 @@ async def test_concurrent_appends_form_one_chain_and_skip_known_ids(store_url):
         assert sum(r is not None for r in results) == 30
         assert sorted(r.sequence for r in results if r) == list(range(1, 31))
         assert (await log.verify()).ok
-        result = verify_chain(store.iter_audit(batch=7))  # batch edges are seamless
-        assert (result.ok, result.records) == (True, 30)
-        assert {r.event_id for r in store.iter_audit()} == {env.id for env in envs}
+        with store.unit() as u:
+            result = verify_chain(u.iter_audit(batch=7))  # batch edges are seamless
+            assert (result.ok, result.records) == (True, 30)
+            assert {r.event_id for r in u.iter_audit()} == {env.id for env in envs}
     finally:
-        store.close()
+        store.dispose()
