@@ -1,7 +1,9 @@
-"""Wiring of the scheduler: store, outbox, worker table, bus handlers, placement loop and the
-gRPC servicer."""
+"""Wiring of the scheduler: store (migrated at start), outbox, worker table, use cases, bus
+handlers, placement loop and the gRPC servicer."""
 
 from __future__ import annotations
+
+import asyncio
 
 from llmstudio.grpcutil import Registration
 from llmstudio.service import Runtime
@@ -11,18 +13,18 @@ from .api import JobApi
 from .core import WorkerTable
 from .handlers import Handlers
 from .outbox import Outbox
-from .placement import Placement
 from .store import SchedulerStore
+from .usecases import Jobs, Placement, Reports
 from .watch import Watchers
 
 
 async def build(rt: Runtime) -> list[Registration]:
     store = SchedulerStore(rt.settings.db_url(rt.name))
-    store.create_tables()
+    await asyncio.to_thread(store.migrate)
     outbox = Outbox(store, rt.bus)
     watchers = Watchers()
     workers = WorkerTable(rt.settings.worker_ttl_s)
-    Handlers(store, outbox, watchers, workers, actor=rt.name).subscribe(rt.bus)
+    Handlers(Reports(store, outbox, watchers, actor=rt.name), workers).subscribe(rt.bus)
     placement = Placement(store, outbox, watchers, workers, rt.bus)
     rt.background += [outbox.run, placement.run]
 
@@ -33,7 +35,7 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=jobs_pb2_grpc.add_JobServiceServicer_to_server,
-            servicer=JobApi(store, outbox, watchers, actor=rt.name, workers=workers),
+            servicer=JobApi(Jobs(store, outbox, watchers, workers)),
             full_name="llmstudio.v1.JobService",
         )
     ]

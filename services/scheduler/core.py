@@ -10,6 +10,7 @@ and a terminal state is final, so a late or redelivered event never revives a fi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,34 @@ class Job:
     @property
     def assigned(self) -> bool:
         return bool(self.worker_id)
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a worker reported about its job: the happening and what it adds to the job."""
+
+    happening: Happening
+    worker_id: str = ""  # "" when the report does not say (a cancellation)
+    reason: str = ""  # why it failed or was cancelled
+    artifacts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def from_another_worker(self, job: Job) -> bool:
+        """Sent by a worker that does not hold the job (one it was taken back from)."""
+        return bool(self.worker_id and job.worker_id and self.worker_id != job.worker_id)
+
+
+def reported(job: Job, report: Report) -> Job | None:
+    """The job as `report` leaves it, or None when the report does not apply: stale, a
+    duplicate, or from a worker that no longer holds the job."""
+    status = transition(job.status, report.happening)
+    if status is None or report.from_another_worker(job):
+        return None
+    return dataclasses.replace(
+        job, status=status, worker_id=report.worker_id or job.worker_id,
+        artifacts={**job.artifacts, **report.artifacts}, metrics={**job.metrics, **report.metrics},
+        error=report.reason if report.happening == Happening.FAILED else job.error,
+    )
 
 
 def parse_spec(raw: dict[str, Any]) -> JobSpec:

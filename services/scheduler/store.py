@@ -1,14 +1,17 @@
 """Scheduler persistence (SQLAlchemy 2 Core; SQLite or PostgreSQL).
 
-Tables are prefixed `scheduler_` because the services may share one PostgreSQL database. Each
-use case runs in one transaction (`SchedulerStore.unit()`), and the events it announces go into
-the outbox table in that same transaction (see `outbox.py`). A job row carries a version: a save
-applies only to the version that was read, so two writers never silently overwrite each other.
+Tables are prefixed `scheduler_` because the services may share one PostgreSQL database; the
+schema is made and upgraded by the Alembic scripts in `migrations/` (`SchedulerStore.migrate()`,
+at start). Each use case runs in one transaction (`store.in_unit`, `outbox.transact`), and the
+events it announces go into the outbox table in that same transaction. A job row carries a
+version: a save applies only to the version that was read, so two writers never silently
+overwrite each other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -21,9 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    inspect,
     select,
-    text,
 )
 
 from llmstudio.db import UnitOfWorkStore
@@ -58,7 +59,7 @@ jobs = Table(
     Column("error", Text, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("artifacts", JSON, nullable=False),
-    Column("memory_estimate", JSON, nullable=True),  # NULL in rows from before the column
+    Column("memory_estimate", JSON, nullable=False),
     Column("version", Integer, nullable=False),
     # A retried CreateJob with the same key finds the job it created (NULL keys never clash).
     UniqueConstraint("tenant", "idempotency_key", name="scheduler_jobs_idempotency"),
@@ -68,7 +69,7 @@ jobs = Table(
 
 # Every metrics sample of a job, replayed to a new WatchJob; one row per (job, step).
 samples = Table(
-    "scheduler_job_metrics",
+    "scheduler_metric_samples",
     metadata,
     Column("job_id", String(64), primary_key=True),
     Column("step", Integer, primary_key=True, autoincrement=False),
@@ -170,20 +171,12 @@ class Unit(OutboxUnit):
 
 
 class SchedulerStore(UnitOfWorkStore[Unit]):
-    """Each use case runs in one transaction: `with store.unit() as u: ...`."""
+    """Each use case runs in one transaction: `await store.in_unit(Unit.job, ...)`."""
 
+    service = "scheduler"
     metadata = metadata
     unit_class = Unit
-
-    def create_tables(self) -> None:
-        super().create_tables()
-        # Columns added since a database was created: create_all leaves existing tables alone.
-        have = {c["name"] for c in inspect(self.engine).get_columns(jobs.name)}
-        with self.engine.begin() as conn:
-            for column in jobs.columns:
-                if column.name not in have and column.nullable:
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    conn.execute(text(f"ALTER TABLE {jobs.name} ADD COLUMN {column.name} {kind}"))
+    migrations = Path(__file__).parent / "migrations"
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
@@ -198,5 +191,4 @@ def _row(job: Job) -> dict:
 def _job(row) -> Job:
     values = {name: row._mapping[name] for name in _JOB_FIELDS}
     values["status"] = Status(values["status"])
-    values["memory_estimate"] = values["memory_estimate"] or {}
     return Job(**values)

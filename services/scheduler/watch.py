@@ -1,6 +1,6 @@
 """In-process fan-out of job updates to WatchJob streams.
 
-Handlers call `status`/`metrics`/`checkpoint` after they commit; each open WatchJob holds a
+Use cases call `status`/`metrics`/`checkpoint` after they commit; each open WatchJob holds a
 queue for its job. Updates are only those this process handled: one scheduler per bus.
 """
 

@@ -1,6 +1,6 @@
 """The scheduler against a real nats-server, over real gRPC: the job flow from submit to
 completion, placement in the job's trace, watch, cancel, rejection, lost workers; its store on
-SQLite (and on PostgreSQL where one runs at 127.0.0.1:5432)."""
+SQLite and on PostgreSQL (where one runs at 127.0.0.1:5432)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -518,43 +517,14 @@ async def test_memory_estimate_and_hardware_checks(env, tmp_path):
     assert item.data.worker_id == "w-big"
 
 
-# -- the store on SQLite and PostgreSQL ---------------------------------------------------------
+# -- the store on SQLite and PostgreSQL (the db_url fixture) -------------------------------------
 
-def _pg_url() -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test",
-                             connect_timeout=2):
-            return "postgresql://postgres@127.0.0.1:5432/test"
-    except Exception:  # noqa: BLE001 - no server, no driver: skip
-        return None
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SchedulerStore(f"sqlite:///{tmp_path / 'scheduler.db'}")
-        s.create_tables()
-        yield s
-        s.dispose()
-        return
-    base = _pg_url()
-    if base is None:
-        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
-    import psycopg
-
-    schema = "sched_" + uuid.uuid4().hex[:8]
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    s = SchedulerStore(f"{base}?options=-csearch_path%3D{schema}")
-    s.create_tables()
-    try:
-        yield s
-    finally:
-        s.dispose()
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+@pytest.fixture
+def store(db_url):
+    s = SchedulerStore(db_url)
+    s.migrate()
+    yield s
+    s.dispose()
 
 
 def _job(job_id: str, key: str | None = None, **kw) -> Job:
@@ -606,7 +576,7 @@ def test_store_round_trip_versions_and_queries(store):
         assert [p.subject for p in u.pending_events()] == ["s.2"]
 
 
-def test_store_keeps_the_memory_estimate_and_upgrades_old_databases(store, tmp_path):
+def test_store_keeps_the_memory_estimate(store):
     estimate = {"weights": 1.0, "gradients": 2.0, "optimizer": 3.0, "activations": 4.0,
                 "total": 10.0}
     with store.unit() as u:
@@ -615,18 +585,3 @@ def test_store_keeps_the_memory_estimate_and_upgrades_old_databases(store, tmp_p
     with store.unit() as u:
         assert u.job("job-m").memory_estimate == estimate
         assert u.job("job-none").memory_estimate == {}
-
-    # a database made before the column existed gets it, and its rows read as {}
-    from sqlalchemy import text
-
-    old = SchedulerStore(f"sqlite:///{tmp_path / 'old.db'}")
-    old.create_tables()
-    with old.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE scheduler_jobs DROP COLUMN memory_estimate"))
-    old.create_tables()
-    with old.unit() as u:
-        u.add_job(_job("job-old"))
-        u.conn.execute(text("UPDATE scheduler_jobs SET memory_estimate = NULL"))
-    with old.unit() as u:
-        assert u.job("job-old").memory_estimate == {}
-    old.dispose()

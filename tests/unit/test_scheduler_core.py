@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from llmstudio.errors import InvalidArgument
@@ -10,6 +12,7 @@ from services.scheduler.core import (
     TERMINAL,
     Happening,
     Job,
+    Report,
     Status,
     Worker,
     WorkerTable,
@@ -20,6 +23,7 @@ from services.scheduler.core import (
     parse_spec,
     place,
     refuse_on,
+    reported,
     transition,
 )
 
@@ -74,6 +78,40 @@ def test_out_of_place_happenings_are_ignored():
     assert transition(Status.RUNNING, Happening.STARTED) is None
     # completion overtaking its JobStarted still completes the job
     assert transition(Status.QUEUED, Happening.COMPLETED) == Status.SUCCEEDED
+
+
+def test_a_completion_report_adds_the_outputs_to_the_job():
+    running = dataclasses.replace(job("job-1", status=Status.RUNNING, worker_id="w-1"),
+                                  artifacts={"checkpoint": "ck/1"},
+                                  metrics={"step": 3.0, "loss": 1.5})
+    done = reported(running, Report(Happening.COMPLETED, "w-1",
+                                    artifacts={"checkpoint": "ck/3", "adapter": "ad/x"},
+                                    metrics={"final_loss": 1.4, "steps": 3.0}))
+    assert done.status == Status.SUCCEEDED and done.worker_id == "w-1" and done.error == ""
+    assert done.artifacts == {"checkpoint": "ck/3", "adapter": "ad/x"}
+    assert done.metrics == {"step": 3.0, "loss": 1.5, "final_loss": 1.4, "steps": 3.0}
+
+
+def test_a_failure_report_keeps_its_reason_and_a_cancellation_its_worker():
+    running = job("job-1", status=Status.RUNNING, worker_id="w-1")
+    failed = reported(running, Report(Happening.FAILED, "w-1", reason="out of memory"))
+    assert failed.status == Status.FAILED and failed.error == "out of memory"
+    cancelled = reported(running, Report(Happening.CANCELLED, reason="stopped at step 2"))
+    assert cancelled.status == Status.CANCELLED and cancelled.worker_id == "w-1"
+    assert cancelled.error == ""
+    # a start from the worker the job was just assigned to records it
+    assigned = job("job-2", worker_id="w-2")
+    assert reported(assigned, Report(Happening.STARTED, "w-2")).status == Status.RUNNING
+
+
+def test_reports_that_no_longer_apply_change_nothing():
+    on_w2 = job("job-1", worker_id="w-2")
+    taken_back_from = Report(Happening.STARTED, "w-1")
+    assert taken_back_from.from_another_worker(on_w2)
+    assert reported(on_w2, taken_back_from) is None
+    done = job("job-1", status=Status.SUCCEEDED, worker_id="w-1")
+    assert reported(done, Report(Happening.FAILED, "w-1", reason="late")) is None
+    assert not Report(Happening.CANCELLED).from_another_worker(on_w2)
 
 
 # -- spec ---------------------------------------------------------------------------------------

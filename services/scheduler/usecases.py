@@ -1,0 +1,438 @@
+"""The scheduler's use cases: what users ask (JobService), what the dataset service and the workers
+report (bus events), and placement (the queue -> work item step).
+
+Each use case runs its database work in one transaction in a worker thread: `outbox.transact` when
+it changes state (the events announcing the change are added to the outbox in that transaction),
+`store.in_unit` when it only reads. After a change commits, the in-process watchers are told.
+Errors are the kernel's domain errors (llmstudio.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import IntegrityError
+
+from llmstudio import telemetry
+from llmstudio.auth import Principal
+from llmstudio.bus import Bus
+from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmstudio.events import (
+    EventData,
+    JobAssigned,
+    JobCancelled,
+    JobCancelRequested,
+    JobFailed,
+    JobQueued,
+    JobSubmitted,
+    WorkItem,
+)
+from llmstudio.jobspec import JobSpec
+from llmstudio.ml.memory import estimate_memory, model_config_of
+
+from . import core
+from .core import Happening, Job, Report, Status, WorkerTable, transition
+from .outbox import Outbox
+from .store import Conflict, SchedulerStore, Unit
+from .watch import Update, Watchers
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+# A change racing another (placement, a worker's report, a second cancel) reads the job again and
+# decides again, this many times in all.
+CONFLICT_ATTEMPTS = 3
+WORK_STREAM = "WORK"
+
+
+class Jobs:
+    """What users ask of the scheduler: submit, read, cancel and watch jobs of their tenant (another
+    tenant's job is NotFound)."""
+
+    def __init__(
+        self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, workers: WorkerTable,
+    ):
+        self.store = store
+        self.outbox = outbox
+        self.watchers = watchers
+        self.workers = workers  # live workers: a spec none of them can run is refused
+
+    async def create(
+        self, raw_spec: dict[str, Any], priority: int, idempotency_key: str, caller: Principal,
+    ) -> Job:
+        """Validate and store a job, announcing it (JobSubmitted). A retry with the same
+        idempotency key gets back the job the first call created."""
+        key = idempotency_key or None
+        if key and (existing := await self.store.in_unit(Unit.job_by_key, caller.tenant, key)):
+            return existing
+        spec, estimate = await asyncio.to_thread(_checked_spec, raw_spec)
+        refusal = core.refuse_on(spec, self.workers.live())
+        if refusal:
+            raise FailedPrecondition(refusal)
+        now = core.now_iso()
+        job = Job(
+            id="job-" + uuid.uuid4().hex[:12], tenant=caller.tenant,
+            status=Status.VALIDATING_FILES, spec=spec.model_dump(mode="json"),
+            model_name=spec.model_name(), dataset_id=spec.dataset, priority=priority,
+            created_by=caller.key_id, created_at=now, updated_at=now,
+            trace_id=telemetry.current_trace_id(), traceparent=telemetry.traceparent(),
+            idempotency_key=key, memory_estimate=estimate,
+        )
+        try:
+            await self.outbox.transact(self._add, job)
+        except IntegrityError:
+            # The same key, submitted concurrently, won.
+            existing = await self.store.in_unit(Unit.job_by_key, caller.tenant, key) if key else None
+            if existing is None:
+                raise
+            return existing
+        return job
+
+    def _add(self, u: Unit, job: Job) -> None:
+        u.add_job(job)
+        self.outbox.add(u, JobSubmitted(
+            job_id=job.id, dataset_id=job.dataset_id, model_name=job.model_name, spec=job.spec,
+            priority=job.priority,
+        ), tenant=job.tenant, actor=job.created_by)
+
+    async def get(self, job_id: str, tenant: str) -> Job:
+        return await self.store.in_unit(_tenant_job, job_id, tenant)
+
+    async def list(self, tenant: str, status: Status | None) -> list[Job]:
+        return await self.store.in_unit(Unit.jobs, tenant, status)
+
+    async def cancel(self, job_id: str, caller: Principal) -> Job:
+        """Not yet on a worker: cancelled now (JobCancelled). On a worker: the worker is asked to
+        stop (JobCancelRequested), and its JobCancelled ends the job. Finished: FailedPrecondition."""
+        job: Job = await _retried(self.outbox.transact, self._cancel, job_id, caller)
+        if job.status == Status.CANCELLED:
+            self.watchers.status(job, f"cancelled by {caller.key_id}")
+        return job
+
+    def _cancel(self, u: Unit, job_id: str, caller: Principal) -> Job:
+        job = _tenant_job(u, job_id, caller.tenant)
+        if job.status.terminal:
+            raise FailedPrecondition(f"job {job.id} is {job.status.value}")
+        kw = {"tenant": job.tenant, "actor": caller.key_id}
+        if job.assigned or job.status == Status.RUNNING:
+            if not job.cancel_requested:
+                job = u.save(dataclasses.replace(job, cancel_requested=True))
+            self.outbox.add(u, JobCancelRequested(job_id=job.id, worker_id=job.worker_id), **kw)
+            return job
+        job = u.save(dataclasses.replace(job, status=Status.CANCELLED))
+        self.outbox.add(u, JobCancelled(job_id=job.id, reason=f"cancelled by {caller.key_id}"),
+                        **kw)
+        return job
+
+    async def watch(self, job_id: str, tenant: str) -> AsyncIterator[Update]:
+        """The job's status, its stored metric samples, then live updates until it ends.
+
+        The queue is opened before the job is read, so nothing between the read and the live
+        part is lost; what the read already covered is skipped (same status, older steps)."""
+        with self.watchers.watch(job_id) as queue:
+            job = await self.get(job_id, tenant)
+            yield Update("status", job, message=job.error)
+            last_step = -1
+            for step, metrics in await self.store.in_unit(Unit.samples, job.id):
+                yield Update("metrics", job, step=step, metrics=metrics)
+                last_step = step
+            status = job.status
+            while not status.terminal:
+                update = await queue.get()
+                if update.kind == "metrics":
+                    if update.step <= last_step:
+                        continue
+                    last_step = update.step
+                elif update.kind == "status":
+                    if update.job.status == status:
+                        continue
+                    status = update.job.status
+                    if status.terminal:  # samples stored after the last one sent, then the end
+                        for step, metrics in await self.store.in_unit(Unit.samples, job.id):
+                            if step > last_step:
+                                yield Update("metrics", update.job, step=step, metrics=metrics)
+                yield update
+
+
+class Reports:
+    """What the dataset service and the workers report about jobs, applied to them.
+
+    Delivery is at least once, so every report is idempotent: the state machine
+    (`core.transition`) ignores a happening that no longer applies, and a metrics sample is
+    stored once per step. A report is applied only to a job of the report's own tenant, and a
+    worker's only while that worker holds the job. Reports of one job race each other (they come
+    on several consumers): one that finds the job changed under it reads it again and applies
+    again; if that keeps happening, the Conflict is raised for the bus to deliver it again."""
+
+    def __init__(self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, actor: str):
+        self.store = store
+        self.outbox = outbox
+        self.watchers = watchers
+        self.actor = actor
+        # Reports are applied one at a time, in the order they arrive: a consumer hands over a
+        # batch of messages at once, and a job's samples must reach its watchers step by step.
+        self._in_order = asyncio.Lock()
+
+    async def dataset_validated(
+        self, tenant: str, job_id: str, *, dataset_id: str, sha256: str,
+        artifacts: dict[str, str],
+    ) -> None:
+        """The job's files are usable: it is queued (JobQueued) with the dataset's version."""
+
+        def queue(u: Unit, job: Job) -> Job | None:
+            status = transition(job.status, Happening.VALIDATED)
+            if status is None:
+                return None
+            job = u.save(dataclasses.replace(
+                job, status=status, dataset_id=dataset_id or job.dataset_id,
+                dataset_sha256=sha256, dataset_artifacts=artifacts,
+            ))
+            self._announce(u, job, JobQueued(job_id=job.id, dataset_sha256=sha256))
+            return job
+
+        await self._change(tenant, job_id, "dataset.validated", queue)
+
+    async def dataset_rejected(self, tenant: str, job_id: str, reason: str) -> None:
+        """The job's files are unusable: it fails (JobFailed) with the dataset service's reason."""
+
+        def fail(u: Unit, job: Job) -> Job | None:
+            status = transition(job.status, Happening.REJECTED)
+            if status is None:
+                return None
+            job = u.save(dataclasses.replace(job, status=status, error=reason))
+            self._announce(u, job, JobFailed(job_id=job.id, reason=reason))
+            return job
+
+        await self._change(tenant, job_id, "dataset.rejected", fail)
+
+    async def worker_reported(self, tenant: str, job_id: str, report: Report) -> None:
+        """A worker started, completed, failed or cancelled the job."""
+
+        def apply(u: Unit, job: Job) -> Job | None:
+            changed = core.reported(job, report)
+            if changed is None:
+                if report.from_another_worker(job):
+                    log.warning("ignoring %s of %s from %s: the job is on %s",
+                                report.happening, job.id, report.worker_id, job.worker_id)
+                return None
+            return u.save(changed)
+
+        await self._change(tenant, job_id, f"job.{report.happening}", apply, report.reason)
+
+    async def checkpointed(self, tenant: str, job_id: str, step: int, key: str) -> None:
+        """A checkpoint of an active job was stored: the job points at the newest one."""
+
+        def record(u: Unit) -> Job | None:
+            job = _reported_job(u, tenant, job_id, "job.checkpointed")
+            if job is None or job.status.terminal or job.artifacts.get("checkpoint") == key:
+                return None  # unknown, finished, or redelivered
+            return u.save(dataclasses.replace(job, artifacts={**job.artifacts, "checkpoint": key}))
+
+        async with self._in_order:
+            job = await _retried(self.store.in_unit, record)
+            if job is not None:
+                self.watchers.checkpoint(job, step, key)
+
+    async def metrics(self, tenant: str, job_id: str, step: int, sample: dict[str, float]) -> None:
+        """A metrics sample: stored once per step; the job keeps the newest by step."""
+
+        def record(u: Unit) -> Job | None:
+            job = _reported_job(u, tenant, job_id, "job.metrics")
+            if job is None or not u.add_sample(job.id, step, sample):
+                return None
+            # Samples travel on their own stream, so the last ones may land after the job
+            # ended: the job keeps the newest sample by step.
+            if step > job.metrics.get("step", -1):
+                job = u.save(dataclasses.replace(
+                    job, metrics=core.latest_metrics(job.metrics, sample)))
+            return job
+
+        async with self._in_order:
+            job = await _retried(self.store.in_unit, record)
+            if job is not None:
+                self.watchers.metrics(job, step, sample)
+
+    async def _change(
+        self, tenant: str, job_id: str, what: str, change: Callable[[Unit, Job], Job | None],
+        message: str = "",
+    ) -> None:
+        """`change` on the job in one transaction with its events; watchers are told."""
+
+        def apply(u: Unit) -> Job | None:
+            job = _reported_job(u, tenant, job_id, what)
+            return change(u, job) if job else None
+
+        async with self._in_order:
+            changed = await _retried(self.outbox.transact, apply)
+            if changed is not None:
+                self.watchers.status(changed, message)
+
+    def _announce(self, u: Unit, job: Job, event: EventData) -> None:
+        self.outbox.add(u, event, tenant=job.tenant, actor=self.actor)
+
+
+class Placement:
+    """Queued jobs onto idle live workers, and jobs back from lost workers, every `interval_s`.
+
+    Each tick:
+    1. a job assigned to a worker that went silent (no heartbeat for the worker TTL) before
+       starting is taken back: its work item is purged and it waits for the next worker
+       (attempt + 1); a running job whose worker went silent fails ("worker <id> lost");
+    2. waiting jobs are paired with free workers (`core.place`); each assignment is saved with
+       its JobAssigned event and the WorkItem (llmstudio.work.<worker>), both published in the
+       job's CreateJob trace so the worker's spans join it.
+    A job that changed meanwhile (Conflict) is left to the next tick, which sees it as it is.
+    """
+
+    def __init__(
+        self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, workers: WorkerTable,
+        bus: Bus, interval_s: float = 0.3,
+    ):
+        self.store = store
+        self.outbox = outbox
+        self.watchers = watchers
+        self.workers = workers
+        self.bus = bus
+        self.interval_s = interval_s
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - a bad tick must not stop placement for good
+                log.exception("placement tick failed; retrying")
+            await asyncio.sleep(self.interval_s)
+
+    async def tick(self) -> None:
+        take_back, fail = core.lost_assignments(
+            await self.store.in_unit(Unit.assigned_jobs), self.workers)
+        for job in take_back:
+            await self._take_back(job)
+        for job in fail:
+            await self._give_up(job, Status.FAILED, f"worker {job.worker_id} lost "
+                                f"(no heartbeat for {self.workers.ttl_s:g}s)")
+        waiting, holding = await self.store.in_unit(_placement_view)
+        for job_id, worker_id in core.place(waiting.values(), self.workers.live(), holding):
+            await self._assign(waiting[job_id], worker_id)
+
+    async def _assign(self, job: Job, worker_id: str) -> None:
+        def assign(u: Unit) -> Job:
+            saved = u.save(dataclasses.replace(job, worker_id=worker_id, assigned_at=core.now_iso()))
+            kw = {"tenant": saved.tenant, "actor": self.bus.service,
+                  "traceparent": saved.traceparent}
+            self.outbox.add(u, JobAssigned(job_id=saved.id, worker_id=worker_id,
+                                           attempt=saved.attempt), **kw)
+            self.outbox.add(u, WorkItem(
+                worker_id=worker_id, job_id=saved.id, model_name=saved.model_name,
+                spec=saved.spec, dataset_id=saved.dataset_id, dataset_sha256=saved.dataset_sha256,
+                dataset_artifacts=saved.dataset_artifacts, attempt=saved.attempt,
+            ), **kw)
+            return saved
+
+        with contextlib.suppress(Conflict):
+            await self.outbox.transact(assign)
+            log.info("job %s (attempt %d) -> worker %s", job.id, job.attempt, worker_id)
+
+    async def _take_back(self, job: Job) -> None:
+        # The worker holds nothing else, so its whole subject is this job's work item: purge it
+        # so the worker, if it comes back, does not run a job that is placed elsewhere.
+        assert self.bus.js is not None, "bus not started"
+        await self.bus.js.purge_stream(WORK_STREAM, subject=f"{WorkItem.SUBJECT}.{job.worker_id}")
+        if job.cancel_requested:
+            await self._give_up(job, Status.CANCELLED, "cancelled before it started")
+            return
+        unassigned = dataclasses.replace(job, worker_id="", assigned_at="", attempt=job.attempt + 1)
+        with contextlib.suppress(Conflict):
+            await self.store.in_unit(Unit.save, unassigned)
+            log.warning("job %s: worker %s lost before starting it; placing it again",
+                        job.id, job.worker_id)
+
+    async def _give_up(self, job: Job, status: Status, reason: str) -> None:
+        """Fail or cancel a job placement gave up on, announcing it like a worker would."""
+        event = (JobFailed(job_id=job.id, reason=reason, worker_id=job.worker_id)
+                 if status == Status.FAILED else JobCancelled(job_id=job.id, reason=reason))
+        ended = dataclasses.replace(job, status=status,
+                                    error=reason if status == Status.FAILED else "")
+
+        def end(u: Unit) -> Job:
+            saved = u.save(ended)
+            self.outbox.add(u, event, tenant=saved.tenant, actor=self.bus.service)
+            return saved
+
+        with contextlib.suppress(Conflict):
+            saved = await self.outbox.transact(end)
+            log.warning("job %s: %s", job.id, reason)
+            self.watchers.status(saved, reason)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+async def _retried(run: Callable[..., Awaitable[R]], fn: Callable[..., R], *args: Any) -> R:
+    """`run(fn, *args)` (`outbox.transact` or `store.in_unit`), run again when the job changed
+    between its read and its save (Conflict): `fn` reads it again and decides again."""
+    for _ in range(CONFLICT_ATTEMPTS - 1):
+        with contextlib.suppress(Conflict):
+            return await run(fn, *args)
+    return await run(fn, *args)
+
+
+def _tenant_job(u: Unit, job_id: str, tenant: str) -> Job:
+    job = u.job(job_id, tenant) if job_id else None
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def _reported_job(u: Unit, tenant: str, job_id: str, what: str) -> Job | None:
+    """The job a report is about, or None (logged) when it is unknown or another tenant's."""
+    job = u.job(job_id)
+    if job is None:
+        log.info("ignoring %s for unknown job %s", what, job_id)
+    elif job.tenant != tenant:
+        log.warning("ignoring %s for job %s: event tenant %r is not the job's",
+                    what, job_id, tenant)
+        return None
+    return job
+
+
+def _placement_view(u: Unit) -> tuple[dict[str, Job], set[str]]:
+    """The jobs waiting for a worker (by id), and the workers already holding one."""
+    return {j.id: j for j in u.waiting_jobs()}, {j.worker_id for j in u.assigned_jobs()}
+
+
+def _checked_spec(raw: dict[str, Any]) -> tuple[JobSpec, dict[str, float]]:
+    """The validated spec (a local base model made absolute) and its memory estimate; reads
+    the model's config.json, so it runs in a thread."""
+    spec = _with_local_model(core.parse_spec(raw))
+    return spec, _memory_estimate(spec)
+
+
+def _with_local_model(spec: JobSpec) -> JobSpec:
+    """A base_model written as a path (or naming one that exists) must be a model directory;
+    it is stored absolute, so workers on this filesystem find it whatever their cwd."""
+    if not (core.names_a_path(spec.base_model) or os.path.exists(spec.base_model)):
+        return spec  # a hub id: workers with network load it
+    path = Path(spec.base_model).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise InvalidArgument(
+            "spec.base_model", f"no model directory at {spec.base_model} (config.json missing)")
+    return spec.model_copy(update={"base_model": str(path)})
+
+
+def _memory_estimate(spec: JobSpec) -> dict[str, float]:
+    """The pre-flight memory estimate of a local base model ({} for a hub id: no config here)."""
+    if not os.path.isabs(spec.base_model):
+        return {}
+    config = model_config_of(spec.base_model)
+    try:
+        return estimate_memory(config, spec) if config else {}
+    except (ArithmeticError, TypeError, ValueError):  # an odd config: no estimate, no refusal
+        return {}
