@@ -1,13 +1,12 @@
-"""gRPC EvaluationService: read evaluations of the caller's tenant."""
+"""gRPC EvaluationService: read evaluations of the caller's tenant (use case `Evaluations`)."""
 
 from __future__ import annotations
 
 from llmstudio.auth import current_principal
-from llmstudio.errors import InvalidArgument, NotFound
 from llmstudio.v1 import evaluation_pb2, evaluation_pb2_grpc
 
 from .core import Evaluation
-from .store import EvaluationStore
+from .usecases import Evaluations
 
 
 def to_proto(ev: Evaluation) -> evaluation_pb2.Evaluation:
@@ -27,18 +26,12 @@ def to_proto(ev: Evaluation) -> evaluation_pb2.Evaluation:
 class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
     PERMISSIONS = {"GetEvaluation": "read", "ListEvaluations": "read"}
 
-    def __init__(self, store: EvaluationStore):
-        self.store = store
+    def __init__(self, evaluations: Evaluations):
+        self.evaluations = evaluations
 
     async def GetEvaluation(self, request, context):
-        if not request.id:
-            raise InvalidArgument("id", "required")
-        # Another tenant's evaluation is indistinguishable from a missing one.
-        ev = self.store.get(request.id, current_principal().tenant)
-        if ev is None:
-            raise NotFound(f"evaluation {request.id} not found")
-        return to_proto(ev)
+        return to_proto(await self.evaluations.get(request.id, current_principal().tenant))
 
     async def ListEvaluations(self, request, context):
-        evs = self.store.list(current_principal().tenant, job_id=request.job_id)
+        evs = await self.evaluations.list(current_principal().tenant, job_id=request.job_id)
         return evaluation_pb2.ListEvaluationsResponse(evaluations=[to_proto(e) for e in evs])

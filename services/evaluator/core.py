@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from llmstudio.events import Envelope, JobCompleted
+from llmstudio.events import EvalCompleted, EvalFailed, EventData, JobCompleted
 from llmstudio.jobspec import JobSpec, format_validation_error
 
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
@@ -35,7 +35,6 @@ class Evaluation:
     tuned_metrics: dict[str, float] = field(default_factory=dict)
     report_key: str = ""
     error: str = ""
-    announced: bool = False  # its EvalCompleted/EvalFailed has been published
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -43,15 +42,46 @@ def new_evaluation_id() -> str:
     return f"ev-{uuid.uuid4().hex[:12]}"
 
 
-def evaluation_for_job(env: Envelope, job: JobCompleted, traceparent: str) -> Evaluation:
+def evaluation_for_job(job: JobCompleted, *, tenant: str, actor: str,
+                       traceparent: str) -> Evaluation:
     return Evaluation(
         id=new_evaluation_id(),
         job_id=job.job_id,
-        tenant=env.tenant,
-        actor=env.actor,
+        tenant=tenant,
+        actor=actor,
         job=job.model_dump(mode="json"),
         traceparent=traceparent,
     )
+
+
+def completed(ev: Evaluation, base: dict[str, float], tuned: dict[str, float],
+              report_key: str) -> Evaluation:
+    return replace(ev, status=COMPLETED, base_metrics=base, tuned_metrics=tuned,
+                   report_key=report_key, error="")
+
+
+def failed(ev: Evaluation, error: Exception) -> Evaluation:
+    # bounded: the reason travels in an event and a database column
+    return replace(ev, status=FAILED, error=f"{type(error).__name__}: {error}"[:2000])
+
+
+def _completed_event(ev: Evaluation) -> EventData:
+    return EvalCompleted(
+        evaluation_id=ev.id, job_id=ev.job_id, model_name=ev.job.get("model_name", ""),
+        base_metrics=ev.base_metrics, tuned_metrics=ev.tuned_metrics, report_key=ev.report_key,
+    )
+
+
+def _failed_event(ev: Evaluation) -> EventData:
+    return EvalFailed(evaluation_id=ev.id, job_id=ev.job_id, reason=ev.error)
+
+
+OUTCOME_EVENTS = {COMPLETED: _completed_event, FAILED: _failed_event}
+
+
+def outcome_event(ev: Evaluation) -> EventData:
+    """The event that announces a finished evaluation: EvalCompleted or EvalFailed."""
+    return OUTCOME_EVENTS[ev.status](ev)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
-"""Evaluations in the evaluator's own database (SQLite by default, PostgreSQL too)."""
+"""Evaluations in the evaluator's own database (SQLite by default, PostgreSQL too), with the
+outbox of the events that announce them. The schema is made by the Alembic scripts in
+migrations/; the tables here are what their head revision makes."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
-    Boolean,
     Column,
     DateTime,
     MetaData,
@@ -14,47 +16,98 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    insert,
     select,
-    update,
 )
-from sqlalchemy.exc import IntegrityError
 
-from llmstudio.db import make_engine
+from llmstudio.db import UnitOfWorkStore
+from llmstudio.outbox import OutboxUnit, outbox_table
 
-from .core import COMPLETED, FAILED, RUNNING, Evaluation
+from .core import RUNNING, Evaluation
 
 metadata = MetaData()
 
 evaluations = Table(
-    "evaluations",
+    "evaluator_evaluations",
     metadata,
     Column("id", String(32), primary_key=True),
     Column("job_id", String(128), nullable=False, index=True),
     Column("tenant", String(128), nullable=False, index=True),
     Column("trigger", String(64), nullable=False),
     Column("status", String(16), nullable=False, index=True),
-    Column("actor", String(256), nullable=False, default=""),
-    Column("traceparent", String(128), nullable=False, default=""),
+    Column("actor", String(256), nullable=False),
+    Column("traceparent", String(128), nullable=False),
     Column("job", JSON, nullable=False),
-    Column("base_metrics", JSON, nullable=False, default=dict),
-    Column("tuned_metrics", JSON, nullable=False, default=dict),
-    Column("report_key", String(512), nullable=False, default=""),
-    Column("error", Text, nullable=False, default=""),
-    Column("announced", Boolean, nullable=False, default=False),
+    Column("base_metrics", JSON, nullable=False),
+    Column("tuned_metrics", JSON, nullable=False),
+    Column("report_key", String(512), nullable=False),
+    Column("error", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # Idempotency: a redelivered or re-published trigger finds the row already there, and two
     # replicas racing on the same event cannot both insert.
-    UniqueConstraint("job_id", "trigger", name="uq_evaluations_job_trigger"),
+    UniqueConstraint("job_id", "trigger", name="uq_evaluator_evaluations_job_trigger"),
 )
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+outbox = outbox_table(metadata, "evaluator")
 
 
-def _from_row(row) -> Evaluation:
+class Unit(OutboxUnit):
+    """The queries of one transaction (the outbox's from `OutboxUnit`)."""
+
+    outbox_table = outbox
+
+    def add(self, ev: Evaluation) -> None:
+        self.conn.execute(evaluations.insert().values(
+            **_row(ev), created_at=ev.created_at, updated_at=ev.created_at))
+
+    def for_job(self, job_id: str, trigger: str) -> Evaluation | None:
+        q = select(evaluations).where(
+            evaluations.c.job_id == job_id, evaluations.c.trigger == trigger)
+        row = self.conn.execute(q).first()
+        return _evaluation(row) if row else None
+
+    def get(self, evaluation_id: str, tenant: str) -> Evaluation | None:
+        q = select(evaluations).where(
+            evaluations.c.id == evaluation_id, evaluations.c.tenant == tenant)
+        row = self.conn.execute(q).first()
+        return _evaluation(row) if row else None
+
+    def of_tenant(self, tenant: str, job_id: str = "") -> list[Evaluation]:
+        q = select(evaluations).where(evaluations.c.tenant == tenant)
+        if job_id:
+            q = q.where(evaluations.c.job_id == job_id)
+        rows = self.conn.execute(q.order_by(evaluations.c.created_at, evaluations.c.id))
+        return [_evaluation(r) for r in rows]
+
+    def running(self) -> list[Evaluation]:
+        """Evaluations not finished: at start, the ones a previous process left running."""
+        q = select(evaluations).where(evaluations.c.status == RUNNING)
+        return [_evaluation(r) for r in self.conn.execute(q.order_by(evaluations.c.created_at))]
+
+    def save(self, ev: Evaluation) -> None:
+        """Write the outcome of `ev` (status, metrics, report, error)."""
+        self.conn.execute(evaluations.update().where(evaluations.c.id == ev.id)
+                          .values(**_row(ev), updated_at=datetime.now(UTC)))
+
+
+class EvaluationStore(UnitOfWorkStore[Unit]):
+    service = "evaluator"
+    metadata = metadata
+    unit_class = Unit
+    migrations = Path(__file__).parent / "migrations"
+    legacy_tables = frozenset({"evaluations"})  # renamed evaluator_evaluations by 0002
+
+
+def _row(ev: Evaluation) -> dict:
+    return {
+        "id": ev.id, "job_id": ev.job_id, "tenant": ev.tenant, "trigger": ev.trigger,
+        "status": ev.status, "actor": ev.actor, "traceparent": ev.traceparent, "job": ev.job,
+        "base_metrics": ev.base_metrics, "tuned_metrics": ev.tuned_metrics,
+        "report_key": ev.report_key, "error": ev.error,
+    }
+
+
+def _evaluation(row) -> Evaluation:
     created = row.created_at
     if created.tzinfo is None:  # SQLite drops the zone; we only ever store UTC
         created = created.replace(tzinfo=UTC)
@@ -62,64 +115,5 @@ def _from_row(row) -> Evaluation:
         id=row.id, job_id=row.job_id, tenant=row.tenant, job=row.job, actor=row.actor,
         traceparent=row.traceparent, trigger=row.trigger, status=row.status,
         base_metrics=row.base_metrics, tuned_metrics=row.tuned_metrics,
-        report_key=row.report_key, error=row.error, announced=row.announced, created_at=created,
+        report_key=row.report_key, error=row.error, created_at=created,
     )
-
-
-class EvaluationStore:
-    def __init__(self, url: str):
-        self.engine = make_engine(url)
-        metadata.create_all(self.engine)
-
-    def create(self, ev: Evaluation) -> bool:
-        """Insert `ev`; False if its job already has an evaluation for the same trigger."""
-        values = {
-            "id": ev.id, "job_id": ev.job_id, "tenant": ev.tenant, "trigger": ev.trigger,
-            "status": ev.status, "actor": ev.actor, "traceparent": ev.traceparent, "job": ev.job,
-            "base_metrics": ev.base_metrics, "tuned_metrics": ev.tuned_metrics,
-            "report_key": ev.report_key, "error": ev.error, "announced": ev.announced,
-            "created_at": ev.created_at, "updated_at": ev.created_at,
-        }
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(evaluations).values(**values))
-        except IntegrityError:
-            return False
-        return True
-
-    def get(self, evaluation_id: str, tenant: str) -> Evaluation | None:
-        q = select(evaluations).where(
-            evaluations.c.id == evaluation_id, evaluations.c.tenant == tenant)
-        with self.engine.connect() as conn:
-            row = conn.execute(q).first()
-        return _from_row(row) if row else None
-
-    def list(self, tenant: str, job_id: str = "") -> list[Evaluation]:
-        q = select(evaluations).where(evaluations.c.tenant == tenant)
-        if job_id:
-            q = q.where(evaluations.c.job_id == job_id)
-        with self.engine.connect() as conn:
-            rows = conn.execute(q.order_by(evaluations.c.created_at, evaluations.c.id)).all()
-        return [_from_row(r) for r in rows]
-
-    def unfinished(self) -> list[Evaluation]:
-        """Evaluations a previous process left running, or finished but never announced."""
-        q = select(evaluations).where(
-            (evaluations.c.status == RUNNING) | (evaluations.c.announced.is_(False)))
-        with self.engine.connect() as conn:
-            return [_from_row(r) for r in conn.execute(q.order_by(evaluations.c.created_at)).all()]
-
-    def complete(self, evaluation_id: str, base: dict, tuned: dict, report_key: str) -> None:
-        self._set(evaluation_id, status=COMPLETED, base_metrics=base, tuned_metrics=tuned,
-                  report_key=report_key, error="")
-
-    def fail(self, evaluation_id: str, error: str) -> None:
-        self._set(evaluation_id, status=FAILED, error=error)
-
-    def mark_announced(self, evaluation_id: str) -> None:
-        self._set(evaluation_id, announced=True)
-
-    def _set(self, evaluation_id: str, **values) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(evaluations).where(evaluations.c.id == evaluation_id)
-                         .values(**values, updated_at=_now()))

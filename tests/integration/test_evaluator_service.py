@@ -1,5 +1,6 @@
 """The evaluator against a real nats-server: a real tiny adapter evaluated base vs tuned, read
-back over gRPC, tenant-scoped, idempotent, resumed after a restart."""
+back over gRPC, tenant-scoped, idempotent, resumed after a restart, its outcome announced
+through the outbox; and a `method: full` job evaluated and registered (with the registry)."""
 
 from __future__ import annotations
 
@@ -18,17 +19,23 @@ from opentelemetry import trace  # noqa: E402
 from llmstudio import telemetry  # noqa: E402
 from llmstudio.bus import Bus  # noqa: E402
 from llmstudio.config import Settings  # noqa: E402
-from llmstudio.events import EvalCompleted, EvalFailed, JobCompleted, make_envelope  # noqa: E402
+from llmstudio.events import EvalCompleted, EvalFailed, JobCompleted  # noqa: E402
 from llmstudio.jobspec import JobSpec  # noqa: E402
+from llmstudio.ml.checkpoint import checkpoint_kind, store_prefix  # noqa: E402
 from llmstudio.ml.tiny import build_tiny_model  # noqa: E402
 from llmstudio.natsserver import free_port  # noqa: E402
+from llmstudio.outbox import Outbox  # noqa: E402
 from llmstudio.storage import LocalArtifactStore  # noqa: E402
-from llmstudio.v1 import evaluation_pb2, evaluation_pb2_grpc  # noqa: E402
+from llmstudio.v1 import evaluation_pb2, evaluation_pb2_grpc, registry_pb2_grpc  # noqa: E402
+from llmstudio.v1 import registry_pb2 as reg_pb  # noqa: E402
 from services.evaluator.app import build  # noqa: E402
-from services.evaluator.core import evaluation_for_job  # noqa: E402
+from services.evaluator.core import completed, evaluation_for_job, outcome_event  # noqa: E402
 from services.evaluator.store import EvaluationStore  # noqa: E402
-from services.trainer.recipe import train_lora_sft  # noqa: E402
+from services.registry.app import build as build_registry  # noqa: E402
+from services.trainer.recipes import TrainRequest, train  # noqa: E402
 from tests.support.harness import put_api_key, running  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # trains
 
 ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
         for w in ("apple", "river", "stone", "cat", "dog", "moon", "sun", "tree",
@@ -36,25 +43,54 @@ ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny base model and an 8-step LoRA checkpoint trained on ROWS."""
-    model_dir = str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+def base_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "m"))
+
+
+def trained_checkpoint(spec: JobSpec, out_dir):
+    """The last checkpoint of the trainer's recipe for `spec`, run on ROWS."""
+    result = train(TrainRequest(spec, ROWS, out_dir))
+    assert result.steps == spec.hyperparameters.max_steps and result.adapter_dir is not None
+    return result.adapter_dir
+
+
+@pytest.fixture(scope="module")
+def trained(base_model, tmp_path_factory):
+    """The spec and last checkpoint of an 8-step LoRA job on ROWS."""
     spec = JobSpec(
-        base_model=model_dir, dataset="ds-1", lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        base_model=base_model, dataset="ds-1", lora={"r": 8, "alpha": 16, "dropout": 0.0},
         hyperparameters={"max_steps": 8, "batch_size": 4, "learning_rate": 2e-2, "seed": 1},
         eval={"max_samples": 4, "max_new_tokens": 8},
     )
-    result = train_lora_sft(spec, model_dir, ROWS, tmp_path_factory.mktemp("run"))
-    assert result.steps == 8 and result.adapter_dir is not None
-    return spec, result.adapter_dir
+    return spec, trained_checkpoint(spec, tmp_path_factory.mktemp("run"))
 
 
-def job_completed(job_id: str, spec: JobSpec, artifacts: dict[str, str], ckpt: str) -> JobCompleted:
+def job_completed(job_id: str, spec: JobSpec, artifacts: dict[str, str], ckpt: str,
+                  model_name: str = "tiny-lora") -> JobCompleted:
     return JobCompleted(
-        job_id=job_id, worker_id="w1", model_name="tiny-lora", spec=spec.model_dump(mode="json"),
+        job_id=job_id, worker_id="w1", model_name=model_name, spec=spec.model_dump(mode="json"),
         dataset_id="ds-1", dataset_sha256="ab" * 32, dataset_artifacts=artifacts,
-        checkpoint_key=ckpt, adapter_key=ckpt, steps=8, final_loss=1.0,
+        checkpoint_key=ckpt, adapter_key=ckpt, steps=spec.hyperparameters.max_steps,
+        final_loss=1.0,
     )
+
+
+def leave_behind(settings: Settings, *evaluations, announce=()) -> None:
+    """What a previous evaluator process left in its database: `evaluations` running, and the
+    outcomes `announce` committed with their events still in the outbox (it died before
+    publishing them)."""
+    store = EvaluationStore(settings.db_url("evaluator"))
+    outbox = Outbox(store, Bus(settings, "evaluator"))
+    try:
+        store.migrate()
+        with store.unit() as u:
+            for ev in (*evaluations, *announce):
+                u.add(ev)
+            for ev in announce:
+                outbox.add(u, outcome_event(ev), tenant=ev.tenant, actor=ev.actor,
+                           traceparent=ev.traceparent)
+    finally:
+        store.dispose()
 
 
 async def _wait(pred, timeout=60.0, what="condition"):
@@ -74,11 +110,16 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
     acme = await put_api_key(nats_server.url, "viewer", "acme")
     other = await put_api_key(nats_server.url, "viewer", "other")
 
-    # An evaluation a previous process left running: resumed at start, in its job's trace.
-    job0 = job_completed("job-0", spec, artifacts, ckpt)
-    left = evaluation_for_job(make_envelope(job0, source="trainer", tenant="acme"), job0,
-                              traceparent="00-" + "c" * 32 + "-" + "d" * 16 + "-01")
-    EvaluationStore(settings.db_url("evaluator")).create(left)
+    # A previous process left an evaluation running (resumed at start, in its job's trace) and
+    # one finished whose event it never published (the outbox publishes it at start).
+    tp = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"
+    left = evaluation_for_job(job_completed("job-0", spec, artifacts, ckpt), tenant="acme",
+                              actor="", traceparent=tp)
+    unannounced = completed(
+        evaluation_for_job(job_completed("job-9", spec, artifacts, ckpt), tenant="acme",
+                           actor="bob", traceparent=tp),
+        {"eval_loss": 2.0}, {"eval_loss": 1.0}, "evaluations/ev-9/report.json")
+    leave_behind(settings, left, announce=[unannounced])
 
     events, traces = [], {}
     client = Bus(settings, "test")
@@ -120,6 +161,10 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
             await _wait(lambda: of(EvalCompleted, "job-0"), what="resumed evaluation")
             env0, ev0 = of(EvalCompleted, "job-0")[0]
             assert ev0.evaluation_id == left.id and traces[env0.id] == "c" * 32
+            # the outcome left in the outbox was published, once, as it was committed
+            [(env9, ev9)] = of(EvalCompleted, "job-9")
+            assert ev9 == outcome_event(unannounced) and traces[env9.id] == "c" * 32
+            assert (env9.tenant, env9.actor, env9.source) == ("acme", "bob", "evaluator")
 
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = evaluation_pb2_grpc.EvaluationServiceStub(ch)
@@ -148,7 +193,8 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
                 assert len(of(EvalCompleted, "job-1")) == 1
                 everything = await stub.ListEvaluations(
                     evaluation_pb2.ListEvaluationsRequest(), metadata=as_acme)
-                assert {e.job_id for e in everything.evaluations} == {"job-0", "job-1"}
+                assert {e.job_id for e in everything.evaluations} == {"job-0", "job-1", "job-9"}
+                assert len(of(EvalCompleted, "job-9")) == 1
 
                 # a job whose dataset has no validation split: failed, with the reason
                 await client.publish(job_completed("job-2", spec, {"train": val}, ckpt),
@@ -160,5 +206,73 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
                     evaluation_pb2.ListEvaluationsRequest(job_id="job-2"), metadata=as_acme)
                 ).evaluations[0]
                 assert failed.status == "failed" and failed.error == reason
+        finally:
+            await client.stop()
+
+
+async def test_a_full_fine_tune_is_evaluated_and_registered(nats_server, tmp_path, base_model):
+    """A `method: full` job: its checkpoint holds every weight (no adapter); the evaluator loads
+    it as the tuned model and the registry attaches the evaluation to the job's version."""
+    spec = JobSpec(
+        base_model=base_model, dataset="ds-1", method="full",
+        hyperparameters={"max_steps": 2, "batch_size": 8, "learning_rate": 3e-3, "seed": 1},
+        eval={"max_samples": 2, "max_new_tokens": 4},
+    )
+    checkpoint = trained_checkpoint(spec, tmp_path / "run")
+    assert checkpoint_kind(checkpoint) == "full"
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    ckpt = store.put_dir(store_prefix("job-full", 2), checkpoint).rstrip("/")
+    val = store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode())
+    job = job_completed("job-full", spec, {"train": val, "validation": val}, ckpt,
+                        model_name="tiny-full")
+    developer = await put_api_key(nats_server.url, "developer", "acme")
+
+    def settings() -> Settings:  # one data dir (artifacts), a gRPC port each
+        return Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port())
+
+    evals: list[EvalCompleted | EvalFailed] = []
+    client = Bus(settings(), "test")
+
+    async def record(env, data):
+        evals.append(data)
+
+    client.subscribe_subject("evals", "llmstudio.eval.>", record)
+    async with (running("evaluator", build, settings()),
+                running("registry", build_registry, settings()) as registry_port):
+        await client.start()
+        try:
+            await client.publish(job, tenant="acme", actor="alice")
+            await _wait(lambda: evals, timeout=120, what="the evaluation's outcome")
+            [ev] = evals
+            assert isinstance(ev, EvalCompleted), ev
+            assert (ev.job_id, ev.model_name) == ("job-full", "tiny-full")
+            assert set(ev.tuned_metrics) == {"eval_loss", "perplexity", "exact_match"}
+            # the tuned model is the checkpoint's weights: two steps on these rows lower the loss
+            assert ev.tuned_metrics["eval_loss"] < ev.base_metrics["eval_loss"]
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{registry_port}") as ch:
+                registry = registry_pb2_grpc.RegistryServiceStub(ch)
+                request = reg_pb.GetVersionRequest(model_name="tiny-full", version=1)
+                md = (("x-api-key", developer),)
+
+                async def evaluated_version():
+                    """The job's version once the evaluation is attached to it, else None."""
+                    try:
+                        v = await registry.GetVersion(request, metadata=md)
+                    except grpc.aio.AioRpcError as e:
+                        assert e.code() == grpc.StatusCode.NOT_FOUND  # not registered yet
+                        return None
+                    return v if v.lineage.evaluation_id else None
+
+                deadline = asyncio.get_running_loop().time() + 30
+                while (version := await evaluated_version()) is None:
+                    assert asyncio.get_running_loop().time() < deadline, "not attached in 30 s"
+                    await asyncio.sleep(0.1)
+            assert (version.lineage.job_id, version.lineage.method) == ("job-full", "full")
+            assert version.lineage.evaluation_id == ev.evaluation_id
+            assert version.artifacts["checkpoint"] == ckpt
+            assert version.artifacts["eval_report"] == ev.report_key
+            assert version.metrics["tuned_eval_loss"] == pytest.approx(ev.tuned_metrics["eval_loss"])
+            assert version.metrics["base_eval_loss"] == pytest.approx(ev.base_metrics["eval_loss"])
         finally:
             await client.stop()

@@ -1,4 +1,5 @@
-"""evaluate_model: loss over learned tokens + batched greedy exact match, base vs adapter."""
+"""evaluate_model: loss over learned tokens + batched greedy exact match, base vs a fine-tune
+(an adapter, or the full weights of a `method: full` job)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 import pytest
 
 from llmstudio.jobspec import JobSpec
+from llmstudio.ml.checkpoint import CheckpointError, checkpoint_kind
 from llmstudio.ml.evaluation import evaluate_model
 from llmstudio.ml.tiny import build_tiny_model
-from services.trainer.recipe import train_lora_sft
+from services.trainer.recipes import TrainRequest, train
 
 # Prompts of different lengths, so left padding matters in a batch; two chat rows too.
 ROWS = [
@@ -25,7 +27,7 @@ ROWS = [
 ]
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # trains
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,18 @@ def trained(tmp_path_factory):
                                  "gate_proj", "up_proj", "down_proj"]},
         hyperparameters={"max_steps": 40, "batch_size": 5, "learning_rate": 1e-2, "seed": 3},
     )
-    result = train_lora_sft(spec, model_dir, ROWS, tmp_path_factory.mktemp("out"))
+    result = train(TrainRequest(spec, ROWS, tmp_path_factory.mktemp("out")))
     return model_dir, str(result.adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def full_checkpoint(trained, tmp_path_factory):
+    """A `method: full` checkpoint of the same base: every weight trained on ROWS."""
+    spec = JobSpec(
+        base_model=trained[0], dataset="unit", method="full",
+        hyperparameters={"max_steps": 6, "batch_size": 5, "learning_rate": 3e-3, "seed": 3},
+    )
+    return str(train(TrainRequest(spec, ROWS, tmp_path_factory.mktemp("full"))).adapter_dir)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +63,7 @@ def base_report(trained):
 
 @pytest.fixture(scope="module")
 def tuned_report(trained):
-    return evaluate_model(trained[0], ROWS, adapter_dir=trained[1], max_new_tokens=8, batch_size=4)
+    return evaluate_model(trained[0], ROWS, checkpoint_dir=trained[1], max_new_tokens=8, batch_size=4)
 
 
 def test_memorized_rows_give_exact_match_one(tuned_report):
@@ -78,7 +90,7 @@ def test_base_model_fails_and_adapter_differs(base_report, tuned_report):
 
 def test_batching_with_left_padding_matches_one_by_one(trained, tuned_report):
     progress = []
-    single = evaluate_model(trained[0], ROWS, adapter_dir=trained[1], max_new_tokens=8,
+    single = evaluate_model(trained[0], ROWS, checkpoint_dir=trained[1], max_new_tokens=8,
                             batch_size=1, progress=lambda d, t: progress.append((d, t)))
     assert single["examples"] == tuned_report["examples"]
     assert single["eval_loss"] == pytest.approx(tuned_report["eval_loss"], rel=1e-4)
@@ -87,8 +99,25 @@ def test_batching_with_left_padding_matches_one_by_one(trained, tuned_report):
 
 
 def test_max_samples_limits_generation_not_loss(trained, tuned_report):
-    report = evaluate_model(trained[0], ROWS, adapter_dir=trained[1], max_samples=2,
+    report = evaluate_model(trained[0], ROWS, checkpoint_dir=trained[1], max_samples=2,
                             max_new_tokens=8)
     assert report["samples"] == 2 and len(report["examples"]) == 2
     assert report["loss_tokens"] == tuned_report["loss_tokens"]
     assert report["eval_loss"] == pytest.approx(tuned_report["eval_loss"], rel=1e-4)
+
+
+def test_full_fine_tune_checkpoint_is_evaluated_with_its_own_weights(
+    trained, full_checkpoint, base_report
+):
+    assert checkpoint_kind(full_checkpoint) == "full"
+    report = evaluate_model(trained[0], ROWS, checkpoint_dir=full_checkpoint, max_new_tokens=8,
+                            batch_size=4)
+    # the trained weights, not the base's: six steps on these very rows lower their loss
+    assert report["eval_loss"] < base_report["eval_loss"] - 1.0
+    assert report["loss_tokens"] == base_report["loss_tokens"]  # the base's tokenizer
+    assert report["samples"] == len(ROWS)
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused_by_name(trained, tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: neither an adapter"):
+        evaluate_model(trained[0], ROWS, checkpoint_dir=str(tmp_path))

@@ -6,16 +6,20 @@ import math
 import sys
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
-from llmstudio.events import Envelope, JobCompleted
+from llmstudio.events import EvalCompleted, EvalFailed, JobCompleted
 from services.evaluator.core import (
     COMPLETED,
     FAILED,
     RUNNING,
     build_report,
+    completed,
     evaluation_for_job,
+    failed,
     headline,
     new_evaluation_id,
+    outcome_event,
     plan,
     report_key,
 )
@@ -37,9 +41,8 @@ def job(**over) -> JobCompleted:
     return JobCompleted(**fields)
 
 
-def env(tenant="acme") -> Envelope:
-    return Envelope(type=JobCompleted.TYPE, source="trainer", subject="job-1", tenant=tenant,
-                    actor="alice", data={})
+def new(j: JobCompleted | None = None, traceparent: str = "tp"):
+    return evaluation_for_job(j or job(), tenant="acme", actor="alice", traceparent=traceparent)
 
 
 def result(loss=2.0, em=0.25):
@@ -79,7 +82,7 @@ def test_headline_metrics_are_finite():
 
 
 def test_report_compares_base_and_tuned():
-    ev = evaluation_for_job(env(), job(), "00-" + "a" * 32 + "-" + "b" * 16 + "-01")
+    ev = new(traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01")
     report = build_report(ev, plan(job()), result(3.0, 0.0), result(1.0, 0.75))
     assert report["evaluation_id"] == ev.id and report["model_name"] == "tiny-lora"
     assert report["base"]["metrics"]["eval_loss"] == 3.0
@@ -88,33 +91,51 @@ def test_report_compares_base_and_tuned():
     assert report["tuned"]["examples"][0]["prediction"] == "x"
 
 
+def test_outcomes_and_the_events_announcing_them():
+    ev = new()
+    done = completed(ev, {"eval_loss": 1.0}, {"eval_loss": 0.5}, "evaluations/x/report.json")
+    assert (done.status, done.error, ev.status) == (COMPLETED, "", RUNNING)
+    assert outcome_event(done) == EvalCompleted(
+        evaluation_id=ev.id, job_id="job-1", model_name="tiny-lora",
+        base_metrics={"eval_loss": 1.0}, tuned_metrics={"eval_loss": 0.5},
+        report_key="evaluations/x/report.json")
+    bad = failed(ev, ValueError("x" * 3000))
+    assert bad.status == FAILED and bad.error.startswith("ValueError: xx") and len(bad.error) == 2000
+    assert outcome_event(bad) == EvalFailed(evaluation_id=ev.id, job_id="job-1", reason=bad.error)
+
+
 def test_store_is_idempotent_per_job_and_tenant_scoped(tmp_path):
     store = EvaluationStore(f"sqlite:///{tmp_path / 'ev.db'}")
-    first = evaluation_for_job(env(), job(), "tp")
+    store.migrate()
+    first = new()
     assert first.status == RUNNING and first.tenant == "acme" and first.actor == "alice"
-    assert store.create(first)
-    assert not store.create(evaluation_for_job(env(), job(), "tp"))  # same job: refused
-    assert [e.id for e in store.list("acme")] == [first.id]
-    assert store.list("acme", job_id="other") == []
-    assert store.get(first.id, "other-tenant") is None and store.list("other-tenant") == []
-
-    got = store.get(first.id, "acme")
-    assert got.job["checkpoint_key"] == "jobs/job-1/checkpoint-8" and got.traceparent == "tp"
-    assert got.created_at.tzinfo is not None
-    assert [e.id for e in store.unfinished()] == [first.id]
-
-    store.complete(first.id, {"eval_loss": 1.0}, {"eval_loss": 0.5}, "evaluations/x/report.json")
-    got = store.get(first.id, "acme")
-    assert got.status == COMPLETED and got.tuned_metrics == {"eval_loss": 0.5}
-    assert [e.id for e in store.unfinished()] == [first.id]  # finished, not yet announced
-    store.mark_announced(first.id)
-    assert store.unfinished() == []
-
-    second = evaluation_for_job(env(), job(job_id="job-2"), "")
-    store.create(second)
-    store.fail(second.id, "ValueError: boom")
-    got = store.get(second.id, "acme")
-    assert got.status == FAILED and got.error == "ValueError: boom"
+    with store.unit() as u:
+        assert u.for_job("job-1", first.trigger) is None
+        u.add(first)
+    with store.unit() as u:
+        assert u.for_job("job-1", first.trigger).id == first.id
+    # two replicas racing on the same JobCompleted cannot both insert
+    with pytest.raises(IntegrityError), store.unit() as u:
+        u.add(new())
+    with store.unit() as u:
+        assert [e.id for e in u.of_tenant("acme")] == [first.id]
+        assert u.of_tenant("acme", job_id="other") == []
+        assert u.get(first.id, "other-tenant") is None and u.of_tenant("other-tenant") == []
+        got = u.get(first.id, "acme")
+        assert got.job["checkpoint_key"] == "jobs/job-1/checkpoint-8" and got.traceparent == "tp"
+        assert got.created_at.tzinfo is not None
+        assert [e.id for e in u.running()] == [first.id]
+        u.save(completed(got, {"eval_loss": 1.0}, {"eval_loss": 0.5}, "evaluations/x/report.json"))
+    with store.unit() as u:
+        got = u.get(first.id, "acme")
+        assert got.status == COMPLETED and got.tuned_metrics == {"eval_loss": 0.5}
+        assert got.report_key == "evaluations/x/report.json" and u.running() == []
+        second = new(job(job_id="job-2"), "")
+        u.add(second)
+        u.save(failed(second, ValueError("boom")))
+    with store.unit() as u:
+        got = u.get(second.id, "acme")
+        assert got.status == FAILED and got.error == "ValueError: boom"
 
 
 def test_headline_without_reference_answers_has_no_exact_match():

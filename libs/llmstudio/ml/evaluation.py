@@ -1,4 +1,5 @@
-"""Evaluate a model (optionally with a LoRA adapter) on validation rows.
+"""Evaluate a model, or a fine-tune of it (a checkpoint: adapter or full weights), on validation
+rows.
 
 - eval_loss: mean cross-entropy over the learned tokens of every row (masked exactly as in
   training, see llmstudio.ml.data: completion / assistant tokens; every token of a "text" row;
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llmstudio.ml.checkpoint import checkpoint_kind
 from llmstudio.ml.data import (
     causal_lm_loss_sum,
     collate,
@@ -32,17 +34,38 @@ from llmstudio.ml.data import (
 ProgressFn = Callable[[int, int], None]  # (rows done, rows total) over loss + generation
 
 
-def load_for_inference(model_dir: str, adapter_dir: str | None = None):
-    """(model, tokenizer, device): fp32, eval mode, adapter applied when given."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _base(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _with_adapter(model_dir: str, checkpoint_dir: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_base(model_dir), checkpoint_dir)
+
+
+def _full_weights(_model_dir: str, checkpoint_dir: str):
+    return _base(checkpoint_dir)  # every weight, and the config, are the checkpoint's
+
+
+# How each kind of checkpoint (llmstudio.ml.checkpoint.checkpoint_kind) becomes a model.
+LOADERS = {"adapter": _with_adapter, "full": _full_weights}
+
+
+def load_for_inference(model_dir: str, checkpoint_dir: str | None = None):
+    """(model, tokenizer, device): fp32, eval mode. `checkpoint_dir`: a fine-tune of `model_dir`,
+    an adapter applied on it or full weights loaded instead of its own; the tokenizer is always
+    `model_dir`'s (training never changes it)."""
+    from transformers import AutoTokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
+    if checkpoint_dir is None:
+        model = _base(model_dir)
+    else:
+        model = LOADERS[checkpoint_kind(checkpoint_dir)](model_dir, checkpoint_dir)
     model.to(device).eval()
     return model, tokenizer, device
 
@@ -52,7 +75,7 @@ def evaluate_model(
     model_dir: str,
     rows: list[dict],
     *,
-    adapter_dir: str | None = None,
+    checkpoint_dir: str | None = None,
     max_samples: int = 64,
     max_new_tokens: int = 32,
     batch_size: int = 8,
@@ -64,7 +87,7 @@ def evaluate_model(
     if not rows:
         raise ValueError("no rows to evaluate")
     torch.manual_seed(0)
-    model, tokenizer, device = load_for_inference(model_dir, adapter_dir)
+    model, tokenizer, device = load_for_inference(model_dir, checkpoint_dir)
     pad_id = pad_id_of(tokenizer)
     gen_rows = [r for r in rows if has_reference(r)][:max_samples]
     total = len(rows) + len(gen_rows)
