@@ -27,10 +27,12 @@ from .core import (
     AuditEvent,
     AuditRecord,
     VerifyResult,
+    check_after_sequence,
     check_new_key,
     check_revocable,
     iso_utc,
     new_key_id,
+    query_limit,
     verify_chain,
 )
 from .store import GovernanceStore, Unit
@@ -137,11 +139,15 @@ class AuditLog:
             return await self.store.in_unit(Unit.append, event)
 
     async def query(
-        self, *, event_type_prefix: str, entity: str, tenant: str | None, after_sequence: int,
-        limit: int,
+        self, caller: Principal, *, event_type_prefix: str = "", entity: str = "",
+        after_sequence: int = 0, limit: int = 0,
     ) -> list[AuditRecord]:
-        return await self.store.in_unit(_query, event_type_prefix, entity, tenant,
-                                        after_sequence, limit)
+        """Records after `after_sequence` in order (`limit` 0: the default page)."""
+        # The log spans tenants: admins read all of it, anyone else only their tenant.
+        tenant = None if caller.can("admin") else caller.tenant
+        return await self.store.in_unit(
+            _query, event_type_prefix, entity, tenant, check_after_sequence(after_sequence),
+            query_limit(limit))
 
     async def verify(self) -> VerifyResult:
         # Appends may land while this reads: the log only grows, so the scan stays consistent.

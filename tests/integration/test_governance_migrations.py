@@ -133,8 +133,8 @@ async def assert_legacy_rows_read_through_use_cases(
     audit = AuditLog(store)
     verified = await audit.verify()
     assert (verified.ok, verified.records, verified.head_hash) == (True, 3, records[-1]["hash"])
-    mine = await audit.query(event_type_prefix="llmstudio.job.", entity="", tenant="acme",
-                             after_sequence=0, limit=10)
+    mine = await audit.query(Principal("key-00000002", "acme", ("developer",)),
+                             event_type_prefix="llmstudio.job.")
     assert [asdict(r) for r in mine] == [records[0], records[2]]
     env = make_envelope(JobQueued(job_id="job-4", dataset_sha256="cd"), source="s", tenant="acme")
     appended = await audit.append(audit_event(env, JobQueued(**env.data)))
