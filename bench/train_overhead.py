@@ -1,4 +1,4 @@
-"""Training overhead: tokens/s of the trainer's SFT recipe (services.trainer.recipe.train_sft,
+"""Training overhead: tokens/s of the trainer's SFT recipe (services.trainer.recipes.sft,
 what a trainer-worker runs) vs a plain transformers Trainer + peft script, same model, data and
 hyperparameters, same run.
 
@@ -56,7 +56,7 @@ def _spec():
 
 
 def run_recipe(rows: list[dict]) -> float:
-    from services.trainer.recipe import train_sft
+    from services.trainer.recipes import TrainRequest, train
 
     stamps: dict[int, float] = {}
 
@@ -65,7 +65,7 @@ def run_recipe(rows: list[dict]) -> float:
         print(f"  recipe step {m['step']} {time.perf_counter():.1f}", flush=True)
 
     with tempfile.TemporaryDirectory() as out:
-        train_sft(_spec(), str(MODEL), rows, Path(out), on_metrics=on_metrics)
+        train(TrainRequest(_spec(), rows, Path(out), on_metrics=on_metrics))
     elapsed = stamps[WARMUP + TIMED_STEPS] - stamps[WARMUP]
     return TIMED_STEPS * BATCH * SEQ / elapsed
 

@@ -136,8 +136,19 @@ class JobSpec(_Strict):
             raise ValueError(f"objective {self.objective} does not support method {self.method}")
         if self.method == "adalora" and self.adalora.target_r > self.adalora.init_r:
             raise ValueError("adalora.target_r must be <= adalora.init_r")
-        if self.hyperparameters.packing and self.objective in ("dpo", "orpo"):
-            raise ValueError("hyperparameters.packing applies to sft and pretrain only")
+        hp = self.hyperparameters
+        if self.objective in ("dpo", "orpo"):  # what only the SFT recipe does
+            if hp.packing:
+                raise ValueError("hyperparameters.packing applies to sft and pretrain only")
+            if hp.eval_every or hp.early_stopping:
+                raise ValueError(
+                    "hyperparameters.eval_every / early_stopping apply to sft and pretrain only"
+                )
+            if self.distributed.num_processes > 1:
+                raise ValueError(
+                    f"objective {self.objective} runs in one process; distributed.num_processes "
+                    "> 1 applies to sft and pretrain only"
+                )
         if self.distributed.strategy == "fsdp" and self.method in FSDP_UNSUPPORTED_METHODS:
             raise ValueError(
                 f"distributed.strategy fsdp does not support method {self.method}; use ddp"

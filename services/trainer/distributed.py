@@ -1,6 +1,6 @@
-"""Data-parallel training: run the SFT recipe in `spec.distributed.num_processes` processes.
+"""Data-parallel training: run a recipe in `spec.distributed.num_processes` processes.
 
-    train_distributed(spec, ...)   one machine: rank 0 runs in the calling process (so the
+    train_distributed(request)     one machine: rank 0 runs in the calling process (so the
                                    worker's callbacks - metrics, checkpoint uploads, stop
                                    requests - work unchanged), ranks 1..N-1 are spawned
                                    processes; gloo on CPU, NCCL on CUDA (one GPU per rank).
@@ -10,10 +10,10 @@
                                    rendezvous comes from the environment (MASTER_ADDR,
                                    MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK).
 
-Every process runs `recipe.train_sft`; it finds the process group, takes its shard of each
-global batch and wraps the model the way `spec.distributed.strategy` says: DDP, or FSDP2
-(parameters, gradients and optimizer state sharded over the ranks; gloo on CPU works too).
-See the recipe's docstring.
+Every process runs the spec's recipe (`recipes.train`; the JobSpec allows several processes for
+the SFT recipe only); it finds the process group, takes its shard of each global batch and wraps
+the model the way `spec.distributed.strategy` says: DDP, or FSDP2 (parameters, gradients and
+optimizer state sharded over the ranks; gloo on CPU works too). See recipes/sft.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch.multiprocessing as mp
 from llmstudio.jobspec import JobSpec
 
 from .methods import UnsupportedOnHardware
-from .recipe import TrainResult, _ignore, _never, train_sft
+from .recipes import TrainRequest, TrainResult, train
 
 # A rank that dies leaves the others blocked in a collective; they give up after this.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
@@ -50,35 +49,26 @@ def check_distributed(spec: JobSpec) -> None:
         )
 
 
-def train_distributed(
-    spec: JobSpec,
-    model_dir: str,
-    train_rows: list[dict],
-    out_dir: Path,
-    *,
-    eval_rows: list[dict] | None = None,
-    on_metrics: Callable[[dict], None] = _ignore,
-    should_stop: Callable[[], bool] = _never,
-    on_checkpoint: Callable[[Path, int], None] | None = None,
-    resume_from: Path | None = None,
-) -> TrainResult:
-    """`train_sft` over `spec.distributed.num_processes` local processes (just `train_sft` for
-    one). Returns rank 0's result; raises if any rank fails."""
+def train_distributed(request: TrainRequest) -> TrainResult:
+    """`recipes.train(request)` over `spec.distributed.num_processes` local processes (just
+    that for one). The callbacks run in this process (rank 0); returns rank 0's result; raises
+    if any rank fails."""
+    spec = request.spec
     n = spec.distributed.num_processes
-    kwargs = {"eval_rows": eval_rows, "resume_from": resume_from}
     if n == 1:
-        return train_sft(spec, model_dir, train_rows, out_dir, on_metrics=on_metrics,
-                         should_stop=should_stop, on_checkpoint=on_checkpoint, **kwargs)
+        return train(request)
     check_distributed(spec)
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already running in this process")
     addr, port = "127.0.0.1", _free_port()
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch / thread state
+    # the other ranks get the data, not the callbacks (rank 0 alone reports and checkpoints)
+    inputs = {"rows": request.rows, "out_dir": request.out_dir, "eval_rows": request.eval_rows,
+              "resume_from": request.resume_from}
     children = [
         ctx.Process(
             target=_spawned_rank,
-            args=(rank, n, addr, port, spec.model_dump_json(), model_dir, train_rows,
-                  str(out_dir), kwargs, torch.get_num_threads()),
+            args=(rank, n, addr, port, spec.model_dump_json(), inputs, torch.get_num_threads()),
             daemon=True,
         )
         for rank in range(1, n)
@@ -87,8 +77,7 @@ def train_distributed(
         p.start()
     try:
         _init(0, n, addr, port)
-        result = train_sft(spec, model_dir, train_rows, out_dir, on_metrics=on_metrics,
-                           should_stop=should_stop, on_checkpoint=on_checkpoint, **kwargs)
+        result = train(request)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -118,14 +107,13 @@ def _init(rank: int, world: int, addr: str, port: int) -> None:
     )
 
 
-def _spawned_rank(rank: int, world: int, addr: str, port: int, spec_json: str, model_dir: str,
-                  train_rows: list[dict], out_dir: str, kwargs: dict, threads: int) -> None:
-    os.environ["LOCAL_RANK"] = str(rank)  # recipe.pick_device -> cuda:<rank>
+def _spawned_rank(rank: int, world: int, addr: str, port: int, spec_json: str, inputs: dict,
+                  threads: int) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)  # parallel.pick_device -> cuda:<rank>
     torch.set_num_threads(threads)
     _init(rank, world, addr, port)
     try:
-        train_sft(JobSpec.model_validate_json(spec_json), model_dir, train_rows, Path(out_dir),
-                  **kwargs)
+        train(TrainRequest(JobSpec.model_validate_json(spec_json), **inputs))
     finally:
         dist.destroy_process_group()
 
@@ -138,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmstudio.jsonl import parse_jsonl
 
     ap = argparse.ArgumentParser(prog="python -m services.trainer.distributed",
-                                 description="one process of a multi-process SFT job")
+                                 description="one process of a multi-process training job")
     ap.add_argument("--spec", required=True, help="job spec (JSON or YAML file)")
     ap.add_argument("--train", required=True, help="training rows (JSONL)")
     ap.add_argument("--eval", help="validation rows (JSONL) for eval_every / early_stopping")
@@ -163,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)  # env://
     try:
         main_rank = dist.get_rank() == 0
-        result = train_sft(
-            spec, spec.base_model, rows(args.train), Path(args.out), eval_rows=rows(args.eval),
-            resume_from=Path(args.resume) if args.resume else None,
-            on_metrics=(lambda m: print(json.dumps(m), flush=True)) if main_rank else _ignore,
-        )
+        request = TrainRequest(spec, rows(args.train) or [], Path(args.out),
+                               eval_rows=rows(args.eval),
+                               resume_from=Path(args.resume) if args.resume else None)
+        if main_rank:
+            request.on_metrics = lambda m: print(json.dumps(m), flush=True)
+        result = train(request)
         if main_rank:
             print(json.dumps({"steps": result.steps, "final_loss": result.final_loss,
                               "checkpoint": str(result.adapter_dir),

@@ -50,7 +50,7 @@ from .core import (
     train_split_key,
 )
 from .distributed import train_distributed
-from .recipe import TrainResult
+from .recipes import TrainRequest, TrainResult
 
 log = logging.getLogger(__name__)
 VALIDATION_SPLIT = "validation"
@@ -228,24 +228,14 @@ class Worker:
         stored = checkpoint.download_latest_checkpoint(self.store, item.job_id, work_dir)
         if stored is not None:
             job.checkpoint_key, resume_from = stored
-        # objective dispatch: dpo / orpo -> TRL preference trainer, sft / pretrain -> the recipe
-        if spec.objective in ("dpo", "orpo"):
-            from .preference import train_preference  # imports TRL only when needed
-
-            return train_preference(
-                spec, spec.base_model, rows, work_dir,
-                on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,
-                resume_from=resume_from,
-            )
         hp = spec.hyperparameters
         eval_rows = None
         if hp.eval_every or hp.early_stopping:
             eval_rows = self._split_rows(item.dataset_artifacts, VALIDATION_SPLIT, "eval_every")
-        return train_distributed(  # train_sft itself for num_processes == 1
-            spec, spec.base_model, rows, work_dir, eval_rows=eval_rows,
-            on_metrics=on_metrics, should_stop=job.stop.is_set, on_checkpoint=on_checkpoint,
-            resume_from=resume_from,
-        )
+        return train_distributed(TrainRequest(  # the objective's recipe, in 1..N processes
+            spec, rows, work_dir, eval_rows=eval_rows, on_metrics=on_metrics,
+            on_checkpoint=on_checkpoint, should_stop=job.stop.is_set, resume_from=resume_from,
+        ))
 
     # -- inputs ----------------------------------------------------------------------------------
     def _split_rows(self, artifacts: dict[str, str], split: str, why: str) -> list[dict]:

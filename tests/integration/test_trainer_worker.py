@@ -198,7 +198,7 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
     checkpoint-6, no manifest); this worker resumes from step 4, keeps only the newest
     checkpoint in the store, and finishes at max_steps."""
     from llmstudio.jobspec import JobSpec
-    from services.trainer.recipe import train_sft
+    from services.trainer.recipes import TrainRequest, train
 
     h = harness
     item = h.work_item("job-5", model_dir, keep_last_checkpoints=1)
@@ -208,10 +208,9 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
         calls.append(1)
         return len(calls) > 4
 
-    first = await asyncio.to_thread(
-        train_sft, JobSpec.model_validate(item.spec), model_dir, ROWS, tmp_path / "earlier",
-        should_stop=stop_after_4,
-    )
+    first = await asyncio.to_thread(train, TrainRequest(
+        JobSpec.model_validate(item.spec), ROWS, tmp_path / "earlier", should_stop=stop_after_4,
+    ))
     assert first.steps == 4
     h.store.put_dir("jobs/job-5/checkpoint-4", first.adapter_dir)
     h.store.put_bytes("jobs/job-5/checkpoint-6/adapter_model.safetensors", b"partial upload")

@@ -22,7 +22,7 @@ from llmstudio.jobspec import JobSpec
 from llmstudio.ml.export import ExportError, export_adapter, export_merged
 from llmstudio.ml.tiny import CHAT_TEMPLATE, build_tiny_model
 from llmstudio.storage import LocalArtifactStore
-from services.trainer.recipe import train_lora_sft
+from services.trainer.recipes import TrainRequest, train
 
 ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
         for w in ("apple", "river", "stone", "cat", "dog", "moon")]
@@ -55,7 +55,7 @@ def ckpt(model_dir, tmp_path_factory) -> Path:
         "hyperparameters": {"max_steps": 12, "batch_size": 4, "learning_rate": 2e-2, "seed": 3,
                             "log_every": 6},
     })
-    result = train_lora_sft(spec, model_dir, ROWS, tmp_path_factory.mktemp("run"))
+    result = train(TrainRequest(spec, ROWS, tmp_path_factory.mktemp("run")))
     assert result.adapter_dir is not None and (result.adapter_dir / "manifest.json").is_file()
     return result.adapter_dir
 

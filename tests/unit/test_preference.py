@@ -20,7 +20,7 @@ from llmstudio.ml.checkpoint import (
     verify_checkpoint,
 )
 from llmstudio.ml.tiny import build_tiny_model
-from services.trainer.preference import train_preference
+from services.trainer.recipes import TrainRequest, preference, train
 
 PAIRS = [
     ("sky", "blue", "green"), ("grass", "green", "blue"), ("snow", "white", "black"),
@@ -51,10 +51,10 @@ def _spec(model_dir: str, objective: str, **hp) -> JobSpec:
 
 def _run(tiny, tmp_path, objective, **hp):
     metrics, ckpts = [], []
-    result = train_preference(
-        _spec(tiny, objective, **hp), tiny, ROWS, tmp_path / "out",
+    result = train(TrainRequest(
+        _spec(tiny, objective, **hp), ROWS, tmp_path / "out",
         on_metrics=metrics.append, on_checkpoint=lambda p, s: ckpts.append((p, s)),
-    )
+    ))
     return result, metrics, ckpts
 
 
@@ -103,11 +103,11 @@ def test_orpo_reward_margin_grows(tiny, tmp_path):
 
 def test_stop_request_and_periodic_checkpoints(tiny, tmp_path):
     metrics, ckpts = [], []
-    result = train_preference(
-        _spec(tiny, "dpo", max_steps=10, checkpoint_every=1), tiny, ROWS, tmp_path / "out",
+    result = train(TrainRequest(
+        _spec(tiny, "dpo", max_steps=10, checkpoint_every=1), ROWS, tmp_path / "out",
         on_metrics=metrics.append, should_stop=lambda: len(ckpts) >= 2,
         on_checkpoint=lambda p, s: ckpts.append((p, s)),
-    )
+    ))
     # asked to stop once checkpoint-2 was announced: stops at that step boundary, and the
     # final checkpoint is not rewritten
     assert result.stopped and result.steps == 2 and result.stop_reason == "stopped"
@@ -135,26 +135,19 @@ def test_stopped_run_resumes_to_the_same_losses(tiny, tmp_path, objective):
     keys = ("loss", "rewards/margins", "rewards/chosen", "learning_rate", "epoch")
 
     reference: dict[int, dict] = {}
-    full = train_preference(
-        spec,
-        tiny,
-        ROWS,
-        tmp_path / "full",
-        on_metrics=lambda m: reference.__setitem__(m["step"], m),
-    )
+    full = train(TrainRequest(
+        spec, ROWS, tmp_path / "full", on_metrics=lambda m: reference.__setitem__(m["step"], m),
+    ))
     assert full.steps == n and sorted(reference) == list(range(1, n + 1))
 
     # 1. stopped once checkpoint-k is announced (as the worker is on shutdown)
     out, first, ckpts = tmp_path / "out", {}, []
-    stopped = train_preference(
-        spec,
-        tiny,
-        ROWS,
-        out,
+    stopped = train(TrainRequest(
+        spec, ROWS, out,
         on_metrics=lambda m: first.__setitem__(m["step"], m),
         should_stop=lambda: bool(ckpts),
         on_checkpoint=lambda p, s: ckpts.append(s),
-    )
+    ))
     assert stopped.stopped and stopped.steps == k and ckpts == [k]
     resume_point = latest_checkpoint(out)
     assert resume_point == out / f"checkpoint-{k}" == stopped.adapter_dir
@@ -165,15 +158,12 @@ def test_stopped_run_resumes_to_the_same_losses(tiny, tmp_path, objective):
     # 2. a new call resumes from it and finishes: same losses, margins and schedule
     resumed: dict[int, dict] = {}
     ckpts.clear()
-    result = train_preference(
-        spec,
-        tiny,
-        ROWS,
-        out,
+    result = train(TrainRequest(
+        spec, ROWS, out,
         on_metrics=lambda m: resumed.__setitem__(m["step"], m),
         on_checkpoint=lambda p, s: ckpts.append(s),
         resume_from=resume_point,
-    )
+    ))
     assert result.steps == n and not result.stopped and ckpts == [n]
     assert sorted(resumed) == list(range(k + 1, n + 1))
     for step, m in resumed.items():
@@ -191,16 +181,16 @@ def test_stopped_run_resumes_to_the_same_losses(tiny, tmp_path, objective):
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{n}"]
 
     # 3. resuming the finished run trains nothing; other data is refused
-    again = train_preference(spec, tiny, ROWS, out, resume_from=result.adapter_dir)
+    again = train(TrainRequest(spec, ROWS, out, resume_from=result.adapter_dir))
     assert again.steps == n and not again.stopped and again.adapter_dir == result.adapter_dir
     with pytest.raises(CheckpointError, match="different data"):
-        train_preference(spec, tiny, ROWS[:8], out, resume_from=result.adapter_dir)
+        train(TrainRequest(spec, ROWS[:8], out, resume_from=result.adapter_dir))
 
 
 def test_rejects_rows_without_preference_fields(tiny, tmp_path):
     with pytest.raises(ValueError, match="chosen"):
-        train_preference(
-            _spec(tiny, "dpo"), tiny, [{"prompt": "a", "completion": "b"}], tmp_path / "out"
-        )
+        train(TrainRequest(
+            _spec(tiny, "dpo"), [{"prompt": "a", "completion": "b"}], tmp_path / "out"
+        ))
     with pytest.raises(ValueError, match="dpo and orpo"):
-        train_preference(_spec(tiny, "sft"), tiny, ROWS, tmp_path / "out")
+        preference.train(TrainRequest(_spec(tiny, "sft"), ROWS, tmp_path / "out"))

@@ -1,4 +1,4 @@
-"""The LoRA SFT recipe, with real training steps on a tiny Llama."""
+"""The SFT recipe, with real training steps on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from llmstudio.jobspec import JobSpec
 from llmstudio.ml.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from llmstudio.ml.tiny import build_tiny_model
 from services.trainer.methods import UnsupportedOnHardware
-from services.trainer.recipe import train_sft
+from services.trainer.recipes import TrainRequest, train
 
 ROWS = [
     {"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
@@ -56,10 +56,10 @@ def run(model_dir, tmp_path_factory):
         assert (path / "manifest.json").is_file()  # complete before anyone is told
         checkpoints.append((path, step))
 
-    result = train_sft(
-        make_spec(model_dir, checkpoint_every=10), model_dir, ROWS, out,
+    result = train(TrainRequest(
+        make_spec(model_dir, checkpoint_every=10), ROWS, out,
         on_metrics=metrics.append, on_checkpoint=on_checkpoint,
-    )
+    ))
     return result, metrics, checkpoints, out
 
 
@@ -154,7 +154,7 @@ def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
         calls.append(1)
         return len(calls) > 3  # allow 3 steps
 
-    result = train_sft(make_spec(model_dir), model_dir, ROWS, tmp_path, should_stop=should_stop)
+    result = train(TrainRequest(make_spec(model_dir), ROWS, tmp_path, should_stop=should_stop))
     assert result.stopped and result.steps == 3
     assert result.adapter_dir == tmp_path / "checkpoint-3"
     assert verify_checkpoint(result.adapter_dir)["step"] == 3
@@ -162,12 +162,12 @@ def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
     spec = make_spec(model_dir, max_steps=10, checkpoint_every=5, log_every=1)
-    full = train_sft(spec, model_dir, ROWS, tmp_path / "full")
+    full = train(TrainRequest(spec, ROWS, tmp_path / "full"))
     resumed_metrics = []
-    resumed = train_sft(
-        spec, model_dir, ROWS, tmp_path / "resumed",
+    resumed = train(TrainRequest(
+        spec, ROWS, tmp_path / "resumed",
         resume_from=tmp_path / "full" / "checkpoint-5", on_metrics=resumed_metrics.append,
-    )
+    ))
     assert [m["step"] for m in resumed_metrics] == [6, 7, 8, 9, 10]
     assert resumed.steps == 10 and resumed.first_loss == full.first_loss
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
@@ -180,7 +180,7 @@ def test_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
 def test_rows_without_learnable_tokens_are_rejected(model_dir, tmp_path):
     rows = [{"prompt": "a very long prompt " * 20, "completion": " x"}]
     with pytest.raises(ValueError, match="max_seq_length=16"):
-        train_sft(make_spec(model_dir, max_seq_length=16), model_dir, rows, tmp_path)
+        train(TrainRequest(make_spec(model_dir, max_seq_length=16), rows, tmp_path))
 
 
 def test_gradient_accumulation_matches_the_larger_batch(model_dir, tmp_path):
@@ -191,7 +191,7 @@ def test_gradient_accumulation_matches_the_larger_batch(model_dir, tmp_path):
         metrics = []
         spec = make_spec(model_dir, dropout=0.0, max_steps=4, batch_size=bs,
                          gradient_accumulation_steps=accum, log_every=1)
-        train_sft(spec, model_dir, ROWS, tmp_path / f"{bs}x{accum}", on_metrics=metrics.append)
+        train(TrainRequest(spec, ROWS, tmp_path / f"{bs}x{accum}", on_metrics=metrics.append))
         runs.append(metrics)
     a, b = runs
     assert [m["epoch"] for m in a] == [m["epoch"] for m in b]
@@ -204,8 +204,8 @@ def test_eval_loss_and_early_stopping(model_dir, tmp_path):
     metrics = []
     spec = make_spec(model_dir, max_steps=30, log_every=5, eval_every=2,
                      early_stopping={"patience": 2, "min_delta": 100.0})
-    result = train_sft(spec, model_dir, ROWS, tmp_path, eval_rows=ROWS[:3],
-                       on_metrics=metrics.append)
+    result = train(TrainRequest(spec, ROWS, tmp_path, eval_rows=ROWS[:3],
+                                on_metrics=metrics.append))
     # the first evaluation sets the best; two more without a 100.0 improvement stop the run
     assert result.steps == 6 and not result.stopped
     assert result.stop_reason.startswith("early_stopping") and "best" in result.stop_reason
@@ -215,13 +215,13 @@ def test_eval_loss_and_early_stopping(model_dir, tmp_path):
     assert result.eval_loss == evals[-1][1]
     assert result.adapter_dir == tmp_path / "checkpoint-6"
     with pytest.raises(ValueError, match="eval_rows"):
-        train_sft(make_spec(model_dir, eval_every=2), model_dir, ROWS, tmp_path / "x")
+        train(TrainRequest(make_spec(model_dir, eval_every=2), ROWS, tmp_path / "x"))
 
 
 def test_keep_last_checkpoints(model_dir, tmp_path):
     seen = []
     spec = make_spec(model_dir, max_steps=6, checkpoint_every=2, keep_last_checkpoints=2)
-    train_sft(spec, model_dir, ROWS, tmp_path, on_checkpoint=lambda p, s: seen.append(s))
+    train(TrainRequest(spec, ROWS, tmp_path, on_checkpoint=lambda p, s: seen.append(s)))
     assert seen == [2, 4, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
 
@@ -229,12 +229,12 @@ def test_keep_last_checkpoints(model_dir, tmp_path):
 def test_adamw_8bit_trains_and_resumes_exactly(model_dir, tmp_path):
     spec = make_spec(model_dir, max_steps=6, checkpoint_every=3, optimizer="adamw_8bit",
                      log_every=1)
-    full = train_sft(spec, model_dir, ROWS, tmp_path / "full")
+    full = train(TrainRequest(spec, ROWS, tmp_path / "full"))
     opt = load_file(str(tmp_path / "full" / "checkpoint-3" / "optimizer.safetensors"))
     # bitsandbytes state (state1/state2); tensors under its min_8bit_size (4096) stay 32-bit
     assert any(k.endswith("/state1") for k in opt) and any(k.endswith("/state2") for k in opt)
-    resumed = train_sft(spec, model_dir, ROWS, tmp_path / "resumed",
-                        resume_from=tmp_path / "full" / "checkpoint-3")
+    resumed = train(TrainRequest(spec, ROWS, tmp_path / "resumed",
+                                 resume_from=tmp_path / "full" / "checkpoint-3"))
     assert math.isfinite(full.final_loss) and full.final_loss < full.first_loss
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
 
@@ -243,7 +243,7 @@ def test_packing_trains_on_packed_rows(model_dir, tmp_path):
     metrics = []
     spec = make_spec(model_dir, max_steps=4, packing=True, batch_size=1, max_seq_length=64,
                      log_every=1)
-    result = train_sft(spec, model_dir, ROWS, tmp_path, on_metrics=metrics.append)
+    result = train(TrainRequest(spec, ROWS, tmp_path, on_metrics=metrics.append))
     assert result.steps == 4 and math.isfinite(result.final_loss)
     state = json.loads((result.adapter_dir / "trainer_state.json").read_text())
     assert state["recipe"]["num_units"] < len(ROWS)  # several examples per packed row
@@ -256,7 +256,7 @@ def test_gpu_only_settings_are_refused_on_cpu_before_any_work(model_dir, tmp_pat
         make_spec(model_dir, optimizer="paged_adamw_8bit"),
     ):
         with pytest.raises(UnsupportedOnHardware, match="CUDA|GPU"):
-            train_sft(spec, model_dir, ROWS, tmp_path / "out")
+            train(TrainRequest(spec, ROWS, tmp_path / "out"))
         assert not (tmp_path / "out").exists()
 
 
@@ -285,7 +285,7 @@ def test_chunked_loss_trains_like_the_full_logits(model_dir, tmp_path, monkeypat
         monkeypatch.setattr(loss_module, "chunked_lm_loss_sum", counting)
         chunk_calls.clear()
         metrics = []
-        result = train_sft(spec, model_dir, ROWS, tmp_path / path, on_metrics=metrics.append)
+        result = train(TrainRequest(spec, ROWS, tmp_path / path, on_metrics=metrics.append))
         runs[path] = (result, metrics[0], load_file(str(result.adapter_dir / weights)),
                       len(chunk_calls))
     (_, chunked, w_chunked, calls), (_, full, w_full, no_calls) = runs.values()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.checkpoint import latest_checkpoint, verify_checkpoint
 from llmstudio.ml.tiny import build_tiny_model
-from services.trainer.recipe import train_sft
+from services.trainer.recipes import TrainRequest, train
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [
@@ -36,7 +36,7 @@ import torch
 torch.set_num_threads(1)
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.checkpoint import latest_checkpoint
-from services.trainer.recipe import train_sft
+from services.trainer.recipes import TrainRequest, train
 spec_json, rows_json, out, log, resume, delay = sys.argv[1:7]
 spec = JobSpec.model_validate_json(Path(spec_json).read_text())
 rows = json.loads(Path(rows_json).read_text())
@@ -45,7 +45,7 @@ def on_metrics(m):
         f.write(json.dumps({"step": m["step"], "loss": m["loss"]}) + "\\n")
     time.sleep(float(delay))
 start = latest_checkpoint(Path(out)) if resume == "1" else None
-r = train_sft(spec, spec.base_model, rows, Path(out), on_metrics=on_metrics, resume_from=start)
+r = train(TrainRequest(spec, rows, Path(out), on_metrics=on_metrics, resume_from=start))
 print(json.dumps({"resumed_from": str(start), "steps": r.steps, "final_loss": r.final_loss}))
 """
 
@@ -104,8 +104,8 @@ def test_killed_run_resumes_to_the_same_loss(tmp_path):
 
     # 3. the uninterrupted run, in this process
     reference: dict[int, float] = {}
-    full = train_sft(spec, model_dir, ROWS, tmp_path / "full",
-                     on_metrics=lambda m: reference.__setitem__(m["step"], m["loss"]))
+    full = train(TrainRequest(spec, ROWS, tmp_path / "full",
+                              on_metrics=lambda m: reference.__setitem__(m["step"], m["loss"])))
     assert full.steps == N
     # the killed process agreed with the reference up to where it got
     for step, loss in _losses(log1).items():

@@ -1,8 +1,8 @@
 """Supervised fine-tuning (sft / pretrain objectives), one readable recipe from top to bottom.
 
-    spec + base model dir + rows  ->  checkpoints under out_dir/checkpoint-<step>/
+    TrainRequest(spec, rows, out_dir, ...)  ->  checkpoints under out_dir/checkpoint-<step>/
 
-The story is `train_sft`: check the hardware; seed; tokenize rows with loss masking
+The story is `train`: check the hardware; seed; tokenize rows with loss masking
 (llmstudio.ml.data), optionally packed into full rows (llmstudio.ml.packing); load the model the
 way the spec's method says (methods.load_for_training: full, LoRA, QLoRA, ... and gradient
 checkpointing); AdamW (torch or bitsandbytes 8-bit) with linear warmup/decay; then loop for
@@ -17,8 +17,8 @@ labelled positions through the output head, in chunks, so the full [batch, seq, 
 never exist (architectures that change the logits after the head, and prompt-learning methods,
 keep the full logits).
 
-Data parallel: when torch.distributed is initialized (services/trainer/distributed.py), every
-process runs this same function; each global micro-batch of `batch_size * world_size` examples
+Data parallel: when torch.distributed is initialized (services/trainer/distributed.py starts
+the processes, services/trainer/parallel.py has the helpers), every process runs this function; each global micro-batch of `batch_size * world_size` examples
 is cut into one shard per rank, and only rank 0 writes checkpoints and reports metrics.
 Gradients are averaged over the ranks by DistributedDataParallel (strategy ddp: every rank
 holds the whole model) or by FSDP2 `fully_shard` (strategy fsdp: each rank holds 1/world of
@@ -37,22 +37,17 @@ with (seed, step), so resuming from a checkpoint (`resume_from`) reproduces the 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from llmstudio.jobspec import JobSpec
 from llmstudio.ml.allocator import return_freed_tensors_to_os
 from llmstudio.ml.checkpoint import (
     CheckpointError,
@@ -66,54 +61,27 @@ from llmstudio.ml.data import IGNORE_INDEX, collate, count_learned_tokens, encod
 from llmstudio.ml.loss import CausalLMLossSum
 from llmstudio.ml.packing import collate_packed, pack_examples
 
-from . import methods
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    final_loss: float
-    first_loss: float
-    tokens_seen: int
-    adapter_dir: Path | None  # the last checkpoint written (None if no step ran)
-    stopped: bool  # should_stop() asked to stop (cancel / shutdown)
-    stop_reason: str = "max_steps"  # max_steps | stopped | early_stopping: <why>
-    eval_loss: float | None = None  # the last evaluation's loss, if any ran
-
-
-def _never() -> bool:
-    return False
-
-
-def _ignore(_: dict) -> None:
-    return None
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
+from .. import methods
+from ..optim import make_optimizer
+from ..parallel import (
+    any_rank,
+    gather_full_state,
+    gradient_sync,
+    pick_device,
+    rank_and_world,
+    shard_model,
+    sum_ranks,
+)
+from .request import TrainRequest, TrainResult
 
 # --------------------------------------------------------------------------------------------
 # the recipe
 
 
-def train_sft(
-    spec: JobSpec,
-    model_dir: str,
-    train_rows: list[dict],
-    out_dir: Path,
-    *,
-    eval_rows: list[dict] | None = None,
-    on_metrics: Callable[[dict], None] = _ignore,
-    should_stop: Callable[[], bool] = _never,
-    on_checkpoint: Callable[[Path, int], None] | None = None,
-    resume_from: Path | None = None,
-) -> TrainResult:
-    hp = spec.hyperparameters
-    out_dir = Path(out_dir)
-    rank, world = _rank_and_world()
+def train(request: TrainRequest) -> TrainResult:
+    spec, out_dir, resume_from = request.spec, request.out_dir, request.resume_from
+    hp, model_dir = spec.hyperparameters, spec.base_model
+    rank, world = rank_and_world()
     main = rank == 0
     sharded = world > 1 and spec.distributed.strategy == "fsdp"
     device = pick_device()
@@ -126,7 +94,7 @@ def train_sft(
             f"{world} process(es); start it through services.trainer.distributed"
         )
     eval_interval = hp.eval_every or (hp.log_every if hp.early_stopping else 0)
-    if eval_interval and not eval_rows:
+    if eval_interval and not request.eval_rows:
         raise ValueError("eval_every / early_stopping need validation rows (eval_rows)")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +110,7 @@ def train_sft(
     #    the example stream is one example, or with packing one row of packed examples.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = pad_id_of(tokenizer)
-    examples = _encode(tokenizer, train_rows, hp.max_seq_length)
+    examples = _encode(tokenizer, request.rows, hp.max_seq_length)
     if not examples:
         raise ValueError(
             f"no training row has a completion token within max_seq_length={hp.max_seq_length}"
@@ -151,7 +119,7 @@ def train_sft(
     units_of = bins if bins is not None else [[i] for i in range(len(examples))]
     num_units = len(units_of)
     unit_tokens = [sum(len(examples[i]["input_ids"]) for i in u) for u in units_of]
-    eval_examples = _encode(tokenizer, eval_rows or [], hp.max_seq_length)
+    eval_examples = _encode(tokenizer, request.eval_rows or [], hp.max_seq_length)
 
     def make_batch(units: list[int]) -> dict[str, torch.Tensor]:
         if bins is not None:
@@ -167,8 +135,8 @@ def train_sft(
     model = prepared.model
     model.train()
     if resume_from is not None:
-        verify_checkpoint(Path(resume_from))
-        methods.load_trainable(prepared, Path(resume_from))
+        verify_checkpoint(resume_from)
+        methods.load_trainable(prepared, resume_from)
     loss_model = CausalLMLossSum(model, prepared.logits_offset)
     train_model: torch.nn.Module = loss_model
     if sharded:  # gradients reduce-scattered (averaged: see the loss scale below)
@@ -195,7 +163,7 @@ def train_sft(
     early = {"best": None, "best_step": 0, "bad_evals": 0}
     eval_loss: float | None = None
     if resume_from is not None:
-        state = load_training_state(Path(resume_from), optimizer, param_names,
+        state = load_training_state(resume_from, optimizer, param_names,
                                     scheduler=scheduler, scaler=scaler,
                                     sharded_model=model if sharded else None)
         if state.num_examples != len(examples):
@@ -255,15 +223,15 @@ def train_sft(
             scheduler=scheduler, scaler=scaler,
         )
         prune_checkpoints(out_dir, hp.keep_last_checkpoints)
-        if on_checkpoint is not None:
-            on_checkpoint(path, step)
+        if request.on_checkpoint is not None:
+            request.on_checkpoint(path, step)
         return path
 
     window = _Window()
     t_start, start_step = time.perf_counter(), step
     stop_reason = "max_steps"
     while step < hp.max_steps:
-        if _any_rank(should_stop() if main else False):
+        if any_rank(request.should_stop() if main else False):
             stop_reason = "stopped"
             break
         torch.manual_seed(hp.seed * 100_003 + step)  # dropout depends on (seed, step) only
@@ -274,11 +242,11 @@ def train_sft(
             units = [next(stream) for _ in range(micro_units)]
             micro.append(make_batch(units[rank * hp.batch_size:(rank + 1) * hp.batch_size]))
             seen_tokens += sum(unit_tokens[u] for u in units)  # every rank's, not padding
-        step_tokens = _sum_ranks(sum(_learned(b["labels"]) for b in micro))
+        step_tokens = sum_ranks(sum(_learned(b["labels"]) for b in micro))
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            with _gradient_sync(train_model, last), torch.autocast(
+            with gradient_sync(train_model, last), torch.autocast(
                 device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
             ):
                 part = train_model(**batch)
@@ -301,7 +269,7 @@ def train_sft(
         step += 1
         samples_seen += units_per_step
         tokens_seen += seen_tokens
-        loss = _sum_ranks(float(loss_sum)) / max(step_tokens, 1)
+        loss = sum_ranks(float(loss_sum)) / max(step_tokens, 1)
         if step == 1:
             first_loss = loss
         window.add(loss, seen_tokens, units_per_step, grad_norm)
@@ -340,7 +308,7 @@ def train_sft(
             if evaluated:
                 metrics["eval_loss"] = eval_loss
             history.append(metrics)
-            on_metrics(metrics)
+            request.on_metrics(metrics)
             window = _Window()
 
         if stop_reason != "max_steps":
@@ -365,22 +333,8 @@ def train_sft(
     )
 
 
-train_lora_sft = train_sft  # the name this recipe had when it only did LoRA
-
-
 # --------------------------------------------------------------------------------------------
 # helpers of the loop
-
-
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
-    """adamw (torch), adamw_8bit / paged_adamw_8bit (bitsandbytes: 8-bit moments)."""
-    if name == "adamw":  # fused: one kernel for all parameters (CPU and CUDA), as HF's default
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def evaluate_loss(loss_model: CausalLMLossSum, examples: list[dict], batch_size: int,
@@ -423,50 +377,6 @@ def _learned(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-@contextlib.contextmanager
-def _gradient_sync(train_model: torch.nn.Module, sync: bool) -> Iterator[None]:
-    """Context for one micro-batch's forward and backward: without `sync`, gradients only
-    accumulate on this rank (DDP's no_sync, FSDP's set_requires_gradient_sync(False)); the
-    step's last micro-batch reduces them all at once."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if sync:
-        yield
-    elif isinstance(train_model, FSDPModule):
-        train_model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            train_model.set_requires_gradient_sync(True)
-    elif isinstance(train_model, torch.nn.parallel.DistributedDataParallel):
-        with train_model.no_sync():
-            yield
-    else:
-        yield
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sum_ranks(x: float | int) -> float | int:
-    """`x` summed over the processes (itself when there is one)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    out = float(t.item())
-    return int(round(out)) if isinstance(x, int) else out
-
-
-def _any_rank(flag: bool) -> bool:
-    return bool(_sum_ranks(int(flag)))
-
-
 class _Window:
     """Accumulates the steps between two metric reports."""
 
@@ -500,67 +410,3 @@ def _example_stream(n: int, seed: int, *, start: int = 0) -> Iterator[int]:
         random.Random(f"{seed}:{epoch}").shuffle(order)
         yield from order[offset:]
         epoch, offset = epoch + 1, 0
-
-
-# --------------------------------------------------------------------------------------------
-# FSDP: sharding the model, and its full state for checkpoints
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers model (through a peft wrapper): the modules whose
-    class is in its `_no_split_modules` (LlamaDecoderLayer, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    return [m for m in base.modules() if type(m).__name__ in names]
-
-
-def shard_model(loss_model: CausalLMLossSum, amp_dtype: torch.dtype | None) -> None:
-    """FSDP2, in place: each decoder layer is one shard group, all-gathered for its own forward
-    and backward only; the root `loss_model` holds the rest (embeddings, final norm, output
-    head: tied weights must share a group) and stays gathered from its forward to its backward.
-    With bf16 / fp16 the gathered parameters are cast to that dtype for compute, gradients are
-    reduced in fp32 and the sharded parameters (what the optimizer updates) stay fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    layers = decoder_layers(loss_model.model)
-    if not layers:
-        raise ValueError(
-            "distributed.strategy fsdp: found no decoder layers (_no_split_modules) to shard in "
-            f"{type(loss_model.model).__name__}; use strategy ddp"
-        )
-    policy = MixedPrecisionPolicy(param_dtype=amp_dtype,
-                                  reduce_dtype=torch.float32 if amp_dtype else None)
-    for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(loss_model, mp_policy=policy)
-
-
-def gather_full_state(model, optimizer: torch.optim.Optimizer, param_names: list[str], *,
-                      adapter: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The full (unsharded) state dict of an FSDP-sharded `model` (only its trainable parameters
-    for an adapter; buffers always) and of its optimizer in `optimizer.state_dict()`'s layout,
-    on rank 0's CPU; the other ranks get empty dicts. A collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
-    weights = get_model_state_dict(model, options=options)
-    # tied parameters (an output head sharing the input embedding) are gathered as separate
-    # copies: make them one tensor again, so that save_pretrained stores it once, as unsharded
-    first_name: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first = first_name.setdefault(id(p), name)
-        if first != name and name in weights and first in weights:
-            weights[name] = weights[first]
-    by_name = get_optimizer_state_dict(model, optimizer, options=options)
-    if not by_name:
-        return weights, {}
-    index = {name: i for i, name in enumerate(param_names)}  # parameter name -> position
-    return weights, {
-        "state": {index[name]: s for name, s in by_name["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                         for g in by_name["param_groups"]],
-    }
