@@ -9,6 +9,7 @@ terminated: never redelivered forever, never dropped silently.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -238,8 +239,13 @@ class Bus:
             ack_policy=AckPolicy.MANUAL,
         )
 
+        # faststream runs the messages of a fetched batch concurrently; one at a time keeps a
+        # consumer's deliveries in stream order once handlers await threads.
+        in_order = asyncio.Lock()
+
         async def on_message(msg: NatsMessage) -> None:
-            await self._dispatch(durable, msg, handler, max_deliver)
+            async with in_order:
+                await self._dispatch(durable, msg, handler, max_deliver)
 
         subscriber(on_message)
 

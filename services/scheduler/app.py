@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 
 from llmstudio.grpcutil import Registration
+from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
 from llmstudio.v1 import jobs_pb2_grpc
 
 from .api import JobApi
 from .core import WorkerTable
 from .handlers import Handlers
-from .outbox import Outbox
 from .store import SchedulerStore
 from .usecases import Jobs, Placement, Reports
 from .watch import Watchers
@@ -21,7 +21,9 @@ from .watch import Watchers
 async def build(rt: Runtime) -> list[Registration]:
     store = SchedulerStore(rt.settings.db_url(rt.name))
     await asyncio.to_thread(store.migrate)
-    outbox = Outbox(store, rt.bus)
+    # A use case never fails because publishing did; a work item carries its job's CreateJob
+    # trace (`add(..., traceparent=job.traceparent)`), so a worker's spans join the job's trace.
+    outbox = Outbox(store, rt.bus, interval_s=2.0, defer_failures=True)
     watchers = Watchers()
     workers = WorkerTable(rt.settings.worker_ttl_s)
     Handlers(Reports(store, outbox, watchers, actor=rt.name), workers).subscribe(rt.bus)

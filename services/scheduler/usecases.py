@@ -37,10 +37,10 @@ from llmstudio.events import (
 )
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.memory import estimate_memory, model_config_of
+from llmstudio.outbox import Outbox
 
 from . import core
 from .core import Happening, Job, Report, Status, WorkerTable, transition
-from .outbox import Outbox
 from .store import Conflict, SchedulerStore, Unit
 from .watch import Update, Watchers
 

@@ -13,9 +13,9 @@ from alembic.migration import MigrationContext
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.migrations import alembic_config, current_revision, version_table
+from llmstudio.outbox import Outbox
 from services.scheduler import store as head
 from services.scheduler.core import Status, WorkerTable
-from services.scheduler.outbox import Outbox
 from services.scheduler.store import SchedulerStore
 from services.scheduler.usecases import Jobs
 from services.scheduler.watch import Watchers
@@ -116,7 +116,7 @@ def write_old_rows(engine: sa.Engine) -> None:
 
 
 async def assert_old_rows_read_back(store: SchedulerStore) -> None:
-    jobs = Jobs(store, Outbox(store, Bus(Settings(), "scheduler")), Watchers(), WorkerTable(1.0))
+    jobs = Jobs(store, Outbox(store, Bus(Settings(), "scheduler"), defer_failures=True), Watchers(), WorkerTable(1.0))
     one = await jobs.get("job-1", TENANT)
     assert one.status == Status.SUCCEEDED and one.idempotency_key == "k-1"
     assert one.spec["hyperparameters"]["max_steps"] == 3 and one.priority == 2
