@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -33,6 +33,38 @@ FORMATS = (PROMPT_COMPLETION, MESSAGES, TEXT, PREFERENCE)
 DEFAULT_VALIDATION_FRACTION = 0.1
 MAX_REPORTED_ERRORS = 20  # kept in the rejection event and the report
 ERRORS_IN_MESSAGE = 3  # named in the gRPC status message
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One version of a dataset, immutable once stored. (tenant, name, version) is unique."""
+
+    id: str
+    tenant: str
+    name: str
+    sha256: str  # of its normalized rows: its content's identity
+    format: str  # the normalized format (FORMATS)
+    num_rows: int
+    train_rows: int
+    validation_rows: int
+    artifacts: dict[str, str]  # "raw" | "rows" | "train" | "validation" | "test" | "report" -> key
+    split_sha256: dict[str, str]  # split -> sha256 of its file
+    validation_fraction: float
+    seed: int
+    created_at: str
+    created_by: str
+    test_rows: int = 0
+    test_fraction: float = 0.0
+    version: int = 1
+    parent_id: str = ""  # "" for an upload
+    transformation: str = "{}"  # JSON: how it was made
+    status: str = "accepted"  # accepted | accepted_with_warnings
+    warnings: list[str] = field(default_factory=list)
+    source_schema: str = ""
+    source_format: str = ""
+    description: str = ""
+    idempotency_key: str | None = None  # None when the caller sent none
+    request_sha256: str = ""  # core.request_fingerprint of the request that made it
 
 
 @dataclass(frozen=True)
@@ -97,6 +129,11 @@ def split_prefix(sha256: str, validation_fraction: float, seed: int,
     fraction = validation_fraction or DEFAULT_VALIDATION_FRACTION
     test = f"-test{test_fraction!r}" if test_fraction else ""
     return f"datasets/{sha256}/seed{seed}-val{fraction!r}{test}"
+
+
+def schema_of_format(fmt: str) -> str:
+    """The input schema that reads a normalized format as is (for derived versions)."""
+    return "openai_chat" if fmt == MESSAGES else fmt
 
 
 def report_key(dataset_id: str) -> str:

@@ -1,6 +1,7 @@
 """A version's files in the artifact store: the raw upload, the normalized rows, the split files
 and the report. Rows and splits are content-addressed (stored once however many versions share
-them); a version's record is written only after all its files, so no version is ever partial."""
+them); a version's record is written only after all its files, so no version is ever partial.
+A job's check hashes the split files again; a preview reads a few lines of one."""
 
 from __future__ import annotations
 
@@ -53,3 +54,18 @@ def split_problems(
                 f"recorded {expected}"
             )
     return problems
+
+
+def read_lines(artifacts: ArtifactStore, key: str, offset: int, limit: int) -> list[tuple[int, str]]:
+    """Lines offset..offset+limit of a stored JSONL file, streamed (never the whole file)."""
+    rows, buffer, index = [], b"", 0
+    for chunk in artifacts.open_stream(key):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if index >= offset:
+                rows.append((index, line.decode("utf-8")))
+                if len(rows) == limit:
+                    return rows
+            index += 1
+    return rows

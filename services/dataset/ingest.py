@@ -219,7 +219,8 @@ def _untarred(archive: Path, filename: str, target: Path, limits: Limits) -> Pat
     (tarfile's "data" filter), at most max_expanded_bytes in total."""
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            members, total = [], 0
+            members: list[tarfile.TarInfo] = []
+            total = 0
             for member in tar:  # one at a time: a tar of a million entries is refused early
                 if len(members) == MAX_TAR_MEMBERS:
                     raise formats.SourceError(f"{filename}: more than {MAX_TAR_MEMBERS} entries; "
@@ -345,7 +346,7 @@ class _Scan:
         # Without an explicit schema, normalize detects again and refuses rows that mix two.
         row, reasons = schemas.normalize(value, self.options.schema or None,
                                          self.options.column_map or None)
-        if reasons:
+        if reasons or row is None:  # a row comes without reasons, and only then
             self.error(location, reasons)
             return None
         row = self._privacy(row, location)

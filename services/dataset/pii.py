@@ -541,7 +541,7 @@ def _find_secrets(text: str, found: list[Finding]) -> None:
     lowered = text.lower()
     if any(word in lowered for word in _SECRET_KEY_WORDS):
         for match in _ASSIGNED_SECRET_RE.finditer(text):
-            group = match.lastindex
+            group = match.lastindex or 0  # each alternative captures the value: never 0
             value = match.group(group)
             if group == 3:  # unquoted: a final "." ends the sentence, not the value
                 value = value.rstrip(".")

@@ -107,8 +107,8 @@ def _message_items(
         if not isinstance(item, dict):
             errors.append(f"field '{item_path}': must be an object, got {json_type(item)}")
             continue
-        item_errors = []
-        role = item.get(role_key)
+        item_errors: list[str] = []
+        role = item.get(role_key, "")
         if role_key not in item:
             item_errors.append(f"field '{item_path}.{role_key}': missing")
         elif not (isinstance(role, str) and role in roles):  # a dict role is unhashable

@@ -1,5 +1,6 @@
 """Where ImportDataset may read from: S3 URIs of allowed buckets, server paths under allowed
-roots. Everything else is refused before a byte is read."""
+roots. Everything else is refused before a byte is read. And the S3 fetch itself, bounded by
+the upload size limit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from llmstudio.errors import InvalidArgument, PermissionDenied
+from llmstudio.config import Settings
+from llmstudio.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from llmstudio.storage import S3ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -80,3 +88,23 @@ def check_model_dir(base_model: str, allowed_roots: list[Path]) -> None:
     if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_dir():
         raise PermissionDenied("base_model: not a model folder under the allowed model roots "
                                "(LLMSTUDIO_DATASET_MODEL_ROOTS)")
+
+
+def fetch_s3(settings: Settings, source: S3Source, dest: Path) -> None:
+    """Copy the object to `dest`, streamed (blocking: run it in a thread). Raises
+    FailedPrecondition when it cannot be read, ResourceExhausted past the upload size limit."""
+    s, where = settings, f"s3://{source.bucket}/{source.key}"
+    store = S3ArtifactStore(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, source.bucket,
+                            secure=s.s3_secure, region=s.s3_region, create_bucket=False)
+    try:
+        chunks = store.open_stream(source.key)
+    except Exception as e:  # noqa: BLE001 - any S3 failure is the caller's to fix
+        raise FailedPrecondition(f"source_uri: cannot read {where}: {e}") from None
+    size = 0
+    with dest.open("wb") as sink:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > s.dataset_max_upload_bytes:
+                raise ResourceExhausted(f"{where} is larger than the limit of "
+                                        f"{s.dataset_max_upload_bytes} bytes")
+            sink.write(chunk)

@@ -12,7 +12,7 @@ import uuid
 import grpc
 import nats
 import pytest
-import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from llmstudio.config import Settings
 from llmstudio.events import (
@@ -29,12 +29,9 @@ from llmstudio.storage import LocalArtifactStore, S3ArtifactStore
 from llmstudio.v1 import datasets_pb2, datasets_pb2_grpc
 from services.dataset import core
 from services.dataset.app import build
-from services.dataset.store import (
-    DatasetRecord,
-    DatasetStore,
-    DuplicateIdempotencyKey,
-    VersionTaken,
-)
+from services.dataset.core import DatasetRecord
+from services.dataset.store import DatasetStore
+from services.dataset.usecases import registered
 from tests.support.harness import put_api_key, running
 from tests.support.seaweed import seaweed_s3
 
@@ -293,14 +290,48 @@ async def test_job_submitted_validates_the_dataset_files(settings, service, even
 
 
 async def test_dataset_stored_but_not_announced_is_announced_on_start(settings, events):
+    # What a crash between the commit and the publish leaves: the version and its event, queued.
     store = DatasetStore(settings.db_url("dataset"))
-    store.create_tables()
-    store.add(record(tenant="acme", id="ds-0123456789ab"))
-    store.close()
+    store.migrate()
+    stored = record(tenant="acme", id="ds-0123456789ab")
+    event = make_envelope(registered(stored), source="dataset", tenant="acme", actor="key-1")
+    with store.unit() as u:
+        u.add(stored)
+        u.enqueue(registered(stored).subject(), event.model_dump_json(), "")
     async with running("dataset", build, settings):
         env, data = (await wait_for(lambda: of_type(events, DatasetRegistered)))[0]
-    assert data.dataset_id == "ds-0123456789ab" and env.tenant == "acme"
-    assert DatasetStore(settings.db_url("dataset")).unannounced() == []
+        await wait_for(lambda: not pending(store))
+    assert data == registered(stored) and (env.id, env.tenant) == (event.id, "acme")
+    store.dispose()
+
+
+def pending(store: DatasetStore) -> list:
+    with store.unit() as u:
+        return u.pending_events()
+
+
+async def test_concurrent_versions_of_one_name_take_the_next_numbers(settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    a, b = await asyncio.gather(create(service, key, name="r", content=jsonl(ROWS)),
+                                create(service, key, name="r", content=jsonl(ROWS[:30])))
+    assert sorted((a.version, b.version)) == [1, 2] and a.id != b.id
+    for ds in (a, b):
+        await wait_for(lambda d=ds: of_type(events, DatasetRegistered, dataset_id=d.id))
+
+
+async def test_concurrent_calls_with_one_idempotency_key_make_one_version(
+        settings, service, events):
+    key = await put_api_key(settings.nats_url, "developer", "acme")
+    req = dict(name="r", content=jsonl(ROWS), idempotency_key="same")
+    a, b = await asyncio.gather(create(service, key, **req), create(service, key, **req))
+    assert a == b
+    ch, client, md = stub(service, key)
+    async with ch:
+        listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+    assert [d.id for d in listed.datasets] == [a.id]
+    await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=a.id))
+    await asyncio.sleep(0.2)  # a second announcement would have arrived by now
+    assert len(of_type(events, DatasetRegistered)) == 1
 
 
 # -- the store on SQLite and PostgreSQL ------------------------------------------------------------
@@ -318,57 +349,32 @@ def record(**kw) -> DatasetRecord:
     return DatasetRecord(**(fields | kw))
 
 
-def postgres_url() -> tuple[str, sa.Engine, str]:
-    """A fresh schema in the local PostgreSQL `test` database, or skip."""
-    base = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    try:
-        engine = sa.create_engine(base, connect_args={"connect_timeout": 2})
-        schema = f"dataset_{uuid.uuid4().hex[:8]}"
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    except Exception as e:  # noqa: BLE001 - no server, no database, no rights
-        pytest.skip(f"PostgreSQL not reachable: {e}")
-    return schema, engine, f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = DatasetStore(f"sqlite:///{tmp_path / 'dataset.db'}")
-        s.create_tables()
-        yield s
-        s.close()
-        return
-    schema, admin, url = postgres_url()
-    s = DatasetStore(url)
-    s.create_tables()
-    try:
-        yield s
-    finally:
-        s.close()
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+@pytest.fixture
+def store(db_url):
+    s = DatasetStore(db_url)
+    s.migrate()
+    yield s
+    s.dispose()
 
 
 def test_store_is_tenant_scoped_and_round_trips(store):
     a = record(name="r", created_at="2025-01-01T00:00:01.000000Z")
     b = record(name="s", created_at="2025-01-01T00:00:02.000000Z", idempotency_key="k")
     foreign = record(tenant="globex", idempotency_key="k")
-    for r in (a, b, foreign):
-        store.add(r)
-    assert store.get("acme", a.id) == a
-    assert store.get("globex", a.id) is None
-    assert store.list("acme") == [a, b]
-    assert store.list("acme", name="s") == [b]
-    assert store.by_idempotency_key("acme", "k") == b
-    assert store.by_idempotency_key("globex", "k") == foreign
-    with pytest.raises(DuplicateIdempotencyKey):
-        store.add(record(idempotency_key="k"))
-    assert {r.id for r in store.unannounced()} == {a.id, b.id, foreign.id}
-    store.mark_announced(a.id)
-    assert a.id not in {r.id for r in store.unannounced()}
-    assert store.get("acme", a.id).announced is True
+    with store.unit() as u:
+        for r in (a, b, foreign):
+            u.add(r)
+    with store.unit() as u:
+        assert u.get("acme", a.id) == a
+        assert u.get("globex", a.id) is None
+        assert u.versions("acme") == [a, b]
+        assert u.versions("acme", name="s") == [b]
+        assert u.by_idempotency_key("acme", "k") == b
+        assert u.by_idempotency_key("globex", "k") == foreign
+    with pytest.raises(IntegrityError), store.unit() as u:
+        u.add(record(idempotency_key="k"))
+    with store.unit() as u:  # the refused insert took nothing with it
+        assert len(u.versions("acme")) == 2
 
 
 @pytest.mark.parametrize(
@@ -408,12 +414,12 @@ async def test_job_whose_objective_needs_another_format_is_rejected(settings, se
 
 
 def test_store_numbers_versions_per_name_and_refuses_a_taken_number(store):
-    store.add(record(name="r", version=1))
-    store.add(record(name="r", version=2))
-    store.add(record(name="other", version=1))
-    assert store.latest_version("acme", "r") == 2 and store.latest_version("acme", "x") == 0
-    with pytest.raises(VersionTaken):
-        store.add(record(name="r", version=2))
+    with store.unit() as u:
+        for name, version in (("r", 1), ("r", 2), ("other", 1)):
+            u.add(record(name=name, version=version))
+        assert u.latest_version("acme", "r") == 2 and u.latest_version("acme", "x") == 0
+    with pytest.raises(IntegrityError), store.unit() as u:
+        u.add(record(name="r", version=2))
 
 
 # -- streaming upload, import, derive, report, preview -------------------------------------------

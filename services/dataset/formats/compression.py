@@ -7,8 +7,9 @@ import bz2
 import gzip
 import lzma
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from . import limits
 from .errors import SourceError
@@ -43,8 +44,10 @@ def _decompressor(
     """The decompressed stream, and the exceptions it raises for corrupt or truncated input."""
     corrupt = (OSError, EOFError, lzma.LZMAError, zlib.error)
     if compression != "zst":
-        opener = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
-        return opener(src, "rb"), corrupt
+        # GzipFile is no IO[bytes] to typeshed, though it reads like one
+        openers: dict[str, Callable[[Path, str], Any]] = {
+            "gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+        return openers[compression](src, "rb"), corrupt
     try:
         import zstandard
     except ImportError:

@@ -150,7 +150,9 @@ class _Cursor:
                         "starts here (a string or bracket is not closed, or it is truncated)"
                     )
             if in_string:
-                end = _STRING_BODY.match(self.buf, self.pos).end()
+                body = _STRING_BODY.match(self.buf, self.pos)
+                assert body is not None  # it matches the empty string at least
+                end = body.end()
                 if end < len(self.buf) and self.buf[end] == ord('"'):
                     self.advance(end + 1)
                     in_string = False
