@@ -14,7 +14,7 @@ from llmstudio.jobspec import JobSpec, Method
 from llmstudio.ml.tiny import build_tiny_model
 from services.trainer import methods as M
 from services.trainer.methods import (
-    METHODS,
+    REGISTRY,
     TrainableMismatch,
     UnsupportedOnHardware,
     check_hardware,
@@ -68,12 +68,12 @@ def _logits(pm, ids, am):
 
 
 def test_registry_covers_exactly_the_jobspec_methods():
-    assert set(METHODS) == set(ALL_METHODS)
-    assert len(METHODS) == len(ALL_METHODS)
-    assert METHODS["full"](_spec("x", "full"), "llama") is None
+    assert set(REGISTRY) == set(ALL_METHODS)
+    assert len(REGISTRY) == len(ALL_METHODS)
+    assert REGISTRY["full"].peft_config is None
     for name in ALL_METHODS:
         if name != "full":
-            assert METHODS[name](_spec("x", name), "llama") is not None, name
+            assert REGISTRY[name].peft_config(_spec("x", name), "llama") is not None, name
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -117,7 +117,7 @@ def test_method_trains_only_its_parameters_and_round_trips(method, tiny, batch, 
         assert pm.model.peft_config["default"].rank_pattern
 
     trained = _logits(pm, ids, am)
-    save_trainable(pm.model, tmp_path / "ckpt")
+    save_trainable(pm, tmp_path / "ckpt")
     files = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files), files
     assert ("adapter_model.safetensors" if pm.is_adapter else "model.safetensors") in files
@@ -141,7 +141,7 @@ def test_method_trains_only_its_parameters_and_round_trips(method, tiny, batch, 
 
 def test_load_trainable_refuses_a_mismatched_checkpoint(tiny, tmp_path):
     pm = load_for_training(_spec(tiny, "lora"), tiny, CPU)
-    save_trainable(pm.model, tmp_path / "r8")
+    save_trainable(pm, tmp_path / "r8")
     other = load_for_training(_spec(tiny, "lora", lora={"r": 4}), tiny, CPU)
     with pytest.raises(TrainableMismatch):
         load_trainable(other, tmp_path / "r8")
@@ -182,17 +182,17 @@ def test_cpu_refusals_say_why(tiny, monkeypatch):
 def test_adalora_schedule_without_budget_phase_is_refused(tiny):
     spec = _spec(tiny, "adalora", adalora={"tinit": 6, "tfinal": 4})
     with pytest.raises(ValueError, match="tinit"):
-        METHODS["adalora"](spec, "llama")
+        REGISTRY["adalora"].peft_config(spec, "llama")
 
 
 def test_defaults_per_architecture():
     assert M.default_target_modules("llama") == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert M.default_target_modules("unknown-arch") == "all-linear"
-    ia3 = METHODS["ia3"](_spec("x", "ia3"), "llama")
+    ia3 = REGISTRY["ia3"].peft_config(_spec("x", "ia3"), "llama")
     assert set(ia3.feedforward_modules) == {"down_proj"} <= set(ia3.target_modules)
     spec = _spec("x", "lora", lora={"target_modules": ["q_proj"]})
-    assert set(METHODS["dora"](spec, "llama").target_modules) == {"q_proj"}
-    assert METHODS["dora"](spec, "llama").use_dora
+    dora = REGISTRY["dora"].peft_config(spec, "llama")
+    assert set(dora.target_modules) == {"q_proj"} and dora.use_dora
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])

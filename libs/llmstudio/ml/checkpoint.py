@@ -381,7 +381,7 @@ def load_optimizer_state(
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    by_name = {  # the layout of torch.distributed.checkpoint: parameters by name
+    by_name: dict[str, Any] = {  # torch.distributed.checkpoint's layout: parameters by name
         "state": {param_names[i]: s for i, s in state.items()},
         "param_groups": [{**g, "params": [param_names[i] for i in g["params"]]} for g in groups],
     }

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmstudio.jobspec import METHODS
 from llmstudio.ml import checkpoint
 from llmstudio.ml.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, weight_files
 
@@ -132,12 +133,10 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def _adapter_options(spec: dict) -> dict:
-    method = spec.get("method", "")
-    if method == "full":
+    traits = METHODS.get(spec.get("method", ""))
+    if traits is None or not traits.peft:
         return {}
-    if method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
-        return spec.get("prompt") or {}
-    return spec.get("lora") or {}
+    return spec.get("prompt" if traits.prompt_learning else "lora") or {}
 
 
 def _lineage(ckpt: Path, state: dict, manifest: dict, kind: str, base_model: str,
@@ -293,7 +292,7 @@ def export_merged(checkpoint_dir: str | Path, out_dir: str | Path, base_model: s
 
     if kind == "full":
         model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-        tokenizer_sources = (ckpt, base)
+        tokenizer_sources: tuple[Path | str, ...] = (ckpt, base)
     else:
         if not base:
             raise ExportError(f"{ckpt}: trainer_state.json names no base model; pass base_model "

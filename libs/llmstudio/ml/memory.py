@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmstudio.jobspec import PROMPT_METHODS, JobSpec
+from llmstudio.jobspec import METHODS, JobSpec
 from llmstudio.ml.targets import default_target_modules
 
 KEYS = ("weights", "gradients", "optimizer", "activations", "total")
@@ -49,9 +49,6 @@ LLAMA_LIKE = frozenset({
 })
 
 QUANT_BLOCK_OVERHEAD = 4 / 64  # one fp32 absmax per 64-value block (bitsandbytes)
-ADAPTER_METHODS = frozenset({
-    "lora", "dora", "qlora", "lora_8bit", "loha", "lokr", "adalora", "oft", "vera",
-})
 
 
 class _Arch:
@@ -149,13 +146,12 @@ def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def _targets(arch: _Arch, spec: JobSpec) -> list[tuple[int, int, int]]:
     """(in, out, count per layer) of every linear module the adapter wraps."""
     linears = arch.linears()
-    wanted = spec.lora.target_modules
-    if wanted is None:  # what the trainer adapts (llmstudio.ml.targets)
-        wanted = default_target_modules(arch.model_type)
+    # what the trainer adapts (llmstudio.ml.targets): the spec's modules, else the default
+    wanted = spec.lora.target_modules or default_target_modules(arch.model_type)
     if wanted == ["all-linear"] or wanted == "all-linear":
         return list(linears.values())
     shapes = []
-    for name in wanted:
+    for name in [wanted] if isinstance(wanted, str) else wanted:
         short = name.rsplit(".", 1)[-1]
         # a name this architecture does not have: assume a hidden x hidden projection
         shapes.append(linears.get(name) or linears.get(short) or (arch.hidden, arch.hidden, 1))
@@ -168,10 +164,10 @@ def trainable_params(model_config: dict[str, Any], spec: JobSpec) -> int:
     arch = _Arch(cfg)
     if not arch.known:
         return 0
-    method = spec.method
-    if method == "full":
+    method, traits = spec.method, METHODS[spec.method]
+    if not traits.peft:
         return param_count(cfg)
-    if method in PROMPT_METHODS:
+    if traits.prompt_learning:
         tokens = spec.prompt.num_virtual_tokens
         if method == "prefix_tuning":  # a key and a value per layer per virtual token
             return tokens * 2 * arch.layers * arch.hidden
@@ -209,15 +205,15 @@ def estimate_memory(model_config: dict[str, Any], spec: JobSpec) -> dict[str, fl
     linear = arch.layers * arch.layer_linear_params()
     other = arch.layers * arch.layer_other_params() + arch.embedding_params()
     trainable = trainable_params(cfg, spec)
-    if spec.method == "qlora":
-        weights = linear * (0.5 + QUANT_BLOCK_OVERHEAD) + other * (2 if mixed else 4)
-    elif spec.method == "lora_8bit":
-        weights = linear * (1 + QUANT_BLOCK_OVERHEAD) + other * (2 if mixed else 4)
+    traits = METHODS[spec.method]
+    if traits.quantized_bits:
+        weights = (linear * (traits.quantized_bits / 8 + QUANT_BLOCK_OVERHEAD)
+                   + other * (2 if mixed else 4))
     else:
         weights = (linear + other) * 4.0
-    if spec.method != "full":
+    if traits.peft:
         weights += trainable * 4.0  # the adapter, fp32
-    if spec.objective == "dpo" and spec.method == "full":
+    elif spec.objective == "dpo":
         weights *= 2  # a frozen reference copy (adapters use the base model as reference)
 
     gradients = trainable * 4.0
@@ -228,7 +224,7 @@ def estimate_memory(model_config: dict[str, Any], spec: JobSpec) -> dict[str, fl
 
     # activations (Korthikanti et al. 2022; see the module docstring)
     b, s, h, a = hp.batch_size, hp.max_seq_length, arch.hidden, arch.heads
-    if spec.method in PROMPT_METHODS:
+    if traits.prompt_learning:
         s += spec.prompt.num_virtual_tokens
     scale = 1.0 if mixed else 2.0  # the formula counts 16-bit activations
     layer_full = s * b * h * (34 + 5 * a * s / h) * scale

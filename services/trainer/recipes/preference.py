@@ -216,7 +216,7 @@ class _Run:
         )
         path = write_checkpoint(
             self.out_dir, state,
-            save_weights=lambda d: methods.save_trainable(trainer.model, d),
+            save_weights=lambda d: methods.save_trainable(self.prepared, d),
             optimizer=optimizer, param_names=_optimizer_param_names(trainer.model, optimizer),
             scheduler=trainer.lr_scheduler, scaler=trainer.accelerator.scaler,
         )

@@ -218,7 +218,7 @@ def train(request: TrainRequest) -> TrainResult:
         )
         path = write_checkpoint(
             out_dir, state,
-            save_weights=lambda d: methods.save_trainable(model, d, state_dict=model_state),
+            save_weights=lambda d: methods.save_trainable(prepared, d, state_dict=model_state),
             optimizer=optimizer, param_names=param_names, optimizer_state=optimizer_state,
             scheduler=scheduler, scaler=scaler,
         )
