@@ -23,10 +23,18 @@ class S3Source:
     bucket: str
     key: str
 
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
 
 @dataclass(frozen=True)
 class PathSource:
     path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
 
 def parse_source(uri: str, allowed_buckets: list[str],

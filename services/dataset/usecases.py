@@ -161,9 +161,8 @@ class Datasets:
             else:
                 path = raw = work / "import"
                 await asyncio.to_thread(fetch_s3, s, where, path)
-            named = new.options.filename or Path(
-                where.path if isinstance(where, PathSource) else where.key).name
-            new = replace(new, options=replace(new.options, filename=named))
+            new = replace(new, options=replace(new.options,
+                                               filename=new.options.filename or where.name))
             transformation = core.transformation(
                 "import", source=source_uri, **_upload_params(new.options))
             # Idempotency of an import is by URI: a retry with the same key and URI returns
