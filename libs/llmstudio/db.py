@@ -55,9 +55,6 @@ class UnitOfWorkStore(Generic[U]):
     def __init__(self, url: str):
         self.engine = make_engine(url)
 
-    def create_tables(self) -> None:  # TODO(issue 8): removed once every store migrates
-        self.metadata.create_all(self.engine)
-
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the schema to `revision` (blocking: call it at start)."""
         from .migrations import upgrade
