@@ -90,7 +90,7 @@ class RecentIds:
         return item in self._ids
 
 
-# -- what a heartbeat reports about the hardware ----------------------------------------------
+# -- the hardware: what the heartbeat reports and the hardware check refuses (host.py reads) --
 
 # CPU flags of native bf16 arithmetic (AVX-512 BF16, AMX); AVX2-only CPUs emulate it, slowly.
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -114,14 +114,3 @@ def cpu_has_bf16(cpuinfo: str) -> bool:
         if name.strip() == "flags":
             return bool(CPU_BF16_FLAGS & set(value.split()))
     return False
-
-
-def cpu_hardware() -> tuple[int, bool]:
-    """(available RAM in bytes, native bf16) of this host; (0, False) where /proc is not."""
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    return mem_available_bytes(read("/proc/meminfo")), cpu_has_bf16(read("/proc/cpuinfo"))

@@ -34,6 +34,8 @@ from llmstudio.jobspec import METHODS, JobSpec
 from llmstudio.ml.checkpoint import ADAPTER_WEIGHTS, weight_files
 from llmstudio.ml.targets import default_target_modules
 
+from . import host
+
 # IA3 scales keys, values and the feed-forward input (the IA3 paper's choice); the
 # feed-forward modules are scaled on their input, the others on their output.
 _LLAMA_LIKE_IA3 = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
@@ -429,18 +431,6 @@ REGISTRY: dict[str, FineTuningMethod] = {
 # hardware checks
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bf16 matmul units (AVX512-BF16 / AMX); without them torch emulates
-    bf16 and training runs ~25x slower than fp32."""
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return "AMX" in cap
-
-
 def _bitsandbytes_importable() -> str:
     try:
         importlib.import_module("bitsandbytes")
@@ -464,11 +454,12 @@ def check_hardware(spec: JobSpec, device: torch.device) -> None:
                 "optimizer paged_adamw_8bit pages optimizer state between GPU and CPU memory and "
                 "needs a CUDA GPU; use adamw or adamw_8bit on a CPU worker"
             )
-        if spec.precision == "bf16" and not cpu_has_fast_bf16():
+        # the heartbeat reports the same answer (host.cpu_hardware), so the scheduler places a
+        # bf16 job only on a CPU worker that this check lets run it
+        if spec.precision == "bf16" and not host.cpu_has_native_bf16():
             raise UnsupportedOnHardware(
-                "precision bf16 on this CPU (no AVX512-BF16/AMX units, capability "
-                f"{torch.backends.cpu.get_cpu_capability()}) is emulated and ~25x slower than "
-                "fp32; use precision fp32 (or a GPU worker)"
+                "precision bf16 on this CPU (no avx512_bf16 / amx_bf16 in its flags) is emulated "
+                "and ~25x slower than fp32; use precision fp32 (or a GPU worker)"
             )
     elif device.type == "cuda":
         if spec.precision == "bf16" and not torch.cuda.is_bf16_supported():

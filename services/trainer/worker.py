@@ -43,13 +43,13 @@ from llmstudio.storage import ArtifactStore
 from .core import (
     RecentIds,
     check_local_model_dir,
-    cpu_hardware,
     default_worker_id,
     failure_reason,
     metrics_event,
     train_split_key,
 )
 from .distributed import train_distributed
+from .host import cpu_hardware
 from .recipes import TrainRequest, TrainResult
 
 log = logging.getLogger(__name__)

@@ -12,13 +12,13 @@ import torch
 
 from llmstudio.jobspec import JobSpec, Method
 from llmstudio.ml.tiny import build_tiny_model
+from services.trainer import host
 from services.trainer import methods as M
 from services.trainer.methods import (
     REGISTRY,
     TrainableMismatch,
     UnsupportedOnHardware,
     check_hardware,
-    cpu_has_fast_bf16,
     load_for_training,
     load_trainable,
     save_trainable,
@@ -133,7 +133,7 @@ def test_method_trains_only_its_parameters_and_round_trips(method, tiny, batch, 
     for (name, loaded), (_, saved) in zip(fresh.trainable, pm.trainable, strict=True):
         assert torch.equal(loaded.detach(), saved.detach()), name
     tolerance = {"atol": 1e-4, "rtol": 1e-4}
-    if method == "qlora" and cpu_has_fast_bf16():
+    if method == "qlora" and host.cpu_has_native_bf16():
         # On CPUs with AVX512-BF16, bitsandbytes runs 4-bit matmuls in bf16 (8-bit mantissa).
         tolerance = {"atol": 0.2, "rtol": 0.05}
     torch.testing.assert_close(_logits(fresh, ids, am), trained, **tolerance)
@@ -168,10 +168,11 @@ def test_fp16_on_cpu_is_refused_before_loading(tiny, monkeypatch):
 def test_cpu_refusals_say_why(tiny, monkeypatch):
     with pytest.raises(UnsupportedOnHardware, match="paged_adamw_8bit.*GPU"):
         check_hardware(_spec(tiny, "lora", hyperparameters={"optimizer": "paged_adamw_8bit"}), CPU)
-    monkeypatch.setattr(M, "cpu_has_fast_bf16", lambda: False)
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    monkeypatch.setattr(host, "cpu_info", lambda: avx2)
     with pytest.raises(UnsupportedOnHardware, match="25x slower.*fp32"):
         check_hardware(_spec(tiny, "lora", precision="bf16"), CPU)
-    monkeypatch.setattr(M, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(host, "cpu_info", lambda: avx2.replace("fma", "avx512f avx512_bf16"))
     check_hardware(_spec(tiny, "lora", precision="bf16"), CPU)
     check_hardware(_spec(tiny, "qlora"), CPU)  # bitsandbytes imports here
     monkeypatch.setattr(M, "_bitsandbytes_importable", lambda: "ImportError: no module")
