@@ -108,6 +108,7 @@ async def harness(nats_server, tmp_path):
         await nc.close()
 
 
+@pytest.mark.slow
 async def test_job_runs_to_completion_with_metrics_checkpoints_and_heartbeats(harness, model_dir):
     h = harness
     await h.wait(lambda: h.heartbeats, what="a heartbeat")
@@ -160,6 +161,7 @@ async def test_missing_model_dir_fails_with_the_path(harness, tmp_path):
     assert not h.of(JobCompleted, "job-2")
 
 
+@pytest.mark.slow
 async def test_cancel_stops_a_running_job(harness, model_dir):
     h = harness
     await h.bus.publish(h.work_item("job-3", model_dir, max_steps=100_000, checkpoint_every=0),
@@ -175,6 +177,7 @@ async def test_cancel_stops_a_running_job(harness, model_dir):
     assert ckpt.step < 100_000 and h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")
 
 
+@pytest.mark.slow
 async def test_shutdown_stops_the_job_and_reports_its_last_checkpoint(harness, model_dir):
     h = harness
     await h.bus.publish(h.work_item("job-4", model_dir, max_steps=100_000, checkpoint_every=0),
@@ -191,6 +194,7 @@ async def test_shutdown_stops_the_job_and_reports_its_last_checkpoint(harness, m
     assert h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")
 
 
+@pytest.mark.slow
 async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint(
     harness, model_dir, tmp_path
 ):

@@ -96,6 +96,7 @@ def _files(d: Path) -> set[str]:
 # -- merged ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_merged_generates_exactly_like_the_adapter_on_the_base(model_dir, ckpt, merged):
     tok = AutoTokenizer.from_pretrained(merged)  # the exported tokenizer, offline
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()  # plain transformers, no peft
@@ -113,6 +114,7 @@ def test_merged_generates_exactly_like_the_adapter_on_the_base(model_dir, ckpt, 
     assert adapter_changed_something, "the adapter did not change the model: the test proves nothing"
 
 
+@pytest.mark.slow
 def test_merged_dir_is_safetensors_with_tokenizer_config_and_card(ckpt, merged):
     files = _files(merged)
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
@@ -129,6 +131,7 @@ def test_merged_dir_is_safetensors_with_tokenizer_config_and_card(ckpt, merged):
     assert state["base_model"] in (merged / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_merged_bfloat16(ckpt, tmp_path):
     out = export_merged(ckpt, tmp_path / "bf16", dtype="bfloat16")
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
@@ -155,6 +158,7 @@ def test_full_finetune_checkpoint_is_resaved(model_dir, tmp_path):
 # -- adapter ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_adapter_export_loads_with_peft(model_dir, ckpt, tmp_path):
     out = export_adapter(ckpt, tmp_path / "adapter", lineage={"model_name": "tiny-lora",
                                                               "model_version": 2})
@@ -188,6 +192,7 @@ def test_prompt_learning_adapter_exports_only_as_adapter(model_dir, tmp_path):
 # -- refusals --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_half_checkpoint_is_refused(ckpt, tmp_path):
     half = tmp_path / "half"
     shutil.copytree(ckpt, half)
@@ -199,6 +204,7 @@ def test_half_checkpoint_is_refused(ckpt, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_is_refused(ckpt, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
@@ -209,6 +215,7 @@ def test_tampered_checkpoint_is_refused(ckpt, tmp_path):
         export_merged(bad, tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_existing_output_is_not_clobbered(ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -243,6 +250,7 @@ def test_cli_without_torch_says_what_to_install(monkeypatch, capsys):
     assert err.startswith("error: ") and "pip install 'llm-studio[train]'" in err
 
 
+@pytest.mark.slow
 def test_cli_downloads_the_checkpoint_and_exports(ckpt, model_dir, tmp_path, monkeypatch, capsys):
     """The whole command against a local artifact store; only the registry call is faked."""
     monkeypatch.delenv("LLMSTUDIO_ARTIFACT_STORE", raising=False)

@@ -72,6 +72,7 @@ def _check_final_checkpoint(result, ckpts, steps):
     assert (ckpt / MANIFEST).is_file()
 
 
+@pytest.mark.slow
 def test_dpo_reward_margin_grows(tiny, tmp_path):
     result, metrics, ckpts = _run(tiny, tmp_path, "dpo", max_steps=8)
     assert [m["step"] for m in metrics] == list(range(1, 9))
@@ -91,6 +92,7 @@ def test_dpo_reward_margin_grows(tiny, tmp_path):
     _check_final_checkpoint(result, ckpts, 8)
 
 
+@pytest.mark.slow
 def test_orpo_reward_margin_grows(tiny, tmp_path):
     result, metrics, ckpts = _run(tiny, tmp_path, "orpo", max_steps=16)
     margins = [m["rewards/margins"] for m in metrics]
@@ -101,6 +103,7 @@ def test_orpo_reward_margin_grows(tiny, tmp_path):
     _check_final_checkpoint(result, ckpts, 16)
 
 
+@pytest.mark.slow
 def test_stop_request_and_periodic_checkpoints(tiny, tmp_path):
     metrics, ckpts = [], []
     result = train(TrainRequest(
@@ -118,6 +121,7 @@ def test_stop_request_and_periodic_checkpoints(tiny, tmp_path):
     assert result.adapter_dir == ckpts[-1][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_stopped_run_resumes_to_the_same_losses(tiny, tmp_path, objective):
     # 16 rows, 4 a step: checkpoint-5 is one batch into the second epoch, so resuming must skip

@@ -63,6 +63,7 @@ def run(model_dir, tmp_path_factory):
     return result, metrics, checkpoints, out
 
 
+@pytest.mark.slow
 def test_loss_falls(run):
     result, metrics, _, _ = run
     assert result.steps == 30 and not result.stopped
@@ -72,6 +73,7 @@ def test_loss_falls(run):
     assert result.tokens_seen > 30 * 4 * 5  # every batch has at least 5 real tokens per row
 
 
+@pytest.mark.slow
 def test_metrics_reported_every_log_every_steps(run):
     _, metrics, _, _ = run
     assert [m["step"] for m in metrics] == [5, 10, 15, 20, 25, 30]
@@ -85,6 +87,7 @@ def test_metrics_reported_every_log_every_steps(run):
     assert lrs == sorted(lrs, reverse=True) and lrs[0] <= 1e-2  # linear decay
 
 
+@pytest.mark.slow
 def test_checkpoints_manifest_last_and_hashes_match(run):
     result, _, checkpoints, out = run
     assert [s for _, s in checkpoints] == [10, 20, 30]
@@ -111,6 +114,7 @@ def test_checkpoints_manifest_last_and_hashes_match(run):
         assert state["spec"]["hyperparameters"]["seed"] == 7
 
 
+@pytest.mark.slow
 def test_verify_checkpoint_detects_tampering(run, tmp_path):
     import shutil
 
@@ -128,6 +132,7 @@ def test_verify_checkpoint_detects_tampering(run, tmp_path):
         verify_checkpoint(copy)
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_peft_and_changes_the_model(run, model_dir):
     result, _, _, _ = run
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -147,6 +152,7 @@ def test_adapter_loads_with_peft_and_changes_the_model(run, model_dir):
     assert not torch.allclose(before, after, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
     calls = []
 
@@ -160,6 +166,7 @@ def test_should_stop_stops_early_with_a_checkpoint(model_dir, tmp_path):
     assert verify_checkpoint(result.adapter_dir)["step"] == 3
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
     spec = make_spec(model_dir, max_steps=10, checkpoint_every=5, log_every=1)
     full = train(TrainRequest(spec, ROWS, tmp_path / "full"))
@@ -183,6 +190,7 @@ def test_rows_without_learnable_tokens_are_rejected(model_dir, tmp_path):
         train(TrainRequest(make_spec(model_dir, max_seq_length=16), rows, tmp_path))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(model_dir, tmp_path):
     """batch 4 x 1 micro-batch == batch 2 x 2 micro-batches: the loss is normalized by the
     learned tokens of the whole optimizer step, not averaged per micro-batch."""
@@ -200,6 +208,7 @@ def test_gradient_accumulation_matches_the_larger_batch(model_dir, tmp_path):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_eval_loss_and_early_stopping(model_dir, tmp_path):
     metrics = []
     spec = make_spec(model_dir, max_steps=30, log_every=5, eval_every=2,
@@ -218,6 +227,7 @@ def test_eval_loss_and_early_stopping(model_dir, tmp_path):
         train(TrainRequest(make_spec(model_dir, eval_every=2), ROWS, tmp_path / "x"))
 
 
+@pytest.mark.slow
 def test_keep_last_checkpoints(model_dir, tmp_path):
     seen = []
     spec = make_spec(model_dir, max_steps=6, checkpoint_every=2, keep_last_checkpoints=2)
@@ -226,6 +236,7 @@ def test_keep_last_checkpoints(model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
 
 
+@pytest.mark.slow
 def test_adamw_8bit_trains_and_resumes_exactly(model_dir, tmp_path):
     spec = make_spec(model_dir, max_steps=6, checkpoint_every=3, optimizer="adamw_8bit",
                      log_every=1)
@@ -239,6 +250,7 @@ def test_adamw_8bit_trains_and_resumes_exactly(model_dir, tmp_path):
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_packing_trains_on_packed_rows(model_dir, tmp_path):
     metrics = []
     spec = make_spec(model_dir, max_steps=4, packing=True, batch_size=1, max_seq_length=64,
@@ -260,6 +272,7 @@ def test_gpu_only_settings_are_refused_on_cpu_before_any_work(model_dir, tmp_pat
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_chunked_loss_trains_like_the_full_logits(model_dir, tmp_path, monkeypatch, method):
     """The recipe's loss goes through the output head in chunks (llmstudio.ml.loss); one step

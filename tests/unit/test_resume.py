@@ -50,7 +50,7 @@ print(json.dumps({"resumed_from": str(start), "steps": r.steps, "final_loss": r.
 """
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # trains
 
 
 def _child(args: list[str]) -> subprocess.Popen:
