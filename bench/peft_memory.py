@@ -71,7 +71,7 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     from llmstudio.ml.loss import CausalLMLossSum
     from services.trainer.methods import load_for_training
 
-    # The trainer's allocator setting (train_sft applies it too), before the baseline.
+    # The trainer's allocator setting (recipes.sft applies it too), before the baseline.
     return_freed_tensors_to_os()
     torch.manual_seed(0)
     spec = JobSpec(
