@@ -87,6 +87,7 @@ def test_registry_covers_exactly_the_jobspec_methods():
             assert REGISTRY[name].peft_config(_spec("x", name), "llama") is not None, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_method_trains_only_its_parameters_and_round_trips(method, tiny, batch, tmp_path):
     ids, am = batch
