@@ -6,11 +6,28 @@ import os
 import re
 import socket
 from collections import OrderedDict
-from pathlib import Path
 
-from llmstudio.events import JobMetrics
+from llmstudio.events import (
+    EventData,
+    JobCancelled,
+    JobCheckpointed,
+    JobCompleted,
+    JobFailed,
+    JobMetrics,
+    JobStarted,
+)
 
 TRAIN_SPLIT = "train"
+
+# A run (one attempt of a job on this worker) takes the status of the last report it made.
+RUNNING = "running"
+RUN_STATUS: dict[type[EventData], str] = {
+    JobStarted: RUNNING,
+    JobCheckpointed: RUNNING,
+    JobCompleted: "succeeded",
+    JobFailed: "failed",
+    JobCancelled: "cancelled",
+}
 # The subject token and consumer name are built from the worker id: NATS allows neither dots nor
 # wildcards there, so anything but [A-Za-z0-9_-] becomes "-".
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -36,19 +53,6 @@ def train_split_key(dataset_artifacts: dict[str, str]) -> str:
             f"(splits: {sorted(dataset_artifacts) or 'none'})"
         )
     return key
-
-
-def check_local_model_dir(base_model: str) -> None:
-    """Fail early, naming the path, when the base model is a local path that is not there.
-
-    Absolute and ./ ../ ~ paths must exist; anything else may be a hub id (`org/name`), which
-    transformers resolves (or rejects) itself.
-    """
-    if base_model.startswith(("/", "./", "../", "~")):
-        path = Path(base_model).expanduser()
-        if not (path / "config.json").is_file():
-            what = "has no config.json" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"base model directory {path} {what}")
 
 
 def metrics_event(job_id: str, m: dict) -> JobMetrics:

@@ -1,6 +1,7 @@
-"""This host as the trainer sees it: the /proc files are read here, and only here; what they
-mean is decided by core.py's pure functions. The heartbeat (what the scheduler places jobs by)
-and the hardware check (what the worker refuses) both ask this module, so they agree."""
+"""This host as the trainer sees it: the /proc files and the local model directories are read
+here, and only here; what they mean is decided by core.py's pure functions. The heartbeat (what
+the scheduler places jobs by) and the hardware check (what the worker refuses) both ask this
+module, so they agree."""
 
 from __future__ import annotations
 
@@ -29,3 +30,16 @@ def cpu_has_native_bf16() -> bool:
 def cpu_hardware() -> tuple[int, bool]:
     """(available RAM in bytes, native bf16) of this host; (0, False) where /proc is not."""
     return mem_available_bytes(_read("/proc/meminfo")), cpu_has_native_bf16()
+
+
+def check_local_model_dir(base_model: str) -> None:
+    """Fail early, naming the path, when the base model is a local path that is not there.
+
+    Absolute and ./ ../ ~ paths must exist; anything else may be a hub id (`org/name`), which
+    transformers resolves (or rejects) itself.
+    """
+    if base_model.startswith(("/", "./", "../", "~")):
+        path = Path(base_model).expanduser()
+        if not (path / "config.json").is_file():
+            what = "has no config.json" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"base model directory {path} {what}")

@@ -2,7 +2,11 @@
 
 One job at a time. The job runs as an asyncio task (so it keeps the trace of the work item's
 handler span) and the training itself in a thread; the thread calls back into the loop to
-publish metrics and checkpoints, attaching the job's trace context to each of those calls.
+report metrics and checkpoints, attaching the job's trace context to each of those calls.
+
+Each job event (started, checkpointed, and the outcome) is recorded with the run's new status in
+one transaction and published through the worker's outbox; metrics samples, operational and
+frequent, go straight to the METRICS stream.
 """
 
 from __future__ import annotations
@@ -38,19 +42,21 @@ from llmstudio.events import (
 from llmstudio.jobspec import JobSpec, format_validation_error
 from llmstudio.jsonl import parse_jsonl
 from llmstudio.ml import checkpoint
+from llmstudio.outbox import Outbox
 from llmstudio.storage import ArtifactStore
 
 from .core import (
+    RUN_STATUS,
     RecentIds,
-    check_local_model_dir,
     default_worker_id,
     failure_reason,
     metrics_event,
     train_split_key,
 )
 from .distributed import train_distributed
-from .host import cpu_hardware
+from .host import check_local_model_dir, cpu_hardware
 from .recipes import TrainRequest, TrainResult
+from .store import TrainerStore, Unit
 
 log = logging.getLogger(__name__)
 VALIDATION_SPLIT = "validation"
@@ -84,14 +90,18 @@ class Job:
 
 
 class Worker:
-    def __init__(self, settings: Settings, bus: Bus, store: ArtifactStore):
+    def __init__(
+        self, settings: Settings, bus: Bus, store: ArtifactStore, runs: TrainerStore,
+        outbox: Outbox,
+    ):
         self.settings = settings
         self.bus = bus
         self.store = store
+        self.runs = runs  # attempts run here: a redelivered finished one is a no-op
+        self.outbox = outbox
         self.worker_id = default_worker_id(settings.worker_id)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.job: Job | None = None
-        self.finished = RecentIds()  # "<job_id>:<attempt>" run here: redeliveries are no-ops
         self.cancelled = RecentIds()  # cancels that arrived before their work item
         self.closing = False
 
@@ -134,7 +144,7 @@ class Worker:
         running = self.job
         if running and running.item.job_id == item.job_id:
             return  # redelivery of the job already running here
-        if f"{item.job_id}:{item.attempt}" in self.finished:
+        if await self.runs.in_unit(Unit.finished, item.job_id, item.attempt):
             return  # redelivery of an attempt already run here
         if running:
             raise WorkerBusy(f"worker {self.worker_id} is busy with job {running.item.job_id}")
@@ -142,8 +152,7 @@ class Worker:
             raise WorkerBusy(f"worker {self.worker_id} is shutting down")
         job = Job(item, env.tenant, env.actor)
         if item.job_id in self.cancelled:  # the cancel overtook the work item
-            await self._publish(job, JobCancelled(job_id=item.job_id, reason=CANCELLED))
-            self.finished.add(f"{item.job_id}:{item.attempt}")
+            await self._report(job, JobCancelled(job_id=item.job_id, reason=CANCELLED))
             return
         self.job = job
         job.task = asyncio.create_task(self._run(job), name=f"job-{item.job_id}")
@@ -177,17 +186,16 @@ class Worker:
         work_dir = self.settings.data_dir / "work" / item.job_id
         with tracer.start_as_current_span(f"train {item.job_id}", attributes={"job.id": item.job_id}):
             try:
-                await self._publish(job, JobStarted(job_id=item.job_id, worker_id=self.worker_id))
+                await self._report(job, JobStarted(job_id=item.job_id, worker_id=self.worker_id))
                 ctx = otel_context.get_current()
                 loop = asyncio.get_running_loop()
                 result = await asyncio.to_thread(self._train, job, work_dir, loop, ctx)
-                await self._publish(job, self._outcome(job, result))
+                await self._report(job, self._outcome(job, result))
             except Exception as e:  # noqa: BLE001 - every failure is reported as JobFailed
                 log.exception("job %s failed", item.job_id)
                 await self._report_failure(job, e)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
-                self.finished.add(f"{item.job_id}:{item.attempt}")
                 self.job = None
         await self.beat()
 
@@ -208,7 +216,8 @@ class Worker:
 
         def on_metrics(m: dict) -> None:
             try:
-                call(self._publish(job, metrics_event(item.job_id, m)))
+                call(self.bus.publish(metrics_event(item.job_id, m), tenant=job.tenant,
+                                      actor=job.actor))
             except Exception as e:  # noqa: BLE001 - a lost metrics sample must not fail the job
                 log.warning("job %s: metrics at step %s not published: %s", item.job_id, m.get("step"), e)
 
@@ -216,7 +225,8 @@ class Worker:
             # Stored and announced before training goes on, so a crash loses no reported step.
             prefix = checkpoint.store_prefix(item.job_id, step)
             self.store.put_dir(prefix, path)
-            call(self._publish(job, JobCheckpointed(job_id=item.job_id, step=step, checkpoint_key=prefix)))
+            call(self._report(job, JobCheckpointed(job_id=item.job_id, step=step,
+                                                   checkpoint_key=prefix)))
             job.checkpoint_key = prefix
             checkpoint.prune_stored_checkpoints(
                 self.store, item.job_id, spec.hyperparameters.keep_last_checkpoints
@@ -277,12 +287,22 @@ class Worker:
     async def _report_failure(self, job: Job, exc: Exception) -> None:
         event = JobFailed(job_id=job.item.job_id, reason=failure_reason(exc), worker_id=self.worker_id)
         try:
-            await self._publish(job, event)
+            await self._report(job, event)
         except Exception:  # noqa: BLE001 - nothing left to tell; the scheduler's lease expires
-            log.exception("job %s: JobFailed not published", job.item.job_id)
+            log.exception("job %s: JobFailed not recorded", job.item.job_id)
 
-    async def _publish(self, job: Job, data: EventData) -> None:
-        await self.bus.publish(data, tenant=job.tenant, actor=job.actor)
+    async def _report(self, job: Job, data: EventData) -> None:
+        """Record the run's new status and queue `data` in one transaction, then publish it
+        (a failed publish is left to the outbox's background loop)."""
+        item = job.item
+
+        def write(u: Unit) -> None:
+            u.record(item.job_id, item.attempt, tenant=job.tenant, worker_id=self.worker_id,
+                     status=RUN_STATUS[type(data)],
+                     checkpoint_key=getattr(data, "checkpoint_key", ""))
+            self.outbox.add(u, data, tenant=job.tenant, actor=job.actor)
+
+        await self.outbox.transact(write)
 
 
 async def _in_context(ctx: otel_context.Context, coro: Coroutine):

@@ -30,6 +30,7 @@ from llmstudio.events import (  # noqa: E402
 from llmstudio.ml.tiny import build_tiny_model  # noqa: E402
 from llmstudio.storage import LocalArtifactStore  # noqa: E402
 from services.trainer.app import build  # noqa: E402
+from services.trainer.store import TrainerStore  # noqa: E402
 from tests.support.harness import running  # noqa: E402
 
 WORKER = "w-test"
@@ -159,6 +160,27 @@ async def test_missing_model_dir_fails_with_the_path(harness, tmp_path):
     failed = h.of(JobFailed, "job-2")[0]
     assert missing in failed.reason and failed.worker_id == WORKER
     assert not h.of(JobCompleted, "job-2")
+
+
+async def test_an_attempt_that_ended_here_is_not_run_again_after_a_restart(harness, tmp_path):
+    """The worker records each attempt with its reports (trainer_runs, one transaction with the
+    outbox row): a work item redelivered after the worker restarted is recognised and dropped."""
+    h = harness
+    item = h.work_item("job-5", str(tmp_path / "no-such-model"))
+    await h.bus.publish(item, tenant="acme")
+    await h.wait(lambda: h.of(JobFailed, "job-5"), what="JobFailed")
+    await h.trainer.aclose()
+    runs = TrainerStore(h.settings.db_url("trainer"))
+    with runs.unit() as u:
+        assert u.status("job-5", item.attempt) == "failed" and u.pending_events() == []
+    runs.dispose()
+
+    h.trainer = contextlib.AsyncExitStack()
+    await h.trainer.enter_async_context(running("trainer", build, h.settings))
+    await h.bus.publish(item, tenant="acme")  # a new envelope: not a JetStream duplicate
+    await h.bus.publish(h.work_item("job-6", str(tmp_path / "gone")), tenant="acme")
+    await h.wait(lambda: h.of(JobFailed, "job-6"), what="the next job")
+    assert len(h.of(JobStarted, "job-5")) == len(h.of(JobFailed, "job-5")) == 1
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def test_the_jobspec_reads_capabilities_from_the_table():
 def test_heartbeat_and_hardware_check_agree_on_bf16(cpuinfo, native, monkeypatch, tmp_path):
     if cpuinfo is not None:
         monkeypatch.setattr(host, "cpu_info", lambda: cpuinfo)
-    worker = Worker(Settings(data_dir=tmp_path), bus=None, store=None)
+    worker = Worker(Settings(data_dir=tmp_path), bus=None, store=None, runs=None, outbox=None)
     worker.device = "cpu"  # the CPU worker's heartbeat, on any machine
     reported = worker.hardware()
     try:

@@ -8,7 +8,6 @@ import pytest
 
 from services.trainer.core import (
     RecentIds,
-    check_local_model_dir,
     cpu_has_bf16,
     default_worker_id,
     failure_reason,
@@ -17,6 +16,7 @@ from services.trainer.core import (
     sanitize_worker_id,
     train_split_key,
 )
+from services.trainer.host import check_local_model_dir
 
 
 def test_worker_id_is_safe_for_subjects_and_consumer_names():
