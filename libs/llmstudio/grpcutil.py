@@ -185,7 +185,8 @@ async def start_server(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [r.full_name for r in registrations]
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+    reflection.enable_server_reflection(
+        [*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     for name in ["", *names]:

@@ -159,7 +159,8 @@ def _wait_ready(state: StackState, data_dir: Path, timeout: float, progress) -> 
                     progress(name)
         if pending and time.monotonic() > deadline:
             down(data_dir)
-            raise TimeoutError(f"services not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            raise TimeoutError(
+                f"services not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
         time.sleep(0.2)
 
 

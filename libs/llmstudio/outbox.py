@@ -74,7 +74,8 @@ class OutboxUnit:
     def __init__(self, conn: Connection):
         self.conn = conn
 
-    def enqueue(self, subject: str, envelope: str, traceparent: str, now: str | None = None) -> None:
+    def enqueue(self, subject: str, envelope: str, traceparent: str,
+                now: str | None = None) -> None:
         self.conn.execute(
             self.outbox_table.insert().values(
                 subject=subject, envelope=envelope, traceparent=traceparent,

@@ -175,7 +175,8 @@ class ArtifactStore(ABC):
             entries = []
             for p in files:
                 sha, size = _sha256_file(p)
-                entries.append({"path": p.relative_to(root).as_posix(), "size": size, "sha256": sha})
+                entries.append(
+                    {"path": p.relative_to(root).as_posix(), "size": size, "sha256": sha})
             manifest = json.dumps({"version": 1, "files": entries}, indent=1).encode()
         if not manifest_last:
             self.put_bytes(base + MANIFEST, manifest, "application/json")
@@ -207,7 +208,8 @@ class ArtifactStore(ABC):
             try:
                 sha, size = _write_atomic(dest, self.open_stream(key))
             except ArtifactNotFound:
-                raise CorruptArtifact(f"{self.uri(key)} is listed in {MANIFEST} but missing") from None
+                raise CorruptArtifact(
+                    f"{self.uri(key)} is listed in {MANIFEST} but missing") from None
             if sha != want_sha or (want_size is not None and size != want_size):
                 dest.unlink(missing_ok=True)
                 raise CorruptArtifact(
@@ -284,7 +286,8 @@ class LocalArtifactStore(ArtifactStore):
         return len(keys)
 
     def uri(self, key: str) -> str:
-        return (self.root / validate_key(key, prefix=True)).as_uri() + ("/" if key.endswith("/") else "")
+        uri = (self.root / validate_key(key, prefix=True)).as_uri()
+        return uri + ("/" if key.endswith("/") else "")
 
 
 class S3ArtifactStore(ArtifactStore):
@@ -316,7 +319,8 @@ class S3ArtifactStore(ArtifactStore):
                     raise
 
     def _missing(self, e: Exception) -> bool:
-        return isinstance(e, self._S3Error) and e.code in ("NoSuchKey", "NotFound", "ResourceNotFound")
+        return isinstance(e, self._S3Error) and e.code in (
+            "NoSuchKey", "NotFound", "ResourceNotFound")
 
     def put_bytes(self, key: str, data: bytes, content_type: str = OCTET) -> str:
         self.client.put_object(
@@ -362,7 +366,8 @@ class S3ArtifactStore(ArtifactStore):
     def list(self, prefix: str = "") -> list[str]:
         if prefix:
             validate_key(prefix, prefix=True)
-        objs = self.client.list_objects(bucket_name=self.bucket, prefix=prefix or None, recursive=True)
+        objs = self.client.list_objects(
+            bucket_name=self.bucket, prefix=prefix or None, recursive=True)
         return sorted(o.object_name for o in objs if not o.is_dir)
 
     def delete_prefix(self, prefix: str) -> int:
@@ -371,9 +376,11 @@ class S3ArtifactStore(ArtifactStore):
         keys = self.list(validate_key(prefix, prefix=True))
         # remove_objects is lazy: nothing is deleted until its error iterator is consumed.
         doomed = [DeleteObject(name=k) for k in keys]
-        errors = list(self.client.remove_objects(bucket_name=self.bucket, delete_object_list=doomed))
+        errors = list(
+            self.client.remove_objects(bucket_name=self.bucket, delete_object_list=doomed))
         if errors:
-            raise OSError(f"delete_prefix {self.uri(prefix)}: {len(errors)} failed, first: {errors[0]}")
+            raise OSError(
+                f"delete_prefix {self.uri(prefix)}: {len(errors)} failed, first: {errors[0]}")
         return len(keys)
 
     def uri(self, key: str) -> str:
@@ -389,4 +396,5 @@ def artifact_store_from_settings(settings) -> ArtifactStore:
             settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
             settings.s3_bucket, secure=settings.s3_secure, region=settings.s3_region,
         )
-    raise ValueError(f"LLMSTUDIO_ARTIFACT_STORE={settings.artifact_store!r}: expected 'file' or 's3'")
+    raise ValueError(
+        f"LLMSTUDIO_ARTIFACT_STORE={settings.artifact_store!r}: expected 'file' or 's3'")

@@ -56,7 +56,9 @@ def split_problems(
     return problems
 
 
-def read_lines(artifacts: ArtifactStore, key: str, offset: int, limit: int) -> list[tuple[int, str]]:
+def read_lines(
+    artifacts: ArtifactStore, key: str, offset: int, limit: int
+) -> list[tuple[int, str]]:
     """Lines offset..offset+limit of a stored JSONL file, streamed (never the whole file)."""
     rows, buffer, index = [], b"", 0
     for chunk in artifacts.open_stream(key):

@@ -1,7 +1,8 @@
 """PII and secret detection for dataset rows, pure, one row at a time.
 
     find_pii(text) -> [Finding(type, start, end), ...]   non-overlapping, sorted by start
-    redact(text)   -> (text with "[EMAIL]", "[PHONE]", ... in place of each finding, Counter by type)
+    redact(text)   -> (text with "[EMAIL]", "[PHONE]", ... in place of each finding,
+                       Counter by type)
 
 Precision comes first: a scrubber that redacts dates, prices and version numbers ruins a training
 set, so every type is a shape plus a check that ordinary text rarely passes.
@@ -72,7 +73,9 @@ SECRET = "secret"
 PII_TYPES = (EMAIL, PHONE, CREDIT_CARD, IBAN, IP_ADDRESS, NATIONAL_ID, SECRET)
 PLACEHOLDERS = {pii_type: f"[{pii_type.upper()}]" for pii_type in PII_TYPES}
 
-_SPECIFICITY = {SECRET: 0, IBAN: 1, CREDIT_CARD: 2, NATIONAL_ID: 3, EMAIL: 4, IP_ADDRESS: 5, PHONE: 6}
+_SPECIFICITY = {
+    SECRET: 0, IBAN: 1, CREDIT_CARD: 2, NATIONAL_ID: 3, EMAIL: 4, IP_ADDRESS: 5, PHONE: 6,
+}
 
 
 @dataclass(frozen=True)
@@ -536,7 +539,8 @@ def _find_secrets(text: str, found: list[Finding]) -> None:
     if "://" in text and "@" in text:
         for match in _URL_PASSWORD_RE.finditer(text):
             password = match.group(1)
-            if password.lower() not in _PLACEHOLDER_WORDS and not _NOT_LITERAL_CHARS & set(password):
+            if (password.lower() not in _PLACEHOLDER_WORDS
+                    and not _NOT_LITERAL_CHARS & set(password)):
                 found.append(Finding(SECRET, match.start(1), match.end(1)))
     lowered = text.lower()
     if any(word in lowered for word in _SECRET_KEY_WORDS):

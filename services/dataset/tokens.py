@@ -51,7 +51,8 @@ def _rows_the_tokenizer_cannot_encode():
     try:
         yield
     except (RowError, TemplateError) as e:
-        raise InvalidArgument("base_model", f"its tokenizer cannot encode these rows: {e}") from None
+        raise InvalidArgument(
+            "base_model", f"its tokenizer cannot encode these rows: {e}") from None
 
 
 def _learned_text(tokenizer, input_ids: list[int], labels: list[int]) -> str:

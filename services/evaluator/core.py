@@ -100,7 +100,8 @@ def plan(job: JobCompleted) -> EvalPlan:
     try:
         spec = JobSpec.model_validate(job.spec)
     except ValidationError as e:
-        raise ValueError(f"job {job.job_id} has an invalid spec: {format_validation_error(e)}") from None
+        raise ValueError(
+            f"job {job.job_id} has an invalid spec: {format_validation_error(e)}") from None
     key = job.dataset_artifacts.get(VALIDATION_SPLIT)
     if not key:
         raise ValueError(

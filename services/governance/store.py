@@ -134,7 +134,8 @@ class Unit(OutboxUnit):
         return _api_key(row) if row else None
 
     def list_keys(self) -> list[ApiKey]:
-        return [_api_key(r) for r in self.conn.execute(select(api_keys).order_by(api_keys.c.key_id))]
+        rows = self.conn.execute(select(api_keys).order_by(api_keys.c.key_id))
+        return [_api_key(r) for r in rows]
 
     def revoke_key(self, key_id: str, revoked_at: str) -> bool:
         """Mark a live key revoked; False if it was revoked already."""

@@ -48,7 +48,8 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
 def stage_from_pb(stage: int) -> core.Stage:
     if stage == pb.STAGE_UNSPECIFIED or stage not in pb.Stage.values():
         raise InvalidArgument(
-            "stage", "must be one of STAGE_DEVELOPMENT, STAGE_STAGING, STAGE_PRODUCTION, STAGE_ARCHIVED"
+            "stage",
+            "must be one of STAGE_DEVELOPMENT, STAGE_STAGING, STAGE_PRODUCTION, STAGE_ARCHIVED",
         )
     return core.Stage(pb.Stage.Name(stage).removeprefix("STAGE_").lower())
 

@@ -125,7 +125,8 @@ class Unit(OutboxUnit):
                 versions.c.model_name == v.model_name,
                 versions.c.version == v.version,
             )
-            .values(**{k: row[k] for k in ("stage", "lineage", "metrics", "artifacts", "updated_at")})
+            .values(**{k: row[k]
+                       for k in ("stage", "lineage", "metrics", "artifacts", "updated_at")})
         )
 
     def model(self, tenant: str, name: str) -> Model | None:

@@ -90,7 +90,8 @@ class Jobs:
             await self.outbox.transact(self._add, job)
         except IntegrityError:
             # The same key, submitted concurrently, won.
-            existing = await self.store.in_unit(Unit.job_by_key, caller.tenant, key) if key else None
+            existing = (await self.store.in_unit(Unit.job_by_key, caller.tenant, key)
+                        if key else None)
             if existing is None:
                 raise
             return existing
@@ -111,7 +112,8 @@ class Jobs:
 
     async def cancel(self, job_id: str, caller: Principal) -> Job:
         """Not yet on a worker: cancelled now (JobCancelled). On a worker: the worker is asked to
-        stop (JobCancelRequested), and its JobCancelled ends the job. Finished: FailedPrecondition."""
+        stop (JobCancelRequested), and its JobCancelled ends the job.
+        Finished: FailedPrecondition."""
         job: Job = await _retried(self.outbox.transact, self._cancel, job_id, caller)
         if job.status == Status.CANCELLED:
             self.watchers.status(job, f"cancelled by {caller.key_id}")
@@ -325,7 +327,8 @@ class Placement:
 
     async def _assign(self, job: Job, worker_id: str) -> None:
         def assign(u: Unit) -> Job:
-            saved = u.save(dataclasses.replace(job, worker_id=worker_id, assigned_at=core.now_iso()))
+            saved = u.save(
+                dataclasses.replace(job, worker_id=worker_id, assigned_at=core.now_iso()))
             kw = {"tenant": saved.tenant, "actor": self.bus.service,
                   "traceparent": saved.traceparent}
             self.outbox.add(u, JobAssigned(job_id=saved.id, worker_id=worker_id,

@@ -184,7 +184,8 @@ class Worker:
     async def _run(self, job: Job) -> None:
         item = job.item
         work_dir = self.settings.data_dir / "work" / item.job_id
-        with tracer.start_as_current_span(f"train {item.job_id}", attributes={"job.id": item.job_id}):
+        with tracer.start_as_current_span(f"train {item.job_id}",
+                                          attributes={"job.id": item.job_id}):
             try:
                 await self._report(job, JobStarted(job_id=item.job_id, worker_id=self.worker_id))
                 ctx = otel_context.get_current()
@@ -219,7 +220,8 @@ class Worker:
                 call(self.bus.publish(metrics_event(item.job_id, m), tenant=job.tenant,
                                       actor=job.actor))
             except Exception as e:  # noqa: BLE001 - a lost metrics sample must not fail the job
-                log.warning("job %s: metrics at step %s not published: %s", item.job_id, m.get("step"), e)
+                log.warning("job %s: metrics at step %s not published: %s",
+                            item.job_id, m.get("step"), e)
 
         def on_checkpoint(path: Path, step: int) -> None:
             # Stored and announced before training goes on, so a crash loses no reported step.
@@ -285,7 +287,8 @@ class Worker:
         )
 
     async def _report_failure(self, job: Job, exc: Exception) -> None:
-        event = JobFailed(job_id=job.item.job_id, reason=failure_reason(exc), worker_id=self.worker_id)
+        event = JobFailed(job_id=job.item.job_id, reason=failure_reason(exc),
+                          worker_id=self.worker_id)
         try:
             await self._report(job, event)
         except Exception:  # noqa: BLE001 - nothing left to tell; the scheduler's lease expires

@@ -245,7 +245,8 @@ def test_audit_has_every_event_once_and_detects_tampering(stack, finished_job):
 
     db = sqlite3.connect(Path(data_dir) / "governance.db")
     target = len(audit_ids) // 2
-    db.execute("UPDATE governance_audit_log SET data_json = ? WHERE sequence = ?", ('{"forged":true}', target))
+    db.execute("UPDATE governance_audit_log SET data_json = ? WHERE sequence = ?",
+               ('{"forged":true}', target))
     db.commit()
     db.close()
     broken = client.governance.verify_audit()

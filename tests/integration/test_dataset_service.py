@@ -143,7 +143,9 @@ async def test_create_get_list_with_stable_sha_and_deterministic_split(settings,
             datasets_pb2.ListDatasetsRequest(name="other"), metadata=md)
         assert list(by_name.datasets) == []
 
-    env, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=first.id)))[0]
+    env, registered = (
+        await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=first.id))
+    )[0]
     assert (env.tenant, env.actor) == ("acme", first.created_by)
     assert (registered.sha256, registered.num_rows) == (first.sha256, 40)
     assert registered.artifacts == dict(first.artifacts)
@@ -393,7 +395,9 @@ async def test_text_and_preference_datasets(settings, service, events, rows, fmt
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     stored = b"".join(artifacts.get_bytes(ds.artifacts[s]) for s in ("train", "validation"))
     assert sorted(stored.decode().splitlines()) == sorted(core.canonical(r) for r in rows)
-    _, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=ds.id)))[0]
+    _, registered = (
+        await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=ds.id))
+    )[0]
     assert registered.format == fmt
 
     bad = rows[:2] + [{"prompt": "p", "completion": "c"}]
@@ -605,7 +609,9 @@ async def test_derive_dedup_and_redact_records_lineage_and_report(settings, serv
     assert dict(child_report.redacted_counts) == {"email": 1}
     assert child_report.removed_exact_duplicates == 3 and child.status == "accepted"
     assert nothing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    _, registered = (await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=child.id)))[0]
+    _, registered = (
+        await wait_for(lambda: of_type(events, DatasetRegistered, dataset_id=child.id))
+    )[0]
     assert (registered.sha256, registered.version, registered.parent_id) == (
         child.sha256, 2, parent.id)
     assert json.loads(registered.transformation) == recipe

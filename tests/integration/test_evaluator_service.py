@@ -272,7 +272,8 @@ async def test_a_full_fine_tune_is_evaluated_and_registered(nats_server, tmp_pat
             assert version.lineage.evaluation_id == ev.evaluation_id
             assert version.artifacts["checkpoint"] == ckpt
             assert version.artifacts["eval_report"] == ev.report_key
-            assert version.metrics["tuned_eval_loss"] == pytest.approx(ev.tuned_metrics["eval_loss"])
+            assert version.metrics["tuned_eval_loss"] == pytest.approx(
+                ev.tuned_metrics["eval_loss"])
             assert version.metrics["base_eval_loss"] == pytest.approx(ev.base_metrics["eval_loss"])
         finally:
             await client.stop()

@@ -79,7 +79,8 @@ async def test_api_keys_issue_use_revoke_and_tenant_scoped_audit(settings):
         assert await c.code("WhoAmI", pb.WhoAmIRequest(), "lls_wrong") == \
             grpc.StatusCode.UNAUTHENTICATED
 
-        viewer = await c.call("CreateApiKey", pb.CreateApiKeyRequest(role="viewer", name="ci"), ADMIN)
+        viewer = await c.call(
+            "CreateApiKey", pb.CreateApiKeyRequest(role="viewer", name="ci"), ADMIN)
         assert viewer.secret.startswith("lls_") and viewer.key_id.startswith("key-")
         assert (viewer.principal.tenant, list(viewer.principal.roles)) == ("default", ["viewer"])
         who = await wait_for(lambda: _whoami_or_none(c, viewer.secret), timeout=5)
@@ -89,7 +90,8 @@ async def test_api_keys_issue_use_revoke_and_tenant_scoped_audit(settings):
         nc = await nats.connect(settings.nats_url)
         kv = await nc.jetstream().key_value(APIKEY_BUCKET)
         entry = await kv.get(hash_secret(viewer.secret))
-        assert Principal.from_json(entry.value) == Principal(viewer.key_id, "default", ("viewer",), "ci")
+        assert Principal.from_json(entry.value) == Principal(
+            viewer.key_id, "default", ("viewer",), "ci")
 
         assert await c.code("CreateApiKey", pb.CreateApiKeyRequest(role="viewer"), viewer.secret) \
             == grpc.StatusCode.PERMISSION_DENIED
@@ -191,7 +193,8 @@ async def test_audit_log_exactly_once_chained_tamper_evident_and_kept_across_res
         assert "dataset_sha256" in parked_data["reason"]
 
         # filters
-        assert [r.event_id for r in await c.audit(event_type_prefix="llmstudio.job.")] == [queued.id]
+        job_records = await c.audit(event_type_prefix="llmstudio.job.")
+        assert [r.event_id for r in job_records] == [queued.id]
         assert [r.event_id for r in await c.audit(subject="ev-1")] == [failed.id]
         assert [r.sequence for r in await c.audit(after_sequence=2, limit=2)] == [3, 4]
 
@@ -229,7 +232,8 @@ async def test_audit_log_exactly_once_chained_tamper_evident_and_kept_across_res
             return await c.audit(after_sequence=5)
 
         (record,) = await wait_for(appended)
-        assert (record.event_id, record.sequence, record.prev_hash) == (later.id, 6, records[-1].hash)
+        assert (record.event_id, record.sequence, record.prev_hash) == (
+            later.id, 6, records[-1].hash)
         verified = await c.call("VerifyAudit", pb.VerifyAuditRequest(), ADMIN)
         assert (verified.ok, verified.records, verified.head_hash) == (True, 6, record.hash)
         await c.close()
@@ -241,7 +245,8 @@ async def test_audit_log_exactly_once_chained_tamper_evident_and_kept_across_res
 async def test_generated_bootstrap_key_is_printed_once_and_works(settings, capsys):
     settings = settings.model_copy(update={"bootstrap_admin_key": ""})
     async with running("governance", build, settings) as port:
-        lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(BOOTSTRAP_BANNER)]
+        lines = [ln for ln in capsys.readouterr().out.splitlines()
+                 if ln.startswith(BOOTSTRAP_BANNER)]
         assert len(lines) == 1
         secret = lines[0][len(BOOTSTRAP_BANNER):]
         assert secret.startswith("lls_") and len(secret) > 40

@@ -58,7 +58,9 @@ async def _stream_messages(url: str, count: int, timeout: float = 10.0) -> list:
         await nc.close()
 
 
-async def test_events_written_while_nats_is_down_are_published_later_in_order(nats_server, tmp_path):
+async def test_events_written_while_nats_is_down_are_published_later_in_order(
+    nats_server, tmp_path
+):
     store = migrated_store(tmp_path)
     bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
     outbox = Outbox(store, bus, interval_s=0.2)
@@ -100,7 +102,8 @@ async def test_events_written_while_nats_is_down_are_published_later_in_order(na
         assert [m.subject for m in messages] == [p.subject for p in pending]
         assert messages[0].headers["Nats-Msg-Id"] == ids[0]
         # published in the stored trace
-        assert messages[0].headers["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+        trace_id = messages[0].headers["traceparent"].split("-")[1]
+        assert trace_id == "0af7651916cd43dd8448eb211c80319c"
         await outbox.flush()  # nothing left: nothing published again
     finally:
         await bus.stop()

@@ -94,7 +94,8 @@ class Observer:
     async def settled(self, stream: str, durable: str, delivered: int) -> bool:
         """Has `durable` acked `delivered` messages, with none pending or awaiting a retry?"""
         info = await self.bus.js.consumer_info(stream, durable)
-        return (info.num_pending, info.num_ack_pending, info.delivered.stream_seq) == (0, 0, delivered)
+        return (info.num_pending, info.num_ack_pending, info.delivered.stream_seq) == (
+            0, 0, delivered)
 
     def of(self, kind: type) -> list:
         return [(t, d, tid) for t, d, tid in self.events if isinstance(d, kind)]
@@ -258,7 +259,8 @@ async def test_registry_end_to_end(settings, observer):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await set_stage(2, pb.STAGE_ARCHIVED, outsider)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            assert list((await reg.ListModels(pb.ListModelsRequest(), metadata=md(outsider))).models) == []
+            hidden = await reg.ListModels(pb.ListModelsRequest(), metadata=md(outsider))
+            assert list(hidden.models) == []
             assert observer.dead == []  # no registry handler gave up on an event
             listed = await reg.ListModels(pb.ListModelsRequest(), metadata=md(viewer))
             assert [(m.name, [v.stage for v in m.versions]) for m in listed.models] == [
@@ -310,9 +312,12 @@ def test_store_keeps_versions_per_tenant_and_job(store):
 
     with store.unit() as u:
         assert u.next_version("acme", "smol-lora") == 1
-        u.add_version(core.version_from_job("acme", job_completed("job-1"), 1, "t", "2030-01-01T00:00:00.000Z"))
-        u.add_version(core.version_from_job("acme", job_completed("job-2"), 2, "t", "2030-01-02T00:00:00.000Z"))
-        u.add_version(core.version_from_job("globex", job_completed("job-1"), 1, "t", "2030-01-03T00:00:00.000Z"))
+        u.add_version(core.version_from_job(
+            "acme", job_completed("job-1"), 1, "t", "2030-01-01T00:00:00.000Z"))
+        u.add_version(core.version_from_job(
+            "acme", job_completed("job-2"), 2, "t", "2030-01-02T00:00:00.000Z"))
+        u.add_version(core.version_from_job(
+            "globex", job_completed("job-1"), 1, "t", "2030-01-03T00:00:00.000Z"))
     with store.unit() as u:
         assert u.next_version("acme", "smol-lora") == 3
         found = u.version_by_job("acme", "job-2")

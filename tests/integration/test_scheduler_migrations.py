@@ -116,7 +116,8 @@ def write_old_rows(engine: sa.Engine) -> None:
 
 
 async def assert_old_rows_read_back(store: SchedulerStore) -> None:
-    jobs = Jobs(store, Outbox(store, Bus(Settings(), "scheduler"), defer_failures=True), Watchers(), WorkerTable(1.0))
+    outbox = Outbox(store, Bus(Settings(), "scheduler"), defer_failures=True)
+    jobs = Jobs(store, outbox, Watchers(), WorkerTable(1.0))
     one = await jobs.get("job-1", TENANT)
     assert one.status == Status.SUCCEEDED and one.idempotency_key == "k-1"
     assert one.spec["hyperparameters"]["max_steps"] == 3 and one.priority == 2

@@ -380,7 +380,8 @@ async def test_cancel_and_rejection(env, model_dir):
     assert event.data.reason.startswith("cancelled by key-")
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.CancelJob(pb.CancelJobRequest(id=validating.id), metadata=md(dev))
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancelled" in e.value.details()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cancelled" in e.value.details()
     queued = await create(stub, dev, model_dir)
     await validate(peers, queued.id)
     await wait_status(stub, dev, queued.id, pb.JOB_STATUS_QUEUED)
@@ -427,7 +428,8 @@ async def test_jobs_leave_lost_workers(env, model_dir):
     peers.workers["w-steady"] = "idle"
     second = await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-steady", timeout=10)
     assert second.data.attempt == 2 and second.trace_id == job.trace_id
-    assert (await peers.wait_for(JobAssigned, job_id=job.id, attempt=2)).data.worker_id == "w-steady"
+    reassigned = await peers.wait_for(JobAssigned, job_id=job.id, attempt=2)
+    assert reassigned.data.worker_id == "w-steady"
     work = await peers.bus.js.stream_info("WORK", subjects_filter="llmstudio.work.>")
     assert work.state.subjects == {"llmstudio.work.w-steady": 1}  # the flaky one's was purged
 

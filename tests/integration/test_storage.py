@@ -100,12 +100,14 @@ def read_tree(root: Path) -> dict[str, bytes]:
 
 
 def test_bytes_round_trip(store, tmp_path):
-    assert store.put_bytes("reports/eval.json", b'{"acc": 0.95}', "application/json") == "reports/eval.json"
+    assert store.put_bytes(
+        "reports/eval.json", b'{"acc": 0.95}', "application/json") == "reports/eval.json"
     assert store.get_bytes("reports/eval.json") == b'{"acc": 0.95}'
     assert b"".join(store.open_stream("reports/eval.json")) == b'{"acc": 0.95}'
     store.put_bytes("reports/eval.json", b"v2")  # overwrite replaces
     assert store.get_bytes("reports/eval.json") == b"v2"
-    assert store.download_file("reports/eval.json", tmp_path / "out" / "e.json").read_bytes() == b"v2"
+    downloaded = store.download_file("reports/eval.json", tmp_path / "out" / "e.json")
+    assert downloaded.read_bytes() == b"v2"
     store.put_bytes("empty", b"")
     assert store.get_bytes("empty") == b""
     uri = store.uri("reports/eval.json")
@@ -308,7 +310,8 @@ def test_missing_key_raises_artifact_not_found(store, tmp_path):
 
 def test_store_from_settings(tmp_path, weed_endpoint):
     local = artifact_store_from_settings(Settings(data_dir=tmp_path / "data"))
-    assert isinstance(local, LocalArtifactStore) and local.root == (tmp_path / "data" / "artifacts").resolve()
+    assert isinstance(local, LocalArtifactStore)
+    assert local.root == (tmp_path / "data" / "artifacts").resolve()
     rooted = artifact_store_from_settings(Settings(artifact_root=tmp_path / "elsewhere"))
     assert rooted.root == (tmp_path / "elsewhere").resolve()
 

@@ -57,7 +57,9 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def weed_mini_command(weed: str, data_dir: Path, log_dir: Path, sock_dir: Path, ports: dict) -> list[str]:
+def weed_mini_command(
+    weed: str, data_dir: Path, log_dir: Path, sock_dir: Path, ports: dict
+) -> list[str]:
     p = ports
     return [
         weed, f"-logdir={log_dir}", "-alsologtostderr=false",  # global (glog) flags come first
@@ -103,7 +105,8 @@ def _wait_ready(proc: subprocess.Popen, ep: S3Endpoint, log: Path, timeout: floa
             time.sleep(0.1)
     tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
     raise RuntimeError(
-        f"weed mini S3 on {ep.endpoint} not ready (exit code {proc.poll()}, last error {last!r})\n{tail}"
+        f"weed mini S3 on {ep.endpoint} not ready "
+        f"(exit code {proc.poll()}, last error {last!r})\n{tail}"
     )
 
 

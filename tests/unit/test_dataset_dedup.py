@@ -138,7 +138,8 @@ def test_rows_sharing_topic_or_template_words_are_not_merged():
     templated = [
         f"Question: what is the boiling point of {substance} at sea level? Answer: the boiling "
         f"point of {substance} at sea level is {rng.randint(-200, 400)} degrees Celsius, "
-        f"measured by {rng.choice(['Lee', 'Okafor', 'Berg', 'Silva'])} in {rng.randint(1900, 2020)}."
+        f"measured by {rng.choice(['Lee', 'Okafor', 'Berg', 'Silva'])} "
+        f"in {rng.randint(1900, 2020)}."
         for substance in ["water", "ethanol", "mercury", "nitrogen", "acetone", "benzene",
                           "glycerol", "methanol", "helium", "toluene"]
     ]

@@ -592,7 +592,8 @@ def test_zstd_without_zstandard_is_a_clear_error(tmp_path, monkeypatch):
     assert formats.compression_of(src) == "zst"
     with pytest.raises(
         SourceError,
-        match=r"^prompt_completion\.jsonl\.zst: is zstd-compressed, but this server cannot read zstd \(the zstandard package",
+        match=r"^prompt_completion\.jsonl\.zst: is zstd-compressed, "
+        r"but this server cannot read zstd \(the zstandard package",
     ):
         formats.decompress(src, tmp_path / "out", max_bytes=LIMIT)
     assert not (tmp_path / "out").exists()

@@ -313,11 +313,13 @@ def test_text_values_must_be_non_blank_valid_strings(value, error):
         ),
         (
             {"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"},
-            "row mixes 'chosen'/'rejected' with 'completion': use one schema, or name the one to read",
+            "row mixes 'chosen'/'rejected' with 'completion': "
+            "use one schema, or name the one to read",
         ),
         (
             {"instruction": "i", "output": "o", "prompt": "p", "completion": "c"},
-            "row mixes 'instruction'/'output' with 'prompt'/'completion': use one schema, or name the one to read",
+            "row mixes 'instruction'/'output' with 'prompt'/'completion': "
+            "use one schema, or name the one to read",
         ),
     ],
 )
@@ -364,7 +366,8 @@ def test_errors_on_a_mapped_field_name_the_users_column():
 def test_unknown_schemas_and_column_map_fields_are_refused():
     with pytest.raises(
         ValueError,
-        match="unknown schema 'chatml'; known schemas: openai_chat, sharegpt, preference, alpaca, prompt_completion, text",
+        match="unknown schema 'chatml'; known schemas: "
+        "openai_chat, sharegpt, preference, alpaca, prompt_completion, text",
     ):
         normalize({"text": "t"}, "chatml")
     with pytest.raises(

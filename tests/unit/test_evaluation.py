@@ -63,7 +63,8 @@ def base_report(trained):
 
 @pytest.fixture(scope="module")
 def tuned_report(trained):
-    return evaluate_model(trained[0], ROWS, checkpoint_dir=trained[1], max_new_tokens=8, batch_size=4)
+    return evaluate_model(trained[0], ROWS, checkpoint_dir=trained[1], max_new_tokens=8,
+                          batch_size=4)
 
 
 def test_memorized_rows_give_exact_match_one(tuned_report):

@@ -100,7 +100,8 @@ def test_outcomes_and_the_events_announcing_them():
         base_metrics={"eval_loss": 1.0}, tuned_metrics={"eval_loss": 0.5},
         report_key="evaluations/x/report.json")
     bad = failed(ev, ValueError("x" * 3000))
-    assert bad.status == FAILED and bad.error.startswith("ValueError: xx") and len(bad.error) == 2000
+    assert bad.status == FAILED
+    assert bad.error.startswith("ValueError: xx") and len(bad.error) == 2000
     assert outcome_event(bad) == EvalFailed(evaluation_id=ev.id, job_id="job-1", reason=bad.error)
 
 

@@ -72,7 +72,8 @@ def _base(model_dir):
 def _greedy(model, tok, prompt: str) -> list[int]:
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
     return out[0, enc["input_ids"].shape[1]:].tolist()
 
 
@@ -107,11 +108,13 @@ def test_merged_generates_exactly_like_the_adapter_on_the_base(model_dir, ckpt, 
     adapter_changed_something = False
     for prompt in PROMPTS:
         assert _greedy(plain, tok, prompt) == _greedy(with_adapter, tok, prompt), prompt
-        merged_logits, adapter_logits = _logits(plain, tok, prompt), _logits(with_adapter, tok, prompt)
+        merged_logits = _logits(plain, tok, prompt)
+        adapter_logits = _logits(with_adapter, tok, prompt)
         torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=0)
         if (merged_logits - _logits(base, tok, prompt)).abs().max() > 1e-2:
             adapter_changed_something = True
-    assert adapter_changed_something, "the adapter did not change the model: the test proves nothing"
+    assert adapter_changed_something, (
+        "the adapter did not change the model: the test proves nothing")
 
 
 @pytest.mark.slow
@@ -152,7 +155,8 @@ def test_full_finetune_checkpoint_is_resaved(model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     for prompt in PROMPTS:
-        torch.testing.assert_close(_logits(reloaded, tok, prompt), _logits(model.eval(), tok, prompt))
+        torch.testing.assert_close(_logits(reloaded, tok, prompt),
+                                   _logits(model.eval(), tok, prompt))
 
 
 # -- adapter ---------------------------------------------------------------------------------

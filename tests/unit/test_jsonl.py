@@ -9,7 +9,8 @@ from llmstudio.jsonl import parse_jsonl
 
 def test_rows_in_order_blank_lines_skipped():
     raw = b'{"prompt": "a", "completion": "b"}\n\n   \n{"messages": []}\n'
-    assert parse_jsonl(raw, "s3://x/train") == [{"prompt": "a", "completion": "b"}, {"messages": []}]
+    assert parse_jsonl(raw, "s3://x/train") == [
+        {"prompt": "a", "completion": "b"}, {"messages": []}]
     assert parse_jsonl(b'{"a": 1}\n\n{"b": 2}', "v.jsonl") == [{"a": 1}, {"b": 2}]
 
 

@@ -50,7 +50,8 @@ def test_chunked_loss_and_gradients_match_the_full_logits(tiny, chunk):
 def test_prompt_learning_adapters_have_no_decoder_head_split(tiny):
     from peft import PromptTuningConfig, get_peft_model
 
-    peft_model = get_peft_model(tiny, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    peft_model = get_peft_model(
+        tiny, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert decoder_and_head(peft_model) is None
 
 

@@ -42,7 +42,8 @@ def mv(version: int, stage: Stage) -> ModelVersion:
 
 def test_version_from_job_records_full_lineage_artifacts_and_metrics():
     v = version_from_job("acme", job(), 3, "t" * 32, "2030-01-01T00:00:00.000Z")
-    assert (v.tenant, v.model_name, v.version, v.stage) == ("acme", "smol-lora", 3, Stage.DEVELOPMENT)
+    assert (v.tenant, v.model_name, v.version, v.stage) == (
+        "acme", "smol-lora", 3, Stage.DEVELOPMENT)
     assert v.ref == "smol-lora-v3"
     assert v.lineage == {
         "dataset_id": "ds-1",
@@ -76,7 +77,8 @@ def test_evaluation_adds_prefixed_metrics_report_and_id_idempotently():
     assert once.lineage["evaluation_id"] == "ev-1"
     assert once.lineage["dataset_sha256"] == "ab" * 32
     assert once.artifacts == {
-        "checkpoint": "ckpt/job-1/80", "adapter": "adapters/job-1", "eval_report": "reports/ev-1.json",
+        "checkpoint": "ckpt/job-1/80", "adapter": "adapters/job-1",
+        "eval_report": "reports/ev-1.json",
     }
     assert once.updated_at == "t1" and once.created_at == "t0"
     assert with_evaluation(once, ev, "t1") == once

@@ -81,4 +81,5 @@ def test_metrics_event_carries_the_optional_metrics_when_reported():
     assert plain.grad_norm is None and plain.eval_loss is None
     full = metrics_event("job-1", {**base, "grad_norm": 0.7, "memory_bytes": 2.0e9,
                                    "eta_s": 12.0, "eval_loss": 1.25})
-    assert (full.grad_norm, full.memory_bytes, full.eta_s, full.eval_loss) == (0.7, 2.0e9, 12.0, 1.25)
+    assert (full.grad_norm, full.memory_bytes, full.eta_s, full.eval_loss) == (
+        0.7, 2.0e9, 12.0, 1.25)

@@ -114,6 +114,7 @@ def register(sub) -> None:
     sp.add_argument("ref", help="NAME@VERSION (NAME alone: the latest version)")
     sp.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     sp.add_argument("--merged", action="store_true", help="merge the adapter into the base model")
-    sp.add_argument("--base-model", help="local base model dir (default: the one it was trained on)")
+    sp.add_argument("--base-model",
+                    help="local base model dir (default: the one it was trained on)")
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="weights dtype of a merged export")

@@ -494,7 +494,8 @@ def download_latest_checkpoint(
         try:
             store.get_dir(prefix, local)
         except (IncompleteArtifact, CorruptArtifact) as e:
-            log.warning("job %s: checkpoint %s unusable, trying an older one: %s", job_id, prefix, e)
+            log.warning("job %s: checkpoint %s unusable, trying an older one: %s",
+                        job_id, prefix, e)
             shutil.rmtree(local, ignore_errors=True)
             continue
         log.info("job %s: resuming from %s (step %d)", job_id, prefix, step)

@@ -219,7 +219,8 @@ def encode_example(tokenizer, row: dict, max_len: int) -> dict[str, list[int]]:
             start, end = off
             return end > start and any(a <= start < b for a, b in spans)
 
-        labels = [t if learned(o) else IGNORE_INDEX for t, o in zip(input_ids, offsets, strict=True)]
+        labels = [t if learned(o) else IGNORE_INDEX
+                  for t, o in zip(input_ids, offsets, strict=True)]
     input_ids, labels = input_ids[:max_len], labels[:max_len]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
 

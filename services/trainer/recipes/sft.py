@@ -18,8 +18,9 @@ never exist (architectures that change the logits after the head, and prompt-lea
 keep the full logits).
 
 Data parallel: when torch.distributed is initialized (services/trainer/distributed.py starts
-the processes, services/trainer/parallel.py has the helpers), every process runs this function; each global micro-batch of `batch_size * world_size` examples
-is cut into one shard per rank, and only rank 0 writes checkpoints and reports metrics.
+the processes, services/trainer/parallel.py has the helpers), every process runs this function;
+each global micro-batch of `batch_size * world_size` examples is cut into one shard per rank,
+and only rank 0 writes checkpoints and reports metrics.
 Gradients are averaged over the ranks by DistributedDataParallel (strategy ddp: every rank
 holds the whole model) or by FSDP2 `fully_shard` (strategy fsdp: each rank holds 1/world of
 the parameters, gradients and optimizer state; a decoder layer's parameters are all-gathered
@@ -347,7 +348,8 @@ def evaluate_loss(loss_model: CausalLMLossSum, examples: list[dict], batch_size:
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                          enabled=amp_dtype is not None):
         for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            batch = {k: v.to(device)
+                     for k, v in collate(examples[i:i + batch_size], pad_id).items()}
             total += float(loss_model(**batch))
             count += _learned(batch["labels"])
     loss_model.train(was_training)
