@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -19,6 +20,23 @@ def nats_server(tmp_path):
     server = start_nats_server(tmp_path / "jetstream")
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_train_nothing(request):
+    """`make test-fast` (-m "not slow") trains nothing: an optimizer step in a test that is not
+    marked slow fails it, so the marks stay true."""
+    if request.node.get_closest_marker("slow") or "torch" not in sys.modules:
+        yield
+        return
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def refuse(optimizer, args, kwargs):
+        raise AssertionError("this test runs an optimizer step: mark it @pytest.mark.slow")
+
+    handle = register_optimizer_step_pre_hook(refuse)
+    yield
+    handle.remove()
 
 
 @pytest.fixture(scope="module")

@@ -736,6 +736,9 @@ async def test_upload_options_are_checked_before_the_file_and_the_spool_is_clear
             for i in range(1000):
                 sent.append(i)
                 yield datasets_pb2.UploadDatasetChunk(data=b"x" * (1 << 20))
+                # Paced: a send racing the server's abort fails the call client-side
+                # ("Internal error from Core") before its status arrives.
+                await asyncio.sleep(0.005)
 
         async with ch:
             with pytest.raises(grpc.aio.AioRpcError) as e:

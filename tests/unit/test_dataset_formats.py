@@ -356,7 +356,11 @@ def test_detect_file_format(tmp_path, filename, content, file_format):
     ("filename", "content", "message"),
     [
         ("x.txt", b"hello", "x.txt: unknown file format: expected JSON Lines (.jsonl)"),
-        ("x.jsonl", gzip.compress(b"{}"), "x.jsonl: is gzip-compressed; decompress it first"),
+        (
+            "x.jsonl",
+            gzip.compress(b"{}", mtime=0),
+            "x.jsonl: is gzip-compressed; decompress it first",
+        ),
         ("x.zip", b"PK\x03\x04rest", "x.zip: is a zip archive, which is not supported"),
         ("x.parquet", b"a,b\n", "x.parquet: not a Parquet file (it does not start with PAR1)"),
     ],
@@ -631,7 +635,7 @@ def test_the_limit_is_inclusive(tmp_path):
     ("content", "message"),
     [
         (
-            gzip.compress(b'{"a": 1}\n' * 1000)[:-40],
+            gzip.compress(b'{"a": 1}\n' * 1000, mtime=0)[:-40],
             "x.gz: not a valid gzip file: Compressed file ended",
         ),
         (b"BZh9" + b"garbage" * 10, "x.gz: not a valid bzip2 file: Invalid data stream"),

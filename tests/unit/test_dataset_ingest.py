@@ -374,7 +374,8 @@ EXPECTED_FORMAT = {"prompt_completion": "prompt_completion", "alpaca": "prompt_c
 
 def _fixture_cases():
     for path in sorted(FIXTURES.iterdir()):
-        if path.name in ("bad", "expected", "make_fixtures.py") or path.suffix == ".zst":
+        skipped = ("bad", "expected", "make_fixtures.py", "__pycache__")
+        if path.name in skipped or path.suffix == ".zst":
             continue
         schema = next(s for s in sorted(EXPECTED_FORMAT, key=len, reverse=True)
                       if path.name.startswith(s))
