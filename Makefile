@@ -34,9 +34,10 @@ run: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# Everything but training steps (tests marked slow): the inner loop, under 90 s.
+# Everything but training steps (tests marked slow), on two pytest-xdist workers (one file per
+# worker at a time, so module fixtures are built once): the inner loop, about a minute.
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # ruff (style, line length), import-linter (the architecture's contracts, pyproject.toml) and mypy
 # (the kernel, every service's core.py and usecases.py, against the generated .pyi).
