@@ -10,22 +10,14 @@ stamped, upgraded, and its datasets read over gRPC."""
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
-import nats
 import pytest
 import sqlalchemy as sa
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.exc import IntegrityError
 
+from llmstudio.bus import Bus
 from llmstudio.config import Settings
-from llmstudio.db import make_engine
-from llmstudio.events import DatasetRegistered, Envelope, decode
-from llmstudio.migrations import alembic_config, current_revision, version_table
+from llmstudio.events import DatasetRegistered
 from llmstudio.natsserver import free_port
 from llmstudio.outbox import Outbox
 from llmstudio.storage import LocalArtifactStore
@@ -35,6 +27,18 @@ from services.dataset.core import DatasetRecord
 from services.dataset.store import DatasetStore, metadata
 from services.dataset.usecases import Datasets, registered
 from tests.support.harness import put_api_key, running
+from tests.support.migrations import (
+    LEGACY_DATABASES,
+    assert_schema_history,
+    at_head,
+    bus_fixture,
+    downgrade,
+    published,
+    rows_of,
+    schema_diff,
+    store_fixture,
+    upgrade_legacy_database,
+)
 
 # The table `create_all` made before migrations (services/dataset/store.py at commit 030388d),
 # frozen here as that code declared it.
@@ -112,16 +116,8 @@ def record(values: dict) -> DatasetRecord:
     return DatasetRecord(**{k: v for k, v in values.items() if k != "announced"})
 
 
-def schema_diff(engine: sa.Engine, models: sa.MetaData) -> list:
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"version_table": version_table("dataset"), "compare_type": True})
-        return compare_metadata(ctx, models)
-
-
-def at_head(store: DatasetStore) -> bool:
-    head = ScriptDirectory(str(store.migrations)).get_current_head()
-    return current_revision(store.engine, store.migrations, "dataset") == head
+store = store_fixture(DatasetStore)
+bus = bus_fixture("dataset")
 
 
 def write_legacy_rows(engine: sa.Engine) -> None:
@@ -129,18 +125,7 @@ def write_legacy_rows(engine: sa.Engine) -> None:
         conn.execute(LEGACY.tables["datasets"].insert(), ROWS)
 
 
-class RecordingBus:
-    service = "dataset"
-
-    def __init__(self):
-        self.published: list[tuple[Envelope, str]] = []
-
-    async def publish_envelope(self, env, subject):
-        self.published.append((env, subject))
-
-
-async def assert_legacy_rows_read_at_head(store: DatasetStore, tmp_path) -> None:
-    bus = RecordingBus()
+async def assert_legacy_rows_read_at_head(store: DatasetStore, bus: Bus, tmp_path) -> None:
     outbox = Outbox(store, bus)
     datasets = Datasets(store, outbox, LocalArtifactStore(tmp_path / "artifacts"),
                         Settings(data_dir=tmp_path))
@@ -157,121 +142,60 @@ async def assert_legacy_rows_read_at_head(store: DatasetStore, tmp_path) -> None
     # flush; the announced one is not announced again.
     await outbox.flush()
     unannounced = [registered(record(r)) for r in ROWS[1:]]
+    sent = await published(bus.settings.nats_url, "llmstudio.dataset.>", len(unannounced))
     assert [(env.type, env.tenant, env.actor, env.source, subject)
-            for env, subject in bus.published] == [
+            for env, subject in sent] == [
         (DatasetRegistered.TYPE, r["tenant"], r["created_by"], "dataset", d.subject())
         for r, d in zip(ROWS[1:], unannounced, strict=True)]
-    assert [DatasetRegistered.model_validate(env.data) for env, _ in bus.published] == unannounced
+    assert [DatasetRegistered.model_validate(env.data) for env, _ in sent] == unannounced
     with store.unit() as u:
         assert u.pending_events() == []
 
 
-def test_first_revision_is_the_schema_made_before_migrations(db_url):
-    store = DatasetStore(db_url)
-    try:
-        store.migrate("0001")
-        assert schema_diff(store.engine, LEGACY) == []
-    finally:
-        store.dispose()
+@pytest.mark.parametrize("made", LEGACY_DATABASES)
+async def test_rows_of_a_legacy_database_are_read_at_head(store, bus, tmp_path, made):
+    upgrade_legacy_database(store, made, LEGACY, write_legacy_rows)
+    await assert_legacy_rows_read_at_head(store, bus, tmp_path)
 
 
-async def test_rows_written_at_the_first_revision_are_read_at_head(db_url, tmp_path):
-    store = DatasetStore(db_url)
-    try:
-        store.migrate("0001")
-        write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_at_head(store, tmp_path)
-    finally:
-        store.dispose()
+def test_the_schemas_at_the_first_revision_at_head_and_after_a_downgrade(store):
+    assert_schema_history(store, LEGACY, metadata)
 
 
-async def test_a_database_made_before_migrations_is_stamped_and_upgraded(db_url, tmp_path):
-    store = DatasetStore(db_url)
-    try:
-        LEGACY.create_all(store.engine)  # what the service's start did before migrations
-        write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_at_head(store, tmp_path)
-    finally:
-        store.dispose()
-
-
-def test_the_models_at_head_match_the_migrated_schema(db_url):
-    store = DatasetStore(db_url)
-    try:
-        store.migrate()
-        assert schema_diff(store.engine, metadata) == []
-    finally:
-        store.dispose()
-
-
-def test_downgrade_gives_back_the_announced_flags(db_url):
-    store = DatasetStore(db_url)
-    try:
-        store.migrate("0001")
-        write_legacy_rows(store.engine)
-        store.migrate()
-        cfg = alembic_config(store.migrations, "dataset")
-        with store.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0001")
-        assert schema_diff(store.engine, LEGACY) == []
-        with store.engine.connect() as conn:
-            table = LEGACY.tables["datasets"]
-            got = conn.execute(sa.select(table).order_by(table.c.id)).mappings().all()
-        assert [dict(r) for r in got] == ROWS
-    finally:
-        store.dispose()
+def test_downgrade_gives_back_the_announced_flags(store):
+    upgrade_legacy_database(store, "first-revision", LEGACY, write_legacy_rows)
+    downgrade(store, "0001")
+    assert schema_diff(store, LEGACY) == []
+    assert rows_of(store, LEGACY.tables["datasets"]) == ROWS
 
 
 async def test_the_service_starts_on_a_database_made_before_migrations(
-        db_url, nats_server, tmp_path):
+        store, db_url, nats_server, tmp_path):
     """The database an earlier release left (its table, no version table): the service starts,
     serves its versions, and announces the ones that never were."""
     settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port(),
                         database_url=db_url)
-    legacy = make_engine(db_url)
-    LEGACY.create_all(legacy)
-    write_legacy_rows(legacy)
-    legacy.dispose()
-    seen: list = []
-    nc = await nats.connect(nats_server.url)
-
-    async def on_msg(msg):
-        seen.append(decode(msg.data))
-
-    await nc.subscribe("llmstudio.dataset.>", cb=on_msg)
-    try:
-        async with running("dataset", build, settings) as port:
-            key = await put_api_key(settings.nats_url, "viewer", "acme")
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                client = datasets_pb2_grpc.DatasetServiceStub(ch)
-                md = (("x-api-key", key),)
-                got = await client.GetDataset(
-                    datasets_pb2.GetDatasetRequest(id=ROWS[1]["id"]), metadata=md)
-                listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
-                with pytest.raises(grpc.aio.AioRpcError) as foreign:
-                    await client.GetDataset(
-                        datasets_pb2.GetDatasetRequest(id=ROWS[2]["id"]), metadata=md)
-            deadline = asyncio.get_running_loop().time() + 10
-            while len(seen) < 2:
-                assert asyncio.get_running_loop().time() < deadline, seen
-                await asyncio.sleep(0.05)
-    finally:
-        await nc.close()
+    LEGACY.create_all(store.engine)
+    write_legacy_rows(store.engine)
+    async with running("dataset", build, settings) as port:
+        key = await put_api_key(settings.nats_url, "viewer", "acme")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            client = datasets_pb2_grpc.DatasetServiceStub(ch)
+            md = (("x-api-key", key),)
+            got = await client.GetDataset(
+                datasets_pb2.GetDatasetRequest(id=ROWS[1]["id"]), metadata=md)
+            listed = await client.ListDatasets(datasets_pb2.ListDatasetsRequest(), metadata=md)
+            with pytest.raises(grpc.aio.AioRpcError) as foreign:
+                await client.GetDataset(
+                    datasets_pb2.GetDatasetRequest(id=ROWS[2]["id"]), metadata=md)
+        announced = await published(nats_server.url, "llmstudio.dataset.>", 2)
     child = ROWS[1]
     assert (got.version, got.parent_id, got.sha256, got.test_rows, list(got.warnings)) == (
         2, child["parent_id"], child["sha256"], 3, child["warnings"])
     assert dict(got.artifacts) == child["artifacts"] and got.seed == 2**40
     assert [d.id for d in listed.datasets] == [ROWS[0]["id"], ROWS[1]["id"]]
     assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
-    assert [(env.tenant, data.dataset_id) for env, data in seen] == [
+    assert [(env.tenant, DatasetRegistered.model_validate(env.data).dataset_id)
+            for env, _ in announced] == [
         ("acme", ROWS[1]["id"]), ("globex", ROWS[2]["id"])]
-    store = DatasetStore(db_url)
-    try:
-        assert at_head(store)
-    finally:
-        store.dispose()
+    assert at_head(store)

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 import sqlalchemy as sa
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
-from llmstudio.events import Envelope, EvalCompleted, EvalFailed
-from llmstudio.migrations import alembic_config, current_revision, version_table
+from llmstudio.bus import Bus
+from llmstudio.events import EvalCompleted, EvalFailed
 from llmstudio.outbox import Outbox
 from services.evaluator.core import COMPLETED, FAILED, RUNNING
 from services.evaluator.store import EvaluationStore, Unit, metadata
 from services.evaluator.usecases import Evaluations
+from tests.support.migrations import (
+    LEGACY_DATABASES,
+    assert_schema_history,
+    bus_fixture,
+    downgrade,
+    published,
+    rows_of,
+    schema_diff,
+    store_fixture,
+    upgrade_legacy_database,
+)
 
 # The schema `create_all` made before migrations (commit 030388d), frozen here.
 LEGACY = sa.MetaData()
@@ -76,16 +84,8 @@ UNANNOUNCED = [
 ]
 
 
-def schema_diff(engine: sa.Engine, models: sa.MetaData) -> list:
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"version_table": version_table("evaluator"), "compare_type": True})
-        return compare_metadata(ctx, models)
-
-
-def at_head(store: EvaluationStore) -> bool:
-    head = ScriptDirectory(str(store.migrations)).get_current_head()
-    return current_revision(store.engine, store.migrations, "evaluator") == head
+store = store_fixture(EvaluationStore)
+bus = bus_fixture("evaluator")
 
 
 def write_legacy_rows(engine: sa.Engine) -> None:
@@ -93,17 +93,7 @@ def write_legacy_rows(engine: sa.Engine) -> None:
         conn.execute(LEGACY.tables["evaluations"].insert(), ROWS)
 
 
-class RecordingBus:
-    service = "evaluator"
-
-    def __init__(self):
-        self.published: list[tuple[Envelope, str]] = []
-
-    async def publish_envelope(self, env, subject):
-        self.published.append((env, subject))
-
-
-async def assert_legacy_rows_read_at_head(store: EvaluationStore) -> None:
+async def assert_legacy_rows_read_at_head(store: EvaluationStore, bus: Bus) -> None:
     evaluations = Evaluations(store)
     listed = await evaluations.list("acme")
     assert [(e.id, e.job_id, e.status) for e in listed] == [
@@ -121,73 +111,30 @@ async def assert_legacy_rows_read_at_head(store: EvaluationStore) -> None:
     # the next flush; the announced one is not announced again.
     with store.unit() as u:
         assert [e.traceparent for e in u.pending_events()] == [TRACE, TRACE]
-    bus = RecordingBus()
     await Outbox(store, bus).flush()
+    sent = await published(bus.settings.nats_url, "llmstudio.eval.>", len(UNANNOUNCED))
     assert [(env.type, env.tenant, env.actor, env.source, subject)
-            for env, subject in bus.published] == [
+            for env, subject in sent] == [
         (d.TYPE, "acme", "alice", "evaluator", d.subject()) for d in UNANNOUNCED]
     assert [type(d).model_validate(env.data) for (env, _), d in
-            zip(bus.published, UNANNOUNCED, strict=True)] == UNANNOUNCED
+            zip(sent, UNANNOUNCED, strict=True)] == UNANNOUNCED
 
 
-def test_first_revision_is_the_schema_made_before_migrations(db_url):
-    store = EvaluationStore(db_url)
-    try:
-        store.migrate("0001")
-        assert schema_diff(store.engine, LEGACY) == []
-    finally:
-        store.dispose()
+@pytest.mark.parametrize("made", LEGACY_DATABASES)
+async def test_rows_of_a_legacy_database_are_read_at_head(store, bus, made):
+    upgrade_legacy_database(store, made, LEGACY, write_legacy_rows)
+    await assert_legacy_rows_read_at_head(store, bus)
 
 
-async def test_rows_written_at_the_first_revision_are_read_at_head(db_url):
-    store = EvaluationStore(db_url)
-    try:
-        store.migrate("0001")
-        write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_at_head(store)
-    finally:
-        store.dispose()
+def test_the_schemas_at_the_first_revision_at_head_and_after_a_downgrade(store):
+    assert_schema_history(store, LEGACY, metadata)
 
 
-async def test_a_database_made_before_migrations_is_stamped_and_upgraded(db_url):
-    store = EvaluationStore(db_url)
-    try:
-        LEGACY.create_all(store.engine)  # what the evaluator's start did before migrations
-        write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_at_head(store)
-    finally:
-        store.dispose()
-
-
-def test_the_models_at_head_match_the_migrated_schema(db_url):
-    store = EvaluationStore(db_url)
-    try:
-        store.migrate()
-        assert schema_diff(store.engine, metadata) == []
-    finally:
-        store.dispose()
-
-
-def test_downgrade_gives_back_the_announced_flags(db_url):
-    store = EvaluationStore(db_url)
-    try:
-        store.migrate("0001")
-        write_legacy_rows(store.engine)
-        store.migrate()
-        cfg = alembic_config(store.migrations, "evaluator")
-        with store.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0001")
-        assert schema_diff(store.engine, LEGACY) == []
-        with store.engine.connect() as conn:
-            table = LEGACY.tables["evaluations"]
-            got = conn.execute(sa.select(table).order_by(table.c.id)).mappings().all()
-        assert [r["announced"] for r in got] == [r["announced"] for r in ROWS]
-        assert [{k: r[k] for k in ("id", "status", "tuned_metrics", "error")} for r in got] == [
-            {k: r[k] for k in ("id", "status", "tuned_metrics", "error")} for r in ROWS]
-    finally:
-        store.dispose()
+def test_downgrade_gives_back_the_announced_flags(store):
+    upgrade_legacy_database(store, "first-revision", LEGACY, write_legacy_rows)
+    downgrade(store, "0001")
+    assert schema_diff(store, LEGACY) == []
+    got = rows_of(store, LEGACY.tables["evaluations"])
+    assert [r["announced"] for r in got] == [r["announced"] for r in ROWS]
+    assert [{k: r[k] for k in ("id", "status", "tuned_metrics", "error")} for r in got] == [
+        {k: r[k] for k in ("id", "status", "tuned_metrics", "error")} for r in ROWS]

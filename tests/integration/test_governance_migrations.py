@@ -10,21 +10,22 @@ from dataclasses import asdict
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from llmstudio.auth import KeyDirectory, Principal, hash_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
-from llmstudio.config import Settings
 from llmstudio.events import JobQueued, make_envelope
-from llmstudio.migrations import alembic_config, current_revision, version_table
 from llmstudio.outbox import Outbox
 from services.governance.core import AuditEvent, chain
 from services.governance.handlers import audit_event
 from services.governance.store import GovernanceStore, metadata
 from services.governance.usecases import AuditLog, KeyManager
+from tests.support.migrations import (
+    LEGACY_DATABASES,
+    assert_schema_history,
+    bus_fixture,
+    store_fixture,
+    upgrade_legacy_database,
+)
 
 # The schema `create_all` made before migrations (commit 030388d), frozen here.
 LEGACY = sa.MetaData()
@@ -92,24 +93,8 @@ def write_legacy_rows(engine: sa.Engine) -> list[dict]:
     return records
 
 
-def schema_diff(engine: sa.Engine, models: sa.MetaData) -> list:
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"version_table": version_table("governance"), "compare_type": True})
-        return compare_metadata(ctx, models)
-
-
-def at_head(store: GovernanceStore) -> bool:
-    head = ScriptDirectory(str(store.migrations)).get_current_head()
-    return current_revision(store.engine, store.migrations, "governance") == head
-
-
-@pytest.fixture
-async def bus(nats_server, tmp_path):
-    b = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "governance")
-    await b.start()
-    yield b
-    await b.stop()
+store = store_fixture(GovernanceStore)
+bus = bus_fixture("governance")
 
 
 async def assert_legacy_rows_read_through_use_cases(
@@ -142,49 +127,12 @@ async def assert_legacy_rows_read_through_use_cases(
     assert (await audit.verify()).ok
 
 
-def test_first_revision_is_the_schema_made_before_migrations(db_url):
-    store = GovernanceStore(db_url)
-    try:
-        store.migrate("0001")
-        assert schema_diff(store.engine, LEGACY) == []
-    finally:
-        store.dispose()
+@pytest.mark.parametrize("made", LEGACY_DATABASES)
+async def test_rows_of_a_legacy_database_are_read_at_head(store, bus, made):
+    records = upgrade_legacy_database(store, made, LEGACY, write_legacy_rows)
+    assert not {"audit_log", "api_keys"} & set(sa.inspect(store.engine).get_table_names())
+    await assert_legacy_rows_read_through_use_cases(store, bus, records)
 
 
-async def test_rows_written_at_the_first_revision_are_read_at_head(db_url, bus):
-    store = GovernanceStore(db_url)
-    try:
-        store.migrate("0001")
-        records = write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        assert not {"audit_log", "api_keys"} & set(sa.inspect(store.engine).get_table_names())
-        await assert_legacy_rows_read_through_use_cases(store, bus, records)
-    finally:
-        store.dispose()
-
-
-async def test_a_database_made_before_migrations_is_stamped_and_upgraded(db_url, bus):
-    store = GovernanceStore(db_url)
-    try:
-        LEGACY.create_all(store.engine)  # what governance's start did before migrations
-        records = write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_through_use_cases(store, bus, records)
-    finally:
-        store.dispose()
-
-
-def test_the_models_at_head_match_the_migrated_schema_and_downgrade_restores_the_first(db_url):
-    store = GovernanceStore(db_url)
-    try:
-        store.migrate()
-        assert schema_diff(store.engine, metadata) == []
-        cfg = alembic_config(store.migrations, "governance")
-        with store.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0001")
-        assert schema_diff(store.engine, LEGACY) == []
-    finally:
-        store.dispose()
+def test_the_schemas_at_the_first_revision_at_head_and_after_a_downgrade(store):
+    assert_schema_history(store, LEGACY, metadata)

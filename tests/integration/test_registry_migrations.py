@@ -4,17 +4,23 @@ table) is upgraded with its rows kept, and the models at head match the migrated
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
+from llmstudio.bus import Bus
 from llmstudio.events import ModelStageChanged, make_envelope
-from llmstudio.migrations import current_revision, version_table
 from llmstudio.outbox import Outbox
 from services.registry.core import Stage, StageRequest
 from services.registry.store import RegistryStore, metadata
 from services.registry.usecases import Registry
+from tests.support.migrations import (
+    LEGACY_DATABASES,
+    assert_schema_history,
+    bus_fixture,
+    published,
+    store_fixture,
+    upgrade_legacy_database,
+)
 
 # The schema `create_all` made before migrations (commit 030388d), frozen here.
 LEGACY = sa.MetaData()
@@ -64,16 +70,8 @@ PENDING = make_envelope(
     source="registry", tenant="acme", actor="alice")
 
 
-def schema_diff(engine: sa.Engine, models: sa.MetaData) -> list:
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"version_table": version_table("registry"), "compare_type": True})
-        return compare_metadata(ctx, models)
-
-
-def at_head(store: RegistryStore) -> bool:
-    head = ScriptDirectory(str(store.migrations)).get_current_head()
-    return current_revision(store.engine, store.migrations, "registry") == head
+store = store_fixture(RegistryStore)
+bus = bus_fixture("registry")
 
 
 def write_legacy_rows(engine: sa.Engine) -> None:
@@ -102,18 +100,7 @@ def write_legacy_rows(engine: sa.Engine) -> None:
              "created_at": "2030-01-02T00:00:00.000Z"}])
 
 
-class RecordingBus:
-    service = "registry"
-
-    def __init__(self):
-        self.published: list[tuple[str, str]] = []
-
-    async def publish_envelope(self, env, subject):
-        self.published.append((env.id, subject))
-
-
-async def assert_legacy_rows_read_through_use_cases(store: RegistryStore) -> None:
-    bus = RecordingBus()
+async def assert_legacy_rows_read_through_use_cases(store: RegistryStore, bus: Bus) -> None:
     registry = Registry(store, Outbox(store, bus))
     [model] = await registry.list_models("acme")
     assert (model.name, model.created_at, [v.version for v in model.versions]) == (
@@ -130,49 +117,20 @@ async def assert_legacy_rows_read_through_use_cases(store: RegistryStore) -> Non
                                         "k1")
     assert replayed == v1
     # ... and the event left in the outbox is published, with the id it was written with.
-    assert bus.published == [(PENDING.id, "llmstudio.model.stage_changed.smol-v1")]
+    sent = await published(bus.settings.nats_url, "llmstudio.model.>", 1)
+    assert [(env.id, subject) for env, subject in sent] == [
+        (PENDING.id, "llmstudio.model.stage_changed.smol-v1")]
     # New versions number on from the stored ones.
     moved = await registry.set_stage("acme", "alice", StageRequest("smol", 2, Stage.STAGING))
-    assert moved.stage == Stage.STAGING and len(bus.published) == 2
+    sent = await published(bus.settings.nats_url, "llmstudio.model.>", 2)
+    assert moved.stage == Stage.STAGING and len(sent) == 2
 
 
-def test_first_revision_is_the_schema_made_before_migrations(db_url):
-    store = RegistryStore(db_url)
-    try:
-        store.migrate("0001")
-        assert schema_diff(store.engine, LEGACY) == []
-    finally:
-        store.dispose()
+@pytest.mark.parametrize("made", LEGACY_DATABASES)
+async def test_rows_of_a_legacy_database_are_read_at_head(store, bus, made):
+    upgrade_legacy_database(store, made, LEGACY, write_legacy_rows)
+    await assert_legacy_rows_read_through_use_cases(store, bus)
 
 
-async def test_rows_written_at_the_first_revision_are_read_at_head(db_url):
-    store = RegistryStore(db_url)
-    try:
-        store.migrate("0001")
-        write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_through_use_cases(store)
-    finally:
-        store.dispose()
-
-
-async def test_a_database_made_before_migrations_is_stamped_and_upgraded(db_url):
-    store = RegistryStore(db_url)
-    try:
-        LEGACY.create_all(store.engine)  # what the registry's start did before migrations
-        write_legacy_rows(store.engine)
-        store.migrate()
-        assert at_head(store)
-        await assert_legacy_rows_read_through_use_cases(store)
-    finally:
-        store.dispose()
-
-
-def test_the_models_at_head_match_the_migrated_schema(db_url):
-    store = RegistryStore(db_url)
-    try:
-        store.migrate()
-        assert schema_diff(store.engine, metadata) == []
-    finally:
-        store.dispose()
+def test_the_schemas_at_the_first_revision_at_head_and_after_a_downgrade(store):
+    assert_schema_history(store, LEGACY, metadata)

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
-from llmstudio.migrations import alembic_config, current_revision, version_table
 from llmstudio.outbox import Outbox
 from services.scheduler import store as head
 from services.scheduler.core import Status, WorkerTable
 from services.scheduler.store import SchedulerStore
 from services.scheduler.usecases import Jobs
 from services.scheduler.watch import Watchers
+from tests.support.migrations import (
+    LEGACY_DATABASES,
+    assert_schema_history,
+    store_fixture,
+    upgrade_legacy_database,
+)
 
 # The schema as `create_all` made it before migrations (commit 030388d): what revision 0001 is.
 OLD = sa.MetaData()
@@ -73,11 +75,7 @@ ESTIMATE = {"weights": 1.0, "gradients": 2.0, "optimizer": 3.0, "activations": 4
 ARTIFACTS = {"train": "datasets/ds-1/train.jsonl"}
 
 
-@pytest.fixture
-def store(db_url):
-    s = SchedulerStore(db_url)
-    yield s
-    s.dispose()
+store = store_fixture(SchedulerStore)
 
 
 def old_job(job_id: str, **overrides) -> dict:
@@ -144,19 +142,9 @@ async def assert_old_rows_read_back(store: SchedulerStore) -> None:
         "llmstudio.job.queued.job-2", '{"id": "e-1"}', "tp")
 
 
-async def test_rows_written_at_the_first_revision_read_back_at_head(store):
-    store.migrate("0001")
-    write_old_rows(store.engine)
-    store.migrate()
-    assert current_revision(store.engine, store.migrations, "scheduler") == "0002"
-    await assert_old_rows_read_back(store)
-
-
-async def test_a_database_from_before_migrations_is_stamped_and_upgraded(store):
-    OLD.create_all(store.engine)  # what the old start-up did
-    write_old_rows(store.engine)
-    store.migrate()
-    assert current_revision(store.engine, store.migrations, "scheduler") == "0002"
+@pytest.mark.parametrize("made", LEGACY_DATABASES)
+async def test_rows_of_the_old_schema_read_back_at_head(store, made):
+    upgrade_legacy_database(store, made, OLD, write_old_rows)
     await assert_old_rows_read_back(store)
 
 
@@ -170,26 +158,5 @@ async def test_a_database_older_than_the_memory_estimate_gets_it(store):
         assert job.memory_estimate == {}
 
 
-def schema_differences(engine: sa.Engine, metadata: sa.MetaData) -> list:
-    def ours(name, type_, parent_names) -> bool:
-        return type_ != "table" or name != version_table("scheduler")
-
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"include_name": ours, "compare_type": True})
-        return compare_metadata(ctx, metadata)
-
-
-def test_the_models_at_head_match_the_migrated_schema(store):
-    store.migrate()
-    assert schema_differences(store.engine, head.metadata) == []
-
-
-def test_the_first_revision_is_the_old_schema_and_downgrade_returns_to_it(store):
-    store.migrate("0001")
-    assert schema_differences(store.engine, OLD) == []
-    store.migrate()
-    cfg = alembic_config(store.migrations, "scheduler")
-    with store.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0001")
-    assert schema_differences(store.engine, OLD) == []
+def test_the_schemas_at_the_first_revision_at_head_and_after_a_downgrade(store):
+    assert_schema_history(store, OLD, head.metadata)
