@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-import nats
 import pytest
 from sqlalchemy import inspect
 
@@ -17,6 +16,9 @@ from llmstudio.events import Envelope, ModelStageChanged
 from llmstudio.natsserver import start_nats_server
 from llmstudio.outbox import Outbox
 from services.registry.store import RegistryStore
+from tests.support.bus import stream_messages
+
+SUBJECTS = "llmstudio.model.stage_changed.>"
 
 
 def migrated_store(tmp_path) -> RegistryStore:
@@ -36,26 +38,6 @@ def test_table_keeps_the_service_prefix(tmp_path):
     assert store.unit_class.outbox_table.name == "registry_outbox"
     assert "registry_outbox" in inspect(store.engine).get_table_names()
     store.dispose()
-
-
-async def _stream_messages(url: str, count: int, timeout: float = 10.0) -> list:
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        sub = await js.pull_subscribe("llmstudio.model.stage_changed.>", stream="MODELS")
-        got = []
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(got) < count and asyncio.get_running_loop().time() < deadline:
-            try:
-                got += await sub.fetch(count - len(got), timeout=1)
-            except nats.errors.TimeoutError:
-                pass
-        # nothing more than expected (a re-published row would have been deduplicated)
-        with pytest.raises(nats.errors.TimeoutError):
-            await sub.fetch(1, timeout=0.5)
-        return got
-    finally:
-        await nc.close()
 
 
 async def test_events_written_while_nats_is_down_are_published_later_in_order(
@@ -87,7 +69,7 @@ async def test_events_written_while_nats_is_down_are_published_later_in_order(
         restarted = start_nats_server(nats_server.store_dir, port=nats_server.port)
         loop = asyncio.create_task(outbox.run())
         try:
-            messages = await _stream_messages(nats_server.url, 3)
+            messages = await stream_messages(nats_server.url, SUBJECTS, 3)
             deadline = asyncio.get_running_loop().time() + 10
             while True:
                 with store.unit() as u:
@@ -125,7 +107,7 @@ async def test_a_published_event_is_removed_from_the_outbox(nats_server, tmp_pat
         await outbox.flush()
         with store.unit() as u:
             assert u.pending_events() == []
-        [message] = await _stream_messages(nats_server.url, 1)
+        [message] = await stream_messages(nats_server.url, SUBJECTS, 1)
         assert Envelope.model_validate_json(message.data).id == (
             Envelope.model_validate_json(event.envelope).id)
     finally:

@@ -8,12 +8,10 @@ Each helper takes the store: it knows its `engine`, its Alembic scripts (`migrat
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import nats
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -21,11 +19,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from llmstudio.bus import Bus, stream_for
+from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.events import Envelope
 from llmstudio.migrations import alembic_config, current_revision, first_revision, version_table
+from tests.support.bus import stream_messages
 
 R = TypeVar("R")
 
@@ -125,23 +124,7 @@ def rows_of(store: UnitOfWorkStore, table: sa.Table) -> list[dict]:
 async def published(
     nats_url: str, subject_filter: str, n: int, timeout: float = 10.0
 ) -> list[tuple[Envelope, str]]:
-    """The (envelope, subject) pairs JetStream holds on `subject_filter`, oldest first, read by
-    an ephemeral consumer from the start of the stream: waits up to `timeout` for `n` of them,
-    then takes whatever else is there, so a caller comparing the list sees any extra one."""
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.jetstream().pull_subscribe(subject_filter, stream=stream_for(subject_filter))
-        messages: list = []
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(messages) < n and asyncio.get_running_loop().time() < deadline:
-            try:
-                messages += await sub.fetch(n - len(messages), timeout=1)
-            except nats.errors.TimeoutError:
-                pass
-        try:
-            messages += await sub.fetch(1, timeout=0.5)
-        except nats.errors.TimeoutError:
-            pass
-        return [(Envelope.model_validate_json(m.data), m.subject) for m in messages]
-    finally:
-        await nc.close()
+    """The (envelope, subject) pairs JetStream holds on `subject_filter`, oldest first (see
+    `stream_messages`: a caller comparing the list sees any extra one)."""
+    messages = await stream_messages(nats_url, subject_filter, n, timeout)
+    return [(Envelope.model_validate_json(m.data), m.subject) for m in messages]
