@@ -42,6 +42,8 @@ set, so every type is a shape plus a check that ordinary text rarely passes.
                  not a placeholder, code reference or class name, with a letter and a digit, and
                  either three character classes or >= 16 chars of >= 3 bits/char with >= 20%
                  digits. Only the value is a finding, so `password=[SECRET]` keeps the key.
+                 Provider key and token formats (cloud, LLM APIs, source hosting, chat tools,
+                 private keys, JWTs, ...) come from detect-secrets' rules: see secrets.py.
 
 Overlaps are resolved in favour of the more specific type (secret > iban > credit_card >
 national_id > email > ip_address > phone), then the longer finding.
@@ -62,6 +64,8 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+
+from .secrets import find_secrets
 
 EMAIL = "email"
 PHONE = "phone"
@@ -526,6 +530,7 @@ _CAPITALIZED_WORD_RE = re.compile(r"[A-Z][a-z]{2,}")
 
 
 def _find_secrets(text: str, found: list[Finding]) -> None:
+    found.extend(Finding(SECRET, f.start, f.end) for f in find_secrets(text))
     if any(prefix in text for prefix in _TOKEN_PREFIXES):
         for match in _PREFIXED_TOKEN_RE.finditer(text):
             found.append(Finding(SECRET, match.start(), match.end()))
