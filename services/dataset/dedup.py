@@ -46,13 +46,13 @@ changed, a typo or a punctuation or casing edit in a row of ~40 words is ~0.9).
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
-import zlib
 
 import numpy as np
 
-MIN_TOKENS = 5
+from .shingles import MIN_TOKENS, NormalizedBatch, normalize_batch, normalize_for_dedup, shingles
+
+__all__ = ["MIN_TOKENS", "ExactDuplicates", "NearDuplicates", "NormalizedBatch",
+           "normalize_batch", "normalize_for_dedup"]
 NUM_PERMUTATIONS = 128
 BANDS = 16
 VALUES_PER_BAND = NUM_PERMUTATIONS // BANDS  # 8 values of 4 bits: one uint32 band key
@@ -60,26 +60,19 @@ BITS_PER_VALUE = 4
 DEFAULT_THRESHOLD = 0.8
 
 _CHUNK_ROWS = 1 << 16
-# Shingles hashed at once: bounds the (shingles x permutations) uint64 matrix to 8 MiB.
+# Rows added one by one are normalized and shingled this many at a time (see shingles.py).
+ROWS_PER_BATCH = 256
+# Shingles MinHashed at once (64 KiB of them), a slice at a time: the slice's
+# (permutations x shingles) uint64 matrix, 1 MiB, stays in cache through its passes.
 _SHINGLES_PER_BATCH = 8192
+_SHINGLES_PER_SLICE = 1024
 _PAIRS_PER_BATCH = 1 << 16
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN_RE = re.compile(rf"[^\W{_CJK}]+|[{_CJK}]")
-# The same tokens for ASCII text, 2.5x faster: every ASCII character but [a-z0-9_] splits.
-_ASCII_SEPARATORS = str.maketrans(
-    {chr(code): " " for code in range(128) if not (chr(code).isalnum() or chr(code) == "_")}
-)
 # multiply-shift constants of the 128 hash functions, and of the shingle hash; fixed so that
 # results do not depend on the process
 _PERMUTATION_RNG = np.random.default_rng(0x5EED)
 _MULTIPLIERS = _PERMUTATION_RNG.integers(1, 2**63, NUM_PERMUTATIONS, dtype=np.uint64) * 2 + 1
 _INCREMENTS = _PERMUTATION_RNG.integers(0, 2**63, NUM_PERMUTATIONS, dtype=np.uint64)
-_SHINGLE_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _NIBBLE_SHIFTS = np.arange(VALUES_PER_BAND, dtype=np.uint32) * BITS_PER_VALUE
-
-
-def normalize_for_dedup(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 class _ChunkedArray:
@@ -142,6 +135,7 @@ class _ChunkedArray:
 class ExactDuplicates:
     def __init__(self) -> None:
         self._hashes = _ChunkedArray(np.uint64)
+        self._pending: list[str] = []
 
     @property
     def nbytes(self) -> int:
@@ -149,8 +143,24 @@ class ExactDuplicates:
         return self._hashes.nbytes
 
     def add(self, text: str) -> None:
-        digest = hashlib.blake2b(normalize_for_dedup(text).encode(), digest_size=8).digest()
-        self._hashes.append_value(int.from_bytes(digest, "little"))
+        self._pending.append(text)
+        if len(self._pending) == ROWS_PER_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            texts, self._pending = self._pending, []
+            self._hash(normalize_batch(texts))
+
+    def add_batch(self, batch: NormalizedBatch) -> None:
+        """The next rows, normalized (after any rows still pending from add())."""
+        self._flush()
+        self._hash(batch)
+
+    def _hash(self, batch: NormalizedBatch) -> None:
+        digests = b"".join(hashlib.blake2b(batch.row(index), digest_size=8).digest()
+                           for index in range(len(batch)))
+        self._hashes.extend(np.frombuffer(digests, dtype="<u8"))
 
     def finish(self) -> dict[int, int]:
         """Duplicate row -> the row it first occurred at."""
@@ -161,6 +171,7 @@ class ExactDuplicates:
         """(duplicate rows ascending, the row each first occurred at) as int64 arrays: no
         Python object per duplicate, for files that are mostly duplicates."""
         none = (np.empty(0, np.int64), np.empty(0, np.int64))
+        self._flush()
         chunks = self._hashes.take_chunks()
         if not chunks:
             return none
@@ -195,8 +206,9 @@ class NearDuplicates:
         self._rows_added = 0
         self._signatures = _ChunkedArray(np.uint32, BANDS)  # packed 4-bit MinHash values
         self._row_numbers = _ChunkedArray(np.int64)  # which row each signature belongs to
-        self._pending_shingles: list[np.ndarray] = []
-        self._pending_rows: list[int] = []
+        self._pending_texts: list[str] = []
+        # rows shingled, waiting to be MinHashed: (row numbers, shingle counts, shingles)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_count = 0
 
     @property
@@ -206,43 +218,44 @@ class NearDuplicates:
         return self._signatures.nbytes + self._row_numbers.nbytes
 
     def add(self, text: str) -> None:
-        row = self._rows_added
-        self._rows_added += 1
-        normalized = normalize_for_dedup(text)
-        if normalized.isascii():
-            tokens = normalized.translate(_ASCII_SEPARATORS).split()
-        else:
-            tokens = _TOKEN_RE.findall(normalized)
-        if len(tokens) < MIN_TOKENS:
-            return
-        token_hashes = np.fromiter(
-            (zlib.crc32(token.encode()) for token in tokens), dtype=np.uint64, count=len(tokens)
-        )
-        bigrams = (token_hashes[:-1] << np.uint64(32)) | token_hashes[1:]
-        # multiply-shift to a 32-bit shingle hash: the MinHash functions take 32-bit inputs
-        shingles = (bigrams * _SHINGLE_MULTIPLIER) >> np.uint64(32)
-        self._pending_shingles.append(shingles)
-        self._pending_rows.append(row)
-        self._pending_count += len(shingles)
+        self._pending_texts.append(text)
+        if len(self._pending_texts) == ROWS_PER_BATCH:
+            self._shingle_pending_texts()
+
+    def _shingle_pending_texts(self) -> None:
+        if self._pending_texts:
+            texts, self._pending_texts = self._pending_texts, []
+            self._shingle(normalize_batch(texts))
+
+    def add_batch(self, batch: NormalizedBatch) -> None:
+        """The next rows, normalized (after any rows still pending from add())."""
+        self._shingle_pending_texts()
+        self._shingle(batch)
+
+    def _shingle(self, batch: NormalizedBatch) -> None:
+        rows, counts, hashes = shingles(batch)
+        self._pending.append((rows + self._rows_added, counts, hashes))
+        self._rows_added += len(batch)
+        self._pending_count += len(hashes)
         if self._pending_count >= _SHINGLES_PER_BATCH:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending_rows:
+        self._shingle_pending_texts()
+        if not self._pending:
             return
-        lengths = np.fromiter(map(len, self._pending_shingles), dtype=np.int64,
-                              count=len(self._pending_shingles))
-        shingles = np.concatenate(self._pending_shingles)
-        minimums = _minhash(shingles, lengths)
+        rows, lengths, hashes = (np.concatenate(part) for part in zip(*self._pending, strict=True))
+        self._pending.clear()
+        self._pending_count = 0
+        if not len(rows):
+            return
+        minimums = _minhash(hashes, lengths)
         nibbles = (minimums & np.uint64(0xF)).astype(np.uint32)
         packed = np.bitwise_or.reduce(
             nibbles.reshape(len(lengths), BANDS, VALUES_PER_BAND) << _NIBBLE_SHIFTS, axis=2
         )
         self._signatures.extend(packed)
-        self._row_numbers.extend(np.asarray(self._pending_rows, dtype=np.int64))
-        self._pending_shingles.clear()
-        self._pending_rows.clear()
-        self._pending_count = 0
+        self._row_numbers.extend(rows)
 
     def finish(self) -> list[tuple[int, int, float]]:
         """(duplicate row, earliest row of its cluster, estimated Jaccard) per duplicate."""
@@ -272,22 +285,26 @@ class NearDuplicates:
 
 def _minhash(shingles: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Per row, the minimum of each of the 128 hash functions over the row's shingles.
-    `shingles` holds the rows' shingles back to back, `lengths` how many each row has."""
+    `shingles` holds the rows' shingles back to back, `lengths` how many each row has.
+    A hash is the high 32 bits of a*x + b (mod 2^64): the minimum of the full 64-bit values has
+    the minimal high half, so the shift is applied to the minimums only."""
     row_of_shingle = np.repeat(np.arange(len(lengths)), lengths)
     minimums = np.full((len(lengths), NUM_PERMUTATIONS), np.iinfo(np.uint64).max, np.uint64)
-    for start in range(0, len(shingles), _SHINGLES_PER_BATCH):
-        part = shingles[start:start + _SHINGLES_PER_BATCH]
+    hashed = np.empty((NUM_PERMUTATIONS, _SHINGLES_PER_SLICE), np.uint64)
+    for start in range(0, len(shingles), _SHINGLES_PER_SLICE):
+        part = shingles[start:start + _SHINGLES_PER_SLICE]
         # permutations x shingles: reducing along contiguous rows is ~7x faster than down columns
-        hashed = np.multiply.outer(_MULTIPLIERS, part)
-        hashed += _INCREMENTS[:, None]
-        hashed >>= np.uint64(32)
-        part_rows = row_of_shingle[start:start + _SHINGLES_PER_BATCH]
-        # each row's shingles are contiguous: reduce each row's segment of this batch
+        block = hashed[:, :len(part)]
+        np.multiply(_MULTIPLIERS[:, None], part, out=block)
+        block += _INCREMENTS[:, None]
+        part_rows = row_of_shingle[start:start + _SHINGLES_PER_SLICE]
+        # each row's shingles are contiguous: reduce each row's segment of this slice
         segment_starts = np.flatnonzero(np.r_[True, part_rows[1:] != part_rows[:-1]])
         segment_rows = part_rows[segment_starts]
         minimums[segment_rows] = np.minimum(
-            minimums[segment_rows], np.minimum.reduceat(hashed, segment_starts, axis=1).T
+            minimums[segment_rows], np.minimum.reduceat(block, segment_starts, axis=1).T
         )
+    minimums >>= np.uint64(32)
     return minimums
 
 

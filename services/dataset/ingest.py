@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import core, formats, schemas
-from .dedup import ExactDuplicates, NearDuplicates
+from .dedup import ROWS_PER_BATCH, ExactDuplicates, NearDuplicates, normalize_batch
 from .pii import find_pii, redact
 
 SPLITS = ("train", "validation", "test")
@@ -292,6 +292,7 @@ class _Scan:
         self.exact = ExactDuplicates()
         self.near = NearDuplicates() if limits.near_duplicate_max_rows > 0 else None
         self.near_stopped_at = 0
+        self.unscanned: list[str] = []  # row texts waiting for the duplicate scan, in a batch
         # a few bytes per valid row, indexed by its position among the valid rows
         self.chars = _Growable(np.int32)  # a row is at most max_line_bytes
         self.tokens = _Growable(np.int32)
@@ -324,6 +325,7 @@ class _Scan:
                 row = self.normalized(location, value)
                 if row is not None:
                     sink.write(core.canonical(row) + "\n")
+        self.scan_duplicates()
         if on_progress:
             on_progress(self.rows_read)
 
@@ -382,15 +384,26 @@ class _Scan:
         index = self.valid
         self.valid += 1
         text = row_text(row)
-        self.exact.add(text)  # normalizes (NFKC, case, whitespace) itself
-        if self.near is not None:
-            if index >= self.limits.near_duplicate_max_rows:
-                self.near_stopped_at = self.near_stopped_at or index
-            else:
-                self.near.add(text)
+        self.unscanned.append(text)
+        if len(self.unscanned) == ROWS_PER_BATCH:
+            self.scan_duplicates()
+        if self.near is not None and index >= self.limits.near_duplicate_max_rows:
+            self.near_stopped_at = self.near_stopped_at or index
         self.chars.append(len(text))
         if self.token_counter is not None:
             self.tokens.append(self.token_counter(row))
+
+    def scan_duplicates(self) -> None:
+        """Normalize the waiting rows once (NFKC, case, whitespace) for both duplicate scans."""
+        if not self.unscanned:
+            return
+        first = self.valid - len(self.unscanned)
+        batch = normalize_batch(self.unscanned)
+        self.unscanned = []
+        self.exact.add_batch(batch)
+        near_room = self.limits.near_duplicate_max_rows - first
+        if self.near is not None and near_room > 0:
+            self.near.add_batch(batch.head(near_room))
 
     # -- verdict ---------------------------------------------------------------------------------
 
