@@ -35,11 +35,11 @@ import numpy as np
 
 from . import core, formats, schemas
 from .dedup import ROWS_PER_BATCH, ExactDuplicates, NearDuplicates, normalize_batch
+from .outliers import Fences, length_fences
 from .pii import find_pii, redact
 
 SPLITS = ("train", "validation", "test")
 MAX_FINDINGS_PER_KIND = 20  # row references kept in the report for each kind of finding
-OUTLIER_IQR_FACTOR = 3.0  # Tukey's "far out": beyond Q3 + 3 IQR (or below Q1 - 3 IQR)
 PROGRESS_EVERY_ROWS = 100_000
 CHECK_STOP_EVERY_ROWS = 1_000
 MAX_TAR_MEMBERS = 10_000  # a datasets folder: arrow files, state.json, dataset_info.json
@@ -474,10 +474,9 @@ class _Scan:
         if self.counts["pii_rows"]:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.pii_counts.items()))
             warnings.append(f"PII in {self.counts['pii_rows']} row(s): {kinds}")
-        self.outliers = self._length_outliers()
-        if self.outliers:
-            warnings.append(f"{self.outliers} row(s) are length outliers (beyond "
-                            f"{OUTLIER_IQR_FACTOR:g} IQR of the character-length quartiles)")
+        self.outliers, fences = self._length_outliers()
+        if self.outliers and fences:
+            warnings.append(f"{self.outliers} row(s) are length outliers ({fences.describe()})")
         self.truncated = 0
         if self.token_counter is not None and self.options.max_length:
             kept_tokens = self.tokens.view()[self.kept]
@@ -487,18 +486,17 @@ class _Scan:
                                 f"{self.options.max_length} tokens and would be truncated")
         return warnings
 
-    def _length_outliers(self) -> int:
+    def _length_outliers(self) -> tuple[int, Fences | None]:
         kept_rows = np.flatnonzero(self.kept)
         chars = self.chars.view()[kept_rows]
-        if len(chars) < 8:  # quartiles of a handful of rows say nothing
-            return 0
-        q1, q3 = np.percentile(chars, [25, 75])
-        spread = OUTLIER_IQR_FACTOR * max(q3 - q1, 1.0)
-        outlying = np.flatnonzero((chars > q3 + spread) | (chars < q1 - spread))
+        fences = length_fences(chars)
+        if fences is None:
+            return 0, None
+        outlying = fences.outside(chars)
         for position in outlying[:MAX_FINDINGS_PER_KIND].tolist():
             self.finding("outlier", int(kept_rows[position]) + 1,
                          detail=f"{int(chars[position])} characters")
-        return len(outlying)
+        return len(outlying), fences
 
 
 def _masked(value: str) -> str:
