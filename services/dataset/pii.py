@@ -547,8 +547,8 @@ def _find_secrets(text: str, found: list[Finding]) -> None:
             if (password.lower() not in _PLACEHOLDER_WORDS
                     and not _NOT_LITERAL_CHARS & set(password)):
                 found.append(Finding(SECRET, match.start(1), match.end(1)))
-    lowered = text.lower()
-    if any(word in lowered for word in _SECRET_KEY_WORDS):
+    # an assigned secret needs its `=`, `:`, `:=` or `=>`: prose that says "pass" has none
+    if ("=" in text or ":" in text) and any(map(text.lower().__contains__, _SECRET_KEY_WORDS)):
         for match in _ASSIGNED_SECRET_RE.finditer(text):
             group = match.lastindex or 0  # each alternative captures the value: never 0
             value = match.group(group)
