@@ -13,15 +13,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from ..schemas import json_type
 from . import limits
 from .errors import RecordError, SourceError
 from .limits import ReadRequest, too_long
 from .text import decode, lines, open_text
 
+# A run of 19+ digits may be an integer beyond 64 bits, which orjson reads as a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
 
 def parse_object(raw: bytes, start: tuple[int, int] | None = None) -> dict | RecordError:
-    """A JSON object from a JSONL line (start None) or a JSON item that starts at (line, col)."""
+    """A JSON object from a JSONL line (start None) or a JSON item that starts at (line, col).
+    orjson parses (3x faster); what it refuses or would read differently (NaN and Infinity,
+    lone surrogates, integers beyond 64 bits, invalid UTF-8) goes through json, which also
+    words the errors."""
+    if not _LONG_NUMBER.search(raw):
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if isinstance(value, dict):
+                return value
     text = decode(raw, "" if start is None else " of the item")
     if isinstance(text, RecordError):
         return text
