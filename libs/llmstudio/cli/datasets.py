@@ -25,6 +25,16 @@ def _dataset_text(d) -> str:
     return "\n".join(lines)
 
 
+def _held_out_line(d, args) -> str:
+    """Ingest holds out validation rows unless told not to: say how many, and how to change it."""
+    if not d.validation_rows:
+        return ""
+    chosen = ("from --validation-fraction" if args.validation_fraction
+              else "the default; --validation-fraction F changes it")
+    return (f"\n  validation: {d.validation_rows} of {d.num_rows} rows held out for evaluation, "
+            f"not trained on (fraction {d.validation_fraction:g}, {chosen})")
+
+
 def _column_map(pairs: list[str]) -> dict[str, str]:
     mapping = {}
     for pair in pairs or []:
@@ -68,14 +78,14 @@ def cmd_push(args):
 
         d = connect(args).datasets.push(path, name=args.name or "", on_progress=progress,
                                         **_ingest_options(args))
-    output(args, to_dict(d), _dataset_text(d))
+    output(args, to_dict(d), _dataset_text(d) + _held_out_line(d, args))
 
 
 def cmd_import(args):
     from ..client import to_dict
 
     d = connect(args).datasets.import_uri(args.uri, name=args.name or "", **_ingest_options(args))
-    output(args, to_dict(d), _dataset_text(d))
+    output(args, to_dict(d), _dataset_text(d) + _held_out_line(d, args))
 
 
 def cmd_derive(args):
@@ -162,7 +172,8 @@ def _ingest_flags(sp, derive: bool = False) -> None:
     default = "the parent's name" if derive else "the file name"
     sp.add_argument("--name", help="dataset name; the same name again makes a new version "
                     f"(default: {default})")
-    sp.add_argument("--validation-fraction", type=float, default=0.0, help="default 0.1")
+    sp.add_argument("--validation-fraction", type=float, default=0.0,
+                    help="rows held out for evaluation, not trained on (default 0.1)")
     sp.add_argument("--test-fraction", type=float, default=0.0, help="default 0: no test split")
     sp.add_argument("--seed", type=int, default=0, help="split seed")
     sp.add_argument("--dedup", action="store_true", help="drop exact duplicate rows")
