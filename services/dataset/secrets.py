@@ -35,9 +35,10 @@ A finding's span is where the plugin's value occurs, run on over token character
 regex stops early, such as a JWT's signature, is redacted whole); a value glued to letters or
 digits on its left is part of a longer string (a base64 blob, a hash), not a key.
 
-Speed: the rules' gates (a literal prefix, or a short shape), joined in one pattern that starts
-with a set of rare characters, run over the row; only the rules whose gate matches run their
-plugin. An ordinary row costs one search, about 10 ns a character.
+Speed: each rule has gates (a literal prefix, or a short shape) that start with a literal
+character; per such anchor character, a memchr (`in`) and, if it occurs, one literal-led search
+say whether any rule could match; only those rules run their plugin. An ordinary 1 kB row costs
+about 2 us; a regex over a set of first characters would cost 10 ns a character.
 """
 
 from __future__ import annotations
@@ -165,63 +166,81 @@ def _private_key_spans(text: str, _marker: str) -> Iterator[tuple[int, int]]:
 class SecretRule:
     kind: str
     detector: BasePlugin
-    # A regex every match of the plugin holds: rows without one skip it. Each starts with one
-    # literal character, the rest behind it in a lookbehind or ahead of it, so that the gates
-    # joined by "|" start with a set of rare characters that `re` scans for in C.
-    gate: str
+    # Regexes one of which every match of the plugin holds: rows with none skip the plugin. Each
+    # starts with a literal character (its anchor), the rest in a lookbehind or lookahead.
+    gates: tuple[str, ...]
     spans: Callable[[str, str], Iterator[tuple[int, int]]] = _token_spans
 
     @cached_property
     def gate_re(self) -> re.Pattern:
-        return re.compile(self.gate)
+        return re.compile("|".join(self.gates))
 
 
 RULES = (
     SecretRule("aws_access_key", AWSKeyDetector(),
-               r"A(?:KIA|SIA|BIA|CCA|3T)|w(?<=[aA]w)[sS]|W(?<=[aA]W)[sS]"),
-    SecretRule("azure_storage_key", AzureStorageKeyDetector(), r"AccountKey="),
-    SecretRule("azure_ad_client_secret", AzureAdClientSecretDetector(), r"Q(?<=\dQ)~"),
-    SecretRule("google_api_key", GoogleApiKeyDetector(), r"AIza"),
-    SecretRule("gcp_oauth_client_secret", GcpOAuthClientSecretDetector(), r"GOCSPX-"),
+               (r"A(?:KIA|SIA|BIA|CCA|3T)", "aws", "AWS", "Aws")),
+    SecretRule("azure_storage_key", AzureStorageKeyDetector(), ("AccountKey=",)),
+    SecretRule("azure_ad_client_secret", AzureAdClientSecretDetector(), (r"Q(?<=\dQ)~",)),
+    SecretRule("google_api_key", GoogleApiKeyDetector(), ("AIza",)),
+    SecretRule("gcp_oauth_client_secret", GcpOAuthClientSecretDetector(), ("GOCSPX-",)),
     SecretRule("gcp_service_account_key", GcpServiceAccountKeyDetector(),
-               r"_(?<=private_)key_id"),
-    SecretRule("openai_api_key", OpenAIDetector(), r"T3BlbkFJ"),
-    SecretRule("anthropic_api_key", AnthropicKeyDetector(), r"-(?<=sk-)ant-"),
-    SecretRule("huggingface_token", HuggingFaceTokenDetector(), r"_(?<=hf_)|_(?<=api_)org_"),
-    SecretRule("github_token", GitHubTokenDetector(), r"_(?<=gh[pousr]_)"),
+               (r"_(?<=private_)key_id",)),
+    SecretRule("openai_api_key", OpenAIDetector(), ("T3BlbkFJ",)),
+    SecretRule("anthropic_api_key", AnthropicKeyDetector(), (r"-(?<=sk-)ant-",)),
+    SecretRule("huggingface_token", HuggingFaceTokenDetector(), (r"_(?<=hf_)", r"_(?<=api_)org_")),
+    SecretRule("github_token", GitHubTokenDetector(), (r"_(?<=gh[pousr]_)",)),
     SecretRule("github_fine_grained_token", GitHubFineGrainedTokenDetector(),
-               r"_(?<=github_)pat_"),
+               (r"_(?<=github_)pat_",)),
     SecretRule("gitlab_token", GitLabTokenDetector(),
-               r"-(?<=gl(?:dt|ft|rt)-)|-(?<=gl(?:pat|cbt|imt|ptt|oas)-)|-(?<=glsoat-)"
-               r"|-(?<=glagent-)|GR1348941"),
+               (r"-(?<=gl(?:dt|ft|rt)-)", r"-(?<=gl(?:pat|cbt|imt|ptt|oas)-)", r"-(?<=glsoat-)",
+                r"-(?<=glagent-)", "GR1348941")),
     SecretRule("slack_token", SlackDetector(),
-               r"-(?<=[xX][oO][xX][abposrABPOSR]-)|\.(?<=hooks\.)slack\.com"),
-    SecretRule("discord_bot_token", DiscordBotTokenDetector(), r"\.(?=[\w-]{6}\.[\w-]{27})"),
-    SecretRule("discord_webhook", DiscordWebhookDetector(), r"/api/webhooks/"),
-    SecretRule("telegram_bot_token", TelegramBotTokenDetector(), r":(?=A[\w-]{34})"),
-    SecretRule("private_key", PrivateKeyDetector(), r"PRIVATE KEY|PuTTY-User-Key-File-",
+               (r"-(?<=[xX][oO][xX][abposrABPOSR]-)", r"\.(?<=hooks\.)slack\.com")),
+    SecretRule("discord_bot_token", DiscordBotTokenDetector(), (r"\.(?=[\w-]{6}\.[\w-]{27})",)),
+    SecretRule("discord_webhook", DiscordWebhookDetector(), ("/api/webhooks/",)),
+    SecretRule("telegram_bot_token", TelegramBotTokenDetector(), (r":(?=A[\w-]{34})",)),
+    SecretRule("private_key", PrivateKeyDetector(), ("PRIVATE KEY", "PuTTY-User-Key-File-"),
                _private_key_spans),
-    SecretRule("jwt", JwtTokenDetector(), r"J(?<=eyJ)"),
-    SecretRule("stripe_key", StripeDetector(), r"_(?<=[rs]k_)live_"),
-    SecretRule("twilio_api_key", TwilioKeyDetector(), r"AC(?=[a-z0-9]{32})|SK(?=[a-z0-9]{32})"),
-    SecretRule("sendgrid_api_key", SendGridDetector(), r"SG\."),
-    SecretRule("mailchimp_api_key", MailchimpDetector(), r"-us\d"),
-    SecretRule("square_oauth_secret", SquareOAuthDetector(), r"-(?<=sq0csp-)"),
-    SecretRule("artifactory_token", ArtifactoryDetector(), r"AKC|AP[\dA-F]"),
-    SecretRule("npm_token", NpmDetector(), r":_authToken="),
-    SecretRule("npm_token", NpmAccessTokenDetector(), r"_(?<=npm_)"),
-    SecretRule("pypi_token", PypiTokenDetector(), r"-(?<=pypi-)AgE"),
+    SecretRule("jwt", JwtTokenDetector(), (r"J(?<=eyJ)",)),
+    SecretRule("stripe_key", StripeDetector(), (r"_(?<=[rs]k_)live_",)),
+    SecretRule("twilio_api_key", TwilioKeyDetector(),
+               (r"AC(?=[a-z0-9]{32})", r"SK(?=[a-z0-9]{32})")),
+    SecretRule("sendgrid_api_key", SendGridDetector(), (r"SG\.",)),
+    SecretRule("mailchimp_api_key", MailchimpDetector(), (r"-us\d",)),
+    SecretRule("square_oauth_secret", SquareOAuthDetector(), (r"-(?<=sq0csp-)",)),
+    SecretRule("artifactory_token", ArtifactoryDetector(), ("AKC", r"AP[\dA-F]")),
+    SecretRule("npm_token", NpmDetector(), (":_authToken=",)),
+    SecretRule("npm_token", NpmAccessTokenDetector(), (r"_(?<=npm_)",)),
+    SecretRule("pypi_token", PypiTokenDetector(), (r"-(?<=pypi-)AgE",)),
 )
 SECRET_KINDS = tuple(dict.fromkeys(rule.kind for rule in RULES))
-# No groups: a group would hide the branches' first characters from `re`'s prefix scan.
-_ANY_GATE_RE = re.compile("|".join(rule.gate for rule in RULES))
+
+
+def _anchor_groups() -> tuple[tuple[str, re.Pattern, tuple[int, ...]], ...]:
+    """(anchor character, its gates joined, the rules they open), one per anchor character."""
+    gates: dict[str, list[str]] = {}
+    rules: dict[str, list[int]] = {}
+    for index, rule in enumerate(RULES):
+        for gate in rule.gates:
+            anchor = gate[1] if gate[0] == "\\" else gate[0]
+            gates.setdefault(anchor, []).append(gate)
+            rules.setdefault(anchor, []).append(index)
+    return tuple((anchor, re.compile("|".join(gates[anchor])), tuple(dict.fromkeys(rules[anchor])))
+                 for anchor in gates)
+
+
+# `anchor in text` is a memchr; a regex that starts with a literal is a fast search too
+_ANCHOR_GROUPS = _anchor_groups()
 
 
 def find_secrets(text: str) -> list[SecretFinding]:
-    if _ANY_GATE_RE.search(text) is None:
+    opened = [rules for anchor, gate_re, rules in _ANCHOR_GROUPS
+              if anchor in text and gate_re.search(text)]
+    if not opened:
         return []
     found: set[SecretFinding] = set()
-    for rule in RULES:
+    for index in sorted({index for rules in opened for index in rules}):
+        rule = RULES[index]
         if rule.gate_re.search(text) is None:
             continue
         for value in set(rule.detector.analyze_string(text)):
