@@ -35,7 +35,8 @@ import numpy as np
 import orjson
 
 from . import core, formats, schemas
-from .dedup import ROWS_PER_BATCH, ExactDuplicates, NearDuplicates, normalize_batch
+from .dedup import ROWS_PER_BATCH
+from .duplicate_worker import DuplicateScan, DuplicateWorker
 from .outliers import Fences, length_fences
 from .pii import find_pii, redact
 
@@ -74,6 +75,8 @@ class Limits:
     max_expanded_bytes: int = 64 << 30  # what a compressed upload may expand to
     max_line_bytes: int = 16 << 20  # one JSONL line / record
     near_duplicate_max_rows: int = 1_000_000  # MinHash scan stops (with a warning) beyond this
+    # Sources this large scan duplicates in a worker process, in parallel with the rest.
+    duplicate_worker_min_bytes: int = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -190,13 +193,26 @@ def ingest(
                                        max_line_bytes=limits.max_line_bytes,
                                        max_total_bytes=limits.max_expanded_bytes,
                                        split=options.source_split or None)
-        scan = _Scan(options, limits, token_counter)
-        scan.run(records, workdir / "candidates.jsonl", on_progress, should_stop)
+        scan = _Scan(options, limits, token_counter, _duplicate_scan(path, limits))
     except formats.SourceError as e:
         raise reject([str(e)]) from None
-    scan.source_format = file_format
-    warnings = scan.verdict(filename)
+    try:
+        try:
+            scan.run(records, workdir / "candidates.jsonl", on_progress, should_stop)
+        except formats.SourceError as e:
+            raise reject([str(e)]) from None
+        scan.source_format = file_format
+        warnings = scan.verdict(filename)
+    finally:
+        scan.duplicates.close()
     return _write_version(scan, options, workdir, warnings)
+
+
+def _duplicate_scan(path: Path, limits: Limits) -> DuplicateScan | DuplicateWorker:
+    size = path.stat().st_size if path.is_file() else 0
+    if size >= limits.duplicate_worker_min_bytes:
+        return DuplicateWorker(limits.near_duplicate_max_rows)
+    return DuplicateScan(limits.near_duplicate_max_rows)
 
 
 def _expanded(source: Path, filename: str, workdir: Path, limits: Limits) -> tuple[Path, str]:
@@ -291,16 +307,16 @@ def _canonical(row: dict) -> bytes:
 class _Scan:
     """Pass 1: read, validate, normalize, redact if asked, and scan every record."""
 
-    def __init__(self, options: Options, limits: Limits, token_counter):
+    def __init__(self, options: Options, limits: Limits, token_counter,
+                 duplicates: DuplicateScan | DuplicateWorker):
         self.options, self.limits, self.token_counter = options, limits, token_counter
+        self.duplicates = duplicates
         self.schema = options.schema
         self.first_line = ""  # where the detected schema came from
         self.format = schemas.NORMALIZED_FORMAT.get(self.schema, "")
         self.source_format = ""
         self.rows_read = self.invalid_rows = self.total_errors = 0
         self.errors: list[str] = []
-        self.exact = ExactDuplicates()
-        self.near = NearDuplicates() if limits.near_duplicate_max_rows > 0 else None
         self.near_stopped_at = 0
         self.unscanned: list[str] = []  # row texts waiting for the duplicate scan, in a batch
         # a few bytes per valid row, indexed by its position among the valid rows
@@ -397,23 +413,16 @@ class _Scan:
         self.unscanned.append(text)
         if len(self.unscanned) == ROWS_PER_BATCH:
             self.scan_duplicates()
-        if self.near is not None and index >= self.limits.near_duplicate_max_rows:
+        if 0 < self.limits.near_duplicate_max_rows <= index:
             self.near_stopped_at = self.near_stopped_at or index
         self.chars.append(len(text))
         if self.token_counter is not None:
             self.tokens.append(self.token_counter(row))
 
     def scan_duplicates(self) -> None:
-        """Normalize the waiting rows once (NFKC, case, whitespace) for both duplicate scans."""
-        if not self.unscanned:
-            return
-        first = self.valid - len(self.unscanned)
-        batch = normalize_batch(self.unscanned)
-        self.unscanned = []
-        self.exact.add_batch(batch)
-        near_room = self.limits.near_duplicate_max_rows - first
-        if self.near is not None and near_room > 0:
-            self.near.add_batch(batch.head(near_room))
+        if self.unscanned:
+            self.duplicates.add(self.unscanned)
+            self.unscanned = []
 
     # -- verdict ---------------------------------------------------------------------------------
 
@@ -433,9 +442,9 @@ class _Scan:
             warnings.append(f"{self.invalid_rows} invalid row(s) dropped ({fraction:.2%} of "
                             f"{self.rows_read}, policy allows {policy.max_invalid_fraction:.2%}); "
                             f"first: {self.errors[0]}")
-        exact_rows, exact_firsts = self.exact.finish_arrays()
+        (exact_rows, exact_firsts), near = self.duplicates.finish()
         none = (np.empty(0, np.int64),) * 2 + (np.empty(0),)
-        near_rows, near_firsts, jaccard = self.near.finish_arrays() if self.near else none
+        near_rows, near_firsts, jaccard = near or none
         near_only = ~np.isin(near_rows, exact_rows)
         near_rows, near_firsts, jaccard = near_rows[near_only], near_firsts[near_only], jaccard[
             near_only]
@@ -478,7 +487,7 @@ class _Scan:
         if self.near_stopped_at:
             warnings.append(f"near-duplicate scan covered the first {self.near_stopped_at} rows "
                             f"only (limit {self.limits.near_duplicate_max_rows})")
-        if q.remove_near_duplicates and self.near is None:
+        if q.remove_near_duplicates and self.limits.near_duplicate_max_rows <= 0:
             warnings.append("near-duplicates were not removed: the near-duplicate scan is off "
                             "(LLMSTUDIO_DATASET_NEAR_DUPLICATE_MAX_ROWS=0)")
         if self.counts["pii_rows"]:

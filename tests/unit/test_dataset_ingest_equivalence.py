@@ -80,9 +80,11 @@ def duplicate_findings(texts: list[str]) -> dict[str, list]:
             "near": [list(finding) for finding in near.finish()]}
 
 
-def ingest_findings(path: Path, workdir: Path, **options) -> dict:
+def ingest_findings(path: Path, workdir: Path, limits: ingest.Limits = ingest.Limits(),
+                    **options) -> dict:
     """What an ingest reports about duplicates and PII (not length outliers: another rule)."""
-    report = ingest.ingest(path, ingest.Options(name="equivalence", **options), workdir).report
+    report = ingest.ingest(path, ingest.Options(name="equivalence", **options), workdir,
+                           limits).report
     kinds = ("duplicate", "near_duplicate") + tuple(f"pii:{t}" for t in report["pii_counts"])
     return {
         "counts": {key: report[key] for key in ("rows", "exact_duplicates", "near_duplicates",
@@ -121,6 +123,17 @@ def test_findings_equal_the_reference_implementations(tmp_path):
         for name in expected[section]:
             assert got[section][name] == expected[section][name], (section, name)
     assert got == expected
+
+
+def test_the_duplicate_worker_process_finds_the_same(tmp_path):
+    expected = json.loads(EXPECTED.read_text(encoding="utf-8"))["ingest"]["sample, cleaned"]
+    sample_path = tmp_path / "sample.jsonl"
+    sample_path.write_text("".join(json.dumps(row) + "\n" for row in sample_rows()),
+                           encoding="utf-8")
+    in_worker = ingest.Limits(duplicate_worker_min_bytes=0)
+    got = ingest_findings(sample_path, tmp_path / "work", in_worker,
+                          quality=ingest.Quality(remove_near_duplicates=True, redact_pii=True))
+    assert json.loads(json.dumps(got)) == expected
 
 
 def test_the_sample_exercises_every_finding():
