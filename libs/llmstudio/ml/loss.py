@@ -2,9 +2,14 @@
 
 With a 49k vocabulary the logits of a batch of 8 x 128 tokens are 192 MiB in fp32, and autograd
 keeps several copies: for adapter methods that is most of the training memory. Here only the
-positions that carry a label go through the output head, in chunks whose logits are recomputed
-during backward (activation checkpointing), so at most one chunk of logits lives at a time.
-The result equals `data.causal_lm_loss_sum` on the full logits.
+positions that carry a label go through the output head, in chunks of about CHUNK_LOGITS
+logits, so at most one chunk of logits lives at a time. A plain linear head (the usual case)
+gets its gradients in the same pass: each chunk's logits turn into the gradient of the loss
+w.r.t. the hidden states (and the head's weight when it trains) before the next chunk, so
+backward only scales them and nothing is recomputed (the head is 20% of SmolLM2's forward).
+Other heads (quantized, adapted) keep autograd, with each chunk's logits recomputed during
+backward (activation checkpointing). The result equals `data.causal_lm_loss_sum` on the full
+logits.
 
 `CausalLMLossSum` is a model and its loss as one module: the trainer's recipe trains through it
 (and wraps it, not the model, in DDP / FSDP).
@@ -17,7 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX, causal_lm_loss_sum
 
-DEFAULT_CHUNK_TOKENS = 128
+# Logits per chunk: 24 MiB in fp32; SmolLM2's 49k vocabulary gets 128 tokens a chunk, a small
+# vocabulary one chunk for the whole batch.
+CHUNK_LOGITS = 6 * 2**20
 
 # Architectures whose causal-LM forward is exactly `lm_head(model(...).last_hidden_state)`.
 # Others change the logits after the head (Gemma 2 soft-caps them, Cohere and Granite scale
@@ -34,25 +41,73 @@ def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mo
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum(cross_entropy(h @ weight.T + bias, y)) with every gradient computed chunk by chunk in
+    forward: d loss / d logits = softmax - one_hot(y) needs nothing but the chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk):
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        train_bias = bias is not None and bias.requires_grad
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if train_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, y.numel(), chunk):
+            hs, ys = h[start:start + chunk], y[start:start + chunk]
+            raw = torch.nn.functional.linear(hs, weight, bias)  # autocast's dtype, if any
+            logits = raw.float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, ys[:, None])).sum()
+            grad = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(len(ys), device=ys.device), ys] -= 1
+            grad = grad.to(raw.dtype)
+            # the two matmuls of the head's backward, in the forward's precision (linear casts)
+            grad_h[start:start + chunk] = torch.nn.functional.linear(grad, weight.t())
+            if grad_w is not None:
+                grad_w += torch.nn.functional.linear(grad.t(), hs.t())
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.param_dtypes = weight.dtype, None if bias is None else bias.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.param_dtypes
+        return (
+            grad_h * grad_total.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_total).to(w_dtype),
+            None if grad_b is None else (grad_b * grad_total).to(b_dtype),
+            None,
+            None,
+        )
+
+
 def chunked_lm_loss_sum(
     hidden: torch.Tensor,
     head: torch.nn.Module,
     labels: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and how many there were.
 
     `hidden` is the decoder's last hidden state [B, T, H] (before the output head), `head` the
     output projection (lm_head), `labels` [B, T] with IGNORE_INDEX where nothing is learned.
+    `chunk_tokens` defaults to CHUNK_LOGITS / vocabulary size.
     """
     h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     y = labels[:, 1:].reshape(-1).to(h.device)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = chunk_tokens or max(1, CHUNK_LOGITS // vocab)
+    if type(head) is torch.nn.Linear:  # exactly: not a quantized or adapted subclass
+        return _LinearCrossEntropySum.apply(h, head.weight, head.bias, y, chunk), int(y.numel())
     total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.numel(), chunk_tokens):
+    for start in range(0, y.numel(), chunk):
         total = total + checkpoint(
-            _chunk_ce_sum, h[start:start + chunk_tokens], y[start:start + chunk_tokens], head,
+            _chunk_ce_sum, h[start:start + chunk], y[start:start + chunk], head,
             use_reentrant=False,
         )
     return total, int(y.numel())
@@ -89,7 +144,7 @@ class CausalLMLossSum(torch.nn.Module):
     """
 
     def __init__(self, model: torch.nn.Module, logits_offset: int = 0,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+                 chunk_tokens: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.logits_offset = logits_offset
