@@ -210,7 +210,7 @@ def ingest(
 
 def _duplicate_scan(path: Path, limits: Limits) -> DuplicateScan | DuplicateWorker:
     size = path.stat().st_size if path.is_file() else 0
-    if size >= limits.duplicate_worker_min_bytes:
+    if size >= limits.duplicate_worker_min_bytes and limits.near_duplicate_max_rows > 0:
         return DuplicateWorker(limits.near_duplicate_max_rows)
     return DuplicateScan(limits.near_duplicate_max_rows)
 
