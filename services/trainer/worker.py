@@ -16,6 +16,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,13 +216,26 @@ class Worker:
             # Coroutines scheduled from a thread do not inherit a context: attach the job's.
             asyncio.run_coroutine_threadsafe(_in_context(ctx, coro), loop).result()
 
+        # Metrics samples are published without waiting for JetStream's ack in the training
+        # step: the next sample (or the end of training) waits for the previous one, which has
+        # had a whole step to finish. One sample in flight: in order, and never a backlog.
+        in_flight: list[tuple[dict, Future]] = []
+
+        def settle_metrics() -> None:
+            while in_flight:
+                m, sent = in_flight.pop()
+                try:
+                    sent.result()
+                except Exception as e:  # noqa: BLE001 - a lost sample must not fail the job
+                    log.warning("job %s: metrics at step %s not published: %s",
+                                item.job_id, m.get("step"), e)
+
         def on_metrics(m: dict) -> None:
-            try:
-                call(self.bus.publish(metrics_event(item.job_id, m), tenant=job.tenant,
-                                      actor=job.actor))
-            except Exception as e:  # noqa: BLE001 - a lost metrics sample must not fail the job
-                log.warning("job %s: metrics at step %s not published: %s",
-                            item.job_id, m.get("step"), e)
+            settle_metrics()
+            publish = self.bus.publish(metrics_event(item.job_id, m), tenant=job.tenant,
+                                       actor=job.actor)
+            in_flight.append(
+                (m, asyncio.run_coroutine_threadsafe(_in_context(ctx, publish), loop)))
 
         def on_checkpoint(path: Path, step: int) -> None:
             # Stored and announced before training goes on, so a crash loses no reported step.
@@ -244,10 +258,14 @@ class Worker:
         eval_rows = None
         if hp.eval_every or hp.early_stopping:
             eval_rows = self._split_rows(item.dataset_artifacts, VALIDATION_SPLIT, "eval_every")
-        return train_distributed(TrainRequest(  # the objective's recipe, in 1..N processes
-            spec, rows, work_dir, eval_rows=eval_rows, on_metrics=on_metrics,
-            on_checkpoint=on_checkpoint, should_stop=job.stop.is_set, resume_from=resume_from,
-        ))
+        try:
+            return train_distributed(TrainRequest(  # the objective's recipe, in 1..N processes
+                spec, rows, work_dir, eval_rows=eval_rows, on_metrics=on_metrics,
+                on_checkpoint=on_checkpoint, should_stop=job.stop.is_set,
+                resume_from=resume_from,
+            ))
+        finally:
+            settle_metrics()  # the last sample is out before the outcome is reported
 
     # -- inputs ----------------------------------------------------------------------------------
     def _split_rows(self, artifacts: dict[str, str], split: str, why: str) -> list[dict]:

@@ -123,6 +123,7 @@ async def test_job_runs_to_completion_with_metrics_checkpoints_and_heartbeats(ha
     assert h.of(JobStarted, "job-1")[0].worker_id == WORKER
     steps = [m.step for m in h.of(JobMetrics, "job-1")]
     assert len(steps) >= 2 and steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert steps[-1] == 8  # the last sample went out before the outcome (not awaited per step)
     assert all(m.max_steps == 8 and m.loss > 0 for m in h.of(JobMetrics, "job-1"))
 
     ckpts = h.of(JobCheckpointed, "job-1")
