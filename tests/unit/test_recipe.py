@@ -305,5 +305,9 @@ def test_chunked_loss_trains_like_the_full_logits(model_dir, tmp_path, monkeypat
     assert calls > 0 and no_calls == 0
     assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert chunked["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
+    # By norm: AdamW's first update is lr * g / (|g| + eps), ill-conditioned element by element
+    # where g is near 0 (a summation order moves it by up to lr); one wrong element moves the
+    # norm of the difference by lr = 1e-2, far above this bound
     for key in w_full:
-        torch.testing.assert_close(w_chunked[key], w_full[key], rtol=1e-5, atol=1e-6)
+        diff = (w_chunked[key] - w_full[key]).norm()
+        assert diff <= 1e-5 * w_full[key].norm() + 1e-6, key

@@ -122,12 +122,13 @@ def train(request: TrainRequest) -> TrainResult:
     unit_tokens = [sum(len(examples[i]["input_ids"]) for i in u) for u in units_of]
     eval_examples = _encode(tokenizer, request.eval_rows or [], hp.max_seq_length)
 
-    def make_batch(units: list[int]) -> dict[str, torch.Tensor]:
+    def make_batch(units: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        """The batch on the device, and its learned tokens (counted on the host: no sync)."""
         if bins is not None:
             batch = collate_packed(examples, [bins[u] for u in units], pad_id)
         else:
             batch = collate([examples[u] for u in units], pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}, _learned(batch["labels"])
 
     # 3. model, the way the method says (full weights, adapter, quantized base...); resumed
     #    weights are loaded before sharding, as a checkpoint holds full tensors
@@ -238,12 +239,14 @@ def train(request: TrainRequest) -> TrainResult:
         torch.manual_seed(hp.seed * 100_003 + step)  # dropout depends on (seed, step) only
 
         # one optimizer step: this rank's shard of each global micro-batch
-        micro, seen_tokens = [], 0
+        micro, seen_tokens, learned_tokens = [], 0, 0
         for _ in range(hp.gradient_accumulation_steps):
             units = [next(stream) for _ in range(micro_units)]
-            micro.append(make_batch(units[rank * hp.batch_size:(rank + 1) * hp.batch_size]))
+            batch, learned = make_batch(units[rank * hp.batch_size:(rank + 1) * hp.batch_size])
+            micro.append(batch)
+            learned_tokens += learned
             seen_tokens += sum(unit_tokens[u] for u in units)  # every rank's, not padding
-        step_tokens = sum_ranks(sum(_learned(b["labels"]) for b in micro))
+        step_tokens = sum_ranks(learned_tokens)
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
@@ -259,7 +262,7 @@ def train(request: TrainRequest) -> TrainResult:
                 scaler.scale(objective).backward()
             loss_sum += part.detach()
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)  # read when reported
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
@@ -387,9 +390,9 @@ class _Window:
         self.loss = self.grad_norm = 0.0
         self.steps = self.tokens = self.samples = 0
 
-    def add(self, loss: float, tokens: int, samples: int, grad_norm: float) -> None:
+    def add(self, loss: float, tokens: int, samples: int, grad_norm: torch.Tensor) -> None:
         self.loss += loss
-        self.grad_norm += grad_norm
+        self.grad_norm = self.grad_norm + grad_norm.detach()  # summed on the device
         self.steps += 1
         self.tokens += tokens
         self.samples += samples
@@ -398,7 +401,7 @@ class _Window:
         return self.loss / max(self.steps, 1)
 
     def mean_grad_norm(self) -> float:
-        return self.grad_norm / max(self.steps, 1)
+        return float(self.grad_norm) / max(self.steps, 1)
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.t0, 1e-9)
