@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from llmstudio.ml.allocator import return_freed_tensors_to_os
+from llmstudio.ml.allocator import release_free_memory
 from llmstudio.ml.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -100,9 +100,9 @@ def train(request: TrainRequest) -> TrainResult:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. freed activations go back to the OS (llmstudio.ml.allocator says why); seeds (torch is
-    #    reseeded per step below, from (seed, step))
-    return_freed_tensors_to_os()
+    # 1. seeds (torch is reseeded per step below, from (seed, step)). The allocator stays
+    #    glibc's fast default; free heap pages go back to the OS at phase boundaries (after
+    #    loading, evaluating, checkpointing, training: llmstudio.ml.allocator says why)
     random.seed(hp.seed)
     np.random.seed(hp.seed % 2**32)
     torch.manual_seed(hp.seed)
@@ -152,6 +152,7 @@ def train(request: TrainRequest) -> TrainResult:
         )
     param_names = [n for n, _ in prepared.trainable]
     params = [p for _, p in prepared.trainable]
+    release_free_memory()  # the load path's transient copies
 
     # 4. optimizer + schedule + fp16 loss scaling (on sharded gradients too: DTensor reduces
     #    the inf/NaN check over the ranks)
@@ -282,6 +283,7 @@ def train(request: TrainRequest) -> TrainResult:
         if evaluated:
             eval_loss = evaluate_loss(loss_model, eval_examples, hp.batch_size, pad_id, device,
                                       amp_dtype)
+            release_free_memory()
             improved = early["best"] is None or eval_loss < early["best"] - (
                 hp.early_stopping.min_delta if hp.early_stopping else 0.0)
             if improved:
@@ -319,12 +321,14 @@ def train(request: TrainRequest) -> TrainResult:
             break
         if hp.checkpoint_every and step % hp.checkpoint_every == 0 and step < hp.max_steps:
             last_ckpt = checkpoint()
+            release_free_memory()
 
     # 7. final checkpoint (also when stopped early, so no finished step is lost)
     if step > 0 and ckpt_step != step:
         last_ckpt = checkpoint()
     if world > 1:
         dist.barrier()  # no rank leaves (and tears the group down) before the last checkpoint
+    release_free_memory()  # the training's free heap: a worker outlives its jobs
     return TrainResult(
         steps=step,
         final_loss=loss,
