@@ -9,12 +9,13 @@ Two tools, for two kinds of process:
 - `release_free_memory()` (malloc_trim): gives the heap's free pages back to the OS once, at a
   phase boundary. The SFT recipe calls it after loading the model (its transient copies), after
   each evaluation and checkpoint, and at the end of training (a worker outlives its jobs).
-  Measured against the alternatives (issue 9; bench/results/allocator.md has the table): pinning
-  the mmap threshold at 128 KiB made every activation a fresh mapping, a page fault per 4 KiB per
-  step (tiny Llama 2.1x, SmolLM2 1.5x the step time, 10-30x the system time) for 15-25% less
-  peak RSS; malloc_trim after every step costs a fault per page per step for little less peak;
-  jemalloc (LD_PRELOAD) had the pin's RSS at glibc's speed, but needs a preload and a package in
-  every image.
+  Measured against the alternatives (issue 9; the table is in the message of the commit that
+  added this function: `git log --grep "Trainer allocator"`): pinning the mmap threshold at
+  128 KiB made every activation a fresh mapping, a page fault per 4 KiB per step (tiny Llama
+  2.1-2.5x, SmolLM2 1.5x the step time, 10-30x the system time) for 15-30% less peak RSS;
+  malloc_trim after every step costs a fault per page per step for little less peak; jemalloc
+  (LD_PRELOAD) came close to the pin's RSS with few faults, but needs a preload and a package
+  in every image.
 - `return_freed_tensors_to_os()` pins the mmap threshold: every large block is its own mapping,
   returned when freed. Right where allocations are few and large and memory is the bound (the
   dataset service's bounded ingest), wrong in a training loop.
