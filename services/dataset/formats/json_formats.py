@@ -21,23 +21,19 @@ from .errors import RecordError, SourceError
 from .limits import ReadRequest, too_long
 from .text import decode, lines, open_text
 
-# A run of 19+ digits may be an integer beyond 64 bits, which orjson reads as a float.
-_LONG_NUMBER = re.compile(rb"\d{19}")
-
 
 def parse_object(raw: bytes, start: tuple[int, int] | None = None) -> dict | RecordError:
     """A JSON object from a JSONL line (start None) or a JSON item that starts at (line, col).
-    orjson parses (3x faster); what it refuses or would read differently (NaN and Infinity,
-    lone surrogates, integers beyond 64 bits, invalid UTF-8) goes through json, which also
-    words the errors."""
-    if not _LONG_NUMBER.search(raw):
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            if isinstance(value, dict):
-                return value
+    orjson parses (3x faster); what it refuses or may read differently (NaN and Infinity,
+    lone surrogates, invalid UTF-8, and any number it returns as a float: an integer beyond
+    64 bits is one) goes through json, which also words the errors."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if isinstance(value, dict) and not _holds_float(value):
+            return value
     text = decode(raw, "" if start is None else " of the item")
     if isinstance(text, RecordError):
         return text
@@ -55,6 +51,14 @@ def parse_object(raw: bytes, start: tuple[int, int] | None = None) -> dict | Rec
     if not isinstance(value, dict):
         return RecordError(f"expected a JSON object, got {json_type(value)}")
     return value
+
+
+def _holds_float(value: Any) -> bool:
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return isinstance(value, float)
+    return any(map(_holds_float, value))
 
 
 def read_jsonl(path: Path, request: ReadRequest) -> Iterator[tuple[str, Any]]:
