@@ -8,12 +8,12 @@ it keeps per row is a few fixed-size numbers in numpy arrays (hashes, lengths, s
 memory is bounded by the row count, never by the file size.
 
     pass 1  decompress (bounded) -> read records -> normalize and validate each -> redact PII if
-            asked -> canonical JSON rows to workdir/candidates.jsonl; scan: exact and near
-            duplicates, PII, lengths (chars, and tokens with a base model's tokenizer)
+            asked -> canonical JSON rows to workdir/candidates.jsonl, each row's split score;
+            scan: exact and near duplicates (in a worker process for large files), PII, lengths
+            (chars, and tokens with a base model's tokenizer)
     verdict policy thresholds on invalid rows, duplicates and PII -> Rejected, or warnings
     pass 2  drop removed duplicates -> workdir/rows.jsonl (its sha256 is the version's identity)
-            and each kept row's split score
-    pass 3  write train / validation / test files
+            and the train / validation / test files, in one read
 
 The split is a pure function of (seed, canonical row): the same content and seed always give the
 same split, and identical rows land on the same side (no train/validation leakage).
@@ -323,6 +323,9 @@ class _Scan:
         self.chars = _Growable(np.int32)  # a row is at most max_line_bytes
         self.tokens = _Growable(np.int32)
         self.has_pii = _Growable(np.bool_)
+        # split_unit of each row's canonical line; float32: 4 bytes a row, rounded the same way
+        self.units = _Growable(np.float32)
+        self._seeded = hashlib.sha256(f"{options.seed}:".encode())
         self.pii_counts: Counter = Counter()  # occurrences found in the source rows
         self.redacted_counts: Counter = Counter()
         self.findings: dict[str, list[dict]] = {}
@@ -350,7 +353,11 @@ class _Scan:
                     raise Cancelled(f"stopped after {self.rows_read} records")
                 row = self.normalized(location, value)
                 if row is not None:
-                    sink.write(_canonical(row))
+                    line = _canonical(row)
+                    sink.write(line)
+                    unit = self._seeded.copy()  # split_unit(seed, line) without re-encoding
+                    unit.update(memoryview(line)[:-1])
+                    self.units.append(int.from_bytes(unit.digest()[:8], "big") / 2**64)
         self.scan_duplicates()
         if on_progress:
             on_progress(self.rows_read)
@@ -572,33 +579,27 @@ def assign_splits(units: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
 
 def _write_version(scan: _Scan, options: Options, workdir: Path,
                    warnings: list[str]) -> Ingested:
+    """Pass 2: the kept rows to rows.jsonl and, by their split scores, to the split files."""
+    sides = assign_splits(scan.units.view()[scan.kept], options.fractions)
+    wanted = [s for s in SPLITS if s != "test" or options.test_fraction > 0]
     rows_path = workdir / "rows.jsonl"
     digest = hashlib.sha256()
-    # float32 positions: 4 bytes a row; the rounding is deterministic, so is the split
-    units, n = np.empty(int(scan.kept.sum()), dtype=np.float32), 0
-    with (workdir / "candidates.jsonl").open("rb") as src, rows_path.open("wb") as dst:
-        for line, kept in zip(src, scan.kept, strict=True):
-            if not kept:
-                continue
-            dst.write(line)
-            digest.update(line)
-            units[n] = split_unit(options.seed, line[:-1].decode("utf-8"))
-            n += 1
-    (workdir / "candidates.jsonl").unlink()
-    sides = assign_splits(units, options.fractions)
-    wanted = [s for s in SPLITS if s != "test" or options.test_fraction > 0]
     split_paths = {s: workdir / f"{s}.jsonl" for s in wanted}
     split_digests = {s: hashlib.sha256() for s in wanted}
     handles = {s: p.open("wb") for s, p in split_paths.items()}
     try:
-        with rows_path.open("rb") as src:
-            for line, side in zip(src, sides, strict=True):
+        with (workdir / "candidates.jsonl").open("rb") as src, rows_path.open("wb") as dst:
+            kept_lines = (line for line, kept in zip(src, scan.kept, strict=True) if kept)
+            for line, side in zip(kept_lines, sides.tolist(), strict=True):
+                dst.write(line)
+                digest.update(line)
                 split = SPLITS[side]
                 handles[split].write(line)
                 split_digests[split].update(line)
     finally:
         for h in handles.values():
             h.close()
+    (workdir / "candidates.jsonl").unlink()
     counts = {s: int((sides == i).sum()) for i, s in enumerate(SPLITS) if s in wanted}
     report = _report(scan, options, warnings, len(sides))
     return Ingested(
