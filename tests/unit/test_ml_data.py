@@ -253,3 +253,60 @@ def test_evaluate_preference_rows_uses_chosen_as_reference(tok, tiny_dir):
         for r in rows
     )
     assert report["loss_tokens"] == want
+
+
+# -- the BOS convention: one BOS first when the tokenizer has one, whatever its default encoding
+
+ROW = {"prompt": "Reverse the order of the words: apple river\nAnswer:",
+       "completion": " river apple"}
+
+
+def _without_bos_in_encoding(model_dir, **kwargs):
+    """The tiny tokenizer with a post-processor that adds nothing (as SmolLM2's and Qwen's)."""
+    from tokenizers import processors
+
+    t = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    t.backend_tokenizer.post_processor = processors.Sequence([])
+    return t
+
+
+def _text_ids(t, text: str) -> list[int]:
+    return t(text, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_gets_one_bos_where_the_tokenizer_adds_it(tok):
+    ex = encode_example(tok, ROW, 64)
+    assert ex["input_ids"][:2] == [tok.bos_token_id, *_text_ids(tok, "Reverse")[:1]]
+    assert ex["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_prompt_gets_bos_where_the_tokenizer_has_one_but_adds_none(tiny_dir):
+    t = _without_bos_in_encoding(tiny_dir)
+    assert t("a")["input_ids"][0] != t.bos_token_id  # the tokenizer itself adds none
+    ex = encode_example(t, ROW, 64)
+    prompt = _text_ids(t, ROW["prompt"])
+    assert ex["input_ids"][: len(prompt) + 1] == [t.bos_token_id, *prompt]
+    assert encode_prompt(t, ROW) == [t.bos_token_id, *prompt]  # evaluation sees the same
+    assert ex["labels"][: len(prompt) + 1] == [IGNORE_INDEX] * (len(prompt) + 1)
+    preference = {"prompt": ROW["prompt"], "chosen": ROW["completion"], "rejected": " no"}
+    assert encode_example(t, preference, 64) == ex
+
+
+def test_no_bos_where_the_tokenizer_has_none(tiny_dir):
+    t = _without_bos_in_encoding(tiny_dir, bos_token=None)
+    assert t.bos_token_id is None
+    ex = encode_example(t, ROW, 64)
+    assert ex["input_ids"][: len(_text_ids(t, ROW["prompt"]))] == _text_ids(t, ROW["prompt"])
+    assert encode_prompt(t, ROW) == _text_ids(t, ROW["prompt"])
+
+
+def test_chat_gets_bos_once_whether_or_not_the_template_renders_it(tiny_dir):
+    t = _without_bos_in_encoding(tiny_dir)
+    with_bos = encode_example(t, CHAT, 512)  # the tiny template starts with {{ bos_token }}
+    t.chat_template = t.chat_template.removeprefix("{{ bos_token }}")
+    assert not t.apply_chat_template(CHAT["messages"], tokenize=False).startswith(t.bos_token)
+    without = encode_example(t, CHAT, 512)
+    for ex in (with_bos, without):
+        assert ex["input_ids"][0] == t.bos_token_id
+        assert ex["input_ids"].count(t.bos_token_id) == 1
+    assert without == with_bos

@@ -2,19 +2,25 @@
 
 Four row shapes:
 
-- ``{"prompt": str, "completion": str}``: the prompt is encoded like the tokenizer encodes any
-  text (BOS if the tokenizer adds one), the completion without special tokens, then EOS. Only
-  completion tokens and the EOS are learned (labels = -100 elsewhere).
-- ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat template; only
-  the tokens of assistant turns (their content and the template's end-of-turn markers) are
-  learned. Assistant spans are found by rendering the conversation incrementally and mapping
-  character spans to tokens through the fast tokenizer's offsets.
+- ``{"prompt": str, "completion": str}``: BOS (when the tokenizer has one), the prompt, the
+  completion without special tokens, then EOS. Only completion tokens and the EOS are learned
+  (labels = -100 elsewhere).
+- ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat template,
+  preceded by BOS when the tokenizer has one and the template put none first; only the tokens
+  of assistant turns (their content and the template's end-of-turn markers) are learned.
+  Assistant spans are found by rendering the conversation incrementally and mapping character
+  spans to tokens through the fast tokenizer's offsets.
 - ``{"text": str}`` (continued pre-training): encoded like any text (BOS if the tokenizer adds
   one), then EOS; every token is learned. Such a row has no reference answer
   (``has_reference`` is False): evaluation scores its loss only.
 - ``{"prompt": str, "chosen": str, "rejected": str}`` (preference data, DPO/ORPO): outside the
   preference trainer it reads as prompt/completion with the chosen answer as the completion,
   so SFT and evaluation on preference data use prompt + chosen.
+
+A prompt/completion or chat sequence starts with the tokenizer's BOS whenever it has one, also
+where its default encoding adds none (SmolLM2's tokenizer names one but does not add it), and
+never twice: what LLaMA-Factory's templates ({"bos_token"} prefix) and HF chat templates
+({{ bos_token }}) do.
 
 Generation-based evaluation uses the same prompt encoding (``encode_prompt``), so what the model
 sees at evaluation time is exactly what preceded the learned tokens during training.
@@ -78,13 +84,16 @@ def _completion(row: dict) -> str:
     return row["completion"] if "completion" in row else row["chosen"]
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Does `tokenizer(text)` put BOS first (Llama-style) or not (GPT-2/Qwen/SmolLM-style)?"""
+def _needs_bos(tokenizer, ids: list[int]) -> bool:
+    """Whether `ids` lack the BOS that the tokenizer has (none is added where it has none)."""
     bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+    return bos is not None and (not ids or ids[0] != bos)
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt as a sequence's start: the text's tokens after exactly one BOS (if any)."""
+    ids = _encode_text(tokenizer, text)
+    return [tokenizer.bos_token_id, *ids] if _needs_bos(tokenizer, ids) else ids
 
 
 def _encode_text(tokenizer, text: str) -> list[int]:
@@ -108,15 +117,14 @@ def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> 
 
 
 def _encode_rendered(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """Encode a rendered chat: special tokens come from the template; add BOS only if the
-    tokenizer would add one and the template did not."""
+    """Encode a rendered chat: special tokens come from the template; BOS first if the
+    tokenizer has one and the template did not put it there."""
     enc = tokenizer(
         text, add_special_tokens=False, return_offsets_mapping=bool(tokenizer.is_fast)
     )
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]] if tokenizer.is_fast else None
-    bos = tokenizer.bos_token
-    if _adds_bos(tokenizer) and not (bos and text.startswith(bos)):
+    if _needs_bos(tokenizer, ids):
         ids.insert(0, tokenizer.bos_token_id)
         if offsets is not None:
             offsets.insert(0, (0, 0))
@@ -160,7 +168,7 @@ def encode_prompt(tokenizer, row: dict) -> list[int]:
     if kind == "text":
         raise RowError("a 'text' row has no prompt: it is scored by its loss only")
     if kind in ("prompt_completion", "preference"):
-        return _encode_text(tokenizer, row["prompt"])
+        return _encode_prompt(tokenizer, row["prompt"])
     ids, _ = _encode_rendered(tokenizer, prompt_text(tokenizer, row))
     return ids
 
@@ -201,7 +209,7 @@ def encode_example(tokenizer, row: dict, max_len: int) -> dict[str, list[int]]:
             input_ids.append(tokenizer.eos_token_id)
         labels = list(input_ids)  # continued pre-training: every token is learned
     elif kind in ("prompt_completion", "preference"):
-        prompt_ids = _encode_text(tokenizer, row["prompt"])
+        prompt_ids = _encode_prompt(tokenizer, row["prompt"])
         completion_ids = list(tokenizer(_completion(row), add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             completion_ids.append(tokenizer.eos_token_id)
