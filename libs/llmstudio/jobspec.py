@@ -71,7 +71,9 @@ class _Strict(BaseModel):
 # sft: prompt/completion or chat messages (loss on completion / assistant tokens);
 # pretrain: continued pre-training on {"text"}; dpo / orpo: {"prompt","chosen","rejected"}.
 Objective = Literal["sft", "pretrain", "dpo", "orpo"]
-Precision = Literal["fp32", "bf16", "fp16"]
+# auto: the worker picks at run time (bf16 on a GPU with bf16, fp32 on CPUs: the trainer's
+# core.AUTO_PRECISION says why); the scheduler places an auto job on any worker.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 
 
@@ -168,8 +170,11 @@ class JobSpec(_Strict):
     dataset: str = Field(..., description="dataset id returned by `datasets push`")
     method: Method = "lora"
     objective: Objective = "sft"
-    precision: Precision = Field(default="fp32",
-                                 description="bf16 / fp16 mixed precision need a GPU")
+    precision: Precision = Field(
+        default="auto",
+        description="auto: what the worker's device trains fastest in (bf16 on a GPU that has "
+                    "it, else fp32); bf16 needs a GPU or a CPU with bf16 units; fp16 a GPU",
+    )
     lora: LoraOptions = Field(default_factory=LoraOptions)
     prompt: PromptOptions = Field(default_factory=PromptOptions)
     adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions)

@@ -35,6 +35,7 @@ from llmstudio.ml.checkpoint import ADAPTER_WEIGHTS, weight_files
 from llmstudio.ml.targets import default_target_modules
 
 from . import host
+from .core import precision_for
 
 # IA3 scales keys, values and the feed-forward input (the IA3 paper's choice); the
 # feed-forward modules are scaled on their input, the others on their output.
@@ -437,6 +438,23 @@ def _bitsandbytes_importable() -> str:
     except Exception as e:  # noqa: BLE001 - any import failure means "cannot run"
         return f"{type(e).__name__}: {e}"
     return ""
+
+
+def bf16_units(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: the answer the worker's heartbeat reports."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and host.cpu_has_native_bf16()
+
+
+def resolve_precision(spec: JobSpec, device: torch.device) -> JobSpec:
+    """`spec` with `precision: auto` replaced by what it means on `device` (core.AUTO_PRECISION);
+    the recipes train in it and record it in their checkpoints' trainer state."""
+    device = torch.device(device)
+    if spec.precision != "auto":
+        return spec
+    resolved = precision_for(spec.precision, device.type, bf16_units(device))
+    return spec.model_copy(update={"precision": resolved})
 
 
 def check_hardware(spec: JobSpec, device: torch.device) -> None:

@@ -71,6 +71,9 @@ TRANSFORMERS_STATE = "transformers_state"
 
 
 def train(request: TrainRequest) -> TrainResult:
+    # auto -> what this device trains in; the run's checkpoints record the resolved precision
+    request = dataclasses.replace(
+        request, spec=methods.resolve_precision(request.spec, pick_device()))
     spec, out_dir = request.spec, request.out_dir
     if spec.objective not in PREFERENCE_OBJECTIVES:
         raise ValueError(f"the preference recipe runs dpo and orpo, not {spec.objective}")

@@ -86,6 +86,7 @@ def train(request: TrainRequest) -> TrainResult:
     main = rank == 0
     sharded = world > 1 and spec.distributed.strategy == "fsdp"
     device = pick_device()
+    spec = methods.resolve_precision(spec, device)  # auto -> what this device trains in
 
     # 0. refuse what this hardware cannot run, before any work (fp16 on a CPU...)
     methods.check_hardware(spec, device)
