@@ -122,10 +122,10 @@ def cpu_has_bf16(cpuinfo: str) -> bool:
 
 # What `precision: auto` becomes, by (device type, native bf16 units); unlisted: fp32. On a GPU
 # with bf16 (Ampere and newer), bf16 autocast, as peers train. On a CPU with bf16 units
-# (AVX-512 BF16 / AMX), fp32: bench/bf16.py (SmolLM2, the demo's LoRA job, 80 steps) measured
-# bf16 autocast at 0.77-0.82x fp32's tokens/s (wall, a loaded 2-core host) and 1.0-1.08x its CPU
-# time per token, ending at loss 0.014 vs 0.0066 (at these sizes, 8 x ~25 tokens, the per-step
-# weight casts likely cost what the bf16 matmuls save). Re-measure before switching this entry.
+# (AVX-512 BF16 / AMX), fp32 until measured otherwise on a quiet host: bench/bf16.py (SmolLM2,
+# the demo's LoRA job, 80 steps, one thread per process, 2 rounds on a loaded 2-core host) gave
+# bf16/fp32 tokens/s 0.77-1.49 (median 1.13) and CPU time per token 1.08x in bf16's favour, loss
+# at step 80 0.0142 (bf16) vs 0.0126: no gain that stands out of the noise. bf16 is one entry.
 AUTO_PRECISION: dict[tuple[str, bool], str] = {
     ("cuda", True): "bf16",
     ("cpu", True): "fp32",
