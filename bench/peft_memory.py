@@ -67,12 +67,10 @@ def _one(method: str, gc: bool, steps: int) -> dict:
     import transformers  # noqa: F401
 
     from llmstudio.jobspec import JobSpec
-    from llmstudio.ml.allocator import return_freed_tensors_to_os
+    from llmstudio.ml.allocator import release_free_memory
     from llmstudio.ml.loss import CausalLMLossSum
     from services.trainer.methods import load_for_training
 
-    # The trainer's allocator setting (recipes.sft applies it too), before the baseline.
-    return_freed_tensors_to_os()
     torch.manual_seed(0)
     spec = JobSpec(
         base_model=str(MODEL_DIR), dataset="bench", method=method,
@@ -89,6 +87,7 @@ def _one(method: str, gc: bool, steps: int) -> dict:
 
     t0 = time.perf_counter()
     pm = load_for_training(spec, str(MODEL_DIR), torch.device("cpu"))
+    release_free_memory()  # as the recipe does after loading (glibc's default allocator else)
     load_s = time.perf_counter() - t0
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     after_load_rss = _status_kb("VmRSS") * 1024
