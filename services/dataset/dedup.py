@@ -272,7 +272,8 @@ class NearDuplicates:
         for band in range(BANDS):
             later, earlier = _bucket_pairs(signatures[:, band])
             keep = _estimated_jaccard(signatures, later, earlier) >= self.threshold
-            edges = np.unique(np.concatenate([edges, later[keep] * count + earlier[keep]]))
+            edges = np.unique(np.concatenate(
+                [edges, later[keep].astype(np.int64) * count + earlier[keep]]))
         if not len(edges):
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
         slots, earliest = _earliest_in_component(edges // count, edges % count)
@@ -309,14 +310,17 @@ def _minhash(shingles: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def _bucket_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (slot, earlier slot) sharing a key: each slot with the first and with the previous
-    slot of its bucket."""
-    order = np.argsort(keys, kind="stable")
+    slot of its bucket. Slots as int32 (a scan has at most near_duplicate_max_rows): half the
+    memory of the per-band temporaries, the peak of a large file's finish."""
+    order = np.argsort(keys, kind="stable").astype(np.int32)
     ordered = keys[order]
     same_as_previous = ordered[1:] == ordered[:-1]
-    positions = np.flatnonzero(same_as_previous) + 1
+    del ordered
+    positions = (np.flatnonzero(same_as_previous) + 1).astype(np.int32)
     if not len(positions):
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    bucket_starts = np.flatnonzero(np.r_[True, ~same_as_previous])
+        return np.empty(0, np.int32), np.empty(0, np.int32)
+    bucket_starts = np.flatnonzero(np.r_[True, ~same_as_previous]).astype(np.int32)
+    del same_as_previous
     first = bucket_starts[np.searchsorted(bucket_starts, positions, side="right") - 1]
     with_other_previous = positions[positions - 1 != first]
     later = np.concatenate([order[positions], order[with_other_previous]])

@@ -163,4 +163,9 @@ def serve(source: BinaryIO, sink: BinaryIO) -> None:
 
 
 if __name__ == "__main__":
+    from llmstudio.ml.allocator import return_freed_tensors_to_os
+
+    # Each batch's hash matrix and the finish's per-band arrays are large blocks freed over and
+    # over: pinned, they go back to the OS instead of growing the heap (as in the service).
+    return_freed_tensors_to_os()
     serve(sys.stdin.buffer, sys.stdout.buffer)
