@@ -122,10 +122,11 @@ def cpu_has_bf16(cpuinfo: str) -> bool:
 
 # What `precision: auto` becomes, by (device type, native bf16 units); unlisted: fp32. On a GPU
 # with bf16 (Ampere and newer), bf16 autocast, as peers train. On a CPU with bf16 units
-# (AVX-512 BF16 / AMX), fp32 until measured otherwise on a quiet host: bench/bf16.py (SmolLM2,
-# the demo's LoRA job, 80 steps, one thread per process, 2 rounds on a loaded 2-core host) gave
-# bf16/fp32 tokens/s 0.77-1.49 (median 1.13) and CPU time per token 1.08x in bf16's favour, loss
-# at step 80 0.0142 (bf16) vs 0.0126: no gain that stands out of the noise. bf16 is one entry.
+# (AVX-512 BF16 / AMX), fp32, as measured: `LLMSTUDIO_BENCH_ROUNDS=2 python -m bench.bf16` on a
+# quiet 2-core Xeon with AVX-512 BF16 (SmolLM2, the demo's LoRA job, 80 steps, each run in its
+# own process) gave bf16/fp32 tokens/s 0.860 / 0.885 / 0.911 (min/median/max; fp32 288, bf16
+# 255 tokens/s), loss at step 80 0.0071 (bf16) vs 0.0126: it converges, but slower. The model's
+# small matmuls gain less from the bf16 units than autocast's casts cost.
 AUTO_PRECISION: dict[tuple[str, bool], str] = {
     ("cuda", True): "bf16",
     ("cpu", True): "fp32",
