@@ -27,7 +27,7 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 
@@ -44,13 +44,13 @@ class WorkerFailed(RuntimeError):
     pass
 
 
-def _write_message(stream: BinaryIO, value: object) -> None:
+def _write_message(stream: IO[bytes], value: object) -> None:
     data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_LENGTH.pack(len(data)))
     stream.write(data)
 
 
-def _read_message(stream: BinaryIO) -> object:
+def _read_message(stream: IO[bytes]) -> object:
     header = stream.read(_LENGTH.size)
     if len(header) < _LENGTH.size:
         raise EOFError("the other side closed the pipe")
@@ -153,7 +153,7 @@ class DuplicateScan:
         pass
 
 
-def serve(source: BinaryIO, sink: BinaryIO) -> None:
+def serve(source: IO[bytes], sink: IO[bytes]) -> None:
     """The worker: near duplicates of the normalized batches it reads, until _END."""
     near = NearDuplicates()
     while (batch := _read_message(source)) is not _END:

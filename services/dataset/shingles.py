@@ -72,7 +72,7 @@ class NormalizedBatch:
         return NormalizedBatch(self.data, self.starts[:rows], self.ends[:rows], self.plain[:rows])
 
     def row(self, index: int) -> memoryview:
-        return memoryview(self.data)[self.starts[index]:self.ends[index]]
+        return memoryview(self.data)[self.starts[index]:self.ends[index]]  # type: ignore[arg-type]
 
 
 def normalize_batch(texts: list[str]) -> NormalizedBatch:
@@ -167,7 +167,7 @@ def _crc32(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndar
     out = np.empty(len(starts), np.uint64)
     long = lengths > _VECTOR_TOKEN_BYTES
     for index in np.flatnonzero(long).tolist():
-        out[index] = zlib.crc32(data[starts[index]:starts[index] + lengths[index]])
+        out[index] = zlib.crc32(data[starts[index]:starts[index] + lengths[index]])  # type: ignore[arg-type]
     short = np.flatnonzero(~long)
     # lengths fit a byte: numpy's stable sort of uint8 keys is a radix sort, O(n)
     order = short[np.argsort((_VECTOR_TOKEN_BYTES - lengths[short]).astype(np.uint8),

@@ -45,15 +45,17 @@ def _libc() -> ctypes.CDLL | None:
 def release_free_memory() -> bool:
     """Return the free pages of every malloc arena to the OS (glibc's malloc_trim(0)).
     True when memory was released; False when none was, or where this is not glibc."""
+    libc = _libc()
     try:
-        return bool(_libc().malloc_trim(0))
-    except AttributeError:  # no libc, or a libc without malloc_trim
+        return libc is not None and bool(libc.malloc_trim(0))
+    except AttributeError:  # a libc without malloc_trim
         return False
 
 
 def return_freed_tensors_to_os(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Pin glibc's mmap threshold (disables its dynamic growth). False where not glibc."""
+    libc = _libc()
     try:
-        return bool(_libc().mallopt(M_MMAP_THRESHOLD, threshold))
-    except AttributeError:
+        return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except AttributeError:  # a libc without mallopt
         return False

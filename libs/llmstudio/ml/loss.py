@@ -100,7 +100,7 @@ def chunked_lm_loss_sum(
     y = labels[:, 1:].reshape(-1).to(h.device)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
-    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    vocab = getattr(head, "out_features", None) or int(head.weight.shape[0])  # type: ignore[index]
     chunk = chunk_tokens or max(1, CHUNK_LOGITS // vocab)
     if type(head) is torch.nn.Linear:  # exactly: not a quantized or adapted subclass
         return _LinearCrossEntropySum.apply(h, head.weight, head.bias, y, chunk), int(y.numel())
