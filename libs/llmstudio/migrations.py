@@ -47,7 +47,7 @@ def upgrade(
         command.upgrade(cfg, revision)
 
 
-def current_revision(engine: Engine, migrations: Path, service: str) -> str | None:
+def current_revision(engine: Engine, service: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as conn:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -94,7 +93,9 @@ class OutboxUnit:
 
 
 class OutboxStore(Protocol):
-    def unit(self) -> AbstractContextManager[OutboxUnit]: ...
+    """A store whose units carry the outbox queries (`UnitOfWorkStore` with an `OutboxUnit`)."""
+
+    async def in_unit(self, fn: Callable[..., R], *args: Any) -> R: ...
 
 
 class Outbox:
@@ -134,15 +135,16 @@ class Outbox:
             await self.publish_pending()
 
     async def publish_pending(self) -> None:
-        """What `flush()` does; kept apart so a service may make `flush()` `try_flush()`."""
+        """Publish every queued event, oldest first; raise if one cannot be published (what
+        `flush()` and `try_flush()` share)."""
         async with self._lock:
             while True:
-                pending = await asyncio.to_thread(self._pending)
+                pending = await self.store.in_unit(OutboxUnit.pending_events)
                 if not pending:
                     return
                 for event in pending:
                     await self._publish(event)
-                    await asyncio.to_thread(self._remove, event.id)
+                    await self.store.in_unit(OutboxUnit.remove_event, event.id)
 
     async def try_flush(self) -> bool:
         """`flush()`, but a failure is logged and left to `run()`; False if something is left."""
@@ -162,21 +164,9 @@ class Outbox:
     async def transact(self, fn: Callable[..., R], *args: Any) -> R:
         """A use case: `fn(unit, *args)` in one transaction in a worker thread (its events added
         with `add`), then its events flushed. Returns what `fn` returns."""
-        result = await asyncio.to_thread(self._in_unit, fn, *args)
+        result = await self.store.in_unit(fn, *args)
         await self.flush()
         return result
-
-    def _in_unit(self, fn: Callable[..., R], *args: Any) -> R:
-        with self.store.unit() as u:
-            return fn(u, *args)
-
-    def _pending(self) -> list[PendingEvent]:
-        with self.store.unit() as u:
-            return u.pending_events()
-
-    def _remove(self, event_id: int) -> None:
-        with self.store.unit() as u:
-            u.remove_event(event_id)
 
     async def _publish(self, event: PendingEvent) -> None:
         env = Envelope.model_validate_json(event.envelope)

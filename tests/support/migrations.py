@@ -104,7 +104,7 @@ def _assert_schema(store: UnitOfWorkStore, models: sa.MetaData, when: str) -> No
 
 def at_head(store: UnitOfWorkStore) -> bool:
     head = ScriptDirectory(str(store.migrations)).get_current_head()
-    return current_revision(store.engine, store.migrations, store.service) == head
+    return current_revision(store.engine, store.service) == head
 
 
 def downgrade(store: UnitOfWorkStore, revision: str) -> None:
