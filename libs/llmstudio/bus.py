@@ -188,7 +188,7 @@ class Bus:
         carries another type is parked as a forgery or a bug. See `subscribe_subject`.
         """
         classes = events if isinstance(events, tuple) else (events,)
-        accepted = {cls.TYPE: cls for cls in classes}
+        accepted = {cls.TYPE for cls in classes}
         owned = tuple(f"{cls.SUBJECT}." for cls in classes)
 
         async def typed(env: Envelope, data: EventData) -> None:

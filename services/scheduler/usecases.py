@@ -179,9 +179,6 @@ class Reports:
         self.outbox = outbox
         self.watchers = watchers
         self.actor = actor
-        # Reports are applied one at a time, in the order they arrive: a consumer hands over a
-        # batch of messages at once, and a job's samples must reach its watchers step by step.
-        self._in_order = asyncio.Lock()
 
     async def dataset_validated(
         self, tenant: str, job_id: str, *, dataset_id: str, sha256: str,
@@ -238,10 +235,9 @@ class Reports:
                 return None  # unknown, finished, or redelivered
             return u.save(dataclasses.replace(job, artifacts={**job.artifacts, "checkpoint": key}))
 
-        async with self._in_order:
-            job = await _retried(self.store.in_unit, record)
-            if job is not None:
-                self.watchers.checkpoint(job, step, key)
+        job = await _retried(self.store.in_unit, record)
+        if job is not None:
+            self.watchers.checkpoint(job, step, key)
 
     async def metrics(self, tenant: str, job_id: str, step: int, sample: dict[str, float]) -> None:
         """A metrics sample: stored once per step; the job keeps the newest by step."""
@@ -257,10 +253,9 @@ class Reports:
                     job, metrics=core.latest_metrics(job.metrics, sample)))
             return job
 
-        async with self._in_order:
-            job = await _retried(self.store.in_unit, record)
-            if job is not None:
-                self.watchers.metrics(job, step, sample)
+        job = await _retried(self.store.in_unit, record)
+        if job is not None:
+            self.watchers.metrics(job, step, sample)
 
     async def _change(
         self, tenant: str, job_id: str, what: str, change: Callable[[Unit, Job], Job | None],
@@ -272,10 +267,9 @@ class Reports:
             job = _reported_job(u, tenant, job_id, what)
             return change(u, job) if job else None
 
-        async with self._in_order:
-            changed = await _retried(self.outbox.transact, apply)
-            if changed is not None:
-                self.watchers.status(changed, message)
+        changed = await _retried(self.outbox.transact, apply)
+        if changed is not None:
+            self.watchers.status(changed, message)
 
     def _announce(self, u: Unit, job: Job, event: EventData) -> None:
         self.outbox.add(u, event, tenant=job.tenant, actor=self.actor)
