@@ -169,6 +169,18 @@ class Bus:
         env = make_envelope(data, source=self.service, tenant=tenant)
         await self.nc.publish(data.subject(), env.model_dump_json().encode())
 
+    async def last_event(self, event: type[E], entity: str) -> E | None:
+        """The newest stored event of type `event` about `entity` (read from its stream, not
+        from a consumer: what the stream holds now), or None when there is none."""
+        assert self.js is not None, "bus not started"
+        subject = f"{event.SUBJECT}.{entity}"
+        try:
+            msg = await self.js.get_last_msg(stream_for(subject), subject)
+        except NotFoundError:
+            return None
+        _env, data = decode(msg.data or b"")
+        return data if isinstance(data, event) else None
+
     # -- consuming -------------------------------------------------------------------------
     def subscribe(
         self,

@@ -182,6 +182,11 @@ class JobSpec(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     eval: EvalOptions = Field(default_factory=EvalOptions)
     distributed: DistributedOptions = Field(default_factory=DistributedOptions)
+    max_attempts: int = Field(
+        default=3, ge=1, le=20,
+        description="attempts that may end with their worker lost before the job fails; an "
+                    "attempt handed back (a worker draining) does not count",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

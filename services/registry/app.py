@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llmstudio.events import EvalCompleted, JobCompleted
+from llmstudio.events import EvalCompleted, JobSucceeded
 from llmstudio.grpcutil import Registration
 from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
@@ -24,7 +24,7 @@ async def build(rt: Runtime) -> list[Registration]:
     outbox = Outbox(store, rt.bus, defer_failures=True)
     registry = Registry(store, outbox)
     handlers = RegistryHandlers(registry)
-    rt.bus.subscribe(JobCompleted, durable="job-completed", handler=handlers.on_job_completed)
+    rt.bus.subscribe(JobSucceeded, durable="job-succeeded", handler=handlers.on_job_succeeded)
     rt.bus.subscribe(EvalCompleted, durable="eval-completed",
                      handler=handlers.on_eval_completed)
     rt.background.append(outbox.run)

@@ -1,9 +1,10 @@
-"""Bus handlers: a finished job registers a model version; a finished evaluation attaches its
-metrics to that version. Both use cases are idempotent: delivery is at least once."""
+"""Bus handlers: a job the scheduler accepted as succeeded registers a model version; a finished
+evaluation attaches its metrics to that version. Both use cases are idempotent: delivery is at
+least once."""
 
 from __future__ import annotations
 
-from llmstudio.events import Envelope, EvalCompleted, JobCompleted
+from llmstudio.events import Envelope, EvalCompleted, JobSucceeded
 
 from .usecases import Registry
 
@@ -12,7 +13,7 @@ class RegistryHandlers:
     def __init__(self, registry: Registry):
         self.registry = registry
 
-    async def on_job_completed(self, env: Envelope, data: JobCompleted) -> None:
+    async def on_job_succeeded(self, env: Envelope, data: JobSucceeded) -> None:
         await self.registry.register_job(env.tenant, env.actor, data)
 
     async def on_eval_completed(self, env: Envelope, data: EvalCompleted) -> None:

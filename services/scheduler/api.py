@@ -75,7 +75,11 @@ def job_to_pb(job: Job) -> pb.Job:
         worker_id=job.worker_id, error=job.error, priority=job.priority, metrics=job.metrics,
         artifacts=job.artifacts, trace_id=job.trace_id, created_at=job.created_at,
         updated_at=job.updated_at, created_by=job.created_by,
-        memory_estimate=job.memory_estimate,
+        memory_estimate=job.memory_estimate, attempt=job.attempt,
+        attempts=[pb.JobAttempt(
+            attempt=a.attempt, worker_id=a.worker_id, assigned_at=a.assigned_at,
+            started_at=a.started_at, ended_at=a.ended_at, reason=a.reason,
+            resumed_from_step=a.resumed_from_step) for a in job.attempts],
     )
 
 

@@ -1,11 +1,16 @@
 """The scheduler's domain, pure (no I/O): the job state machine, spec validation, the live-worker
 table and placement.
 
-A job moves forward only:
+A job moves forward, except that a running job can go back to the queue:
 
     validating_files -> queued -> running -> succeeded | failed | cancelled
+                          ^          |
+                          +----------+  requeued: its worker was lost, or handed it back
 
 and a terminal state is final, so a late or redelivered event never revives a finished job.
+Each placement on a worker is an attempt (`Job.attempt`, `Job.attempts` its history); a worker's
+report applies only to the current attempt (`reported`), which fences off a worker the job was
+taken back from.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Happening(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    REQUEUED = "requeued"  # the worker was lost, or handed the job back (drain)
 
 
 # happening -> (the statuses it may move a job from, the status it moves it to)
@@ -67,6 +73,7 @@ _TRANSITIONS: dict[Happening, tuple[frozenset[Status], Status]] = {
     Happening.COMPLETED: (frozenset({Status.QUEUED, Status.RUNNING}), Status.SUCCEEDED),
     Happening.FAILED: (ACTIVE, Status.FAILED),
     Happening.CANCELLED: (ACTIVE, Status.CANCELLED),
+    Happening.REQUEUED: (frozenset({Status.QUEUED, Status.RUNNING}), Status.QUEUED),
 }
 
 
@@ -74,6 +81,27 @@ def transition(current: Status, happening: Happening) -> Status | None:
     """The job's next status, or None when `happening` does not apply (stale or duplicate)."""
     sources, target = _TRANSITIONS[happening]
     return target if current in sources else None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One placement of a job on a worker, as `jobs show` lists it."""
+
+    attempt: int
+    worker_id: str
+    assigned_at: str
+    started_at: str = ""
+    ended_at: str = ""
+    reason: str = ""  # how it ended: completed, failed: ..., worker lost, released: ...
+    resumed_from_step: int = 0  # the stored checkpoint it went on from (0: from the start)
+    lost: bool = False  # ended by its worker going silent: counts toward max_attempts
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Attempt:
+        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -103,11 +131,32 @@ class Job:
     # bytes per process (llmstudio.ml.memory: weights, gradients, optimizer, activations,
     # total); {} when the base model's config was not readable at submit
     memory_estimate: dict[str, float] = field(default_factory=dict)
+    attempts: tuple[Attempt, ...] = ()  # every placement, oldest first
     version: int = 1  # optimistic concurrency: an update applies only to the version it read
 
     @property
     def assigned(self) -> bool:
         return bool(self.worker_id)
+
+    @property
+    def max_attempts(self) -> int:
+        return int(self.spec.get("max_attempts", 3))
+
+    @property
+    def lost_attempts(self) -> int:
+        return sum(a.lost for a in self.attempts)
+
+    def current_attempt(self) -> Attempt | None:
+        last = self.attempts[-1] if self.attempts else None
+        return last if last is not None and last.attempt == self.attempt else None
+
+    def with_current_attempt(self, **changes: Any) -> Job:
+        """The job with its current attempt's record changed (no record: unchanged)."""
+        current = self.current_attempt()
+        if current is None:
+            return self
+        return dataclasses.replace(
+            self, attempts=(*self.attempts[:-1], dataclasses.replace(current, **changes)))
 
 
 @dataclass(frozen=True)
@@ -119,23 +168,69 @@ class Report:
     reason: str = ""  # why it failed or was cancelled
     artifacts: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    attempt: int = 1  # the attempt of the work item the worker ran
+    resumed_from_step: int = 0  # a start: the stored checkpoint it goes on from
 
     def from_another_worker(self, job: Job) -> bool:
         """Sent by a worker that does not hold the job (one it was taken back from)."""
         return bool(self.worker_id and job.worker_id and self.worker_id != job.worker_id)
 
+    def stale(self, job: Job) -> bool:
+        """About an attempt that is not the job's current one, or from another worker."""
+        return self.attempt != job.attempt or self.from_another_worker(job)
 
-def reported(job: Job, report: Report) -> Job | None:
-    """The job as `report` leaves it, or None when the report does not apply: stale, a
-    duplicate, or from a worker that no longer holds the job."""
+
+def reported(job: Job, report: Report, now: str) -> Job | None:
+    """The job as `report` leaves it, or None when the report does not apply: stale (another
+    attempt, another worker), or a duplicate. A worker's release is `requeued`, not this."""
     status = transition(job.status, report.happening)
-    if status is None or report.from_another_worker(job):
+    if status is None or report.stale(job):
         return None
-    return dataclasses.replace(
+    job = dataclasses.replace(
         job, status=status, worker_id=report.worker_id or job.worker_id,
         artifacts={**job.artifacts, **report.artifacts}, metrics={**job.metrics, **report.metrics},
         error=report.reason if report.happening == Happening.FAILED else job.error,
     )
+    if report.happening == Happening.STARTED:
+        return job.with_current_attempt(started_at=now,
+                                        resumed_from_step=report.resumed_from_step)
+    return job.with_current_attempt(ended_at=now, reason=_ended_because(report))
+
+
+def _ended_because(report: Report) -> str:
+    if report.happening == Happening.COMPLETED:
+        return "completed"
+    return f"{report.happening.value}: {report.reason}" if report.reason else report.happening
+
+
+def assigned(job: Job, worker_id: str, now: str) -> Job:
+    """`job` placed on `worker_id` as its current attempt."""
+    return dataclasses.replace(
+        job, worker_id=worker_id, assigned_at=now,
+        attempts=(*job.attempts, Attempt(job.attempt, worker_id, now)),
+    )
+
+
+def requeued(job: Job, reason: str, now: str, *, lost: bool) -> Job | None:
+    """`job` taken back from its worker and queued again as the next attempt, or None when the
+    job cannot go back (finished). `lost`: the worker went silent (counts toward
+    max_attempts; `exhausted` says when the job must fail instead)."""
+    if transition(job.status, Happening.REQUEUED) is None:
+        return None
+    ended = job.with_current_attempt(ended_at=now, reason=reason, lost=lost)
+    return dataclasses.replace(
+        ended, status=Status.QUEUED, worker_id="", assigned_at="", attempt=job.attempt + 1)
+
+
+def exhausted(job: Job) -> bool:
+    """Whether one more lost attempt would exceed the job's max_attempts."""
+    return job.lost_attempts + 1 >= job.max_attempts
+
+
+def attempts_summary(job: Job) -> str:
+    """`attempt 1 on w1: worker lost; attempt 2 on w2: ...`: the history a failure carries."""
+    return "; ".join(f"attempt {a.attempt} on {a.worker_id}: {a.reason or 'running'}"
+                     for a in job.attempts)
 
 
 def parse_spec(raw: dict[str, Any]) -> JobSpec:
@@ -291,12 +386,6 @@ def place(
     return pairs
 
 
-def lost_assignments(
-    assigned: Sequence[Job], workers: WorkerTable
-) -> tuple[list[Job], list[Job]]:
-    """Jobs whose worker went silent: (not yet started: place again, running: fail)."""
-    lost = [j for j in assigned if j.assigned and workers.is_lost(j.worker_id)]
-    return (
-        [j for j in lost if j.status == Status.QUEUED],
-        [j for j in lost if j.status == Status.RUNNING],
-    )
+def lost_assignments(assigned: Sequence[Job], workers: WorkerTable) -> list[Job]:
+    """Jobs whose worker went silent past the TTL: its lease on them expired."""
+    return [j for j in assigned if j.assigned and workers.is_lost(j.worker_id)]

@@ -18,6 +18,7 @@ from llmstudio.events import (
     JobCompleted,
     JobFailed,
     JobMetrics,
+    JobReleased,
     JobStarted,
     WorkerHeartbeat,
 )
@@ -29,23 +30,24 @@ MAX_REJECTION_ERRORS = 5
 
 
 def _started(e: JobStarted) -> Report:
-    return Report(Happening.STARTED, e.worker_id)
+    return Report(Happening.STARTED, e.worker_id, attempt=e.attempt,
+                  resumed_from_step=e.resumed_from_step)
 
 
 def _completed(e: JobCompleted) -> Report:
     return Report(
         Happening.COMPLETED, e.worker_id,
         artifacts={"checkpoint": e.checkpoint_key, "adapter": e.adapter_key},
-        metrics={"final_loss": e.final_loss, "steps": float(e.steps)},
+        metrics={"final_loss": e.final_loss, "steps": float(e.steps)}, attempt=e.attempt,
     )
 
 
 def _failed(e: JobFailed) -> Report:
-    return Report(Happening.FAILED, e.worker_id, reason=e.reason)
+    return Report(Happening.FAILED, e.worker_id, reason=e.reason, attempt=e.attempt)
 
 
 def _cancelled(e: JobCancelled) -> Report:
-    return Report(Happening.CANCELLED, reason=e.reason)
+    return Report(Happening.CANCELLED, reason=e.reason, attempt=e.attempt)
 
 
 # A worker's report -> what it says about the job. The scheduler's own job events on the stream
@@ -57,7 +59,7 @@ REPORTS: dict[type[EventData], Callable[[Any], Report]] = {
     JobCancelled: _cancelled,
 }
 # One consumer for every worker report, so a job's reports are handled in the order sent.
-JOB_REPORTS = (JobCheckpointed, *REPORTS)
+JOB_REPORTS = (JobCheckpointed, JobReleased, *REPORTS)
 
 
 class Handlers:
@@ -65,7 +67,8 @@ class Handlers:
         self.reports = reports
         self.workers = workers
         self._on_job: dict[type[EventData], Callable[[Envelope, Any], Awaitable[None]]] = {
-            JobCheckpointed: self.on_checkpointed, **dict.fromkeys(REPORTS, self.on_report),
+            JobCheckpointed: self.on_checkpointed, JobReleased: self.on_released,
+            **dict.fromkeys(REPORTS, self.on_report),
         }
 
     def subscribe(self, bus: Bus) -> None:
@@ -103,10 +106,16 @@ class Handlers:
         self, env: Envelope, data: JobStarted | JobCompleted | JobFailed | JobCancelled,
     ) -> None:
         report = REPORTS[type(data)](data)
-        await self.reports.worker_reported(env.tenant, data.job_id, report)
+        completion = data.model_dump() if isinstance(data, JobCompleted) else None
+        await self.reports.worker_reported(env.tenant, data.job_id, report, completion)
+
+    async def on_released(self, env: Envelope, data: JobReleased) -> None:
+        await self.reports.worker_released(env.tenant, data.job_id, worker_id=data.worker_id,
+                                           attempt=data.attempt, reason=data.reason)
 
     async def on_checkpointed(self, env: Envelope, data: JobCheckpointed) -> None:
-        await self.reports.checkpointed(env.tenant, data.job_id, data.step, data.checkpoint_key)
+        await self.reports.checkpointed(env.tenant, data.job_id, data.step, data.checkpoint_key,
+                                        data.attempt)
 
     async def on_metrics(self, env: Envelope, data: JobMetrics) -> None:
         sample = metrics_sample(
@@ -115,4 +124,4 @@ class Handlers:
             samples_per_s=data.samples_per_s, epoch=data.epoch, grad_norm=data.grad_norm,
             memory_bytes=data.memory_bytes, eta_s=data.eta_s, eval_loss=data.eval_loss,
         )
-        await self.reports.metrics(env.tenant, data.job_id, data.step, sample)
+        await self.reports.metrics(env.tenant, data.job_id, data.step, sample, data.attempt)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 
-from .core import Job, Status, now_iso
+from .core import Attempt, Job, Status, now_iso
 
 metadata = MetaData()
 
@@ -60,6 +60,7 @@ jobs = Table(
     Column("metrics", JSON, nullable=False),
     Column("artifacts", JSON, nullable=False),
     Column("memory_estimate", JSON, nullable=False),
+    Column("attempts", JSON, nullable=False),  # core.Attempt records, oldest first
     Column("version", Integer, nullable=False),
     # A retried CreateJob with the same key finds the job it created (NULL keys never clash).
     UniqueConstraint("tenant", "idempotency_key", name="scheduler_jobs_idempotency"),
@@ -185,10 +186,12 @@ _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
 def _row(job: Job) -> dict:
     row = {name: getattr(job, name) for name in _JOB_FIELDS}
     row["status"] = job.status.value
+    row["attempts"] = [a.to_dict() for a in job.attempts]
     return row
 
 
 def _job(row) -> Job:
     values = {name: row._mapping[name] for name in _JOB_FIELDS}
     values["status"] = Status(values["status"])
+    values["attempts"] = tuple(Attempt.from_dict(a) for a in values["attempts"])
     return Job(**values)

@@ -32,7 +32,9 @@ from llmstudio.events import (
     JobCancelRequested,
     JobFailed,
     JobQueued,
+    JobRequeued,
     JobSubmitted,
+    JobSucceeded,
     WorkItem,
 )
 from llmstudio.jobspec import JobSpec
@@ -212,39 +214,69 @@ class Reports:
 
         await self._change(tenant, job_id, "dataset.rejected", fail)
 
-    async def worker_reported(self, tenant: str, job_id: str, report: Report) -> None:
-        """A worker started, completed, failed or cancelled the job."""
+    async def worker_reported(self, tenant: str, job_id: str, report: Report,
+                              completion: dict[str, Any] | None = None) -> None:
+        """A worker started, completed, failed or cancelled the job. A completion the job
+        accepts is announced as JobSucceeded (`completion`: the worker's JobCompleted data):
+        the one success downstream acts on."""
 
         def apply(u: Unit, job: Job) -> Job | None:
-            changed = core.reported(job, report)
+            changed = core.reported(job, report, core.now_iso())
             if changed is None:
-                if report.from_another_worker(job):
-                    log.warning("ignoring %s of %s from %s: the job is on %s",
-                                report.happening, job.id, report.worker_id, job.worker_id)
+                if report.stale(job):
+                    log.warning("ignoring %s of %s attempt %d from %s: the job is at attempt "
+                                "%d on %s", report.happening, job.id, report.attempt,
+                                report.worker_id or "?", job.attempt, job.worker_id or "none")
                 return None
-            return u.save(changed)
+            saved = u.save(changed)
+            if saved.status == Status.SUCCEEDED and completion is not None:
+                # in the job's own trace, by its submitter, as the worker's completion was
+                self.outbox.add(u, JobSucceeded.model_validate(completion), tenant=saved.tenant,
+                                actor=saved.created_by, traceparent=saved.traceparent)
+            return saved
 
         await self._change(tenant, job_id, f"job.{report.happening}", apply, report.reason)
 
-    async def checkpointed(self, tenant: str, job_id: str, step: int, key: str) -> None:
-        """A checkpoint of an active job was stored: the job points at the newest one."""
+    async def worker_released(self, tenant: str, job_id: str, *, worker_id: str, attempt: int,
+                              reason: str) -> None:
+        """A worker handed the job back, checkpointed (it is shutting down): queued again as
+        the next attempt, which resumes from that checkpoint. Not counted as a lost attempt."""
+
+        def requeue(u: Unit, job: Job) -> Job | None:
+            if attempt != job.attempt or worker_id != job.worker_id:
+                return None  # an older attempt's, or a redelivery after the requeue
+            return _requeue(u, self.outbox, job, f"released: {reason}", lost=False,
+                            actor=self.actor)
+
+        await self._change(tenant, job_id, "job.released", requeue, reason)
+
+    async def checkpointed(self, tenant: str, job_id: str, step: int, key: str,
+                           attempt: int) -> None:
+        """A checkpoint of an active job's current attempt was stored: the job points at the
+        newest one."""
 
         def record(u: Unit) -> Job | None:
             job = _reported_job(u, tenant, job_id, "job.checkpointed")
-            if job is None or job.status.terminal or job.artifacts.get("checkpoint") == key:
-                return None  # unknown, finished, or redelivered
+            if (job is None or job.status.terminal or job.attempt != attempt
+                    or job.artifacts.get("checkpoint") == key):
+                return None  # unknown, finished, another attempt's, or redelivered
             return u.save(dataclasses.replace(job, artifacts={**job.artifacts, "checkpoint": key}))
 
         job = await _retried(self.store.in_unit, record)
         if job is not None:
             self.watchers.checkpoint(job, step, key)
 
-    async def metrics(self, tenant: str, job_id: str, step: int, sample: dict[str, float]) -> None:
-        """A metrics sample: stored once per step; the job keeps the newest by step."""
+    async def metrics(self, tenant: str, job_id: str, step: int, sample: dict[str, float],
+                      attempt: int) -> None:
+        """A metrics sample of the current attempt: stored once per step (a resumed attempt
+        repeats the steps after its checkpoint: the first sample of a step stays); the job keeps
+        the newest by step."""
 
         def record(u: Unit) -> Job | None:
             job = _reported_job(u, tenant, job_id, "job.metrics")
-            if job is None or not u.add_sample(job.id, step, sample):
+            if job is None or (attempt != job.attempt and not job.status.terminal):
+                return None
+            if not u.add_sample(job.id, step, sample):
                 return None
             # Samples travel on their own stream, so the last ones may land after the job
             # ended: the job keeps the newest sample by step.
@@ -279,9 +311,11 @@ class Placement:
     """Queued jobs onto idle live workers, and jobs back from lost workers, every `interval_s`.
 
     Each tick:
-    1. a job assigned to a worker that went silent (no heartbeat for the worker TTL) before
-       starting is taken back: its work item is purged and it waits for the next worker
-       (attempt + 1); a running job whose worker went silent fails ("worker <id> lost");
+    1. a job whose worker went silent (no heartbeat for the worker TTL: its lease expired) is
+       taken back: its work item is purged and it is queued again as the next attempt
+       (JobRequeued), which resumes from the job's newest stored checkpoint; the worker, should
+       it come back, finds the job requeued and stops. A running job that loses its worker for
+       the `max_attempts`-th time fails with the history of its attempts;
     2. waiting jobs are paired with free workers (`core.place`); each assignment is saved with
        its JobAssigned event and the WorkItem (llmstudio.work.<worker>), both published in the
        job's CreateJob trace so the worker's spans join it.
@@ -308,21 +342,16 @@ class Placement:
             await asyncio.sleep(self.interval_s)
 
     async def tick(self) -> None:
-        take_back, fail = core.lost_assignments(
-            await self.store.in_unit(Unit.assigned_jobs), self.workers)
-        for job in take_back:
+        for job in core.lost_assignments(await self.store.in_unit(Unit.assigned_jobs),
+                                         self.workers):
             await self._take_back(job)
-        for job in fail:
-            await self._give_up(job, Status.FAILED, f"worker {job.worker_id} lost "
-                                f"(no heartbeat for {self.workers.ttl_s:g}s)")
         waiting, holding = await self.store.in_unit(_placement_view)
         for job_id, worker_id in core.place(waiting.values(), self.workers.live(), holding):
             await self._assign(waiting[job_id], worker_id)
 
     async def _assign(self, job: Job, worker_id: str) -> None:
         def assign(u: Unit) -> Job:
-            saved = u.save(
-                dataclasses.replace(job, worker_id=worker_id, assigned_at=core.now_iso()))
+            saved = u.save(core.assigned(job, worker_id, core.now_iso()))
             kw = {"tenant": saved.tenant, "actor": self.bus.service,
                   "traceparent": saved.traceparent}
             self.outbox.add(u, JobAssigned(job_id=saved.id, worker_id=worker_id,
@@ -343,21 +372,40 @@ class Placement:
         # so the worker, if it comes back, does not run a job that is placed elsewhere.
         assert self.bus.js is not None, "bus not started"
         await self.bus.js.purge_stream(WORK_STREAM, subject=f"{WorkItem.SUBJECT}.{job.worker_id}")
+        lost = f"worker {job.worker_id} lost (no heartbeat for {self.workers.ttl_s:g}s)"
         if job.cancel_requested:
-            await self._give_up(job, Status.CANCELLED, "cancelled before it started")
+            await self._give_up(job, Status.CANCELLED, f"cancelled; {lost}")
             return
-        unassigned = dataclasses.replace(job, worker_id="", assigned_at="", attempt=job.attempt + 1)
+        started = job.status == Status.RUNNING
+        if started and core.exhausted(job):
+            failed = job.with_current_attempt(reason=lost, lost=True)
+            await self._give_up(failed, Status.FAILED, f"{lost}; {job.max_attempts} of "
+                                f"max_attempts {job.max_attempts} attempts lost: "
+                                f"{core.attempts_summary(failed)}")
+            return
+
+        def requeue(u: Unit) -> Job | None:
+            return _requeue(u, self.outbox, job, lost, lost=started, actor=self.bus.service)
+
         with contextlib.suppress(Conflict):
-            await self.store.in_unit(Unit.save, unassigned)
-            log.warning("job %s: worker %s lost before starting it; placing it again",
-                        job.id, job.worker_id)
+            saved = await self.outbox.transact(requeue)
+            if saved is not None:
+                log.warning("job %s: %s; queued again as attempt %d", job.id, lost,
+                            saved.attempt)
+                self.watchers.status(saved, f"{lost}; requeued as attempt {saved.attempt}")
 
     async def _give_up(self, job: Job, status: Status, reason: str) -> None:
         """Fail or cancel a job placement gave up on, announcing it like a worker would."""
-        event = (JobFailed(job_id=job.id, reason=reason, worker_id=job.worker_id)
-                 if status == Status.FAILED else JobCancelled(job_id=job.id, reason=reason))
-        ended = dataclasses.replace(job, status=status,
-                                    error=reason if status == Status.FAILED else "")
+        event = (JobFailed(job_id=job.id, reason=reason, worker_id=job.worker_id,
+                           attempt=job.attempt)
+                 if status == Status.FAILED
+                 else JobCancelled(job_id=job.id, reason=reason, attempt=job.attempt))
+        current = job.current_attempt()
+        ended = dataclasses.replace(
+            job.with_current_attempt(ended_at=core.now_iso(),
+                                     reason=current.reason if current and current.reason
+                                     else reason),
+            status=status, error=reason if status == Status.FAILED else "")
 
         def end(u: Unit) -> Job:
             saved = u.save(ended)
@@ -371,6 +419,18 @@ class Placement:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+def _requeue(u: Unit, outbox: Outbox, job: Job, reason: str, *, lost: bool,
+             actor: str) -> Job | None:
+    """Queue `job` again as its next attempt, announced (JobRequeued) in the same transaction."""
+    again = core.requeued(job, reason, core.now_iso(), lost=lost)
+    if again is None:
+        return None
+    saved = u.save(again)
+    outbox.add(u, JobRequeued(job_id=saved.id, attempt=saved.attempt, worker_id=job.worker_id,
+                              reason=reason), tenant=saved.tenant, actor=actor)
+    return saved
+
 
 async def _retried(run: Callable[..., Awaitable[R]], fn: Callable[..., R], *args: Any) -> R:
     """`run(fn, *args)` (`outbox.transact` or `store.in_unit`), run again when the job changed

@@ -14,6 +14,7 @@ from llmstudio.events import (
     JobCompleted,
     JobFailed,
     JobMetrics,
+    JobReleased,
     JobStarted,
 )
 
@@ -27,6 +28,7 @@ RUN_STATUS: dict[type[EventData], str] = {
     JobCompleted: "succeeded",
     JobFailed: "failed",
     JobCancelled: "cancelled",
+    JobReleased: "released",
 }
 # The subject token and consumer name are built from the worker id: NATS allows neither dots nor
 # wildcards there, so anything but [A-Za-z0-9_-] becomes "-".
@@ -55,10 +57,11 @@ def train_split_key(dataset_artifacts: dict[str, str]) -> str:
     return key
 
 
-def metrics_event(job_id: str, m: dict) -> JobMetrics:
-    """The recipe's metrics dict -> the JobMetrics event."""
+def metrics_event(job_id: str, m: dict, attempt: int = 1) -> JobMetrics:
+    """The recipe's metrics dict -> the JobMetrics event of the job's `attempt`."""
     return JobMetrics(
         job_id=job_id,
+        attempt=attempt,
         step=int(m["step"]),
         max_steps=int(m["max_steps"]),
         loss=float(m["loss"]),

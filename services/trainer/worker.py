@@ -6,7 +6,16 @@ report metrics and checkpoints, attaching the job's trace context to each of tho
 
 Each job event (started, checkpointed, and the outcome) is recorded with the run's new status in
 one transaction and published through the worker's outbox; metrics samples, operational and
-frequent, go straight to the METRICS stream.
+frequent, go straight to the METRICS stream. Every report carries the work item's attempt.
+
+Failover: a job goes on from its newest stored checkpoint, whichever worker stored it. A worker
+holds its job only while the scheduler has not requeued it (the scheduler does when this
+worker's heartbeats stop for its TTL): a JobRequeued of a later attempt fences the job here. The
+worker learns it from its subscription, and before every checkpoint upload and outcome it reads
+the newest JobRequeued of the job from the stream, so a worker that was frozen past the TTL
+(SIGSTOP, a partition) stops at its next step boundary and uploads and reports nothing.
+Shutdown (SIGTERM) drains: the job stops at a step boundary, checkpoints, and is handed back
+(JobReleased), to be resumed elsewhere.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from llmstudio.events import (
     JobCheckpointed,
     JobCompleted,
     JobFailed,
+    JobReleased,
+    JobRequeued,
     JobStarted,
     WorkerHeartbeat,
     WorkItem,
@@ -82,12 +93,25 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str = ""
     checkpoint_key: str = ""  # the last checkpoint uploaded
+    fenced: str = ""  # why this worker no longer holds the job (requeued elsewhere)
     task: asyncio.Task | None = None
 
     def request_stop(self, reason: str) -> None:
         if not self.stop_reason:  # the first reason wins (a cancel is not turned into shutdown)
             self.stop_reason = reason
         self.stop.set()
+
+    def fence(self, requeued: JobRequeued) -> bool:
+        """Stop for good if `requeued` took this attempt away; True if it did."""
+        if requeued.attempt <= self.item.attempt:
+            return False
+        if not self.fenced:
+            self.fenced = (f"lease lost: job requeued as attempt {requeued.attempt} "
+                           f"({requeued.reason})")
+            log.warning("job %s attempt %d: %s", self.item.job_id, self.item.attempt,
+                        self.fenced)
+        self.request_stop(self.fenced)
+        return True
 
 
 class Worker:
@@ -159,6 +183,25 @@ class Worker:
         job.task = asyncio.create_task(self._run(job), name=f"job-{item.job_id}")
         await self.beat()  # tell the scheduler we are busy now, not at the next tick
 
+    def lease_revoked(self, requeued: JobRequeued) -> None:
+        job = self.job
+        if job and job.item.job_id == requeued.job_id:
+            job.fence(requeued)
+
+    async def holds(self, job: Job) -> bool:
+        """Whether this worker still holds `job`: no later attempt was queued. Read from the
+        stream, so it is true even right after the process was frozen; a broker that cannot be
+        asked leaves the job running (an outage must not fail training)."""
+        if not job.fenced:
+            try:
+                requeued = await self.bus.last_event(JobRequeued, job.item.job_id)
+            except Exception as e:  # noqa: BLE001 - unknown: keep going, the scheduler fences
+                log.warning("job %s: lease not checked: %s", job.item.job_id, e)
+                return True
+            if requeued is not None:
+                job.fence(requeued)
+        return not job.fenced
+
     def cancel(self, request: JobCancelRequested) -> None:
         if request.worker_id and request.worker_id != self.worker_id:
             return
@@ -186,23 +229,35 @@ class Worker:
         item = job.item
         work_dir = self.settings.data_dir / "work" / item.job_id
         with tracer.start_as_current_span(f"train {item.job_id}",
-                                          attributes={"job.id": item.job_id}):
+                                          attributes={"job.id": item.job_id,
+                                                      "job.attempt": item.attempt}):
             try:
-                await self._report(job, JobStarted(job_id=item.job_id, worker_id=self.worker_id))
+                stored = await asyncio.to_thread(
+                    checkpoint.download_latest_checkpoint, self.store, item.job_id, work_dir)
+                if stored is not None:
+                    job.checkpoint_key = stored.prefix
+                await self._report(job, JobStarted(
+                    job_id=item.job_id, worker_id=self.worker_id, attempt=item.attempt,
+                    resumed_from_step=stored.step if stored else 0))
                 ctx = otel_context.get_current()
                 loop = asyncio.get_running_loop()
-                result = await asyncio.to_thread(self._train, job, work_dir, loop, ctx)
-                await self._report(job, self._outcome(job, result))
+                result = await asyncio.to_thread(self._train, job, work_dir, loop, ctx,
+                                                 stored.local if stored else None)
+                if await self.holds(job):
+                    await self._report(job, self._outcome(job, result))
             except Exception as e:  # noqa: BLE001 - every failure is reported as JobFailed
                 log.exception("job %s failed", item.job_id)
-                await self._report_failure(job, e)
+                if await self.holds(job):
+                    await self._report_failure(job, e)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
                 self.job = None
         await self.beat()
 
-    def _train(self, job: Job, work_dir: Path, loop, ctx) -> TrainResult:
-        """Runs in a worker thread: load inputs, train, upload each checkpoint as it is written."""
+    def _train(self, job: Job, work_dir: Path, loop, ctx,
+               resume_from: Path | None) -> TrainResult:
+        """Runs in a worker thread: load inputs, train (from `resume_from`, the job's newest
+        stored checkpoint), upload each checkpoint as it is written while the job is ours."""
         item = job.item
         try:
             spec = JobSpec.model_validate(item.spec)
@@ -212,9 +267,9 @@ class Worker:
         key = train_split_key(item.dataset_artifacts)
         rows = parse_jsonl(self.store.get_bytes(key), self.store.uri(key))
 
-        def call(coro: Coroutine) -> None:
+        def call(coro: Coroutine):
             # Coroutines scheduled from a thread do not inherit a context: attach the job's.
-            asyncio.run_coroutine_threadsafe(_in_context(ctx, coro), loop).result()
+            return asyncio.run_coroutine_threadsafe(_in_context(ctx, coro), loop).result()
 
         # Metrics samples are published without waiting for JetStream's ack in the training
         # step: the next sample (or the end of training) waits for the previous one, which has
@@ -232,28 +287,27 @@ class Worker:
 
         def on_metrics(m: dict) -> None:
             settle_metrics()
-            publish = self.bus.publish(metrics_event(item.job_id, m), tenant=job.tenant,
-                                       actor=job.actor)
+            if job.fenced:
+                return
+            publish = self.bus.publish(metrics_event(item.job_id, m, item.attempt),
+                                       tenant=job.tenant, actor=job.actor)
             in_flight.append(
                 (m, asyncio.run_coroutine_threadsafe(_in_context(ctx, publish), loop)))
 
         def on_checkpoint(path: Path, step: int) -> None:
             # Stored and announced before training goes on, so a crash loses no reported step.
+            # Only while the job is ours: a fenced attempt must not write over the next one's.
+            if not call(self.holds(job)):
+                return
             prefix = checkpoint.store_prefix(item.job_id, step)
             self.store.put_dir(prefix, path)
             call(self._report(job, JobCheckpointed(job_id=item.job_id, step=step,
-                                                   checkpoint_key=prefix)))
+                                                   checkpoint_key=prefix, attempt=item.attempt)))
             job.checkpoint_key = prefix
             checkpoint.prune_stored_checkpoints(
                 self.store, item.job_id, spec.hyperparameters.keep_last_checkpoints
             )
 
-        # resume from this job's newest complete checkpoint in the store (a job restarted on
-        # another worker goes on where the last one stopped)
-        resume_from = None
-        stored = checkpoint.download_latest_checkpoint(self.store, item.job_id, work_dir)
-        if stored is not None:
-            job.checkpoint_key, resume_from = stored
         hp = spec.hyperparameters
         eval_rows = None
         if hp.eval_every or hp.early_stopping:
@@ -280,12 +334,12 @@ class Worker:
     def _outcome(self, job: Job, result: TrainResult) -> EventData:
         item = job.item
         if result.stopped and job.stop_reason == CANCELLED:
-            return JobCancelled(job_id=item.job_id, reason=CANCELLED)
-        if result.stopped:  # worker shutdown: the scheduler may retry from the last checkpoint
-            return JobFailed(
-                job_id=item.job_id, worker_id=self.worker_id,
-                reason=f"worker {self.worker_id} shut down at step {result.steps}"
-                + (f"; last checkpoint {job.checkpoint_key}" if job.checkpoint_key else ""),
+            return JobCancelled(job_id=item.job_id, reason=CANCELLED, attempt=item.attempt)
+        if result.stopped:  # drained: handed back, to go on from its last checkpoint elsewhere
+            return JobReleased(
+                job_id=item.job_id, worker_id=self.worker_id, attempt=item.attempt,
+                step=result.steps, checkpoint_key=job.checkpoint_key,
+                reason=f"worker {self.worker_id} shutting down at step {result.steps}",
             )
         if not job.checkpoint_key:
             raise RuntimeError(f"training ended after {result.steps} steps without a checkpoint")
@@ -302,11 +356,12 @@ class Worker:
             steps=result.steps,
             final_loss=result.final_loss,
             trace_id=telemetry.current_trace_id(),
+            attempt=item.attempt,
         )
 
     async def _report_failure(self, job: Job, exc: Exception) -> None:
         event = JobFailed(job_id=job.item.job_id, reason=failure_reason(exc),
-                          worker_id=self.worker_id)
+                          worker_id=self.worker_id, attempt=job.item.attempt)
         try:
             await self._report(job, event)
         except Exception:  # noqa: BLE001 - nothing left to tell; the scheduler's lease expires

@@ -19,7 +19,7 @@ from opentelemetry import trace  # noqa: E402
 from llmstudio import telemetry  # noqa: E402
 from llmstudio.bus import Bus  # noqa: E402
 from llmstudio.config import Settings  # noqa: E402
-from llmstudio.events import EvalCompleted, EvalFailed, JobCompleted  # noqa: E402
+from llmstudio.events import EvalCompleted, EvalFailed, JobSucceeded  # noqa: E402
 from llmstudio.jobspec import JobSpec  # noqa: E402
 from llmstudio.ml.checkpoint import checkpoint_kind, store_prefix  # noqa: E402
 from llmstudio.ml.tiny import build_tiny_model  # noqa: E402
@@ -66,8 +66,8 @@ def trained(base_model, tmp_path_factory):
 
 
 def job_completed(job_id: str, spec: JobSpec, artifacts: dict[str, str], ckpt: str,
-                  model_name: str = "tiny-lora") -> JobCompleted:
-    return JobCompleted(
+                  model_name: str = "tiny-lora") -> JobSucceeded:
+    return JobSucceeded(
         job_id=job_id, worker_id="w1", model_name=model_name, spec=spec.model_dump(mode="json"),
         dataset_id="ds-1", dataset_sha256="ab" * 32, dataset_artifacts=artifacts,
         checkpoint_key=ckpt, adapter_key=ckpt, steps=spec.hyperparameters.max_steps,
@@ -184,7 +184,7 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
                     evaluation_pb2.ListEvaluationsRequest(job_id="job-1"), metadata=as_other)
                 assert list(listed.evaluations) == []
 
-                # the same JobCompleted again (a new event id, so not deduplicated by NATS)
+                # the same JobSucceeded again (a new event id, so not deduplicated by NATS)
                 await client.publish(done, tenant="acme", actor="alice")
                 await asyncio.sleep(1.5)
                 listed = await stub.ListEvaluations(

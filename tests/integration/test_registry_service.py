@@ -15,7 +15,7 @@ from llmstudio.config import Settings
 from llmstudio.events import (
     Envelope,
     EvalCompleted,
-    JobCompleted,
+    JobSucceeded,
     ModelStageChanged,
     ModelVersionRegistered,
 )
@@ -40,8 +40,8 @@ SPEC = {
 }
 
 
-def job_completed(job_id: str, model_name: str = "smol-lora") -> JobCompleted:
-    return JobCompleted(
+def job_completed(job_id: str, model_name: str = "smol-lora") -> JobSucceeded:
+    return JobSucceeded(
         job_id=job_id, worker_id="w1", model_name=model_name, spec=SPEC, dataset_id="ds-1",
         dataset_sha256=SHA, dataset_artifacts={"train": "datasets/ds-1/train.jsonl"},
         checkpoint_key=f"checkpoints/{job_id}/80", adapter_key=f"adapters/{job_id}",
@@ -168,7 +168,7 @@ async def test_registry_end_to_end(settings, observer):
 
             # The same job completing again (a new envelope) is acked and registers nothing new.
             await observer.bus.publish(job_completed("job-1"), tenant="acme", actor="alice")
-            await eventually(lambda: observer.settled("JOBS", "registry-job-completed", 2))
+            await eventually(lambda: observer.settled("JOBS", "registry-job-succeeded", 2))
             await asyncio.sleep(0.3)
             assert len(observer.of(ModelVersionRegistered)) == 1
             assert [v.version for v in (await reg.GetModel(

@@ -30,8 +30,11 @@ from llmstudio.events import (
     JobCompleted,
     JobFailed,
     JobMetrics,
+    JobReleased,
+    JobRequeued,
     JobStarted,
     JobSubmitted,
+    JobSucceeded,
     WorkerHeartbeat,
     WorkItem,
     decode,
@@ -278,6 +281,11 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
 
     done = await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))
     assert done.status == pb.JOB_STATUS_SUCCEEDED
+    # the accepted completion is announced once, in the job's trace, as its submitter's
+    succeeded = await peers.wait_for(JobSucceeded, job_id=job.id)
+    assert succeeded.trace_id == job.trace_id and succeeded.data.checkpoint_key == "ck/3"
+    assert peers.count(JobSucceeded, job_id=job.id) == 1
+    assert [(a.attempt, a.worker_id, a.reason) for a in done.attempts] == [(1, "w-1", "completed")]
     assert dict(done.artifacts) == {"checkpoint": "ck/3", "adapter": "adapters/x"}
     assert done.metrics["final_loss"] == 1.5 and done.metrics["steps"] == 3
     assert done.metrics["tokens_per_s"] == 100.0
@@ -419,7 +427,7 @@ async def test_jobs_leave_lost_workers(env, model_dir):
     dev = keys["developer"]
 
     # the flaky worker takes the job, then goes silent before starting it
-    job = await create(stub, dev, model_dir)
+    job = await create(stub, dev, model_dir, max_attempts=2)
     await validate(peers, job.id)
     peers.workers["w-flaky"] = "idle"
     await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-flaky")
@@ -430,23 +438,44 @@ async def test_jobs_leave_lost_workers(env, model_dir):
     assert second.data.attempt == 2 and second.trace_id == job.trace_id
     reassigned = await peers.wait_for(JobAssigned, job_id=job.id, attempt=2)
     assert reassigned.data.worker_id == "w-steady"
+    requeued = await peers.wait_for(JobRequeued, job_id=job.id, attempt=2)
+    assert requeued.data.worker_id == "w-flaky" and "w-flaky lost" in requeued.data.reason
     work = await peers.bus.js.stream_info("WORK", subjects_filter="llmstudio.work.>")
     assert work.state.subjects == {"llmstudio.work.w-steady": 1}  # the flaky one's was purged
 
-    # the flaky worker's late report doesn't move the job; the steady worker's does
-    await peers.publish(JobStarted(job_id=job.id, worker_id="w-flaky"))
-    await peers.publish(JobStarted(job_id=job.id, worker_id="w-steady"))
+    # the flaky worker's late report doesn't move the job, nor does an older attempt's report
+    # from the steady worker; the steady worker's report of its own attempt does
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-flaky", attempt=1))
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-steady", attempt=1))
+    await asyncio.sleep(0.3)
+    assert await status_of(stub, dev, job.id) == pb.JOB_STATUS_QUEUED
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-steady", attempt=2,
+                                   resumed_from_step=4))
     running_job = await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
-    assert running_job.worker_id == "w-steady"
+    assert running_job.worker_id == "w-steady" and running_job.attempt == 2
+    assert running_job.attempts[1].resumed_from_step == 4
 
-    # a running job whose worker dies fails
+    # a running job whose worker dies goes back to the queue (a lost attempt: 1 of 2)...
     peers.workers["w-steady"] = "busy"
     await asyncio.sleep(0.3)
     del peers.workers["w-steady"]
+    await peers.wait_for(JobRequeued, job_id=job.id, attempt=3, timeout=10)
+    again = await wait_status(stub, dev, job.id, pb.JOB_STATUS_QUEUED)
+    assert again.attempt == 3 and again.worker_id == ""
+    assert [(a.attempt, a.worker_id) for a in again.attempts] == [(1, "w-flaky"), (2, "w-steady")]
+    assert again.attempts[1].reason.startswith("worker w-steady lost")
+    # ...and one that loses its worker for the max_attempts-th time fails with its history
+    peers.workers["w-last"] = "idle"
+    await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-last", attempt=3)
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-last", attempt=3))
+    await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
+    del peers.workers["w-last"]
     failed = await wait_status(stub, dev, job.id, pb.JOB_STATUS_FAILED)
-    assert failed.error.startswith("worker w-steady lost")
+    assert failed.error.startswith("worker w-last lost")
+    assert "2 of max_attempts 2 attempts lost" in failed.error
+    assert "attempt 2 on w-steady: worker w-steady lost" in failed.error
     event = await peers.wait_for(JobFailed, job_id=job.id)
-    assert event.data.worker_id == "w-steady"
+    assert event.data.worker_id == "w-last" and event.data.attempt == 3
 
     # cancelled on a worker that then vanishes before starting it: cancelled, not placed again
     doomed = await create(stub, dev, model_dir)
@@ -462,6 +491,52 @@ async def test_jobs_leave_lost_workers(env, model_dir):
     await peers.wait_for(JobCancelled, job_id=doomed.id)
     await asyncio.sleep(0.5)
     assert peers.count(WorkItem, job_id=doomed.id) == 1
+
+
+async def test_a_released_job_resumes_elsewhere_and_only_its_current_attempt_succeeds(
+        env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+    job = await create(stub, dev, model_dir, max_attempts=1)
+    await validate(peers, job.id)
+    peers.workers["w-1"] = "idle"
+    first = await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-1")
+    peers.workers["w-1"] = "busy"
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-1", attempt=1))
+    await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
+
+    # w-1 drains: a release of another attempt or worker changes nothing; its own requeues the
+    # job without counting as a lost attempt (max_attempts 1 would fail it)
+    await peers.publish(JobReleased(job_id=job.id, worker_id="w-x", attempt=1, step=4))
+    await peers.publish(JobReleased(job_id=job.id, worker_id="w-1", attempt=2, step=4))
+    await asyncio.sleep(0.3)
+    assert await status_of(stub, dev, job.id) == pb.JOB_STATUS_RUNNING
+    del peers.workers["w-1"]
+    await peers.publish(JobReleased(job_id=job.id, worker_id="w-1", attempt=1, step=4,
+                                    checkpoint_key="ck/4", reason="worker w-1 shutting down"))
+    await peers.wait_for(JobRequeued, job_id=job.id, attempt=2)
+    peers.workers["w-2"] = "idle"
+    await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-2", attempt=2)
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-2", attempt=2,
+                                   resumed_from_step=4))
+    await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
+
+    # the old attempt's completion is refused: no success is announced for it
+    completion = {"job_id": job.id, "model_name": "tiny-model-lora", "spec": first.data.spec,
+                  "dataset_id": "ds-1", "dataset_sha256": SHA, "dataset_artifacts": ARTIFACTS,
+                  "adapter_key": "ck/9", "checkpoint_key": "ck/9", "steps": 9,
+                  "final_loss": 1.0}
+    await peers.publish(JobCompleted(worker_id="w-1", attempt=1, **completion))
+    await asyncio.sleep(0.5)
+    assert await status_of(stub, dev, job.id) == pb.JOB_STATUS_RUNNING
+    assert peers.count(JobSucceeded, job_id=job.id) == 0
+    await peers.publish(JobCompleted(worker_id="w-2", attempt=2, **completion))
+    done = await wait_status(stub, dev, job.id, pb.JOB_STATUS_SUCCEEDED)
+    assert [(a.attempt, a.worker_id, a.resumed_from_step) for a in done.attempts] == [
+        (1, "w-1", 0), (2, "w-2", 4)]
+    assert done.attempts[0].reason == "released: worker w-1 shutting down"
+    succeeded = await peers.wait_for(JobSucceeded, job_id=job.id)
+    assert succeeded.data.attempt == 2 and succeeded.data.worker_id == "w-2"
 
 
 async def test_higher_priority_runs_first(env, model_dir):

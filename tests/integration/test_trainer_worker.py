@@ -22,6 +22,8 @@ from llmstudio.events import (  # noqa: E402
     JobCompleted,
     JobFailed,
     JobMetrics,
+    JobReleased,
+    JobRequeued,
     JobStarted,
     WorkerHeartbeat,
     WorkItem,
@@ -201,19 +203,21 @@ async def test_cancel_stops_a_running_job(harness, model_dir):
 
 
 @pytest.mark.slow
-async def test_shutdown_stops_the_job_and_reports_its_last_checkpoint(harness, model_dir):
+async def test_shutdown_checkpoints_and_hands_the_job_back(harness, model_dir):
     h = harness
     await h.bus.publish(h.work_item("job-4", model_dir, max_steps=100_000, checkpoint_every=0),
                         tenant="acme")
     await h.wait(lambda: h.of(JobMetrics, "job-4"), what="training to start")
     await h.trainer.aclose()  # SIGTERM, in-process
-    await h.wait(lambda: h.of(JobFailed, "job-4"), what="JobFailed")
+    await h.wait(lambda: h.of(JobReleased, "job-4"), what="JobReleased")
     await asyncio.sleep(0.3)
-    failed = h.of(JobFailed, "job-4")
-    assert len(failed) == 1 and not h.of(JobCancelled, "job-4") and not h.of(JobCompleted, "job-4")
-    ckpt = h.of(JobCheckpointed, "job-4")[-1]
-    assert f"worker {WORKER} shut down at step {ckpt.step}" in failed[0].reason
-    assert ckpt.checkpoint_key in failed[0].reason
+    (released,) = h.of(JobReleased, "job-4")
+    assert not h.of(JobFailed, "job-4") and not h.of(JobCancelled, "job-4")
+    assert not h.of(JobCompleted, "job-4")
+    ckpt = h.of(JobCheckpointed, "job-4")[-1]  # checkpointed at once, not at checkpoint_every
+    assert (released.worker_id, released.attempt, released.step) == (WORKER, 1, ckpt.step)
+    assert released.checkpoint_key == ckpt.checkpoint_key
+    assert released.reason == f"worker {WORKER} shutting down at step {ckpt.step}"
     assert h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")
 
 
@@ -228,7 +232,7 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
     from services.trainer.recipes import TrainRequest, train
 
     h = harness
-    item = h.work_item("job-5", model_dir, keep_last_checkpoints=1)
+    item = h.work_item("job-5", model_dir, keep_last_checkpoints=1, log_every=1)
     calls = []
 
     def stop_after_4() -> bool:
@@ -246,7 +250,8 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
     await h.wait(lambda: h.of(JobCompleted, "job-5") or h.of(JobFailed, "job-5"), what="the end")
     assert not h.of(JobFailed, "job-5"), h.of(JobFailed, "job-5")
     steps = [m.step for m in h.of(JobMetrics, "job-5")]
-    assert steps and min(steps) > 4 and max(steps) == 8
+    assert steps and min(steps) == 5 and max(steps) == 8  # the step counter goes on
+    assert h.of(JobStarted, "job-5")[0].resumed_from_step == 4
     assert [c.step for c in h.of(JobCheckpointed, "job-5")] == [8]
     done = h.of(JobCompleted, "job-5")[0]
     assert done.steps == 8 and done.checkpoint_key == "jobs/job-5/checkpoint-8"
@@ -254,3 +259,32 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
     manifests = [k for k in h.store.list("jobs/job-5/") if k.endswith("manifest.json")]
     assert manifests == ["jobs/job-5/checkpoint-8/manifest.json"]
     assert not h.store.list("jobs/job-5/checkpoint-4/")
+
+
+@pytest.mark.slow
+async def test_a_job_requeued_elsewhere_stops_here_and_uploads_and_reports_nothing(
+        harness, model_dir):
+    h = harness
+    await h.bus.publish(h.work_item("job-6", model_dir, max_steps=100_000, checkpoint_every=3,
+                                    log_every=1), tenant="acme")
+    await h.wait(lambda: h.of(JobCheckpointed, "job-6"), what="a first checkpoint")
+    # an older attempt's requeue is not about this attempt: training goes on
+    await h.bus.publish(JobRequeued(job_id="job-6", attempt=1, reason="old"), tenant="acme")
+    seen = len(h.of(JobMetrics, "job-6"))
+    await h.wait(lambda: len(h.of(JobMetrics, "job-6")) > seen + 3, what="more steps")
+    # the scheduler took the job back (this worker was silent past the TTL)
+    await h.bus.publish(JobRequeued(job_id="job-6", attempt=2, worker_id=WORKER,
+                                    reason=f"worker {WORKER} lost"), tenant="acme")
+    n = len(h.heartbeats)
+    await h.wait(lambda: len(h.heartbeats) > n and h.heartbeats[-1].state == "idle",
+                 what="the worker to stop the job")
+    uploaded = {k.split("/")[2] for k in h.store.list("jobs/job-6/")}
+    reported = len(h.of(JobCheckpointed, "job-6"))
+    await asyncio.sleep(1.0)
+    # nothing after the fence: no outcome, no new checkpoint announced or uploaded (the stop's
+    # final checkpoint included)
+    for cls in (JobCompleted, JobFailed, JobReleased, JobCancelled):
+        assert not h.of(cls, "job-6"), cls
+    assert len(h.of(JobCheckpointed, "job-6")) == reported
+    assert {k.split("/")[2] for k in h.store.list("jobs/job-6/")} == uploaded
+    assert {c.checkpoint_key.split("/")[2] for c in h.of(JobCheckpointed, "job-6")} == uploaded

@@ -120,9 +120,10 @@ def test_store_lists_prunes_and_downloads_only_complete_checkpoints(tmp_path):
 
     # the newest one is corrupt in the store: the download falls back to the older one
     store.put_bytes("jobs/j/checkpoint-10/adapter_model.safetensors", b"bit rot")
-    prefix, local = C.download_latest_checkpoint(store, "j", tmp_path / "work")
-    assert (prefix, local) == ("jobs/j/checkpoint-4", tmp_path / "work" / "checkpoint-4")
-    C.verify_checkpoint(local)
+    stored = C.download_latest_checkpoint(store, "j", tmp_path / "work")
+    assert stored == C.StoredCheckpoint(
+        "jobs/j/checkpoint-4", tmp_path / "work" / "checkpoint-4", 4)
+    C.verify_checkpoint(stored.local)
     assert not (tmp_path / "work" / "checkpoint-10").exists()
     assert C.download_latest_checkpoint(store, "nobody", tmp_path / "work") is None
 

@@ -16,7 +16,10 @@ from services.scheduler.core import (
     Status,
     Worker,
     WorkerTable,
+    assigned,
+    attempts_summary,
     cannot_run,
+    exhausted,
     latest_metrics,
     lost_assignments,
     names_a_path,
@@ -24,8 +27,11 @@ from services.scheduler.core import (
     place,
     refuse_on,
     reported,
+    requeued,
     transition,
 )
+
+NOW = "2025-01-02T00:00:00.000000Z"
 
 
 class Clock:
@@ -86,7 +92,7 @@ def test_a_completion_report_adds_the_outputs_to_the_job():
                                   metrics={"step": 3.0, "loss": 1.5})
     done = reported(running, Report(Happening.COMPLETED, "w-1",
                                     artifacts={"checkpoint": "ck/3", "adapter": "ad/x"},
-                                    metrics={"final_loss": 1.4, "steps": 3.0}))
+                                    metrics={"final_loss": 1.4, "steps": 3.0}), NOW)
     assert done.status == Status.SUCCEEDED and done.worker_id == "w-1" and done.error == ""
     assert done.artifacts == {"checkpoint": "ck/3", "adapter": "ad/x"}
     assert done.metrics == {"step": 3.0, "loss": 1.5, "final_loss": 1.4, "steps": 3.0}
@@ -94,23 +100,23 @@ def test_a_completion_report_adds_the_outputs_to_the_job():
 
 def test_a_failure_report_keeps_its_reason_and_a_cancellation_its_worker():
     running = job("job-1", status=Status.RUNNING, worker_id="w-1")
-    failed = reported(running, Report(Happening.FAILED, "w-1", reason="out of memory"))
+    failed = reported(running, Report(Happening.FAILED, "w-1", reason="out of memory"), NOW)
     assert failed.status == Status.FAILED and failed.error == "out of memory"
-    cancelled = reported(running, Report(Happening.CANCELLED, reason="stopped at step 2"))
+    cancelled = reported(running, Report(Happening.CANCELLED, reason="stopped at step 2"), NOW)
     assert cancelled.status == Status.CANCELLED and cancelled.worker_id == "w-1"
     assert cancelled.error == ""
     # a start from the worker the job was just assigned to records it
-    assigned = job("job-2", worker_id="w-2")
-    assert reported(assigned, Report(Happening.STARTED, "w-2")).status == Status.RUNNING
+    on_w2 = job("job-2", worker_id="w-2")
+    assert reported(on_w2, Report(Happening.STARTED, "w-2"), NOW).status == Status.RUNNING
 
 
 def test_reports_that_no_longer_apply_change_nothing():
     on_w2 = job("job-1", worker_id="w-2")
     taken_back_from = Report(Happening.STARTED, "w-1")
     assert taken_back_from.from_another_worker(on_w2)
-    assert reported(on_w2, taken_back_from) is None
+    assert reported(on_w2, taken_back_from, NOW) is None
     done = job("job-1", status=Status.SUCCEEDED, worker_id="w-1")
-    assert reported(done, Report(Happening.FAILED, "w-1", reason="late")) is None
+    assert reported(done, Report(Happening.FAILED, "w-1", reason="late"), NOW) is None
     assert not Report(Happening.CANCELLED).from_another_worker(on_w2)
 
 
@@ -262,21 +268,65 @@ def test_submit_refuses_a_gpu_spec_when_every_live_worker_is_a_cpu():
     assert refuse_on(parse_spec(full_spec()), [worker("w1")]) == ""
 
 
-def test_lost_assignments_split_by_whether_the_job_started():
+def test_lost_assignments_are_the_jobs_of_silent_workers():
     clock = Clock()
     table = WorkerTable(ttl_s=10, clock=clock)
     table.heartbeat("gone-1", "idle")
     table.heartbeat("gone-2", "busy")
     clock.now += 11
     table.heartbeat("alive", "busy")
-    assigned = [
+    held = [
         job("job-a", worker_id="gone-1", status=Status.QUEUED),
         job("job-b", worker_id="gone-2", status=Status.RUNNING),
         job("job-c", worker_id="alive", status=Status.RUNNING),
     ]
-    take_back, fail = lost_assignments(assigned, table)
-    assert [j.id for j in take_back] == ["job-a"]
-    assert [j.id for j in fail] == ["job-b"]
+    assert [j.id for j in lost_assignments(held, table)] == ["job-a", "job-b"]
+
+
+# -- attempts -----------------------------------------------------------------------------------
+
+def test_an_attempt_is_recorded_from_placement_to_its_end():
+    placed = assigned(job("job-1"), "w-1", "t1")
+    assert placed.worker_id == "w-1" and placed.attempt == 1
+    started = reported(placed, Report(Happening.STARTED, "w-1", attempt=1), "t2")
+    done = reported(started, Report(Happening.COMPLETED, "w-1", attempt=1), "t3")
+    (a,) = done.attempts
+    assert (a.attempt, a.worker_id, a.assigned_at, a.started_at, a.ended_at, a.reason) == (
+        1, "w-1", "t1", "t2", "t3", "completed")
+
+
+def test_a_requeued_job_runs_as_the_next_attempt_which_resumes():
+    running = reported(assigned(job("job-1"), "w-1", "t1"),
+                       Report(Happening.STARTED, "w-1", attempt=1), "t2")
+    again = requeued(running, "worker w-1 lost", "t3", lost=True)
+    assert again.status == Status.QUEUED and again.worker_id == "" and again.attempt == 2
+    assert again.attempts[0].reason == "worker w-1 lost" and again.attempts[0].lost
+    second = reported(assigned(again, "w-2", "t4"),
+                      Report(Happening.STARTED, "w-2", attempt=2, resumed_from_step=10), "t5")
+    assert second.status == Status.RUNNING and second.attempts[1].resumed_from_step == 10
+    assert attempts_summary(second) == (
+        "attempt 1 on w-1: worker w-1 lost; attempt 2 on w-2: running")
+    # a finished job is not requeued
+    done = reported(second, Report(Happening.COMPLETED, "w-2", attempt=2), "t6")
+    assert requeued(done, "late", "t7", lost=True) is None
+
+
+def test_reports_of_an_older_attempt_are_fenced_off():
+    first = assigned(job("job-1"), "w-1", "t1")
+    second = assigned(requeued(first, "worker w-1 lost", "t2", lost=False), "w-1", "t3")
+    # the same worker, but the attempt it ran before: its late completion changes nothing
+    late = Report(Happening.COMPLETED, "w-1", attempt=1)
+    assert late.stale(second) and reported(second, late, "t4") is None
+    assert reported(second, Report(Happening.STARTED, "w-1", attempt=2), "t4") is not None
+
+
+def test_lost_attempts_count_toward_max_attempts_and_released_ones_do_not():
+    j = job("job-1", spec={"max_attempts": 2})
+    j = requeued(assigned(j, "w-1", "t"), "released: draining", "t", lost=False)
+    assert not exhausted(j)  # a drain is not a loss
+    j = requeued(assigned(j, "w-2", "t"), "worker w-2 lost", "t", lost=True)
+    assert j.lost_attempts == 1 and exhausted(j)  # one more loss would be the second of 2
+    assert exhausted(job("job-2", spec={"max_attempts": 1}))
 
 
 def test_metrics_sample_keeps_only_reported_optional_metrics():

@@ -14,8 +14,11 @@ from .jobs import (
     JobFailed,
     JobMetrics,
     JobQueued,
+    JobReleased,
+    JobRequeued,
     JobStarted,
     JobSubmitted,
+    JobSucceeded,
     WorkerHeartbeat,
     WorkItem,
 )
@@ -27,7 +30,7 @@ __all__ = [
     "EvalCompleted", "EvalFailed",
     "ApiKeyCreated", "ApiKeyRevoked", "DeadLettered",
     "JobAssigned", "JobCancelled", "JobCancelRequested", "JobCheckpointed", "JobCompleted",
-    "JobFailed", "JobMetrics", "JobQueued", "JobStarted", "JobSubmitted", "WorkerHeartbeat",
-    "WorkItem",
+    "JobFailed", "JobMetrics", "JobQueued", "JobReleased", "JobRequeued", "JobStarted",
+    "JobSubmitted", "JobSucceeded", "WorkerHeartbeat", "WorkItem",
     "ModelStageChanged", "ModelVersionRegistered",
 ]

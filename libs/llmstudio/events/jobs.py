@@ -1,4 +1,10 @@
-"""Job lifecycle events (stream JOBS) and the work item a scheduler sends a worker (stream WORK)."""
+"""Job lifecycle events (stream JOBS) and the work item a scheduler sends a worker (stream WORK).
+
+A job runs in attempts: each placement on a worker is one (`attempt`, from 1). Every report a
+worker sends carries the attempt of its work item, and the scheduler applies only reports of the
+job's current attempt, so a worker the job was taken back from (lost, partitioned, drained)
+changes nothing with its late reports (fencing).
+"""
 
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ class JobStarted(EventData):
 
     job_id: str
     worker_id: str
+    attempt: int = 1
+    resumed_from_step: int = 0  # the stored checkpoint this attempt goes on from (0: none)
 
 
 @register
@@ -60,6 +68,7 @@ class JobCheckpointed(EventData):
     job_id: str
     step: int
     checkpoint_key: str
+    attempt: int = 1
 
 
 @register
@@ -82,6 +91,48 @@ class JobCompleted(EventData):
     steps: int
     final_loss: float
     trace_id: str = ""
+    attempt: int = 1
+
+
+@register
+class JobSucceeded(JobCompleted):
+    """The scheduler accepted a completion (of the job's current attempt): the one source of
+    truth for success. Downstream (evaluator, registry) acts on this, never on a worker's own
+    JobCompleted, so a completion the scheduler refused (a stale attempt) registers nothing."""
+
+    TYPE = "llmstudio.job.succeeded.v1"
+    SUBJECT = "llmstudio.job.succeeded"
+
+
+@register
+class JobReleased(EventData):
+    """A worker handed its job back, checkpointed (shutdown drain): the job is requeued."""
+
+    TYPE = "llmstudio.job.released.v1"
+    SUBJECT = "llmstudio.job.released"
+    ENTITY = "job_id"
+
+    job_id: str
+    worker_id: str
+    attempt: int
+    step: int
+    checkpoint_key: str = ""
+    reason: str = ""
+
+
+@register
+class JobRequeued(EventData):
+    """The scheduler took the job back from `worker_id` (lost, released) and queued it again as
+    `attempt`; the worker of an older attempt must stop and upload nothing."""
+
+    TYPE = "llmstudio.job.requeued.v1"
+    SUBJECT = "llmstudio.job.requeued"
+    ENTITY = "job_id"
+
+    job_id: str
+    attempt: int  # the attempt the job will run as next
+    worker_id: str = ""  # the worker it was taken from
+    reason: str = ""
 
 
 @register
@@ -93,6 +144,7 @@ class JobFailed(EventData):
     job_id: str
     reason: str
     worker_id: str = ""
+    attempt: int = 1
 
 
 @register
@@ -113,6 +165,7 @@ class JobCancelled(EventData):
 
     job_id: str
     reason: str = ""
+    attempt: int = 1
 
 
 @register
@@ -135,6 +188,7 @@ class JobMetrics(EventData):
     memory_bytes: float | None = None  # CUDA peak allocated, or the process's resident memory
     eta_s: float | None = None
     eval_loss: float | None = None  # only on steps that ran a periodic evaluation
+    attempt: int = 1
 
 
 @register

@@ -481,12 +481,18 @@ def prune_stored_checkpoints(store: ArtifactStore, job_id: str, keep: int) -> No
         store.delete_prefix(f"{prefix}/")
 
 
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    prefix: str  # where it is in the artifact store
+    local: Path  # where it was downloaded
+    step: int
+
+
 def download_latest_checkpoint(
     store: ArtifactStore, job_id: str, dest: Path
-) -> tuple[str, Path] | None:
+) -> StoredCheckpoint | None:
     """Download the job's newest complete checkpoint into dest/checkpoint-<step>, falling back
-    to older ones when a download fails its hashes: (its store prefix, the local directory), or
-    None when the job stored none."""
+    to older ones when a download fails its hashes, or None when the job stored none."""
     from llmstudio.storage import CorruptArtifact, IncompleteArtifact
 
     for step, prefix in reversed(stored_checkpoints(store, job_id)):
@@ -499,5 +505,5 @@ def download_latest_checkpoint(
             shutil.rmtree(local, ignore_errors=True)
             continue
         log.info("job %s: resuming from %s (step %d)", job_id, prefix, step)
-        return prefix, local
+        return StoredCheckpoint(prefix, local, step)
     return None
