@@ -129,3 +129,23 @@ def test_job_create_output_shows_the_memory_estimate():
                                 "activations": 3 * 1024**3, "total": 5 * 1024**3 + 1024**2})
     line = _memory_line(job)
     assert "5.0 GiB" in line and "weights 2.0 GiB" in line and "activations 3.0 GiB" in line
+
+
+def test_job_show_lists_each_attempt_and_what_it_resumed_from():
+    from llmstudio.cli.jobs import _job_details
+    from llmstudio.v1 import jobs_pb2
+
+    job = jobs_pb2.Job(id="job-1", status=jobs_pb2.JOB_STATUS_RUNNING, model_name="m",
+                       worker_id="w-2", attempt=2)
+    job.attempts.add(attempt=1, worker_id="w-1", assigned_at="t0", started_at="t1",
+                     ended_at="t2", reason="worker w-1 lost (no heartbeat for 15s)")
+    job.attempts.add(attempt=2, worker_id="w-2", assigned_at="t3", started_at="t4",
+                     resumed_from_step=40)
+    text = _job_details(job)
+    lines = text.splitlines()
+    assert lines[0].startswith("job-1  running") and "worker:    w-2" in text
+    assert "attempts (running at attempt 2):" in text
+    assert lines[-2].split() == ["1", "w-1", "t1", "->", "t2", "worker", "w-1", "lost", "(no",
+                                 "heartbeat", "for", "15s)"]
+    assert lines[-1].split()[:5] == ["2", "w-2", "t4", "->", "now,"]
+    assert "resumed from step 40" in lines[-1] and lines[-1].endswith("running")

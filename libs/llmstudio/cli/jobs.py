@@ -62,7 +62,29 @@ def cmd_show(args):
     from ..client import to_dict
 
     job = connect(args).jobs.get(args.id)
-    output(args, to_dict(job), json.dumps(to_dict(job), indent=2))
+    output(args, to_dict(job), _job_details(job))
+
+
+def _job_details(job) -> str:
+    """The job, then its attempts: where each ran, how it ended, what it resumed from."""
+    from ..client import job_status_name
+
+    lines = [_job_line(job)]
+    for label, value in (("tenant", job.tenant), ("dataset", job.dataset_id),
+                         ("worker", job.worker_id), ("created", job.created_at),
+                         ("updated", job.updated_at), ("trace", job.trace_id)):
+        if value:
+            lines.append(f"  {label + ':':<10} {value}")
+    for name, value in sorted(job.artifacts.items()):
+        lines.append(f"  {name + ':':<10} {value}")
+    if job.attempts:
+        lines.append(f"  attempts ({job_status_name(job.status)} at attempt {job.attempt}):")
+        for a in job.attempts:
+            resumed = f", resumed from step {a.resumed_from_step}" if a.resumed_from_step else ""
+            span = f"{a.started_at or a.assigned_at} -> {a.ended_at or 'now'}"
+            lines.append(f"    {a.attempt}  {a.worker_id:<20} {span}{resumed}"
+                         f"  {a.reason or 'running'}")
+    return "\n".join(lines) + _memory_line(job)
 
 
 def cmd_cancel(args):
