@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from .common import CliError, add_command, data_dir, output
 
+UP_STATES = ("SERVING", "RUNNING")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
 
 def cmd_up(args):
     from .. import local
 
-    state = local.up(data_dir(args), progress=None if args.json else
+    state = local.up(data_dir(args), workers=args.workers, schedulers=args.schedulers,
+                     progress=None if args.json else
                      (lambda name: print(f"  {name:<11} ready", file=sys.stderr)))
     services = {n: s.addr if s.port else f"pid {s.pid}" for n, s in state.services.items()}
     data = {"nats_url": state.nats_url, "services": services,
+            "supervisor_pid": state.supervisor_pid,
             "credentials": str(Path(state.data_dir) / local.CREDENTIALS_FILE)}
-    lines = [f"LLM Studio is up (data in {state.data_dir})", f"  nats        {state.nats_url}"]
+    lines = [f"LLM Studio is up (data in {state.data_dir}; supervisor pid "
+             f"{state.supervisor_pid} restarts a crashed service)",
+             f"  nats        {state.nats_url}"]
     lines += [f"  {n:<11} {a}" for n, a in services.items()]
     lines.append(f"admin API key in {data['credentials']} (the CLI uses it automatically)")
     output(args, data, "\n".join(lines))
@@ -35,8 +49,15 @@ def cmd_status(args):
     result = local.status(data_dir(args))
     if not result:
         raise CliError(f"no stack in {data_dir(args)} (run `llmstudio up`)")
-    output(args, result, "\n".join(f"{k:<11} {v}" for k, v in result.items()))
-    if any(v not in ("SERVING", "RUNNING") for v in result.values()):
+    lines = [f"{name:<11} {p['state']:<11} pid {p['pid']}"
+             + (f", {p['restarts']} restart(s)" if p["restarts"] else "")
+             for name, p in result.items()]
+    not_up = [f"{name} {p['state'].lower()}" for name, p in result.items()
+              if p["state"] not in UP_STATES]
+    if not_up:
+        lines.append("not up: " + ", ".join(not_up))
+    output(args, result, "\n".join(lines))
+    if not_up:
         sys.exit(1)
 
 
@@ -51,9 +72,15 @@ def cmd_demo(args):
 
 
 def register(sub) -> None:
-    add_command(sub, "up", cmd_up, "start the embedded stack (nats-server + every service)")
+    u = add_command(sub, "up", cmd_up, "start the embedded stack (nats-server + every service, "
+                    "restarted if one crashes)")
+    u.add_argument("--workers", type=_count, metavar="N",
+                   help="trainer workers to start (default 1; logs/trainer-1.log ...)")
+    u.add_argument("--schedulers", type=_count, default=1, metavar="M",
+                   help="scheduler replicas (only 1 for now)")
     add_command(sub, "down", cmd_down, "stop the embedded stack")
-    add_command(sub, "status", cmd_status, "health of each service of the embedded stack")
+    add_command(sub, "status", cmd_status, "state of each process of the embedded stack: "
+                "serving, starting, restarting (with its restart count) or down")
     d = add_command(sub, "demo", cmd_demo,
                     "fine-tune, evaluate, register and promote a model end to end")
     d.add_argument("--base", choices=["smollm2", "tiny"], default="smollm2",
