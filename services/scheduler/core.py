@@ -287,6 +287,7 @@ class Worker:
     seen_at: float
     memory_bytes: int = 0  # what a job may use there (free GPU memory / available RAM); 0: unknown
     bf16: bool = False  # native bf16 units
+    ended: tuple[str, int] = ("", 0)  # (job id, attempt) it ended last; its report may be coming
 
     @property
     def gpu(self) -> bool:
@@ -313,10 +314,10 @@ class WorkerTable:
 
     def heartbeat(
         self, worker_id: str, state: str, job_id: str = "", device: str = "",
-        memory_bytes: int = 0, bf16: bool = False,
+        memory_bytes: int = 0, bf16: bool = False, ended: tuple[str, int] = ("", 0),
     ) -> None:
         self._workers[worker_id] = Worker(
-            worker_id, state, job_id, device, self._clock(), memory_bytes, bf16)
+            worker_id, state, job_id, device, self._clock(), memory_bytes, bf16, ended)
 
     def silent_for(self, worker_id: str) -> float:
         w = self._workers.get(worker_id)
@@ -324,6 +325,20 @@ class WorkerTable:
 
     def is_lost(self, worker_id: str) -> bool:
         return self.silent_for(worker_id) > self.ttl_s
+
+    def get(self, worker_id: str) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def forgive_silence(self) -> None:
+        """Count every worker as heard from now: after the scheduler's own broker connection was
+        down, the heartbeats it missed say nothing about the workers."""
+        now = self._clock()
+        self._since = now
+        for wid, w in self._workers.items():
+            self._workers[wid] = dataclasses.replace(w, seen_at=now)
 
     def live(self) -> list[Worker]:
         """Live workers; forgets the dead ones, so the table stays as small as the fleet."""
@@ -389,3 +404,21 @@ def place(
 def lost_assignments(assigned: Sequence[Job], workers: WorkerTable) -> list[Job]:
     """Jobs whose worker went silent past the TTL: its lease on them expired."""
     return [j for j in assigned if j.assigned and workers.is_lost(j.worker_id)]
+
+
+def disowned(running: Sequence[Job], workers: WorkerTable, running_since: dict[str, float],
+             settle_s: float) -> list[Job]:
+    """Running jobs whose worker, alive, says it runs something else (idle, or another job) in
+    a heartbeat sent more than `settle_s` after the scheduler saw the job running there (an
+    earlier one may predate the start), and has not ended the job's attempt (then its outcome
+    is on its way). `running_since`: job id -> that moment (the WorkerTable's clock)."""
+    out = []
+    for job in running:
+        worker = workers.get(job.worker_id)
+        since = running_since.get(job.id)
+        if worker is None or since is None or worker.seen_at <= since + settle_s:
+            continue
+        runs_it = worker.state == "busy" and worker.job_id == job.id
+        if not runs_it and worker.ended != (job.id, job.attempt):
+            out.append(job)
+    return out

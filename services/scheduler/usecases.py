@@ -332,6 +332,11 @@ class Placement:
         self.workers = workers
         self.bus = bus
         self.interval_s = interval_s
+        # a heartbeat later than this after a job was first seen running here says what the
+        # worker really does (an earlier one may have been sent before it started the job)
+        self.settle_s = 2 * workers.ttl_s / 5
+        self._running_since: dict[str, float] = {}
+        self._was_disconnected = False
 
     async def run(self) -> None:
         while True:
@@ -342,12 +347,36 @@ class Placement:
             await asyncio.sleep(self.interval_s)
 
     async def tick(self) -> None:
-        for job in core.lost_assignments(await self.store.in_unit(Unit.assigned_jobs),
-                                         self.workers):
-            await self._take_back(job)
+        if self._missed_heartbeats():
+            return
+        held = await self.store.in_unit(Unit.assigned_jobs)
+        for job in core.lost_assignments(held, self.workers):
+            await self._take_back(job, f"worker {job.worker_id} lost (no heartbeat for "
+                                       f"{self.workers.ttl_s:g}s)", lost=True)
+        running = [j for j in held if j.status == Status.RUNNING]
+        now = self.workers.now()
+        self._running_since = {j.id: self._running_since.get(j.id, now) for j in running}
+        for job in core.disowned(running, self.workers, self._running_since, self.settle_s):
+            worker = self.workers.get(job.worker_id)
+            busy = worker is not None and worker.state == "busy" and worker.job_id
+            doing = f"job {worker.job_id}" if busy and worker else "nothing"
+            await self._take_back(job, f"worker {job.worker_id} reports running {doing}",
+                                  lost=True)
         waiting, holding = await self.store.in_unit(_placement_view)
         for job_id, worker_id in core.place(waiting.values(), self.workers.live(), holding):
             await self._assign(waiting[job_id], worker_id)
+
+    def _missed_heartbeats(self) -> bool:
+        """True while this scheduler's own broker connection is down (nothing can be decided
+        about workers); once it is back, their silence meanwhile is forgiven."""
+        connected = self.bus.nc.is_connected
+        if not connected:
+            self._was_disconnected = True
+        elif self._was_disconnected:
+            self._was_disconnected = False
+            self.workers.forgive_silence()
+            log.info("broker connection back: worker silence meanwhile forgiven")
+        return not connected
 
     async def _assign(self, job: Job, worker_id: str) -> None:
         def assign(u: Unit) -> Job:
@@ -367,32 +396,31 @@ class Placement:
             await self.outbox.transact(assign)
             log.info("job %s (attempt %d) -> worker %s", job.id, job.attempt, worker_id)
 
-    async def _take_back(self, job: Job) -> None:
+    async def _take_back(self, job: Job, why: str, *, lost: bool) -> None:
         # The worker holds nothing else, so its whole subject is this job's work item: purge it
         # so the worker, if it comes back, does not run a job that is placed elsewhere.
         assert self.bus.js is not None, "bus not started"
         await self.bus.js.purge_stream(WORK_STREAM, subject=f"{WorkItem.SUBJECT}.{job.worker_id}")
-        lost = f"worker {job.worker_id} lost (no heartbeat for {self.workers.ttl_s:g}s)"
         if job.cancel_requested:
-            await self._give_up(job, Status.CANCELLED, f"cancelled; {lost}")
+            await self._give_up(job, Status.CANCELLED, f"cancelled; {why}")
             return
         started = job.status == Status.RUNNING
-        if started and core.exhausted(job):
-            failed = job.with_current_attempt(reason=lost, lost=True)
-            await self._give_up(failed, Status.FAILED, f"{lost}; {job.max_attempts} of "
+        if started and lost and core.exhausted(job):
+            failed = job.with_current_attempt(reason=why, lost=True)
+            await self._give_up(failed, Status.FAILED, f"{why}; {job.max_attempts} of "
                                 f"max_attempts {job.max_attempts} attempts lost: "
                                 f"{core.attempts_summary(failed)}")
             return
 
         def requeue(u: Unit) -> Job | None:
-            return _requeue(u, self.outbox, job, lost, lost=started, actor=self.bus.service)
+            return _requeue(u, self.outbox, job, why, lost=lost and started,
+                            actor=self.bus.service)
 
         with contextlib.suppress(Conflict):
             saved = await self.outbox.transact(requeue)
             if saved is not None:
-                log.warning("job %s: %s; queued again as attempt %d", job.id, lost,
-                            saved.attempt)
-                self.watchers.status(saved, f"{lost}; requeued as attempt {saved.attempt}")
+                log.warning("job %s: %s; queued again as attempt %d", job.id, why, saved.attempt)
+                self.watchers.status(saved, f"{why}; requeued as attempt {saved.attempt}")
 
     async def _give_up(self, job: Job, status: Status, reason: str) -> None:
         """Fail or cancel a job placement gave up on, announcing it like a worker would."""

@@ -127,6 +127,7 @@ class Worker:
         self.worker_id = default_worker_id(settings.worker_id)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.job: Job | None = None
+        self.ended: tuple[str, int] = ("", 0)  # the last attempt run here (heartbeats say it)
         self.cancelled = RecentIds()  # cancels that arrived before their work item
         self.closing = False
 
@@ -143,6 +144,8 @@ class Worker:
             state="busy" if job else "idle",
             job_id=job.item.job_id if job else "",
             device=self.device,
+            ended_job_id=self.ended[0],
+            ended_attempt=self.ended[1],
             **self.hardware(),
         )
         try:
@@ -251,6 +254,7 @@ class Worker:
                     await self._report_failure(job, e)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
+                self.ended = (item.job_id, item.attempt)
                 self.job = None
         await self.beat()
 

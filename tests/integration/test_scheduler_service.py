@@ -73,6 +73,7 @@ class Peers:
         self.bus = Bus(settings, "peers")
         self.seen: list[Seen] = []
         self.workers: dict[str, str] = {}  # worker id -> state it heartbeats
+        self.running: dict[str, str] = {}  # worker id -> the job it says it runs (when busy)
         self.hardware: dict[str, dict] = {}  # worker id -> device, memory_bytes, bf16 it reports
         self._nc = None
         self._beating: asyncio.Task | None = None
@@ -102,8 +103,14 @@ class Peers:
         while True:
             for worker_id, state in list(self.workers.items()):
                 await self.bus.publish_core(WorkerHeartbeat(
-                    worker_id=worker_id, state=state, **self.hardware.get(worker_id, {})))
+                    worker_id=worker_id, state=state, job_id=self.running.get(worker_id, ""),
+                    **self.hardware.get(worker_id, {})))
             await asyncio.sleep(0.2)
+
+    def runs(self, worker_id: str, job_id: str) -> None:
+        """`worker_id` heartbeats busy with `job_id` from now on."""
+        self.workers[worker_id] = "busy"
+        self.running[worker_id] = job_id
 
     async def publish(self, data: EventData, tenant: str = TENANT) -> None:
         await self.bus.publish(data, tenant=tenant, actor="peer")
@@ -244,7 +251,7 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     assert assigned.data.worker_id == "w-1" and assigned.trace_id == job.trace_id
     assert (await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))).worker_id == "w-1"
 
-    peers.workers["w-1"] = "busy"
+    peers.runs("w-1", job.id)
     await peers.publish(JobStarted(job_id=job.id, worker_id="w-1"))
     await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
     for step, loss in [(1, 2.5), (2, 2.0), (3, 1.5)]:
@@ -411,7 +418,7 @@ async def test_cancel_and_rejection(env, model_dir):
     await validate(peers, running_job.id)
     peers.workers["w-run"] = "idle"
     await peers.wait_for(WorkItem, job_id=running_job.id)
-    peers.workers["w-run"] = "busy"
+    peers.runs("w-run", running_job.id)
     await peers.publish(JobStarted(job_id=running_job.id, worker_id="w-run"))
     await wait_status(stub, dev, running_job.id, pb.JOB_STATUS_RUNNING)
     answer = await stub.CancelJob(pb.CancelJobRequest(id=running_job.id), metadata=md(dev))
@@ -456,7 +463,7 @@ async def test_jobs_leave_lost_workers(env, model_dir):
     assert running_job.attempts[1].resumed_from_step == 4
 
     # a running job whose worker dies goes back to the queue (a lost attempt: 1 of 2)...
-    peers.workers["w-steady"] = "busy"
+    peers.runs("w-steady", job.id)
     await asyncio.sleep(0.3)
     del peers.workers["w-steady"]
     await peers.wait_for(JobRequeued, job_id=job.id, attempt=3, timeout=10)
@@ -467,6 +474,7 @@ async def test_jobs_leave_lost_workers(env, model_dir):
     # ...and one that loses its worker for the max_attempts-th time fails with its history
     peers.workers["w-last"] = "idle"
     await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-last", attempt=3)
+    peers.runs("w-last", job.id)
     await peers.publish(JobStarted(job_id=job.id, worker_id="w-last", attempt=3))
     await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
     del peers.workers["w-last"]
@@ -501,7 +509,7 @@ async def test_a_released_job_resumes_elsewhere_and_only_its_current_attempt_suc
     await validate(peers, job.id)
     peers.workers["w-1"] = "idle"
     first = await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-1")
-    peers.workers["w-1"] = "busy"
+    peers.runs("w-1", job.id)
     await peers.publish(JobStarted(job_id=job.id, worker_id="w-1", attempt=1))
     await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
 
@@ -517,6 +525,7 @@ async def test_a_released_job_resumes_elsewhere_and_only_its_current_attempt_suc
     await peers.wait_for(JobRequeued, job_id=job.id, attempt=2)
     peers.workers["w-2"] = "idle"
     await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-2", attempt=2)
+    peers.runs("w-2", job.id)
     await peers.publish(JobStarted(job_id=job.id, worker_id="w-2", attempt=2,
                                    resumed_from_step=4))
     await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
@@ -537,6 +546,30 @@ async def test_a_released_job_resumes_elsewhere_and_only_its_current_attempt_suc
     assert done.attempts[0].reason == "released: worker w-1 shutting down"
     succeeded = await peers.wait_for(JobSucceeded, job_id=job.id)
     assert succeeded.data.attempt == 2 and succeeded.data.worker_id == "w-2"
+
+
+async def test_a_job_its_worker_no_longer_runs_is_requeued_unless_its_outcome_is_coming(
+        env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+    job = await create(stub, dev, model_dir)
+    await validate(peers, job.id)
+    peers.workers["w-1"] = "idle"
+    await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-1")
+    peers.runs("w-1", job.id)
+    await peers.publish(JobStarted(job_id=job.id, worker_id="w-1"))
+    await wait_status(stub, dev, job.id, pb.JOB_STATUS_RUNNING)
+    # it ended the attempt; its outcome is still in its outbox (the broker was away): wait
+    peers.workers["w-1"] = "idle"
+    del peers.running["w-1"]
+    peers.hardware["w-1"] = {"ended_job_id": job.id, "ended_attempt": 1}
+    await asyncio.sleep(1.0)  # over twice the settle time (0.4 x TTL 1 s)
+    assert await status_of(stub, dev, job.id) == pb.JOB_STATUS_RUNNING
+    # a worker that says idle without having ended it (restarted under the same id) lost it
+    peers.hardware["w-1"] = {}
+    again = await peers.wait_for(JobRequeued, job_id=job.id, attempt=2)
+    assert again.data.reason == "worker w-1 reports running nothing"
+    await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-1", attempt=2)
 
 
 async def test_higher_priority_runs_first(env, model_dir):

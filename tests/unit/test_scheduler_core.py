@@ -19,6 +19,7 @@ from services.scheduler.core import (
     assigned,
     attempts_summary,
     cannot_run,
+    disowned,
     exhausted,
     latest_metrics,
     lost_assignments,
@@ -281,6 +282,39 @@ def test_lost_assignments_are_the_jobs_of_silent_workers():
         job("job-c", worker_id="alive", status=Status.RUNNING),
     ]
     assert [j.id for j in lost_assignments(held, table)] == ["job-a", "job-b"]
+
+
+def test_a_running_job_its_live_worker_no_longer_runs_is_disowned():
+    clock = Clock()
+    table = WorkerTable(ttl_s=10, clock=clock)
+    running = [job(f"job-{w}", worker_id=w, status=Status.RUNNING) for w in "abcde"]
+    since = {j.id: clock.now for j in running}
+    table.heartbeat("a", "busy", "job-a")  # runs it
+    table.heartbeat("b", "idle")  # forgot it (restarted under the same id)
+    table.heartbeat("c", "busy", "job-x")  # runs another job
+    table.heartbeat("d", "idle", ended=("job-d", 1))  # ended it: the report is on its way
+    table.heartbeat("e", "idle", ended=("job-e", 7))  # ended another attempt of it
+    assert disowned(running, table, since, settle_s=2) == []  # too early to tell
+    clock.now += 3
+    for w, state, job_id, ended in [("a", "busy", "job-a", ("", 0)), ("b", "idle", "", ("", 0)),
+                                    ("c", "busy", "job-x", ("", 0)),
+                                    ("d", "idle", "", ("job-d", 1)),
+                                    ("e", "idle", "", ("job-e", 7))]:
+        table.heartbeat(w, state, job_id, ended=ended)
+    assert [j.id for j in disowned(running, table, since, settle_s=2)] == [
+        "job-b", "job-c", "job-e"]
+
+
+def test_silence_while_the_scheduler_was_cut_off_is_forgiven():
+    clock = Clock()
+    table = WorkerTable(ttl_s=10, clock=clock)
+    table.heartbeat("w", "busy", "job-1")
+    clock.now += 30
+    assert table.is_lost("w") and table.is_lost("never-seen")
+    table.forgive_silence()
+    assert not table.is_lost("w") and not table.is_lost("never-seen")
+    clock.now += 11
+    assert table.is_lost("w")
 
 
 # -- attempts -----------------------------------------------------------------------------------

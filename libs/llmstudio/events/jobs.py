@@ -223,3 +223,6 @@ class WorkerHeartbeat(EventData):
     device: str = "cpu"  # cpu | cuda
     memory_bytes: int = 0  # what a job may use: free GPU memory, or RAM on a CPU worker
     bf16: bool = False  # the device has native bf16 units
+    # the last job attempt this worker ended: its outcome may still be on its way (outbox)
+    ended_job_id: str = ""
+    ended_attempt: int = 0
