@@ -141,7 +141,8 @@ class Worker:
         job = self.job
         data = WorkerHeartbeat(
             worker_id=self.worker_id,
-            state="busy" if job else "idle",
+            # a worker shutting down takes no new work: placement only picks idle workers
+            state="busy" if job else "draining" if self.closing else "idle",
             job_id=job.item.job_id if job else "",
             device=self.device,
             ended_job_id=self.ended[0],

@@ -30,3 +30,19 @@ async def stream_messages(nats_url: str, subject_filter: str, n: int, timeout: f
         return messages
     finally:
         await nc.close()
+
+
+async def all_stream_messages(nats_url: str, subject_filter: str, idle_s: float = 1.0):
+    """Every message JetStream holds on `subject_filter`, oldest first: read until a fetch
+    waits `idle_s` for nothing."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().pull_subscribe(subject_filter, stream=stream_for(subject_filter))
+        messages: list = []
+        while True:
+            try:
+                messages += await sub.fetch(256, timeout=idle_s)
+            except nats.errors.TimeoutError:
+                return messages
+    finally:
+        await nc.close()

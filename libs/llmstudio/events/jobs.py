@@ -218,7 +218,7 @@ class WorkerHeartbeat(EventData):
     ENTITY = "worker_id"
 
     worker_id: str
-    state: str  # idle | busy
+    state: str  # idle | busy | draining (shutting down: takes no new work)
     job_id: str = ""
     device: str = "cpu"  # cpu | cuda
     memory_bytes: int = 0  # what a job may use: free GPU memory, or RAM on a CPU worker

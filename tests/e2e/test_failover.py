@@ -1,0 +1,174 @@
+"""Jobs outlive their worker, on the embedded stack with two real trainer workers: a worker killed
+(SIGKILL), drained (SIGTERM) or frozen past its lease (SIGSTOP, then SIGCONT) mid-training; each
+time the job finishes on a worker that resumed it from a stored checkpoint, never `failed`, with
+exactly one registered version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from llmstudio import local
+from llmstudio.client import Client, job_status_name
+from llmstudio.demo_data import word_reversal_rows
+from llmstudio.events import JobCheckpointed, JobMetrics, decode
+from tests.support.bus import all_stream_messages
+
+pytestmark = pytest.mark.slow
+
+TTL_S = 3.0  # the worker lease: no heartbeat for this long and the job is taken back
+FAST_LEASE = {"LLMSTUDIO_WORKER_TTL_S": str(TTL_S), "LLMSTUDIO_HEARTBEAT_INTERVAL_S": "0.5"}
+STEPS = 40
+
+
+def _wait_for(fetch, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = fetch()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from llmstudio.ml.tiny import build_tiny_model
+
+    data_dir = tmp_path_factory.mktemp("failover")
+    model_dir = build_tiny_model(data_dir / "models" / "tiny")
+    saved = {k: os.environ.get(k) for k in FAST_LEASE}
+    os.environ.update(FAST_LEASE)  # the supervisor hands its environment to every service
+    try:
+        local.up(data_dir, workers=2, timeout=240)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    client = Client(data_dir=data_dir)
+    path = data_dir / "reverse.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in word_reversal_rows(48, seed=1)))
+    dataset = client.datasets.push(path, name="reverse")
+    yield data_dir, model_dir, client, dataset.id
+    client.close()
+    local.down(data_dir)
+
+
+def _submit(stack, name: str):
+    _, model_dir, client, dataset_id = stack
+    return client.jobs.create({
+        "name": name, "base_model": str(model_dir), "dataset": dataset_id,
+        "lora": {"r": 8, "alpha": 16},
+        "hyperparameters": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 3e-3,
+                            "checkpoint_every": 4, "log_every": 1, "max_seq_length": 64},
+        "eval": {"max_samples": 4, "max_new_tokens": 4},
+    })
+
+
+def _running_with_a_checkpoint(client, job_id: str):
+    """The job once it runs and has stored a checkpoint: (job, the pid of its worker)."""
+    def ready():
+        job = client.jobs.get(job_id)
+        running = job_status_name(job.status) == "running" and job.artifacts.get("checkpoint")
+        return job if running else None
+
+    job = _wait_for(ready, 180, f"{job_id} to run and checkpoint")
+    return job
+
+
+def _worker_pid(data_dir, worker_id: str) -> int:
+    """local-worker-2 is the stack's trainer-2."""
+    state = local.StackState.load(data_dir)
+    return state.services[f"{local.WORKER_PREFIX}{worker_id.rsplit('-', 1)[1]}"].pid
+
+
+def _finished(client, job_id: str):
+    def done():
+        job = client.jobs.get(job_id)
+        return job if job_status_name(job.status) in ("succeeded", "failed", "cancelled") else None
+
+    return _wait_for(done, 300, f"{job_id} to finish")
+
+
+def _events(data_dir, subject: str, cls) -> list:
+    url = local.StackState.load(data_dir).nats_url
+    messages = asyncio.run(all_stream_messages(url, subject))
+    return [d for d in (decode(m.data)[1] for m in messages) if isinstance(d, cls)]
+
+
+def _assert_resumed_and_registered_once(stack, job, name: str) -> None:
+    data_dir, _, client, _ = stack
+    assert job_status_name(job.status) == "succeeded", job.error
+    last = job.attempts[-1]
+    assert last.reason == "completed" and last.attempt == job.attempt >= 2
+    assert last.resumed_from_step >= 4  # from a stored checkpoint, not from step 0
+    # the step counter goes on: the resumed attempt's first step is the checkpoint's + 1
+    steps = sorted(m.step for m in _events(data_dir, f"llmstudio.metrics.{job.id}", JobMetrics)
+                   if m.attempt == last.attempt)
+    assert steps[0] == last.resumed_from_step + 1 and steps[-1] == STEPS
+    assert job.artifacts["checkpoint"].endswith(f"checkpoint-{STEPS}")
+    versions = _wait_for(lambda: list(client.models.get(name).versions), 60, "a version")
+    time.sleep(1.0)
+    assert [v.lineage.job_id for v in client.models.get(name).versions] == [job.id]
+    assert len(versions) == 1
+
+
+def test_a_killed_worker_s_job_resumes_on_another_and_succeeds(stack):
+    data_dir, _, client, _ = stack
+    job = _running_with_a_checkpoint(client, _submit(stack, "after-kill").id)
+    victim = job.worker_id
+    os.killpg(_worker_pid(data_dir, victim), signal.SIGKILL)
+
+    done = _finished(client, job.id)
+    first = done.attempts[0]
+    assert first.worker_id == victim and first.ended_at
+    assert "lost" in first.reason or "reports running nothing" in first.reason
+    _assert_resumed_and_registered_once(stack, done, "after-kill")
+
+
+def test_a_drained_worker_hands_its_job_back_and_it_never_fails(stack):
+    data_dir, _, client, _ = stack
+    job = _running_with_a_checkpoint(client, _submit(stack, "after-drain").id)
+    victim = job.worker_id
+    os.kill(_worker_pid(data_dir, victim), signal.SIGTERM)
+
+    statuses = {job_status_name(u.job.status) for u in client.jobs.watch(job.id, timeout=300)}
+    assert "failed" not in statuses
+    done = client.jobs.get(job.id)
+    assert done.attempts[0].reason == (
+        f"released: worker {victim} shutting down at step {done.attempts[-1].resumed_from_step}")
+    _assert_resumed_and_registered_once(stack, done, "after-drain")
+
+
+def test_a_frozen_worker_finds_its_lease_gone_and_its_late_reports_change_nothing(stack):
+    data_dir, _, client, _ = stack
+    job = _running_with_a_checkpoint(client, _submit(stack, "after-freeze").id)
+    victim = job.worker_id
+    pid = _worker_pid(data_dir, victim)
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        _wait_for(lambda: client.jobs.get(job.id).attempt >= 2, 30, "the job to be requeued")
+        time.sleep(1.0)  # the other worker takes it up
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+
+    done = _finished(client, job.id)
+    first = done.attempts[0]
+    assert first.worker_id == victim and "lost" in first.reason
+    _assert_resumed_and_registered_once(stack, done, "after-freeze")
+    # the woken worker stopped on its own: nothing of attempt 1 was announced after the requeue
+    # that the scheduler took, and its log says why it stopped
+    log = local.log_file(local.StackState.load(data_dir), f"{local.WORKER_PREFIX}"
+                         f"{victim.rsplit('-', 1)[1]}")
+    _wait_for(lambda: "lease lost: job requeued as attempt" in log.read_text(), 30, "the fence")
+    checkpoints = _events(data_dir, f"llmstudio.job.checkpointed.{job.id}", JobCheckpointed)
+    late = [c for c in checkpoints if c.attempt == 1 and c.step > done.attempts[1]
+            .resumed_from_step]
+    assert late == [], late
