@@ -61,13 +61,14 @@ def stack(tmp_path_factory):
     local.down(data_dir)
 
 
-def _submit(stack, name: str):
+def _submit(stack, name: str, checkpoint_every: int = 4):
     _, model_dir, client, dataset_id = stack
     return client.jobs.create({
         "name": name, "base_model": str(model_dir), "dataset": dataset_id,
         "lora": {"r": 8, "alpha": 16},
         "hyperparameters": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 3e-3,
-                            "checkpoint_every": 4, "log_every": 1, "max_seq_length": 64},
+                            "checkpoint_every": checkpoint_every, "log_every": 1,
+                            "max_seq_length": 64},
         "eval": {"max_samples": 4, "max_new_tokens": 4},
     })
 
@@ -172,3 +173,43 @@ def test_a_frozen_worker_finds_its_lease_gone_and_its_late_reports_change_nothin
     late = [c for c in checkpoints if c.attempt == 1 and c.step > done.attempts[1]
             .resumed_from_step]
     assert late == [], late
+
+
+def test_broker_outages_mid_job_never_kill_training_and_every_event_is_audited_once(stack):
+    """nats-server killed three times while the job trains, checkpoints (every 2 steps) and
+    reports metrics (every step); the supervisor brings it back after 1, 2 and 4 s."""
+    import collections
+
+    from tests.e2e.test_walking_skeleton import _stream_event_ids
+
+    data_dir, _, client, _ = stack
+    job = _running_with_a_checkpoint(client, _submit(stack, "through-outages",
+                                                     checkpoint_every=2).id)
+    during = []
+    for _ in range(3):
+        pid = local.StackState.load(data_dir).nats_pid
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda old=pid: local.StackState.load(data_dir).nats_pid != old, 30,
+                  "nats back")
+        during.append(job_status_name(client.jobs.get(job.id).status))
+        time.sleep(1.5)  # some training between outages
+    assert during[:2] == ["running", "running"]  # the outages hit the training
+
+    done = _finished(client, job.id)
+    assert job_status_name(done.status) == "succeeded", done.error
+    assert [a.reason for a in done.attempts] == ["completed"]  # never taken from its worker
+    assert done.artifacts["checkpoint"].endswith(f"checkpoint-{STEPS}")
+
+    url = local.StackState.load(data_dir).nats_url
+    _wait_for(lambda: client.models.get("through-outages").versions, 60, "its version")
+
+    def audited():
+        stream_ids = asyncio.run(_stream_event_ids(url))
+        audit_ids = [r.event_id for r in client.governance.query_audit(limit=100000)]
+        return audit_ids if set(stream_ids) == set(audit_ids) else None
+
+    audit_ids = _wait_for(audited, 60, "the audit to hold every stored event")
+    assert max(collections.Counter(audit_ids).values()) == 1
+    # each of the job's reports was stored once, whatever was retried during the outages
+    checkpoints = _events(data_dir, f"llmstudio.job.checkpointed.{job.id}", JobCheckpointed)
+    assert len({c.step for c in checkpoints}) == len(checkpoints)
