@@ -33,7 +33,8 @@ SERVICES = ("governance", "dataset", "scheduler", "registry", "evaluator")
 WORKER_PREFIX = "trainer-"
 STATE_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials"
-STOP_TIMEOUT_S = 20.0  # a service's graceful stop (a trainer checkpoints) before SIGKILL
+STOP_TIMEOUT_S = 75.0  # a graceful stop before SIGKILL: a draining trainer gets its 60 s to
+# checkpoint and hand its job back (services/trainer/worker.py STOP_GRACE_S)
 
 
 @dataclass

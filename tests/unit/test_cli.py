@@ -149,3 +149,15 @@ def test_job_show_lists_each_attempt_and_what_it_resumed_from():
                                  "heartbeat", "for", "15s)"]
     assert lines[-1].split()[:5] == ["2", "w-2", "t4", "->", "now,"]
     assert "resumed from step 40" in lines[-1] and lines[-1].endswith("running")
+
+
+def test_common_flags_work_before_and_after_the_command():
+    parse = build_parser().parse_args
+    assert parse(["--data-dir", "X", "--json", "jobs", "list"]).data_dir == "X"
+    assert parse(["--data-dir", "X", "--json", "jobs", "list"]).json is True
+    assert parse(["--api-key", "k", "up"]).api_key == "k"
+    after = parse(["jobs", "list", "--data-dir", "Y", "--json"])
+    assert (after.data_dir, after.json) == ("Y", True)
+    assert parse(["--data-dir", "X", "jobs", "list", "--data-dir", "Y"]).data_dir == "Y"
+    plain = parse(["jobs", "list"])
+    assert (plain.data_dir, plain.json, plain.api_key) == (None, False, None)

@@ -30,21 +30,26 @@ def data_dir(args) -> Path:
     return Path(args.data_dir or Settings().data_dir)
 
 
-def _common_flags() -> argparse.ArgumentParser:
+def _common_flags(default=None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    common.add_argument("--data-dir", help="embedded stack data dir (default .llmstudio)")
+    common.add_argument("--json", action="store_true", help="machine-readable JSON output",
+                        default=False if default is None else default)
+    common.add_argument("--data-dir", help="embedded stack data dir (default .llmstudio)",
+                        default=default)
     common.add_argument("--api-key", help="API key (default: LLMSTUDIO_API_KEY, or the "
-                        "embedded stack's admin key)")
+                        "embedded stack's admin key)", default=default)
     return common
 
 
-# The flags every parser takes, the top-level one and each command's (argparse `parents`).
+# The flags every parser takes, before the command (the top-level parser: their defaults) or
+# after it (each command's copy leaves them unset when absent, so it does not overwrite what
+# was given before the command: `llmstudio --data-dir X up`).
 COMMON_FLAGS = _common_flags()
+COMMAND_FLAGS = _common_flags(default=argparse.SUPPRESS)
 
 
 def add_command(parent, name, fn, help_text, **kw) -> argparse.ArgumentParser:
-    sp = parent.add_parser(name, help=help_text, description=help_text, parents=[COMMON_FLAGS],
+    sp = parent.add_parser(name, help=help_text, description=help_text, parents=[COMMAND_FLAGS],
                            **kw)
     sp.set_defaults(fn=fn)
     return sp
