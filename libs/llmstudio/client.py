@@ -188,11 +188,13 @@ class Datasets(_Api):
 
 
 class Jobs(_Api):
-    def create(self, spec: dict, priority: int = 0, idempotency_key: str = "") -> jobs_pb2.Job:
+    def create(self, spec: dict, priority_class: str = "normal",
+               idempotency_key: str = "") -> jobs_pb2.Job:
+        """Submit a job; `priority_class`: low, normal, high (developers), urgent (admins)."""
         struct = struct_pb2.Struct()
         struct.update(spec)
         return self._stub.CreateJob(jobs_pb2.CreateJobRequest(
-            spec=struct, priority=priority, idempotency_key=idempotency_key),
+            spec=struct, priority_class=priority_class, idempotency_key=idempotency_key),
             timeout=self._timeout)
 
     def get(self, job_id: str) -> jobs_pb2.Job:

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     worker_id: str = ""
     heartbeat_interval_s: float = 2.0
     worker_ttl_s: float = 10.0
+    # Scheduler: a waiting job rises one priority class per this many seconds (never to urgent)
+    priority_aging_s: float = 900.0
 
     # Dataset service: upload limits, and where ImportDataset may read from. Lists are
     # comma-separated in the environment (LLMSTUDIO_DATASET_IMPORT_BUCKETS=raw,curated).

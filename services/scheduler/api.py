@@ -13,7 +13,7 @@ from llmstudio.errors import InvalidArgument
 from llmstudio.v1 import jobs_pb2 as pb
 from llmstudio.v1 import jobs_pb2_grpc
 
-from .core import Job, Status
+from .core import Job, PriorityClass, Status
 from .usecases import Jobs
 from .watch import Update
 
@@ -31,9 +31,12 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
         self.jobs = jobs
 
     async def CreateJob(self, request: pb.CreateJobRequest, context) -> pb.Job:
+        if request.priority:
+            raise InvalidArgument("priority", "replaced by priority_class (low, normal, high, "
+                                  "urgent); leave priority unset")
         job = await self.jobs.create(
-            json_format.MessageToDict(request.spec), request.priority, request.idempotency_key,
-            current_principal(),
+            json_format.MessageToDict(request.spec), request.priority_class,
+            request.idempotency_key, current_principal(),
         )
         return job_to_pb(job)
 
@@ -76,6 +79,7 @@ def job_to_pb(job: Job) -> pb.Job:
         artifacts=job.artifacts, trace_id=job.trace_id, created_at=job.created_at,
         updated_at=job.updated_at, created_by=job.created_by,
         memory_estimate=job.memory_estimate, attempt=job.attempt,
+        priority_class=PriorityClass(job.priority).label,
         attempts=[pb.JobAttempt(
             attempt=a.attempt, worker_id=a.worker_id, assigned_at=a.assigned_at,
             started_at=a.started_at, ended_at=a.ended_at, reason=a.reason,

@@ -27,7 +27,8 @@ async def build(rt: Runtime) -> list[Registration]:
     watchers = Watchers()
     workers = WorkerTable(rt.settings.worker_ttl_s)
     Handlers(Reports(store, outbox, watchers, actor=rt.name), workers).subscribe(rt.bus)
-    placement = Placement(store, outbox, watchers, workers, rt.bus)
+    placement = Placement(store, outbox, watchers, workers, rt.bus,
+                          aging_s=rt.settings.priority_aging_s)
     rt.background += [outbox.run, placement.run]
 
     async def dispose() -> None:

@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 
-from llmstudio.errors import InvalidArgument
+from llmstudio.errors import InvalidArgument, PermissionDenied
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.memory import format_bytes
 
@@ -275,6 +275,55 @@ def latest_metrics(current: dict[str, float], sample: dict[str, float]) -> dict[
     return {**current, **sample} if sample["step"] >= current.get("step", -1.0) else current
 
 
+# -- priority -------------------------------------------------------------------------------
+
+
+class PriorityClass(IntEnum):
+    """A job's priority class (stored as its rank in `Job.priority`): higher runs first."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    URGENT = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# The highest class each role may ask for: urgent is the admins' (it may preempt others' work).
+ROLE_CEILING = {"admin": PriorityClass.URGENT, "developer": PriorityClass.HIGH}
+
+
+def priority_class(name: str, roles: Iterable[str]) -> PriorityClass:
+    """The class a caller with `roles` asked for ('' = normal); InvalidArgument for an unknown
+    name, PermissionDenied above the caller's ceiling."""
+    try:
+        wanted = PriorityClass[(name or "normal").upper()]
+    except KeyError:
+        raise InvalidArgument("priority_class", f"{name!r} is not one of "
+                              + ", ".join(c.label for c in PriorityClass)) from None
+    ceiling = max((ROLE_CEILING.get(r, PriorityClass.LOW) for r in roles),
+                  default=PriorityClass.LOW)
+    if wanted > ceiling:
+        raise PermissionDenied(f"priority class {wanted.label} needs a role allowed it "
+                               f"(yours allow up to {ceiling.label}; urgent is for admins)")
+    return wanted
+
+
+def effective_priority(job: Job, now: datetime, aging_s: float) -> float:
+    """The class rank plus one per `aging_s` waited since submission, so a waiting job is not
+    starved by a stream of newer, higher ones; aging never lifts a job to urgent."""
+    if job.priority >= PriorityClass.URGENT or aging_s <= 0:
+        return float(job.priority)
+    waited = (now - _parse_time(job.created_at)).total_seconds()
+    return min(job.priority + max(waited, 0.0) / aging_s, float(PriorityClass.HIGH))
+
+
+def _parse_time(stamp: str) -> datetime:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
 # -- workers --------------------------------------------------------------------------------
 
 
@@ -380,19 +429,23 @@ def refuse_on(spec: JobSpec, workers: Sequence[Worker]) -> str:
 
 
 def place(
-    queued: Iterable[Job], workers: Iterable[Worker], holding: set[str]
+    queued: Iterable[Job], workers: Iterable[Worker], holding: set[str],
+    now: datetime | None = None, aging_s: float = 0.0,
 ) -> list[tuple[str, str]]:
-    """Pair waiting jobs (priority desc, then oldest first) with idle workers holding nothing,
-    each job with the first free worker that can run it (`cannot_run`); a job no free worker
-    can run waits, and the workers stay free for the jobs behind it.
+    """Pair waiting jobs (effective priority desc: class and aging, then oldest first) with
+    idle workers holding nothing, each job with the first free worker that can run it
+    (`cannot_run`); a job no free worker can run waits, and the workers stay free for the jobs
+    behind it.
 
     `queued` are queued, unassigned jobs; `holding` the workers that already have an assignment
     (their heartbeat may still say idle until they pick the work item up).
     """
     free = sorted((w for w in workers if w.state == "idle" and w.worker_id not in holding),
                   key=lambda w: w.worker_id)
+    at = now or datetime.now(UTC)
     pairs = []
-    for job in sorted(queued, key=lambda j: (-j.priority, j.created_at, j.id)):
+    for job in sorted(queued, key=lambda j: (-effective_priority(j, at, aging_s),
+                                              j.created_at, j.id)):
         gpu_reason = needs_gpu(job.spec)
         worker = next((w for w in free if not cannot_run(job, w, gpu_reason)), None)
         if worker is not None:

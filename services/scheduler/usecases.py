@@ -68,10 +68,13 @@ class Jobs:
         self.workers = workers  # live workers: a spec none of them can run is refused
 
     async def create(
-        self, raw_spec: dict[str, Any], priority: int, idempotency_key: str, caller: Principal,
+        self, raw_spec: dict[str, Any], priority_class: str, idempotency_key: str,
+        caller: Principal,
     ) -> Job:
         """Validate and store a job, announcing it (JobSubmitted). A retry with the same
-        idempotency key gets back the job the first call created."""
+        idempotency key gets back the job the first call created. The priority class is
+        bounded by the caller's roles (core.ROLE_CEILING)."""
+        priority = core.priority_class(priority_class, caller.roles)
         key = idempotency_key or None
         if key and (existing := await self.store.in_unit(Unit.job_by_key, caller.tenant, key)):
             return existing
@@ -83,7 +86,7 @@ class Jobs:
         job = Job(
             id="job-" + uuid.uuid4().hex[:12], tenant=caller.tenant,
             status=Status.VALIDATING_FILES, spec=spec.model_dump(mode="json"),
-            model_name=spec.model_name(), dataset_id=spec.dataset, priority=priority,
+            model_name=spec.model_name(), dataset_id=spec.dataset, priority=int(priority),
             created_by=caller.key_id, created_at=now, updated_at=now,
             trace_id=telemetry.current_trace_id(), traceparent=telemetry.traceparent(),
             idempotency_key=key, memory_estimate=estimate,
@@ -103,7 +106,7 @@ class Jobs:
         u.add_job(job)
         self.outbox.add(u, JobSubmitted(
             job_id=job.id, dataset_id=job.dataset_id, model_name=job.model_name, spec=job.spec,
-            priority=job.priority,
+            priority=job.priority, priority_class=core.PriorityClass(job.priority).label,
         ), tenant=job.tenant, actor=job.created_by)
 
     async def get(self, job_id: str, tenant: str) -> Job:
@@ -324,7 +327,7 @@ class Placement:
 
     def __init__(
         self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, workers: WorkerTable,
-        bus: Bus, interval_s: float = 0.3,
+        bus: Bus, interval_s: float = 0.3, aging_s: float = 0.0,
     ):
         self.store = store
         self.outbox = outbox
@@ -332,6 +335,7 @@ class Placement:
         self.workers = workers
         self.bus = bus
         self.interval_s = interval_s
+        self.aging_s = aging_s  # a waiting job's class rises by one per aging_s (core)
         # a heartbeat later than this after a job was first seen running here says what the
         # worker really does (an earlier one may have been sent before it started the job)
         self.settle_s = 2 * workers.ttl_s / 5
@@ -363,7 +367,8 @@ class Placement:
             await self._take_back(job, f"worker {job.worker_id} reports running {doing}",
                                   lost=True)
         waiting, holding = await self.store.in_unit(_placement_view)
-        for job_id, worker_id in core.place(waiting.values(), self.workers.live(), holding):
+        for job_id, worker_id in core.place(waiting.values(), self.workers.live(), holding,
+                                            aging_s=self.aging_s):
             await self._assign(waiting[job_id], worker_id)
 
     def _missed_heartbeats(self) -> bool:

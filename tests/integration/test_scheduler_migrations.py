@@ -118,7 +118,9 @@ async def assert_old_rows_read_back(store: SchedulerStore) -> None:
     jobs = Jobs(store, outbox, Watchers(), WorkerTable(1.0))
     one = await jobs.get("job-1", TENANT)
     assert one.status == Status.SUCCEEDED and one.idempotency_key == "k-1"
-    assert one.spec["hyperparameters"]["max_steps"] == 3 and one.priority == 2
+    assert one.spec["hyperparameters"]["max_steps"] == 3
+    assert one.priority == 1  # its old free int (2) became the normal class (migration 0004)
+    assert one.attempts == ()  # no history was recorded before migration 0003
     assert one.dataset_artifacts == ARTIFACTS and one.memory_estimate == ESTIMATE
     assert one.artifacts == {"checkpoint": "ck/3", "adapter": "ad/x"}
     assert (one.attempt, one.version, one.worker_id) == (2, 7, "w-1")

@@ -162,7 +162,7 @@ def model_dir(tmp_path):
 async def env(settings):
     """(stub, keys by role, peers) with the scheduler running."""
     keys = {role: await put_api_key(settings.nats_url, role, TENANT)
-            for role in ("developer", "viewer")}
+            for role in ("developer", "viewer", "admin")}
     keys["other-tenant"] = await put_api_key(settings.nats_url, "developer", "globex")
     async with running("scheduler", build, settings) as port, Peers(settings) as peers:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -184,9 +184,9 @@ def spec(model_dir, **overrides) -> dict:
             "hyperparameters": {"max_steps": 3, "learning_rate": 1e-3}, **overrides}
 
 
-async def create(stub, key: str, model_dir, priority: int = 0, **overrides) -> pb.Job:
+async def create(stub, key: str, model_dir, priority: str = "", **overrides) -> pb.Job:
     return await stub.CreateJob(
-        pb.CreateJobRequest(spec=struct(spec(model_dir, **overrides)), priority=priority),
+        pb.CreateJobRequest(spec=struct(spec(model_dir, **overrides)), priority_class=priority),
         metadata=md(key))
 
 
@@ -213,17 +213,18 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     stub, keys, peers = env
     dev = keys["developer"]
 
-    job = await create(stub, dev, model_dir, priority=3)
+    job = await create(stub, dev, model_dir, priority="high")
     assert job.status == pb.JOB_STATUS_VALIDATING_FILES
     assert job.id.startswith("job-") and len(job.id) == 16
-    assert job.model_name == "tiny-model-lora" and job.priority == 3 and job.tenant == TENANT
+    assert job.model_name == "tiny-model-lora" and job.tenant == TENANT
+    assert (job.priority_class, job.priority) == ("high", 2)
     assert len(job.trace_id) == 32 and job.created_by.startswith("key-")
     assert job.spec["hyperparameters"]["max_steps"] == 3
     assert job.spec["base_model"] == str(model_dir.resolve())
 
     submitted = await peers.wait_for(JobSubmitted, job_id=job.id)
     assert submitted.tenant == TENANT and submitted.trace_id == job.trace_id
-    assert submitted.data.dataset_id == "ds-1" and submitted.data.priority == 3
+    assert submitted.data.dataset_id == "ds-1" and submitted.data.priority_class == "high"
     assert submitted.data.spec["hyperparameters"]["max_steps"] == 3  # an int again, defaults in
     assert submitted.data.spec["lora"]["r"] == 8
 
@@ -572,11 +573,33 @@ async def test_a_job_its_worker_no_longer_runs_is_requeued_unless_its_outcome_is
     await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-1", attempt=2)
 
 
+async def test_priority_classes_are_bounded_by_role(env, model_dir):
+    stub, keys, peers = env
+
+    async def refused(key: str, **request) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateJob(pb.CreateJobRequest(spec=struct(spec(model_dir)), **request),
+                                 metadata=md(key))
+        return e.value
+
+    err = await refused(keys["developer"], priority_class="urgent")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "up to high" in err.details()
+    err = await refused(keys["developer"], priority_class="asap")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority_class" in err.details()
+    err = await refused(keys["developer"], priority=9)  # the old free int is gone
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority_class" in err.details()
+    urgent = await create(stub, keys["admin"], model_dir, priority="urgent")
+    assert (urgent.priority_class, urgent.priority) == ("urgent", 3)
+    plain = await create(stub, keys["developer"], model_dir)
+    assert plain.priority_class == "normal"
+
+
 async def test_higher_priority_runs_first(env, model_dir):
     stub, keys, peers = env
     dev = keys["developer"]
-    low = await create(stub, dev, model_dir, priority=0)
-    high = await create(stub, dev, model_dir, priority=9)
+    low = await create(stub, dev, model_dir, priority="low")
+    high = await create(stub, dev, model_dir, priority="high")
+    assert (low.priority, high.priority) == (0, 2)
     for job in (low, high):
         await validate(peers, job.id)
         await wait_status(stub, dev, job.id, pb.JOB_STATUS_QUEUED)

@@ -369,3 +369,36 @@ def test_metrics_sample_keeps_only_reported_optional_metrics():
     s = metrics_sample(step=3, max_steps=9, loss=1.0, learning_rate=0.1, tokens_per_s=5.0,
                        samples_per_s=1.0, epoch=0.2, grad_norm=0.5, eval_loss=None)
     assert s["grad_norm"] == 0.5 and "eval_loss" not in s and s["step"] == 3.0
+
+
+def test_waiting_jobs_age_into_higher_classes_but_never_urgent():
+    from datetime import UTC, datetime, timedelta
+
+    from services.scheduler.core import PriorityClass, effective_priority
+
+    submitted = datetime(2025, 1, 1, tzinfo=UTC)
+    low = job("low", priority=PriorityClass.LOW, created_at="2025-01-01T00:00:00.000000Z")
+    urgent = job("urgent", priority=PriorityClass.URGENT)
+    after = submitted + timedelta(seconds=150)
+    assert effective_priority(low, after, aging_s=100) == 1.5
+    assert effective_priority(low, submitted + timedelta(days=9), aging_s=100) == 2.0
+    assert effective_priority(urgent, after, aging_s=100) == 3.0
+    assert effective_priority(low, after, aging_s=0) == 0.0  # aging off
+    # a low job that waited long enough goes before a newer normal one
+    normal = job("normal", priority=PriorityClass.NORMAL, created_at="2025-01-01T00:02:00.000000Z")
+    pairs = place([normal, low], [worker("w")], set(), now=after, aging_s=100)
+    assert pairs == [("low", "w")]
+    assert place([normal, low], [worker("w")], set(), now=after, aging_s=1000) == [("normal", "w")]
+
+
+def test_priority_class_is_bounded_by_the_callers_roles():
+    from llmstudio.errors import PermissionDenied
+    from services.scheduler.core import PriorityClass, priority_class
+
+    assert priority_class("", ["developer"]) == PriorityClass.NORMAL
+    assert priority_class("high", ["developer"]) == PriorityClass.HIGH
+    assert priority_class("urgent", ["admin"]) == PriorityClass.URGENT
+    with pytest.raises(PermissionDenied):
+        priority_class("urgent", ["developer"])
+    with pytest.raises(InvalidArgument):
+        priority_class("asap", ["admin"])

@@ -36,7 +36,7 @@ def cmd_create(args):
     from ..client import to_dict
 
     spec = load_job_spec(Path(args.file))
-    job = connect(args).jobs.create(spec, priority=args.priority)
+    job = connect(args).jobs.create(spec, priority_class=args.priority)
     output(args, to_dict(job), _job_line(job) + _memory_line(job))
 
 
@@ -121,7 +121,8 @@ def register(sub) -> None:
     js = add_group(sub, "jobs", "fine-tuning jobs")
     sp = add_command(js, "create", cmd_create, "submit a job from a YAML spec (see README)")
     sp.add_argument("-f", "--file", required=True, help="JOB.yaml")
-    sp.add_argument("--priority", type=int, default=0, help="higher runs first")
+    sp.add_argument("--priority", default="normal", choices=("low", "normal", "high", "urgent"),
+                    help="priority class: higher runs first; urgent is for admins")
     add_command(js, "list", cmd_list, "list jobs").add_argument(
         "--status", help="validating_files|queued|running|succeeded|failed|cancelled")
     add_command(js, "show", cmd_show, "one job").add_argument("id")

@@ -23,7 +23,8 @@ class JobSubmitted(EventData):
     dataset_id: str
     model_name: str
     spec: dict[str, Any]
-    priority: int = 0
+    priority: int = 1  # the class's rank: 0 low, 1 normal, 2 high, 3 urgent
+    priority_class: str = "normal"
 
 
 @register
