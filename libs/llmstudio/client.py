@@ -208,6 +208,14 @@ class Jobs(_Api):
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         return self._stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id), timeout=self._timeout)
 
+    def pause(self, job_id: str) -> jobs_pb2.Job:
+        """Checkpoint and hand back a running job (paused once it is); keep a queued one out of
+        placement. It keeps its place in the queue."""
+        return self._stub.PauseJob(jobs_pb2.PauseJobRequest(id=job_id), timeout=self._timeout)
+
+    def resume(self, job_id: str) -> jobs_pb2.Job:
+        return self._stub.ResumeJob(jobs_pb2.ResumeJobRequest(id=job_id), timeout=self._timeout)
+
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[jobs_pb2.JobUpdate]:
         """Current state, then every status change, metric sample and checkpoint, until done."""
         yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=timeout)

@@ -24,6 +24,8 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
         "GetJob": "read",
         "ListJobs": "read",
         "CancelJob": "write",
+        "PauseJob": "write",
+        "ResumeJob": "write",
         "WatchJob": "read",
     }
 
@@ -50,6 +52,12 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
 
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
         return job_to_pb(await self.jobs.cancel(request.id, current_principal()))
+
+    async def PauseJob(self, request: pb.PauseJobRequest, context) -> pb.Job:
+        return job_to_pb(await self.jobs.pause(request.id, current_principal()))
+
+    async def ResumeJob(self, request: pb.ResumeJobRequest, context) -> pb.Job:
+        return job_to_pb(await self.jobs.resume(request.id, current_principal()))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context):
         updates = self.jobs.watch(request.id, current_principal().tenant)

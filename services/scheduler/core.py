@@ -4,8 +4,10 @@ table and placement.
 A job moves forward, except that a running job can go back to the queue:
 
     validating_files -> queued -> running -> succeeded | failed | cancelled
-                          ^          |
-                          +----------+  requeued: its worker was lost, or handed it back
+                        ^ |  ^          |
+                        | |  +----------+  requeued: its worker was lost, or handed it back
+                        | v                (drained, preempted)
+                       paused              (a pause of a running job: once it is handed back)
 
 and a terminal state is final, so a late or redelivered event never revives a finished job.
 Each placement on a worker is an attempt (`Job.attempt`, `Job.attempts` its history); a worker's
@@ -42,6 +44,7 @@ class Status(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # out of placement until resumed; keeps its place in the queue
 
     @property
     def terminal(self) -> bool:
@@ -62,6 +65,8 @@ class Happening(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     REQUEUED = "requeued"  # the worker was lost, or handed the job back (drain)
+    PAUSED = "paused"  # a user paused it (a running one: once its worker handed it back)
+    RESUMED = "resumed"
 
 
 # happening -> (the statuses it may move a job from, the status it moves it to)
@@ -74,6 +79,8 @@ _TRANSITIONS: dict[Happening, tuple[frozenset[Status], Status]] = {
     Happening.FAILED: (ACTIVE, Status.FAILED),
     Happening.CANCELLED: (ACTIVE, Status.CANCELLED),
     Happening.REQUEUED: (frozenset({Status.QUEUED, Status.RUNNING}), Status.QUEUED),
+    Happening.PAUSED: (frozenset({Status.QUEUED, Status.RUNNING}), Status.PAUSED),
+    Happening.RESUMED: (frozenset({Status.PAUSED}), Status.QUEUED),
 }
 
 
@@ -125,6 +132,7 @@ class Job:
     assigned_at: str = ""
     attempt: int = 1  # placements so far; a job taken back from a lost worker is placed again
     cancel_requested: bool = False
+    pause_requested: bool = False  # paused while on a worker: paused once it is handed back
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
@@ -215,11 +223,13 @@ def requeued(job: Job, reason: str, now: str, *, lost: bool) -> Job | None:
     """`job` taken back from its worker and queued again as the next attempt, or None when the
     job cannot go back (finished). `lost`: the worker went silent (counts toward
     max_attempts; `exhausted` says when the job must fail instead)."""
-    if transition(job.status, Happening.REQUEUED) is None:
+    status = transition(job.status,
+                        Happening.PAUSED if job.pause_requested else Happening.REQUEUED)
+    if status is None:
         return None
     ended = job.with_current_attempt(ended_at=now, reason=reason, lost=lost)
-    return dataclasses.replace(
-        ended, status=Status.QUEUED, worker_id="", assigned_at="", attempt=job.attempt + 1)
+    return dataclasses.replace(ended, status=status, worker_id="", assigned_at="",
+                               attempt=job.attempt + 1, pause_requested=False)
 
 
 def exhausted(job: Job) -> bool:
@@ -428,6 +438,13 @@ def refuse_on(spec: JobSpec, workers: Sequence[Worker]) -> str:
     return f"{why}; live workers: " + ", ".join(w.describe() for w in workers)
 
 
+def placement_order(queued: Iterable[Job], now: datetime | None = None,
+                    aging_s: float = 0.0) -> list[Job]:
+    """Effective priority (class and aging) first, then oldest first."""
+    at = now or datetime.now(UTC)
+    return sorted(queued, key=lambda j: (-effective_priority(j, at, aging_s), j.created_at, j.id))
+
+
 def place(
     queued: Iterable[Job], workers: Iterable[Worker], holding: set[str],
     now: datetime | None = None, aging_s: float = 0.0,
@@ -442,10 +459,8 @@ def place(
     """
     free = sorted((w for w in workers if w.state == "idle" and w.worker_id not in holding),
                   key=lambda w: w.worker_id)
-    at = now or datetime.now(UTC)
     pairs = []
-    for job in sorted(queued, key=lambda j: (-effective_priority(j, at, aging_s),
-                                              j.created_at, j.id)):
+    for job in placement_order(queued, now, aging_s):
         gpu_reason = needs_gpu(job.spec)
         worker = next((w for w in free if not cannot_run(job, w, gpu_reason)), None)
         if worker is not None:
@@ -475,3 +490,34 @@ def disowned(running: Sequence[Job], workers: WorkerTable, running_since: dict[s
         if not runs_it and worker.ended != (job.id, job.attempt):
             out.append(job)
     return out
+
+
+def preemptions(
+    waiting: Sequence[Job], running: Sequence[Job], workers: WorkerTable, preempting: set[str],
+) -> list[tuple[Job, Job]]:
+    """(running job to preempt, the waiting job it makes room for): for each waiting job no free
+    worker could take (in placement order), the running job of the lowest class below the
+    waiting job's own class whose worker could run it (newest first among equals); never one of
+    the same class, and never one already being preempted (`preempting`: their ids)."""
+    taken = set(preempting)
+    pairs = []
+    for job in waiting:
+        gpu_reason = needs_gpu(job.spec)
+        victims = [
+            r for r in running
+            if r.priority < job.priority and r.id not in taken
+            and (w := workers.get(r.worker_id)) is not None
+            # what memory it reports free now is what the victim leaves: no bound once it is gone
+            and not cannot_run(job, dataclasses.replace(w, memory_bytes=0), gpu_reason)
+        ]
+        if victims:
+            victim = min(victims, key=lambda r: (r.priority, _negated(r.assigned_at)))
+            taken.add(victim.id)
+            pairs.append((victim, job))
+    return pairs
+
+
+def _negated(stamp: str) -> tuple[int, ...]:
+    """Sorts ISO stamps newest first."""
+    return tuple(-ord(c) for c in stamp)
+

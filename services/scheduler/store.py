@@ -56,6 +56,7 @@ jobs = Table(
     Column("assigned_at", String(40), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("cancel_requested", Boolean, nullable=False),
+    Column("pause_requested", Boolean, nullable=False),
     Column("error", Text, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("artifacts", JSON, nullable=False),

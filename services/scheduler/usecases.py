@@ -31,8 +31,11 @@ from llmstudio.events import (
     JobCancelled,
     JobCancelRequested,
     JobFailed,
+    JobPaused,
     JobQueued,
+    JobReleaseRequested,
     JobRequeued,
+    JobResumed,
     JobSubmitted,
     JobSucceeded,
     WorkItem,
@@ -137,6 +140,52 @@ class Jobs:
         job = u.save(dataclasses.replace(job, status=Status.CANCELLED))
         self.outbox.add(u, JobCancelled(job_id=job.id, reason=f"cancelled by {caller.key_id}"),
                         **kw)
+        return job
+
+    async def pause(self, job_id: str, caller: Principal) -> Job:
+        """Not on a worker: paused now (JobPaused), keeping its place in the queue. On a worker:
+        the worker is asked to checkpoint and hand it back (JobReleaseRequested), and the job is
+        paused then. Paused already: unchanged. Finished: FailedPrecondition."""
+        job: Job = await _retried(self.outbox.transact, self._pause, job_id, caller)
+        if job.status == Status.PAUSED:
+            self.watchers.status(job, f"paused by {caller.key_id}")
+        return job
+
+    def _pause(self, u: Unit, job_id: str, caller: Principal) -> Job:
+        job = _tenant_job(u, job_id, caller.tenant)
+        if job.status == Status.PAUSED or job.pause_requested:
+            return job
+        if job.status not in (Status.QUEUED, Status.RUNNING):
+            raise FailedPrecondition(f"job {job.id} is {job.status.value}: only a queued or "
+                                     "running job can be paused")
+        reason = f"paused by {caller.key_id}"
+        kw = {"tenant": job.tenant, "actor": caller.key_id}
+        if job.assigned:
+            job = u.save(dataclasses.replace(job, pause_requested=True))
+            self.outbox.add(u, JobReleaseRequested(job_id=job.id, worker_id=job.worker_id,
+                                                   attempt=job.attempt, reason=reason), **kw)
+            return job
+        job = u.save(dataclasses.replace(job, status=Status.PAUSED))
+        self.outbox.add(u, JobPaused(job_id=job.id, reason=reason), **kw)
+        return job
+
+    async def resume(self, job_id: str, caller: Principal) -> Job:
+        """A paused job waits in the queue again, in its old place (JobResumed); one whose
+        pause is still on its way to the worker goes back to the queue instead of pausing."""
+        job: Job = await _retried(self.outbox.transact, self._resume, job_id, caller)
+        self.watchers.status(job, f"resumed by {caller.key_id}")
+        return job
+
+    def _resume(self, u: Unit, job_id: str, caller: Principal) -> Job:
+        job = _tenant_job(u, job_id, caller.tenant)
+        if job.pause_requested:
+            return u.save(dataclasses.replace(job, pause_requested=False))
+        if job.status != Status.PAUSED:
+            if job.status.terminal:
+                raise FailedPrecondition(f"job {job.id} is {job.status.value}")
+            return job  # not paused: nothing to resume
+        job = u.save(dataclasses.replace(job, status=Status.QUEUED))
+        self.outbox.add(u, JobResumed(job_id=job.id), tenant=job.tenant, actor=caller.key_id)
         return job
 
     async def watch(self, job_id: str, tenant: str) -> AsyncIterator[Update]:
@@ -340,6 +389,7 @@ class Placement:
         # worker really does (an earlier one may have been sent before it started the job)
         self.settle_s = 2 * workers.ttl_s / 5
         self._running_since: dict[str, float] = {}
+        self._preempting: set[str] = set()  # running jobs asked to make room (not asked twice)
         self._was_disconnected = False
 
     async def run(self) -> None:
@@ -367,9 +417,34 @@ class Placement:
             await self._take_back(job, f"worker {job.worker_id} reports running {doing}",
                                   lost=True)
         waiting, holding = await self.store.in_unit(_placement_view)
-        for job_id, worker_id in core.place(waiting.values(), self.workers.live(), holding,
-                                            aging_s=self.aging_s):
+        placed = core.place(waiting.values(), self.workers.live(), holding, aging_s=self.aging_s)
+        for job_id, worker_id in placed:
             await self._assign(waiting[job_id], worker_id)
+        unplaced = [j for j in core.placement_order(waiting.values(), aging_s=self.aging_s)
+                    if j.id not in dict(placed)]
+        if unplaced:
+            await self._preempt(unplaced, [j for j in await self.store.in_unit(
+                Unit.assigned_jobs) if j.status == Status.RUNNING])
+
+    async def _preempt(self, unplaced: list[Job], running: list[Job]) -> None:
+        """Waiting jobs no free worker could take may preempt running jobs of a lower class
+        (core.preemptions): their workers are asked to checkpoint and hand them back."""
+        candidates = [j for j in running if not (j.pause_requested or j.cancel_requested)]
+        self._preempting &= {j.id for j in candidates}
+        for victim, job in core.preemptions(unplaced, candidates, self.workers,
+                                            self._preempting):
+            reason = f"preempted by {job.id}"
+
+            def ask(u: Unit, victim: Job = victim, reason: str = reason) -> None:
+                self.outbox.add(u, JobReleaseRequested(
+                    job_id=victim.id, worker_id=victim.worker_id, attempt=victim.attempt,
+                    reason=reason), tenant=victim.tenant, actor=self.bus.service)
+
+            await self.outbox.transact(ask)
+            self._preempting.add(victim.id)
+            log.info("job %s (%s) on %s: %s (%s)", victim.id,
+                     core.PriorityClass(victim.priority).label, victim.worker_id, reason,
+                     core.PriorityClass(job.priority).label)
 
     def _missed_heartbeats(self) -> bool:
         """True while this scheduler's own broker connection is down (nothing can be decided
@@ -462,6 +537,9 @@ def _requeue(u: Unit, outbox: Outbox, job: Job, reason: str, *, lost: bool,
     saved = u.save(again)
     outbox.add(u, JobRequeued(job_id=saved.id, attempt=saved.attempt, worker_id=job.worker_id,
                               reason=reason), tenant=saved.tenant, actor=actor)
+    if saved.status == Status.PAUSED:
+        outbox.add(u, JobPaused(job_id=saved.id, reason=reason), tenant=saved.tenant,
+                   actor=actor)
     return saved
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 
 from llmstudio.bus import Bus
-from llmstudio.events import Envelope, EventData, JobCancelRequested, JobRequeued, WorkItem
+from llmstudio.events import (
+    Envelope,
+    EventData,
+    JobCancelRequested,
+    JobReleaseRequested,
+    JobRequeued,
+    WorkItem,
+)
 
 from .worker import Worker
 
@@ -26,6 +33,10 @@ def subscribe(bus: Bus, worker: Worker) -> None:
         if isinstance(data, JobCancelRequested):
             worker.cancel(data)
 
+    async def on_release(env: Envelope, data: EventData) -> None:
+        if isinstance(data, JobReleaseRequested):
+            worker.release(data)
+
     async def on_requeued(env: Envelope, data: EventData) -> None:
         if isinstance(data, JobRequeued):
             worker.lease_revoked(data)
@@ -35,6 +46,9 @@ def subscribe(bus: Bus, worker: Worker) -> None:
                   inactive_threshold_s=CONSUMER_TTL_S)
     # Only cancels issued from now on matter to a fresh worker; every worker sees each one.
     bus.subscribe(JobCancelRequested, durable=f"cancel-{wid}", handler=on_cancel,
+                  deliver_new=True, inactive_threshold_s=CONSUMER_TTL_S)
+    # Preempted or paused: hand the job back at its next step.
+    bus.subscribe(JobReleaseRequested, durable=f"release-{wid}", handler=on_release,
                   deliver_new=True, inactive_threshold_s=CONSUMER_TTL_S)
     # A job taken back from this worker (it was silent past the TTL) stops here.
     bus.subscribe(JobRequeued, durable=f"requeued-{wid}", handler=on_requeued,

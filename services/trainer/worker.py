@@ -46,6 +46,7 @@ from llmstudio.events import (
     JobCompleted,
     JobFailed,
     JobReleased,
+    JobReleaseRequested,
     JobRequeued,
     JobStarted,
     WorkerHeartbeat,
@@ -129,6 +130,8 @@ class Worker:
         self.job: Job | None = None
         self.ended: tuple[str, int] = ("", 0)  # the last attempt run here (heartbeats say it)
         self.cancelled = RecentIds()  # cancels that arrived before their work item
+        # releases (preempt, pause) that arrived before their work item: (job, attempt) -> why
+        self.released_early: dict[tuple[str, int], str] = {}
         self.closing = False
 
     # -- liveness --------------------------------------------------------------------------
@@ -181,11 +184,28 @@ class Worker:
             raise WorkerBusy(f"worker {self.worker_id} is shutting down")
         job = Job(item, env.tenant, env.actor)
         if item.job_id in self.cancelled:  # the cancel overtook the work item
-            await self._report(job, JobCancelled(job_id=item.job_id, reason=CANCELLED))
+            await self._report(job, JobCancelled(job_id=item.job_id, reason=CANCELLED,
+                                                 attempt=item.attempt))
+            return
+        if why := self.released_early.pop((item.job_id, item.attempt), ""):
+            await self._report(job, JobReleased(job_id=item.job_id, worker_id=self.worker_id,
+                                                attempt=item.attempt, step=0,
+                                                reason=f"{why} before it started"))
             return
         self.job = job
         job.task = asyncio.create_task(self._run(job), name=f"job-{item.job_id}")
         await self.beat()  # tell the scheduler we are busy now, not at the next tick
+
+    def release(self, request: JobReleaseRequested) -> None:
+        """Hand the job back at its next step (preempted, paused): checkpoint, JobReleased."""
+        if request.worker_id != self.worker_id:
+            return
+        job = self.job
+        if job and (job.item.job_id, job.item.attempt) == (request.job_id, request.attempt):
+            log.info("job %s: %s", request.job_id, request.reason)
+            job.request_stop(request.reason)
+        elif job is None or job.item.job_id != request.job_id:
+            self.released_early[(request.job_id, request.attempt)] = request.reason
 
     def lease_revoked(self, requeued: JobRequeued) -> None:
         job = self.job
@@ -340,11 +360,13 @@ class Worker:
         item = job.item
         if result.stopped and job.stop_reason == CANCELLED:
             return JobCancelled(job_id=item.job_id, reason=CANCELLED, attempt=item.attempt)
-        if result.stopped:  # drained: handed back, to go on from its last checkpoint elsewhere
+        if result.stopped:  # handed back, to go on from its last checkpoint elsewhere
+            why = (f"worker {self.worker_id} shutting down" if job.stop_reason == SHUTDOWN
+                   else job.stop_reason)  # preempted by <job>, paused by <key>
             return JobReleased(
                 job_id=item.job_id, worker_id=self.worker_id, attempt=item.attempt,
                 step=result.steps, checkpoint_key=job.checkpoint_key,
-                reason=f"worker {self.worker_id} shutting down at step {result.steps}",
+                reason=f"{why} at step {result.steps}",
             )
         if not job.checkpoint_key:
             raise RuntimeError(f"training ended after {result.steps} steps without a checkpoint")

@@ -30,8 +30,11 @@ from llmstudio.events import (
     JobCompleted,
     JobFailed,
     JobMetrics,
+    JobPaused,
     JobReleased,
+    JobReleaseRequested,
     JobRequeued,
+    JobResumed,
     JobStarted,
     JobSubmitted,
     JobSucceeded,
@@ -592,6 +595,92 @@ async def test_priority_classes_are_bounded_by_role(env, model_dir):
     assert (urgent.priority_class, urgent.priority) == ("urgent", 3)
     plain = await create(stub, keys["developer"], model_dir)
     assert plain.priority_class == "normal"
+
+
+async def test_pause_and_resume_keep_the_queue_place_and_hand_running_jobs_back(
+        env, model_dir):
+    stub, keys, peers = env
+    dev = keys["developer"]
+    first = await create(stub, dev, model_dir)
+    second = await create(stub, dev, model_dir)
+    for j in (first, second):
+        await validate(peers, j.id)
+        await wait_status(stub, dev, j.id, pb.JOB_STATUS_QUEUED)
+
+    # a queued job pauses at once and is not placed while paused
+    paused = await stub.PauseJob(pb.PauseJobRequest(id=first.id), metadata=md(dev))
+    assert paused.status == pb.JOB_STATUS_PAUSED
+    await peers.wait_for(JobPaused, job_id=first.id)
+    peers.workers["w-1"] = "idle"
+    await peers.wait_for(WorkItem, job_id=second.id, worker_id="w-1")
+    assert peers.count(WorkItem, job_id=first.id) == 0
+
+    # a running job: its worker is asked to hand it back; paused once it has
+    peers.runs("w-1", second.id)
+    await peers.publish(JobStarted(job_id=second.id, worker_id="w-1"))
+    await wait_status(stub, dev, second.id, pb.JOB_STATUS_RUNNING)
+    pausing = await stub.PauseJob(pb.PauseJobRequest(id=second.id), metadata=md(dev))
+    assert pausing.status == pb.JOB_STATUS_RUNNING
+    ask = await peers.wait_for(JobReleaseRequested, job_id=second.id)
+    assert (ask.data.worker_id, ask.data.attempt) == ("w-1", 1)
+    assert ask.data.reason.startswith("paused by key-")
+    await peers.publish(JobReleased(job_id=second.id, worker_id="w-1", attempt=1, step=6,
+                                    reason=f"{ask.data.reason} at step 6"))
+    now_paused = await wait_status(stub, dev, second.id, pb.JOB_STATUS_PAUSED)
+    assert now_paused.attempt == 2 and now_paused.worker_id == ""
+    peers.workers["w-1"] = "idle"
+    del peers.running["w-1"]
+
+    # resumed: the older one (submitted first) is placed first
+    for j in (second, first):
+        resumed = await stub.ResumeJob(pb.ResumeJobRequest(id=j.id), metadata=md(dev))
+        assert resumed.status == pb.JOB_STATUS_QUEUED
+        await peers.wait_for(JobResumed, job_id=j.id)
+    await peers.wait_for(WorkItem, job_id=first.id, worker_id="w-1")
+
+    # other tenants cannot; finished jobs cannot pause
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.PauseJob(pb.PauseJobRequest(id=second.id), metadata=md(keys["other-tenant"]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    await stub.CancelJob(pb.CancelJobRequest(id=second.id), metadata=md(dev))
+    await wait_status(stub, dev, second.id, pb.JOB_STATUS_CANCELLED)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.PauseJob(pb.PauseJobRequest(id=second.id), metadata=md(dev))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_an_urgent_job_preempts_the_lowest_class_never_the_same_class(env, model_dir):
+    stub, keys, peers = env
+    dev, admin = keys["developer"], keys["admin"]
+    low = await create(stub, dev, model_dir, priority="low")
+    await validate(peers, low.id)
+    peers.workers["w-1"] = "idle"
+    await peers.wait_for(WorkItem, job_id=low.id, worker_id="w-1")
+    peers.runs("w-1", low.id)
+    await peers.publish(JobStarted(job_id=low.id, worker_id="w-1"))
+    await wait_status(stub, dev, low.id, pb.JOB_STATUS_RUNNING)
+
+    # another low job waits: it preempts nothing
+    waiting_low = await create(stub, dev, model_dir, priority="low")
+    await validate(peers, waiting_low.id)
+    await wait_status(stub, dev, waiting_low.id, pb.JOB_STATUS_QUEUED)
+    await asyncio.sleep(0.8)
+    assert peers.count(JobReleaseRequested, job_id=low.id) == 0
+
+    urgent = await create(stub, admin, model_dir, priority="urgent")
+    await validate(peers, urgent.id)
+    ask = await peers.wait_for(JobReleaseRequested, job_id=low.id)
+    assert ask.data.reason == f"preempted by {urgent.id}" and ask.data.worker_id == "w-1"
+    await asyncio.sleep(0.8)  # asked once, not every tick
+    assert peers.count(JobReleaseRequested, job_id=low.id) == 1
+    await peers.publish(JobReleased(job_id=low.id, worker_id="w-1", attempt=1, step=8,
+                                    reason=f"{ask.data.reason} at step 8"))
+    peers.workers["w-1"] = "idle"
+    del peers.running["w-1"]
+    await peers.wait_for(WorkItem, job_id=urgent.id, worker_id="w-1")
+    requeued = await wait_status(stub, dev, low.id, pb.JOB_STATUS_QUEUED)
+    assert requeued.attempt == 2
+    assert requeued.attempts[0].reason == f"released: preempted by {urgent.id} at step 8"
 
 
 async def test_higher_priority_runs_first(env, model_dir):

@@ -23,6 +23,7 @@ from llmstudio.events import (  # noqa: E402
     JobFailed,
     JobMetrics,
     JobReleased,
+    JobReleaseRequested,
     JobRequeued,
     JobStarted,
     WorkerHeartbeat,
@@ -288,3 +289,36 @@ async def test_a_job_requeued_elsewhere_stops_here_and_uploads_and_reports_nothi
     assert len(h.of(JobCheckpointed, "job-6")) == reported
     assert {k.split("/")[2] for k in h.store.list("jobs/job-6/")} == uploaded
     assert {c.checkpoint_key.split("/")[2] for c in h.of(JobCheckpointed, "job-6")} == uploaded
+
+
+@pytest.mark.slow
+async def test_a_release_request_checkpoints_and_hands_the_job_back(harness, model_dir):
+    h = harness
+    await h.bus.publish(h.work_item("job-7", model_dir, max_steps=100_000, checkpoint_every=0),
+                        tenant="acme")
+    await h.wait(lambda: h.of(JobMetrics, "job-7"), what="training to start")
+    # another attempt's or worker's request is not for this run
+    await h.bus.publish(JobReleaseRequested(job_id="job-7", worker_id=WORKER, attempt=2,
+                                            reason="preempted by job-x"), tenant="acme")
+    await h.bus.publish(JobReleaseRequested(job_id="job-7", worker_id="w-other", attempt=1,
+                                            reason="preempted by job-x"), tenant="acme")
+    seen = len(h.of(JobMetrics, "job-7"))
+    await h.wait(lambda: len(h.of(JobMetrics, "job-7")) > seen + 2, what="more steps")
+    assert not h.of(JobReleased, "job-7")
+    await h.bus.publish(JobReleaseRequested(job_id="job-7", worker_id=WORKER, attempt=1,
+                                            reason="preempted by job-u"), tenant="acme")
+    await h.wait(lambda: h.of(JobReleased, "job-7"), what="JobReleased")
+    (released,) = h.of(JobReleased, "job-7")
+    ckpt = h.of(JobCheckpointed, "job-7")[-1]
+    assert released.reason == f"preempted by job-u at step {ckpt.step}"
+    assert released.checkpoint_key == ckpt.checkpoint_key
+    assert h.store.exists(f"{ckpt.checkpoint_key}/manifest.json")
+
+    # a request that overtook its work item: handed back at once, nothing run
+    await h.bus.publish(JobReleaseRequested(job_id="job-8", worker_id=WORKER, attempt=1,
+                                            reason="paused by key-1"), tenant="acme")
+    await asyncio.sleep(0.3)
+    await h.bus.publish(h.work_item("job-8", model_dir), tenant="acme")
+    await h.wait(lambda: h.of(JobReleased, "job-8"), what="the early release")
+    assert h.of(JobReleased, "job-8")[0].reason == "paused by key-1 before it started"
+    assert not h.of(JobStarted, "job-8") and not h.of(JobMetrics, "job-8")

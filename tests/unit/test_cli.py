@@ -16,6 +16,7 @@ COMMANDS = [
     ["datasets", "push"], ["datasets", "import"], ["datasets", "derive"], ["datasets", "list"],
     ["datasets", "show"], ["datasets", "report"], ["datasets", "preview"],
     ["jobs", "create"], ["jobs", "list"], ["jobs", "show"], ["jobs", "watch"], ["jobs", "cancel"],
+    ["jobs", "pause"], ["jobs", "resume"],
     ["models", "list"], ["models", "show"], ["models", "stage"],
     ["evals", "list"], ["audit", "verify"], ["audit", "query"],
     ["keys", "create"], ["keys", "whoami"],

@@ -402,3 +402,45 @@ def test_priority_class_is_bounded_by_the_callers_roles():
         priority_class("urgent", ["developer"])
     with pytest.raises(InvalidArgument):
         priority_class("asap", ["admin"])
+
+
+def test_preemption_takes_the_lowest_class_below_the_waiting_job_and_never_the_same_class():
+    from services.scheduler.core import PriorityClass, preemptions
+
+    table = WorkerTable(ttl_s=10, clock=Clock())
+    for w in ("w-low", "w-low-newer", "w-normal", "w-high", "w-cpu"):
+        table.heartbeat(w, "busy", device="cuda" if w != "w-cpu" else "cpu")
+
+    def running(job_id, worker_id, cls, assigned_at):
+        return dataclasses.replace(job(job_id, worker_id=worker_id, status=Status.RUNNING,
+                                       priority=cls), assigned_at=assigned_at)
+
+    busy = [running("low-1", "w-low", PriorityClass.LOW, "t1"),
+            running("low-2", "w-low-newer", PriorityClass.LOW, "t2"),
+            running("normal", "w-normal", PriorityClass.NORMAL, "t0"),
+            running("high", "w-high", PriorityClass.HIGH, "t0")]
+    urgent = job("urgent", priority=PriorityClass.URGENT)
+    high = job("high-2", priority=PriorityClass.HIGH)
+    # the newest of the lowest class goes first; each waiting job takes one victim
+    pairs = preemptions([urgent, high], busy, table, set())
+    assert [(v.id, j.id) for v, j in pairs] == [("low-2", "urgent"), ("low-1", "high-2")]
+    # one already being preempted is not asked again; the same class is never preempted
+    assert [v.id for v, _ in preemptions([urgent], busy, table, {"low-1", "low-2"})] == ["normal"]
+    assert preemptions([high], busy[2:], table, {"normal"}) == []
+    assert preemptions([job("normal-2", priority=PriorityClass.NORMAL)], busy[2:], table,
+                       set()) == []
+    # a victim whose worker could not run the waiting job frees nothing for it
+    gpu_job = job("fp16", priority=PriorityClass.URGENT, spec=full_spec(precision="fp16"))
+    on_cpu = [running("low-cpu", "w-cpu", PriorityClass.LOW, "t9")]
+    assert preemptions([gpu_job], on_cpu, table, set()) == []
+
+
+def test_a_paused_running_job_is_paused_once_handed_back():
+    on_worker = dataclasses.replace(
+        reported(assigned(job("job-1"), "w-1", "t1"), Report(Happening.STARTED, "w-1"), "t2"),
+        pause_requested=True)
+    paused = requeued(on_worker, "released: paused by k at step 4", "t3", lost=False)
+    assert paused.status == Status.PAUSED and not paused.pause_requested
+    assert paused.attempt == 2 and paused.worker_id == ""
+    assert transition(Status.PAUSED, Happening.RESUMED) == Status.QUEUED
+    assert transition(Status.PAUSED, Happening.CANCELLED) == Status.CANCELLED

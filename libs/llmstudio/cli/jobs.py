@@ -94,6 +94,21 @@ def cmd_cancel(args):
     output(args, to_dict(job), _job_line(job))
 
 
+def cmd_pause(args):
+    from ..client import to_dict
+
+    job = connect(args).jobs.pause(args.id)
+    output(args, to_dict(job), _job_line(job) + (
+        "  (pausing: the worker checkpoints and hands it back)" if job.worker_id else ""))
+
+
+def cmd_resume(args):
+    from ..client import to_dict
+
+    job = connect(args).jobs.resume(args.id)
+    output(args, to_dict(job), _job_line(job))
+
+
 def cmd_watch(args):
     from ..client import TERMINAL_JOB_STATUSES, job_status_name, to_dict
     from ..progress import JobProgress
@@ -129,3 +144,6 @@ def register(sub) -> None:
     add_command(js, "watch", cmd_watch,
                 "follow a job: progress bar with live loss").add_argument("id")
     add_command(js, "cancel", cmd_cancel, "cancel a job").add_argument("id")
+    add_command(js, "pause", cmd_pause, "pause a job: a running one checkpoints and is handed "
+                "back; it keeps its place in the queue").add_argument("id")
+    add_command(js, "resume", cmd_resume, "resume a paused job").add_argument("id")

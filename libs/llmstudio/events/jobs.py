@@ -122,6 +122,42 @@ class JobReleased(EventData):
 
 
 @register
+class JobReleaseRequested(EventData):
+    """The scheduler asks `worker_id` to hand the job's `attempt` back: checkpoint at the next
+    step and report JobReleased (preempted by a higher class, or paused)."""
+
+    TYPE = "llmstudio.job.release_requested.v1"
+    SUBJECT = "llmstudio.job.release_requested"
+    ENTITY = "job_id"
+
+    job_id: str
+    worker_id: str
+    attempt: int
+    reason: str  # "preempted by <job>" | "paused by <key>"
+
+
+@register
+class JobPaused(EventData):
+    """The job waits, out of placement, until resumed (its queue place kept)."""
+
+    TYPE = "llmstudio.job.paused.v1"
+    SUBJECT = "llmstudio.job.paused"
+    ENTITY = "job_id"
+
+    job_id: str
+    reason: str = ""
+
+
+@register
+class JobResumed(EventData):
+    TYPE = "llmstudio.job.resumed.v1"
+    SUBJECT = "llmstudio.job.resumed"
+    ENTITY = "job_id"
+
+    job_id: str
+
+
+@register
 class JobRequeued(EventData):
     """The scheduler took the job back from `worker_id` (lost, released) and queued it again as
     `attempt`; the worker of an older attempt must stop and upload nothing."""
