@@ -216,6 +216,18 @@ class Jobs(_Api):
     def resume(self, job_id: str) -> jobs_pb2.Job:
         return self._stub.ResumeJob(jobs_pb2.ResumeJobRequest(id=job_id), timeout=self._timeout)
 
+    def set_quota(self, tenant: str = "", *, max_running: int = 0, max_queued: int = 0,
+                  max_gpus: int = 0, max_cpu_slots: int = 0,
+                  weight: float = 1.0) -> jobs_pb2.Quota:
+        """A tenant's quota (0: no limit) and fair-share weight (admins; default tenant: yours)."""
+        quota = jobs_pb2.Quota(tenant=tenant, max_running=max_running, max_queued=max_queued,
+                               max_gpus=max_gpus, max_cpu_slots=max_cpu_slots, weight=weight)
+        return self._stub.SetQuota(jobs_pb2.SetQuotaRequest(quota=quota), timeout=self._timeout)
+
+    def get_quota(self, tenant: str = "") -> jobs_pb2.Quota:
+        return self._stub.GetQuota(jobs_pb2.GetQuotaRequest(tenant=tenant),
+                                   timeout=self._timeout)
+
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[jobs_pb2.JobUpdate]:
         """Current state, then every status change, metric sample and checkpoint, until done."""
         yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=timeout)

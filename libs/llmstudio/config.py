@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     worker_id: str = ""
     heartbeat_interval_s: float = 2.0
     worker_ttl_s: float = 10.0
+    # Training processes a worker runs for one job (distributed.num_processes): 0 = one per GPU,
+    # or on a CPU worker one per core
+    worker_slots: int = 0
     # Scheduler: a waiting job rises one priority class per this many seconds (never to urgent)
     priority_aging_s: float = 900.0
 

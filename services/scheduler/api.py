@@ -3,6 +3,7 @@ the caller's tenant (another tenant's job is NOT_FOUND)."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import aclosing
 
 from google.protobuf import json_format
@@ -13,7 +14,7 @@ from llmstudio.errors import InvalidArgument
 from llmstudio.v1 import jobs_pb2 as pb
 from llmstudio.v1 import jobs_pb2_grpc
 
-from .core import Job, PriorityClass, Status
+from .core import Job, PriorityClass, Quota, Status
 from .usecases import Jobs
 from .watch import Update
 
@@ -26,11 +27,14 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
         "CancelJob": "write",
         "PauseJob": "write",
         "ResumeJob": "write",
+        "SetQuota": "admin",
+        "GetQuota": "read",
         "WatchJob": "read",
     }
 
-    def __init__(self, jobs: Jobs):
+    def __init__(self, jobs: Jobs, aging_s: float = 0.0):
         self.jobs = jobs
+        self.aging_s = aging_s  # what placement ages waiting jobs by: their order in why_waiting
 
     async def CreateJob(self, request: pb.CreateJobRequest, context) -> pb.Job:
         if request.priority:
@@ -43,7 +47,21 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
         return job_to_pb(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return job_to_pb(await self.jobs.get(request.id, current_principal().tenant))
+        job = await self.jobs.get(request.id, current_principal().tenant)
+        out = job_to_pb(job)
+        out.waiting_reason = await self.jobs.why_waiting(job, self.aging_s)
+        return out
+
+    async def SetQuota(self, request: pb.SetQuotaRequest, context) -> pb.Quota:
+        q, caller = request.quota, current_principal()
+        quota = Quota(tenant=q.tenant or caller.tenant, max_running=q.max_running,
+                      max_queued=q.max_queued, max_gpus=q.max_gpus,
+                      max_cpu_slots=q.max_cpu_slots, weight=q.weight or 1.0)
+        return quota_to_pb(await self.jobs.set_quota(quota, caller))
+
+    async def GetQuota(self, request: pb.GetQuotaRequest, context) -> pb.Quota:
+        caller = current_principal()
+        return quota_to_pb(await self.jobs.get_quota(request.tenant or caller.tenant, caller))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         status = status_from_pb(request.status) if request.status else None
@@ -93,6 +111,10 @@ def job_to_pb(job: Job) -> pb.Job:
             started_at=a.started_at, ended_at=a.ended_at, reason=a.reason,
             resumed_from_step=a.resumed_from_step) for a in job.attempts],
     )
+
+
+def quota_to_pb(quota: Quota) -> pb.Quota:
+    return pb.Quota(**dataclasses.asdict(quota))
 
 
 def update_to_pb(update: Update) -> pb.JobUpdate:

@@ -38,7 +38,8 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=jobs_pb2_grpc.add_JobServiceServicer_to_server,
-            servicer=JobApi(Jobs(store, outbox, watchers, workers)),
+            servicer=JobApi(Jobs(store, outbox, watchers, workers),
+                            aging_s=rt.settings.priority_aging_s),
             full_name="llmstudio.v1.JobService",
         )
     ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
@@ -334,6 +334,95 @@ def _parse_time(stamp: str) -> datetime:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
+# -- quotas and fair share -------------------------------------------------------------------
+
+# The tenant whose admins set every tenant's quota (the bootstrap admin's); other admins set
+# their own tenant's only.
+PLATFORM_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A tenant's limits (0: none) and its weight in the fair share of free capacity."""
+
+    tenant: str
+    max_running: int = 0  # jobs on workers at once
+    max_queued: int = 0  # jobs waiting (validating, queued, paused): more are refused at submit
+    max_gpus: int = 0  # GPUs its running jobs hold (a job holds num_processes on a GPU worker)
+    max_cpu_slots: int = 0  # CPU worker slots its running jobs hold (num_processes each)
+    weight: float = 1.0
+    updated_by: str = ""
+    updated_at: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_queued", "max_gpus", "max_cpu_slots"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"quota.{name}", "must be >= 0 (0: no limit)")
+        if not self.weight > 0:
+            raise InvalidArgument("quota.weight", "must be > 0")
+
+
+def processes(job: Job) -> int:
+    return int(job.spec.get("distributed", {}).get("num_processes", 1))
+
+
+@dataclass
+class Usage:
+    """What each tenant's jobs on workers hold: jobs, GPUs, CPU slots."""
+
+    running: dict[str, int] = field(default_factory=dict)
+    gpus: dict[str, int] = field(default_factory=dict)
+    cpu_slots: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, held: Iterable[Job], workers: WorkerTable) -> Usage:
+        usage = cls()
+        for job in held:
+            w = workers.get(job.worker_id)
+            usage.add(job, w.gpu if w else False)
+        return usage
+
+    def add(self, job: Job, on_gpu: bool) -> None:
+        t = job.tenant
+        self.running[t] = self.running.get(t, 0) + 1
+        held = self.gpus if on_gpu else self.cpu_slots
+        held[t] = held.get(t, 0) + processes(job)
+
+    def dominant_share(self, tenant: str, capacity: tuple[int, int], weight: float) -> float:
+        """Dominant resource fairness (Ghodsi et al., NSDI 2011): the larger of the tenant's
+        shares of the fleet's GPUs and CPU slots, divided by its weight."""
+        gpus, cpu_slots = capacity
+        shares = [self.gpus.get(tenant, 0) / gpus if gpus else 0.0,
+                  self.cpu_slots.get(tenant, 0) / cpu_slots if cpu_slots else 0.0]
+        return max(shares) / weight
+
+
+def quota_reason(job: Job, quota: Quota | None, usage: Usage, on_gpu: bool | None = None) -> str:
+    """Why the tenant's quota holds `job` back now ('' if it does not): `quota running 2/2`.
+    `on_gpu`: the kind of worker it would take (None: check the running limit only)."""
+    if quota is None:
+        return ""
+    t = job.tenant
+    if quota.max_running and usage.running.get(t, 0) >= quota.max_running:
+        return f"quota running {usage.running.get(t, 0)}/{quota.max_running}"
+    if on_gpu is True and quota.max_gpus and \
+            usage.gpus.get(t, 0) + processes(job) > quota.max_gpus:
+        return f"quota gpus {usage.gpus.get(t, 0)}+{processes(job)}/{quota.max_gpus}"
+    if on_gpu is False and quota.max_cpu_slots and \
+            usage.cpu_slots.get(t, 0) + processes(job) > quota.max_cpu_slots:
+        return (f"quota cpu slots {usage.cpu_slots.get(t, 0)}+{processes(job)}/"
+                f"{quota.max_cpu_slots}")
+    return ""
+
+
+def queued_quota_refusal(quota: Quota | None, waiting: int) -> str:
+    """Why a new job is refused at submit ('' to accept): the tenant's waiting jobs are at its
+    queued quota."""
+    if quota is None or not quota.max_queued or waiting < quota.max_queued:
+        return ""
+    return f"quota queued {waiting}/{quota.max_queued}: the tenant's waiting jobs are at its limit"
+
+
 # -- workers --------------------------------------------------------------------------------
 
 
@@ -347,6 +436,8 @@ class Worker:
     memory_bytes: int = 0  # what a job may use there (free GPU memory / available RAM); 0: unknown
     bf16: bool = False  # native bf16 units
     ended: tuple[str, int] = ("", 0)  # (job id, attempt) it ended last; its report may be coming
+    device_count: int = 1  # GPUs (a CPU worker: 1)
+    slots: int = 1  # training processes it can run for one job (distributed.num_processes)
 
     @property
     def gpu(self) -> bool:
@@ -374,9 +465,11 @@ class WorkerTable:
     def heartbeat(
         self, worker_id: str, state: str, job_id: str = "", device: str = "",
         memory_bytes: int = 0, bf16: bool = False, ended: tuple[str, int] = ("", 0),
+        device_count: int = 1, slots: int = 1,
     ) -> None:
         self._workers[worker_id] = Worker(
-            worker_id, state, job_id, device, self._clock(), memory_bytes, bf16, ended)
+            worker_id, state, job_id, device, self._clock(), memory_bytes, bf16, ended,
+            max(device_count, 1), max(slots, 1))
 
     def silent_for(self, worker_id: str) -> float:
         w = self._workers.get(worker_id)
@@ -420,6 +513,9 @@ def cannot_run(job: Job, worker: Worker, gpu_reason: str | None = None) -> str:
     why = needs_gpu(job.spec) if gpu_reason is None else gpu_reason
     if why and not worker.gpu:
         return why
+    if processes(job) > worker.slots:
+        return (f"needs {processes(job)} processes (distributed.num_processes), worker has "
+                f"{worker.slots} slot(s)")
     if job.spec.get("precision") == "bf16" and not (worker.gpu or worker.bf16):
         return "precision bf16 needs a CUDA GPU or a CPU with bf16 units"
     need = job.memory_estimate.get("total", 0.0)
@@ -430,12 +526,19 @@ def cannot_run(job: Job, worker: Worker, gpu_reason: str | None = None) -> str:
 
 
 def refuse_on(spec: JobSpec, workers: Sequence[Worker]) -> str:
-    """Why to refuse a spec at submit ('' to accept): it needs a GPU and the live workers are
-    all CPUs. With no live worker it is accepted and waits for a capable one."""
-    why = spec.needs_gpu()
-    if not why or not workers or any(w.gpu for w in workers):
+    """Why to refuse a spec at submit ('' to accept): no live worker could ever run it (it needs
+    a GPU and they are all CPUs, or more processes than any has slots). With no live worker it
+    is accepted and waits for a capable one."""
+    if not workers:
         return ""
-    return f"{why}; live workers: " + ", ".join(w.describe() for w in workers)
+    why = spec.needs_gpu()
+    if why and not any(w.gpu for w in workers):
+        return f"{why}; live workers: " + ", ".join(w.describe() for w in workers)
+    n = spec.distributed.num_processes
+    if not any(w.slots >= n for w in workers if w.gpu or not why):
+        return (f"distributed.num_processes {n} needs a worker with {n} slots; live workers: "
+                + ", ".join(f"{w.worker_id} ({w.slots} slot(s))" for w in workers))
+    return ""
 
 
 def placement_order(queued: Iterable[Job], now: datetime | None = None,
@@ -448,25 +551,91 @@ def placement_order(queued: Iterable[Job], now: datetime | None = None,
 def place(
     queued: Iterable[Job], workers: Iterable[Worker], holding: set[str],
     now: datetime | None = None, aging_s: float = 0.0,
+    quotas: Mapping[str, Quota] | None = None, usage: Usage | None = None,
 ) -> list[tuple[str, str]]:
-    """Pair waiting jobs (effective priority desc: class and aging, then oldest first) with
-    idle workers holding nothing, each job with the first free worker that can run it
-    (`cannot_run`); a job no free worker can run waits, and the workers stay free for the jobs
-    behind it.
+    """Pair waiting jobs with idle workers holding nothing, each job with the first free worker
+    that can run it (`cannot_run`) within its tenant's quota (`quota_reason`).
+
+    Order: effective priority (class and aging) first; among equals, the tenant with the
+    smallest weighted dominant share of the fleet (`Usage.dominant_share`, DRF) goes first, so
+    free capacity is shared between tenants in proportion to their weights; then oldest first.
+    A job no free worker can run waits, and the workers stay free for the jobs behind it; a
+    tenant at its running quota places nothing more this round.
 
     `queued` are queued, unassigned jobs; `holding` the workers that already have an assignment
-    (their heartbeat may still say idle until they pick the work item up).
+    (their heartbeat may still say idle until they pick the work item up); `usage` what the
+    tenants' jobs on workers hold now.
     """
-    free = sorted((w for w in workers if w.state == "idle" and w.worker_id not in holding),
+    live = list(workers)
+    free = sorted((w for w in live if w.state == "idle" and w.worker_id not in holding),
                   key=lambda w: w.worker_id)
+    quotas = quotas or {}
+    usage = dataclasses.replace(usage or Usage())
+    usage.running, usage.gpus, usage.cpu_slots = (dict(usage.running), dict(usage.gpus),
+                                                  dict(usage.cpu_slots))
+    capacity = fleet_capacity(live)
+    at = now or datetime.now(UTC)
+    heads: dict[str, list[tuple[float, Job]]] = {}  # per tenant, in placement order, reversed
+    for job in reversed(placement_order(queued, at, aging_s)):
+        heads.setdefault(job.tenant, []).append((effective_priority(job, at, aging_s), job))
+
+    def turn(tenant: str) -> tuple:
+        eff, job = heads[tenant][-1]
+        weight = quotas[tenant].weight if tenant in quotas else 1.0
+        return (-eff, usage.dominant_share(tenant, capacity, weight), job.created_at, job.id)
+
     pairs = []
-    for job in placement_order(queued, now, aging_s):
+    while free and heads:
+        tenant = min(heads, key=turn)
+        _, job = heads[tenant].pop()
+        if not heads[tenant]:
+            del heads[tenant]
+        quota = quotas.get(tenant)
+        if quota_reason(job, quota, usage):
+            heads.pop(tenant, None)  # at its running quota: none of its jobs goes now
+            continue
         gpu_reason = needs_gpu(job.spec)
-        worker = next((w for w in free if not cannot_run(job, w, gpu_reason)), None)
+        worker = next((w for w in free if not cannot_run(job, w, gpu_reason)
+                       and not quota_reason(job, quota, usage, w.gpu)), None)
         if worker is not None:
             free.remove(worker)
             pairs.append((job.id, worker.worker_id))
+            usage.add(job, worker.gpu)
     return pairs
+
+
+def fleet_capacity(workers: Iterable[Worker]) -> tuple[int, int]:
+    """(GPUs, CPU worker slots) of the live fleet: the denominators of the fair share."""
+    workers = list(workers)
+    return (sum(w.device_count for w in workers if w.gpu),
+            sum(w.slots for w in workers if not w.gpu))
+
+
+def why_waiting(job: Job, queued: Sequence[Job], workers: Sequence[Worker],
+                quota: Quota | None, usage: Usage, now: datetime | None = None,
+                aging_s: float = 0.0) -> str:
+    """Why a queued job is not on a worker yet, for `jobs show`: its tenant's quota, no live
+    worker able to run it, or the jobs placed before it."""
+    if job.status == Status.PAUSED:
+        return "paused: resume it to queue it again"
+    if job.status != Status.QUEUED or job.assigned:
+        return ""
+    if reason := quota_reason(job, quota, usage):
+        return reason
+    if not workers:
+        return "no live worker"
+    gpu_reason = needs_gpu(job.spec)
+    unable = [f"{w.worker_id}: {why}" for w in workers
+              if (why := cannot_run(job, w, gpu_reason))]
+    if len(unable) == len(workers):
+        return "no worker can run it (" + "; ".join(unable) + ")"
+    order = placement_order(queued, now, aging_s)
+    ahead = order[:next((i for i, j in enumerate(order) if j.id == job.id), len(order))]
+    if not ahead:
+        return "next: waiting for a free worker"
+    top = PriorityClass(max(j.priority for j in ahead)).label
+    same = sum(1 for j in ahead if PriorityClass(j.priority).label == top)
+    return f"behind {len(ahead)} job(s), {same} of class {top}"
 
 
 def lost_assignments(assigned: Sequence[Job], workers: WorkerTable) -> list[Job]:

@@ -98,7 +98,8 @@ class Handlers:
     async def on_heartbeat(self, env: Envelope, data: WorkerHeartbeat) -> None:
         self.workers.heartbeat(data.worker_id, data.state, data.job_id, data.device,
                                data.memory_bytes, data.bf16,
-                               (data.ended_job_id, data.ended_attempt))
+                               (data.ended_job_id, data.ended_attempt), data.device_count,
+                               data.slots)
 
     async def on_job_event(self, env: Envelope, data: EventData) -> None:
         await self._on_job[type(data)](env, data)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -30,7 +31,7 @@ from sqlalchemy import (
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 
-from .core import Attempt, Job, Status, now_iso
+from .core import ACTIVE, Attempt, Job, Quota, Status, now_iso
 
 metadata = MetaData()
 
@@ -77,6 +78,20 @@ samples = Table(
     Column("step", Integer, primary_key=True, autoincrement=False),
     Column("metrics", JSON, nullable=False),
     Column("recorded_at", String(40), nullable=False),
+)
+
+# Each tenant's quota and fair-share weight (core.Quota); a tenant without a row has none.
+quotas = Table(
+    "scheduler_quotas",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("max_running", Integer, nullable=False),
+    Column("max_queued", Integer, nullable=False),
+    Column("max_gpus", Integer, nullable=False),
+    Column("max_cpu_slots", Integer, nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("updated_by", String(256), nullable=False),
+    Column("updated_at", String(40), nullable=False),
 )
 
 outbox = outbox_table(metadata, "scheduler")
@@ -147,6 +162,27 @@ class Unit(OutboxUnit):
             )
         )
         return [_job(r) for r in rows]
+
+    def waiting_count(self, tenant: str) -> int:
+        """The tenant's jobs not yet on a worker: what its queued quota bounds."""
+        rows = self.conn.execute(select(jobs.c.id).where(
+            jobs.c.tenant == tenant, jobs.c.worker_id == "",
+            jobs.c.status.in_([s.value for s in ACTIVE if s != Status.RUNNING])))
+        return len(rows.all())
+
+    # -- quotas -----------------------------------------------------------------------------
+    def quota(self, tenant: str) -> Quota | None:
+        row = self.conn.execute(select(quotas).where(quotas.c.tenant == tenant)).first()
+        return Quota(**row._mapping) if row else None
+
+    def quotas(self) -> dict[str, Quota]:
+        return {r.tenant: Quota(**r._mapping) for r in self.conn.execute(select(quotas))}
+
+    def set_quota(self, quota: Quota) -> None:
+        row = dataclasses.asdict(quota)
+        if self.conn.execute(quotas.update().where(quotas.c.tenant == quota.tenant)
+                             .values(row)).rowcount == 0:
+            self.conn.execute(quotas.insert().values(row))
 
     # -- metrics samples --------------------------------------------------------------------
     def add_sample(self, job_id: str, step: int, metrics: dict[str, float]) -> bool:

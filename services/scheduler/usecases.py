@@ -24,7 +24,13 @@ from sqlalchemy.exc import IntegrityError
 from llmstudio import telemetry
 from llmstudio.auth import Principal
 from llmstudio.bus import Bus
-from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmstudio.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from llmstudio.events import (
     EventData,
     JobAssigned,
@@ -38,6 +44,7 @@ from llmstudio.events import (
     JobResumed,
     JobSubmitted,
     JobSucceeded,
+    QuotaChanged,
     WorkItem,
 )
 from llmstudio.jobspec import JobSpec
@@ -45,7 +52,7 @@ from llmstudio.ml.memory import estimate_memory, model_config_of
 from llmstudio.outbox import Outbox
 
 from . import core
-from .core import Happening, Job, Report, Status, WorkerTable, transition
+from .core import Happening, Job, Quota, Report, Status, WorkerTable, transition
 from .store import Conflict, SchedulerStore, Unit
 from .watch import Update, Watchers
 
@@ -106,6 +113,9 @@ class Jobs:
         return job
 
     def _add(self, u: Unit, job: Job) -> None:
+        # in the transaction that adds the job, so concurrent submits cannot both pass
+        if refusal := core.queued_quota_refusal(u.quota(job.tenant), u.waiting_count(job.tenant)):
+            raise ResourceExhausted(refusal)
         u.add_job(job)
         self.outbox.add(u, JobSubmitted(
             job_id=job.id, dataset_id=job.dataset_id, model_name=job.model_name, spec=job.spec,
@@ -114,6 +124,41 @@ class Jobs:
 
     async def get(self, job_id: str, tenant: str) -> Job:
         return await self.store.in_unit(_tenant_job, job_id, tenant)
+
+    async def why_waiting(self, job: Job, aging_s: float) -> str:
+        """Why a queued or paused job is not on a worker ('' for any other): quota, no able
+        worker, the jobs ahead of it."""
+        if job.status not in (Status.QUEUED, Status.PAUSED) or job.assigned:
+            return ""
+        queued, held, quota = await self.store.in_unit(_waiting_view, job.tenant)
+        usage = core.Usage.of(held, self.workers)
+        return core.why_waiting(job, queued, self.workers.live(), quota, usage,
+                                aging_s=aging_s)
+
+    async def set_quota(self, quota: Quota, caller: Principal) -> Quota:
+        """Admins of the platform tenant set any tenant's quota, other admins their own's; the
+        change is audited (QuotaChanged)."""
+        if quota.tenant != caller.tenant and caller.tenant != core.PLATFORM_TENANT:
+            raise PermissionDenied(f"an admin of tenant {caller.tenant!r} sets only its own "
+                                   "tenant's quota")
+        quota = dataclasses.replace(quota, updated_by=caller.key_id, updated_at=core.now_iso())
+
+        def write(u: Unit) -> Quota:
+            u.set_quota(quota)
+            self.outbox.add(u, QuotaChanged(
+                tenant=quota.tenant, max_running=quota.max_running, max_queued=quota.max_queued,
+                max_gpus=quota.max_gpus, max_cpu_slots=quota.max_cpu_slots,
+                weight=quota.weight), tenant=quota.tenant, actor=caller.key_id)
+            return quota
+
+        return await self.outbox.transact(write)
+
+    async def get_quota(self, tenant: str, caller: Principal) -> Quota:
+        """A tenant's quota (none set: no limits, weight 1); another tenant's only for admins
+        of the platform tenant."""
+        if tenant != caller.tenant and caller.tenant != core.PLATFORM_TENANT:
+            raise PermissionDenied(f"tenant {caller.tenant!r} reads only its own quota")
+        return await self.store.in_unit(Unit.quota, tenant) or Quota(tenant)
 
     async def list(self, tenant: str, status: Status | None) -> list[Job]:
         return await self.store.in_unit(Unit.jobs, tenant, status)
@@ -416,8 +461,10 @@ class Placement:
             doing = f"job {worker.job_id}" if busy and worker else "nothing"
             await self._take_back(job, f"worker {job.worker_id} reports running {doing}",
                                   lost=True)
-        waiting, holding = await self.store.in_unit(_placement_view)
-        placed = core.place(waiting.values(), self.workers.live(), holding, aging_s=self.aging_s)
+        waiting, held, quotas = await self.store.in_unit(_placement_view)
+        placed = core.place(waiting.values(), self.workers.live(),
+                            {j.worker_id for j in held}, aging_s=self.aging_s, quotas=quotas,
+                            usage=core.Usage.of(held, self.workers))
         for job_id, worker_id in placed:
             await self._assign(waiting[job_id], worker_id)
         unplaced = [j for j in core.placement_order(waiting.values(), aging_s=self.aging_s)
@@ -571,9 +618,14 @@ def _reported_job(u: Unit, tenant: str, job_id: str, what: str) -> Job | None:
     return job
 
 
-def _placement_view(u: Unit) -> tuple[dict[str, Job], set[str]]:
-    """The jobs waiting for a worker (by id), and the workers already holding one."""
-    return {j.id: j for j in u.waiting_jobs()}, {j.worker_id for j in u.assigned_jobs()}
+def _placement_view(u: Unit) -> tuple[dict[str, Job], list[Job], dict[str, Quota]]:
+    """The jobs waiting for a worker (by id), the jobs workers hold, every tenant's quota."""
+    return {j.id: j for j in u.waiting_jobs()}, u.assigned_jobs(), u.quotas()
+
+
+def _waiting_view(u: Unit, tenant: str) -> tuple[list[Job], list[Job], Quota | None]:
+    """What `why_waiting` weighs: every waiting job, the held ones, the tenant's quota."""
+    return u.waiting_jobs(), u.assigned_jobs(), u.quota(tenant)
 
 
 def _checked_spec(raw: dict[str, Any]) -> tuple[JobSpec, dict[str, float]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Coroutine
@@ -159,13 +160,17 @@ class Worker:
 
     def hardware(self) -> dict:
         """What placement checks a job against: memory a job may use now (free GPU memory,
-        or available RAM) and native bf16. A failed probe reports unknown (0, False)."""
+        or available RAM), native bf16, GPUs and process slots. A failed probe reports unknown
+        (0, False)."""
         try:
             if self.device == "cuda":
                 free, _total = torch.cuda.mem_get_info()
-                return {"memory_bytes": int(free), "bf16": bool(torch.cuda.is_bf16_supported())}
+                gpus = torch.cuda.device_count()
+                return {"memory_bytes": int(free), "bf16": bool(torch.cuda.is_bf16_supported()),
+                        "device_count": gpus, "slots": self.settings.worker_slots or gpus}
             memory, bf16 = cpu_hardware()
-            return {"memory_bytes": memory, "bf16": bf16}
+            return {"memory_bytes": memory, "bf16": bf16,
+                    "slots": self.settings.worker_slots or os.cpu_count() or 1}
         except Exception as e:  # noqa: BLE001 - a heartbeat goes out whatever the probe does
             log.warning("hardware probe failed: %s", e)
             return {"memory_bytes": 0, "bf16": False}

@@ -38,6 +38,7 @@ from llmstudio.events import (
     JobStarted,
     JobSubmitted,
     JobSucceeded,
+    QuotaChanged,
     WorkerHeartbeat,
     WorkItem,
     decode,
@@ -167,6 +168,8 @@ async def env(settings):
     keys = {role: await put_api_key(settings.nats_url, role, TENANT)
             for role in ("developer", "viewer", "admin")}
     keys["other-tenant"] = await put_api_key(settings.nats_url, "developer", "globex")
+    keys["other-admin"] = await put_api_key(settings.nats_url, "admin", "globex")
+    keys["platform-admin"] = await put_api_key(settings.nats_url, "admin", "default")
     async with running("scheduler", build, settings) as port, Peers(settings) as peers:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield jobs_pb2_grpc.JobServiceStub(channel), keys, peers
@@ -205,9 +208,9 @@ async def wait_status(stub, key: str, job_id: str, status: int, timeout: float =
     return await eventually(reached, timeout)
 
 
-async def validate(peers: Peers, job_id: str) -> None:
+async def validate(peers: Peers, job_id: str, tenant: str = TENANT) -> None:
     await peers.publish(DatasetValidated(job_id=job_id, dataset_id="ds-1", sha256=SHA,
-                                         artifacts=ARTIFACTS))
+                                         artifacts=ARTIFACTS), tenant=tenant)
 
 
 # -- the job flow -------------------------------------------------------------------------------
@@ -681,6 +684,66 @@ async def test_an_urgent_job_preempts_the_lowest_class_never_the_same_class(env,
     requeued = await wait_status(stub, dev, low.id, pb.JOB_STATUS_QUEUED)
     assert requeued.attempt == 2
     assert requeued.attempts[0].reason == f"released: preempted by {urgent.id} at step 8"
+
+
+async def test_quotas_refuse_or_hold_jobs_and_tenants_share_the_workers(env, model_dir):
+    stub, keys, peers = env
+    dev, admin, other = keys["developer"], keys["admin"], keys["other-tenant"]
+
+    async def set_quota(key: str, **quota) -> pb.Quota:
+        return await stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(**quota)), metadata=md(key))
+
+    # who may set quotas: admins, for their own tenant; platform admins, for any
+    for key, tenant in [(dev, TENANT), (keys["other-admin"], TENANT)]:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await set_quota(key, tenant=tenant, max_running=1)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetQuota(pb.GetQuotaRequest(tenant="globex"), metadata=md(dev))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    mine = await set_quota(admin, max_running=1, max_queued=4)
+    assert (mine.tenant, mine.max_running, mine.max_queued, mine.weight) == (TENANT, 1, 4, 1.0)
+    await set_quota(keys["platform-admin"], tenant="globex", max_running=1)
+    got = await stub.GetQuota(pb.GetQuotaRequest(), metadata=md(dev))
+    assert (got.max_running, got.updated_by) == (1, mine.updated_by)
+    changed = await peers.wait_for(QuotaChanged, tenant="globex")
+    assert changed.data.max_running == 1
+
+    # max_queued 4: the fifth waiting job is refused, naming the quota
+    ours = [await create(stub, dev, model_dir) for _ in range(4)]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await create(stub, dev, model_dir)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "quota queued 4/4" in e.value.details()
+    theirs = [await create(stub, other, model_dir) for _ in range(4)]
+    for j in ours:
+        await validate(peers, j.id)
+    for j in theirs:
+        await validate(peers, j.id, tenant="globex")
+    for j in ours + theirs:
+        await wait_status(stub, dev if j in ours else other, j.id, pb.JOB_STATUS_QUEUED)
+
+    # running quota 1 each, 2 workers: one job of each tenant runs, the rest wait saying why
+    peers.workers["w-1"] = "idle"
+    peers.workers["w-2"] = "idle"
+    first = [await peers.wait_for(WorkItem, job_id=ours[0].id),
+             await peers.wait_for(WorkItem, job_id=theirs[0].id)]
+    await asyncio.sleep(0.8)
+    assert sum(peers.count(WorkItem, job_id=j.id) for j in ours + theirs) == 2
+    held = await stub.GetJob(pb.GetJobRequest(id=ours[1].id), metadata=md(dev))
+    assert held.waiting_reason == "quota running 1/1"
+    # as each finishes, the next of the same tenant takes the freed worker: they alternate
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        for j, item, key, tenant in ((a, first[0], dev, TENANT),
+                                     (b, first[1], other, "globex")):
+            w = item.data.worker_id
+            await peers.publish(JobStarted(job_id=j.id, worker_id=w), tenant=tenant)
+            await peers.publish(JobFailed(job_id=j.id, worker_id=w, reason="done"),
+                                tenant=tenant)
+            await wait_status(stub, key, j.id, pb.JOB_STATUS_FAILED)
+        if i + 1 < len(ours):
+            first = [await peers.wait_for(WorkItem, job_id=ours[i + 1].id),
+                     await peers.wait_for(WorkItem, job_id=theirs[i + 1].id)]
 
 
 async def test_higher_priority_runs_first(env, model_dir):

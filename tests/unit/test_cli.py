@@ -16,7 +16,7 @@ COMMANDS = [
     ["datasets", "push"], ["datasets", "import"], ["datasets", "derive"], ["datasets", "list"],
     ["datasets", "show"], ["datasets", "report"], ["datasets", "preview"],
     ["jobs", "create"], ["jobs", "list"], ["jobs", "show"], ["jobs", "watch"], ["jobs", "cancel"],
-    ["jobs", "pause"], ["jobs", "resume"],
+    ["jobs", "pause"], ["jobs", "resume"], ["quotas", "show"], ["quotas", "set"],
     ["models", "list"], ["models", "show"], ["models", "stage"],
     ["evals", "list"], ["audit", "verify"], ["audit", "query"],
     ["keys", "create"], ["keys", "whoami"],
@@ -162,3 +162,13 @@ def test_common_flags_work_before_and_after_the_command():
     assert parse(["--data-dir", "X", "jobs", "list", "--data-dir", "Y"]).data_dir == "Y"
     plain = parse(["jobs", "list"])
     assert (plain.data_dir, plain.json, plain.api_key) == (None, False, None)
+
+
+def test_quota_output_names_each_limit():
+    from llmstudio.cli.quotas import _quota_text
+    from llmstudio.v1 import jobs_pb2
+
+    q = jobs_pb2.Quota(tenant="acme", max_running=2, weight=3.0, updated_by="key-1",
+                       updated_at="t")
+    assert _quota_text(q) == ("tenant acme: running 2, queued unlimited, gpus unlimited, "
+                              "cpu slots unlimited; weight 3 (set by key-1 at t)")

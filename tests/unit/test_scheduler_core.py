@@ -444,3 +444,92 @@ def test_a_paused_running_job_is_paused_once_handed_back():
     assert paused.attempt == 2 and paused.worker_id == ""
     assert transition(Status.PAUSED, Happening.RESUMED) == Status.QUEUED
     assert transition(Status.PAUSED, Happening.CANCELLED) == Status.CANCELLED
+
+
+# -- quotas and fair share ----------------------------------------------------------------------
+
+def tenant_job(job_id: str, tenant: str, created_at: str, **kw) -> Job:
+    return dataclasses.replace(job(job_id, created_at=created_at, **kw), tenant=tenant)
+
+
+def test_free_capacity_is_shared_by_weighted_dominant_share():
+    from services.scheduler.core import Quota, Usage
+
+    workers = [worker(f"w{i}") for i in range(4)]
+    # acme submitted everything first, but globex holds nothing: they alternate
+    queued = [tenant_job(f"a{i}", "acme", f"2025-01-01T00:00:0{i}.000000Z") for i in range(4)]
+    queued += [tenant_job(f"g{i}", "globex", f"2025-01-02T00:00:0{i}.000000Z") for i in range(4)]
+    pairs = place(queued, workers, set())
+    assert [j for j, _ in pairs] == ["a0", "g0", "a1", "g1"]
+    # a tenant holding more of the fleet goes after one holding less
+    usage = Usage()
+    usage.add(tenant_job("held", "acme", "t"), on_gpu=False)
+    assert [j for j, _ in place(queued, workers[:1], set(), usage=usage)] == ["g0"]
+    # weight 3 vs 1: acme gets three of four free workers
+    quotas = {"acme": Quota("acme", weight=3.0)}
+    placed = [j for j, _ in place(queued, workers, set(), quotas=quotas)]
+    assert sorted(placed) == ["a0", "a1", "a2", "g0"]
+    # priority still comes first: a high job of the bigger tenant goes before a normal one
+    urgent = tenant_job("a-high", "acme", "2025-01-09T00:00:00.000000Z", priority=2)
+    assert place([*queued, urgent], workers[:1], set(), usage=usage) == [("a-high", "w0")]
+
+
+def test_quotas_hold_jobs_in_the_queue_and_say_why():
+    from services.scheduler.core import Quota, Usage, quota_reason, queued_quota_refusal
+
+    workers = [worker(f"w{i}") for i in range(3)]
+    queued = [tenant_job(f"a{i}", "acme", f"2025-01-01T00:00:0{i}.000000Z") for i in range(3)]
+    one_running = {"acme": Quota("acme", max_running=1)}
+    assert [j for j, _ in place(queued, workers, set(), quotas=one_running)] == ["a0"]
+    usage = Usage()
+    usage.add(queued[0], on_gpu=False)
+    assert place(queued[1:], workers, set(), quotas=one_running, usage=usage) == []
+    assert quota_reason(queued[1], one_running["acme"], usage) == "quota running 1/1"
+    # CPU slots: a 2-process job does not fit in 3 of 4 slots held
+    two_procs = tenant_job("a-ddp", "acme", "t", spec={"distributed": {"num_processes": 2}})
+    slots = Quota("acme", max_cpu_slots=4)
+    usage.add(tenant_job("x", "acme", "t", spec={"distributed": {"num_processes": 2}}), False)
+    assert quota_reason(two_procs, slots, usage, on_gpu=False) == "quota cpu slots 3+2/4"
+    assert quota_reason(two_procs, slots, usage, on_gpu=True) == ""
+    assert queued_quota_refusal(Quota("acme", max_queued=2), 2).startswith("quota queued 2/2")
+    assert queued_quota_refusal(Quota("acme", max_queued=2), 1) == ""
+    assert queued_quota_refusal(None, 100) == ""
+    with pytest.raises(InvalidArgument):
+        Quota("acme", max_running=-1)
+    with pytest.raises(InvalidArgument):
+        Quota("acme", weight=0)
+
+
+def test_placement_by_process_slots_and_refusal_of_what_no_live_worker_could_run():
+    small = Worker("w-small", "idle", "", "cpu", 0.0, slots=1)
+    big = Worker("w-big", "idle", "", "cpu", 0.0, slots=4)
+    ddp = job("ddp", spec={"distributed": {"num_processes": 2}})
+    assert "needs 2 processes" in cannot_run(ddp, small) and cannot_run(ddp, big) == ""
+    assert place([ddp], [small, big], set()) == [("ddp", "w-big")]
+    spec = parse_spec({"base_model": "org/m", "dataset": "d",
+                       "distributed": {"num_processes": 8}})
+    assert "needs a worker with 8 slots" in refuse_on(spec, [small, big])
+    assert refuse_on(spec, []) == ""  # nobody live: it waits for a capable worker
+
+
+def test_why_a_job_waits():
+    from services.scheduler.core import PriorityClass, Quota, Usage, why_waiting
+
+    w = worker("w1", memory=8 * GIB)
+    mine = tenant_job("mine", "acme", "2025-01-02T00:00:00.000000Z")
+    ahead = [tenant_job(f"h{i}", "globex", f"2025-01-03T00:00:0{i}.000000Z",
+                        priority=PriorityClass.HIGH) for i in range(3)]
+    queued = [mine, *ahead]
+    assert why_waiting(mine, queued, [w], None, Usage()) == "behind 3 job(s), 3 of class high"
+    assert why_waiting(ahead[0], queued, [w], None, Usage()) == (
+        "next: waiting for a free worker")
+    usage = Usage()
+    usage.add(tenant_job("r", "acme", "t"), on_gpu=False)
+    assert why_waiting(mine, queued, [w], Quota("acme", max_running=1), usage) == (
+        "quota running 1/1")
+    huge = dataclasses.replace(mine, memory_estimate={"total": 24 * GIB})
+    assert why_waiting(huge, [huge], [w], None, Usage()).startswith(
+        "no worker can run it (w1: needs ~24.0 GiB per process")
+    assert why_waiting(mine, queued, [], None, Usage()) == "no live worker"
+    paused = dataclasses.replace(mine, status=Status.PAUSED)
+    assert why_waiting(paused, queued, [w], None, Usage()).startswith("paused")

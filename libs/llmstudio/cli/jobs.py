@@ -77,6 +77,8 @@ def _job_details(job) -> str:
             lines.append(f"  {label + ':':<10} {value}")
     for name, value in sorted(job.artifacts.items()):
         lines.append(f"  {name + ':':<10} {value}")
+    if job.waiting_reason:
+        lines.append(f"  {'waiting:':<10} {job.waiting_reason}")
     if job.attempts:
         lines.append(f"  attempts ({job_status_name(job.status)} at attempt {job.attempt}):")
         for a in job.attempts:

@@ -22,6 +22,7 @@ from .jobs import (
     JobStarted,
     JobSubmitted,
     JobSucceeded,
+    QuotaChanged,
     WorkerHeartbeat,
     WorkItem,
 )
@@ -35,6 +36,6 @@ __all__ = [
     "JobAssigned", "JobCancelled", "JobCancelRequested", "JobCheckpointed", "JobCompleted",
     "JobFailed", "JobMetrics", "JobPaused", "JobQueued", "JobReleased", "JobReleaseRequested",
     "JobRequeued", "JobResumed", "JobStarted",
-    "JobSubmitted", "JobSucceeded", "WorkerHeartbeat", "WorkItem",
+    "JobSubmitted", "JobSucceeded", "QuotaChanged", "WorkerHeartbeat", "WorkItem",
     "ModelStageChanged", "ModelVersionRegistered",
 ]

@@ -158,6 +158,22 @@ class JobResumed(EventData):
 
 
 @register
+class QuotaChanged(EventData):
+    """An admin set a tenant's quota and fair-share weight (0: no limit)."""
+
+    TYPE = "llmstudio.job.quota_changed.v1"
+    SUBJECT = "llmstudio.job.quota_changed"
+    ENTITY = "tenant"
+
+    tenant: str
+    max_running: int
+    max_queued: int
+    max_gpus: int
+    max_cpu_slots: int
+    weight: float
+
+
+@register
 class JobRequeued(EventData):
     """The scheduler took the job back from `worker_id` (lost, released) and queued it again as
     `attempt`; the worker of an older attempt must stop and upload nothing."""
@@ -260,6 +276,8 @@ class WorkerHeartbeat(EventData):
     device: str = "cpu"  # cpu | cuda
     memory_bytes: int = 0  # what a job may use: free GPU memory, or RAM on a CPU worker
     bf16: bool = False  # the device has native bf16 units
+    device_count: int = 1  # GPUs (a CPU worker: 1)
+    slots: int = 1  # training processes it can run for one job (distributed.num_processes)
     # the last job attempt this worker ended: its outcome may still be on its way (outbox)
     ended_job_id: str = ""
     ended_attempt: int = 0
