@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     worker_slots: int = 0
     # Scheduler: a waiting job rises one priority class per this many seconds (never to urgent)
     priority_aging_s: float = 900.0
+    # Scheduler replicas: the placement leader's lease (a dead leader is replaced within it)
+    scheduler_lease_ttl_s: float = 5.0
+    replica_id: str = ""  # this replica's name in the lease (default: <host>-<pid>-<random>)
 
     # Dataset service: upload limits, and where ImportDataset may read from. Lists are
     # comma-separated in the environment (LLMSTUDIO_DATASET_IMPORT_BUCKETS=raw,curated).

@@ -4,6 +4,9 @@ handlers, placement loop and the gRPC servicer."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import uuid
 
 from llmstudio.grpcutil import Registration
 from llmstudio.outbox import Outbox
@@ -13,6 +16,7 @@ from llmstudio.v1 import jobs_pb2_grpc
 from .api import JobApi
 from .core import WorkerTable
 from .handlers import Handlers
+from .lease import LeaderLease
 from .store import SchedulerStore
 from .usecases import Jobs, Placement, Reports
 from .watch import Watchers
@@ -25,11 +29,16 @@ async def build(rt: Runtime) -> list[Registration]:
     # trace (`add(..., traceparent=job.traceparent)`), so a worker's spans join the job's trace.
     outbox = Outbox(store, rt.bus, interval_s=2.0, defer_failures=True)
     watchers = Watchers()
+    watchers.connect(rt.bus)  # updates reach the WatchJob streams of every replica
     workers = WorkerTable(rt.settings.worker_ttl_s)
     Handlers(Reports(store, outbox, watchers, actor=rt.name), workers).subscribe(rt.bus)
+    # Replicas share the database; one of them, the lease holder, places jobs.
+    replica = (rt.settings.replica_id
+               or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    lease = LeaderLease(rt.bus, replica, rt.settings.scheduler_lease_ttl_s)
     placement = Placement(store, outbox, watchers, workers, rt.bus,
-                          aging_s=rt.settings.priority_aging_s)
-    rt.background += [outbox.run, placement.run]
+                          aging_s=rt.settings.priority_aging_s, lease=lease)
+    rt.background += [outbox.run, lease.run, placement.run]
 
     async def dispose() -> None:
         store.dispose()

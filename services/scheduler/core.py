@@ -167,6 +167,20 @@ class Job:
             self, attempts=(*self.attempts[:-1], dataclasses.replace(current, **changes)))
 
 
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """The job as JSON-ready data (status as its value, attempts as dicts)."""
+    out = dataclasses.asdict(job)
+    out["status"] = job.status.value
+    return out
+
+
+def job_from_dict(raw: dict[str, Any]) -> Job:
+    values = dict(raw)
+    values["status"] = Status(values["status"])
+    values["attempts"] = tuple(Attempt.from_dict(a) for a in values.get("attempts", ()))
+    return Job(**values)
+
+
 @dataclass(frozen=True)
 class Report:
     """What a worker reported about its job: the happening and what it adds to the job."""

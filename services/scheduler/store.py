@@ -31,7 +31,7 @@ from sqlalchemy import (
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 
-from .core import ACTIVE, Attempt, Job, Quota, Status, now_iso
+from .core import ACTIVE, Job, Quota, Status, job_from_dict, job_to_dict, now_iso
 
 metadata = MetaData()
 
@@ -221,14 +221,8 @@ _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
 
 
 def _row(job: Job) -> dict:
-    row = {name: getattr(job, name) for name in _JOB_FIELDS}
-    row["status"] = job.status.value
-    row["attempts"] = [a.to_dict() for a in job.attempts]
-    return row
+    return job_to_dict(job)
 
 
 def _job(row) -> Job:
-    values = {name: row._mapping[name] for name in _JOB_FIELDS}
-    values["status"] = Status(values["status"])
-    values["attempts"] = tuple(Attempt.from_dict(a) for a in values["attempts"])
-    return Job(**values)
+    return job_from_dict({name: row._mapping[name] for name in _JOB_FIELDS})

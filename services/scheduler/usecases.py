@@ -17,7 +17,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
@@ -62,6 +62,8 @@ R = TypeVar("R")
 # A change racing another (placement, a worker's report, a second cancel) reads the job again and
 # decides again, this many times in all.
 CONFLICT_ATTEMPTS = 3
+# A WatchJob with no update for this long re-reads its job (fan-out is best effort).
+WATCH_REREAD_S = 5.0
 WORK_STREAM = "WORK"
 
 
@@ -237,29 +239,34 @@ class Jobs:
         """The job's status, its stored metric samples, then live updates until it ends.
 
         The queue is opened before the job is read, so nothing between the read and the live
-        part is lost; what the read already covered is skipped (same status, older steps)."""
+        part is lost; what was sent already is skipped (the same status, an older state of the
+        job, a step sent before: updates from several replicas may arrive in any order)."""
         with self.watchers.watch(job_id) as queue:
             job = await self.get(job_id, tenant)
             yield Update("status", job, message=job.error)
-            last_step = -1
-            for step, metrics in await self.store.in_unit(Unit.samples, job.id):
-                yield Update("metrics", job, step=step, metrics=metrics)
-                last_step = step
-            status = job.status
+            sent: set[int] = set()  # steps whose sample was sent
+            for update in await _unsent_samples(self.store, job, sent):
+                yield update
+            status, version = job.status, job.version
             while not status.terminal:
-                update = await queue.get()
+                try:
+                    update = await asyncio.wait_for(queue.get(), WATCH_REREAD_S)
+                except TimeoutError:  # an update may have been lost (broker away): look
+                    for missed in await _unsent_samples(self.store, job, sent):
+                        yield missed
+                    update = Update("status", await self.get(job_id, tenant))
                 if update.kind == "metrics":
-                    if update.step <= last_step:
+                    if update.step in sent:
                         continue
-                    last_step = update.step
+                    sent.add(update.step)
                 elif update.kind == "status":
-                    if update.job.status == status:
+                    # the same status, or an older state of the job overtaken by a newer one
+                    if update.job.status == status or update.job.version < version:
                         continue
-                    status = update.job.status
+                    status, version = update.job.status, update.job.version
                     if status.terminal:  # samples stored after the last one sent, then the end
-                        for step, metrics in await self.store.in_unit(Unit.samples, job.id):
-                            if step > last_step:
-                                yield Update("metrics", update.job, step=step, metrics=metrics)
+                        for missed in await _unsent_samples(self.store, update.job, sent):
+                            yield missed
                 yield update
 
 
@@ -404,6 +411,12 @@ class Reports:
         self.outbox.add(u, event, tenant=job.tenant, actor=self.actor)
 
 
+class Lease(Protocol):
+    """Whether this replica may place jobs now (lease.LeaderLease)."""
+
+    def held(self) -> bool: ...
+
+
 class Placement:
     """Queued jobs onto idle live workers, and jobs back from lost workers, every `interval_s`.
 
@@ -422,6 +435,7 @@ class Placement:
     def __init__(
         self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, workers: WorkerTable,
         bus: Bus, interval_s: float = 0.3, aging_s: float = 0.0,
+        lease: Lease | None = None,
     ):
         self.store = store
         self.outbox = outbox
@@ -430,6 +444,7 @@ class Placement:
         self.bus = bus
         self.interval_s = interval_s
         self.aging_s = aging_s  # a waiting job's class rises by one per aging_s (core)
+        self.lease = lease  # placement runs only while this replica holds it (None: always)
         # a heartbeat later than this after a job was first seen running here says what the
         # worker really does (an earlier one may have been sent before it started the job)
         self.settle_s = 2 * workers.ttl_s / 5
@@ -440,7 +455,8 @@ class Placement:
     async def run(self) -> None:
         while True:
             try:
-                await self.tick()
+                if self.lease is None or self.lease.held():
+                    await self.tick()
             except Exception:  # noqa: BLE001 - a bad tick must not stop placement for good
                 log.exception("placement tick failed; retrying")
             await asyncio.sleep(self.interval_s)
@@ -597,6 +613,16 @@ async def _retried(run: Callable[..., Awaitable[R]], fn: Callable[..., R], *args
         with contextlib.suppress(Conflict):
             return await run(fn, *args)
     return await run(fn, *args)
+
+
+async def _unsent_samples(store: SchedulerStore, job: Job, sent: set[int]) -> list[Update]:
+    """The job's stored samples not sent yet (marked sent), by step."""
+    out = []
+    for step, metrics in await store.in_unit(Unit.samples, job.id):
+        if step not in sent:
+            sent.add(step)
+            out.append(Update("metrics", job, step=step, metrics=metrics))
+    return out
 
 
 def _tenant_job(u: Unit, job_id: str, tenant: str) -> Job:

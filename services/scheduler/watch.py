@@ -1,18 +1,28 @@
-"""In-process fan-out of job updates to WatchJob streams.
+"""Fan-out of job updates to WatchJob streams, across scheduler replicas.
 
-Use cases call `status`/`metrics`/`checkpoint` after they commit; each open WatchJob holds a
-queue for its job. Updates are only those this process handled: one scheduler per bus.
+Use cases call `status`/`metrics`/`checkpoint` after they commit. With a bus (`connect`), each
+update is published on core NATS (JobUpdated) and every replica, this one included, hands it to
+its own open WatchJob streams: a client watching on one replica sees what another one changed.
+Without one (tests of the use cases alone) updates go straight to this process's streams. Core
+NATS may drop an update while the broker is away: WatchJob also re-reads its job now and then
+(usecases.Jobs.watch).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .core import Job
+from llmstudio.bus import Bus
+from llmstudio.events import Envelope, JobUpdated
+
+from .core import Job, job_from_dict, job_to_dict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,13 @@ class Update:
 class Watchers:
     def __init__(self) -> None:
         self._queues: dict[str, set[asyncio.Queue[Update]]] = defaultdict(set)
+        self._bus: Bus | None = None
+        self._sending: set[asyncio.Task] = set()
+
+    def connect(self, bus: Bus) -> None:
+        """Fan updates out over `bus` to every replica (this one included)."""
+        self._bus = bus
+        bus.subscribe_core(JobUpdated, self._on_update)
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Queue[Update]]:
@@ -49,5 +66,29 @@ class Watchers:
         self._send(Update("checkpoint", job, step=step, message=key))
 
     def _send(self, update: Update) -> None:
+        if self._bus is None:
+            self._deliver(update)
+            return
+        task = asyncio.get_running_loop().create_task(self._publish(update))
+        self._sending.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._sending.discard)
+
+    async def _publish(self, update: Update) -> None:
+        assert self._bus is not None
+        try:
+            await self._bus.publish_core(JobUpdated(
+                job_id=update.job.id, kind=update.kind, job=job_to_dict(update.job),
+                step=update.step, metrics=update.metrics, message=update.message,
+            ), tenant=update.job.tenant)
+        except Exception as e:  # noqa: BLE001 - watchers re-read the job (Jobs.watch)
+            log.warning("job %s update not fanned out: %s", update.job.id, e)
+
+    async def _on_update(self, env: Envelope, data: JobUpdated) -> None:
+        job = job_from_dict(data.job)
+        if job.tenant != env.tenant or job.id != data.job_id:
+            return
+        self._deliver(Update(data.kind, job, data.step, dict(data.metrics), data.message))
+
+    def _deliver(self, update: Update) -> None:
         for queue in self._queues.get(update.job.id, ()):
             queue.put_nowait(update)

@@ -22,6 +22,7 @@ from .jobs import (
     JobStarted,
     JobSubmitted,
     JobSucceeded,
+    JobUpdated,
     QuotaChanged,
     WorkerHeartbeat,
     WorkItem,
@@ -36,6 +37,6 @@ __all__ = [
     "JobAssigned", "JobCancelled", "JobCancelRequested", "JobCheckpointed", "JobCompleted",
     "JobFailed", "JobMetrics", "JobPaused", "JobQueued", "JobReleased", "JobReleaseRequested",
     "JobRequeued", "JobResumed", "JobStarted",
-    "JobSubmitted", "JobSucceeded", "QuotaChanged", "WorkerHeartbeat", "WorkItem",
+    "JobSubmitted", "JobSucceeded", "JobUpdated", "QuotaChanged", "WorkerHeartbeat", "WorkItem",
     "ModelStageChanged", "ModelVersionRegistered",
 ]

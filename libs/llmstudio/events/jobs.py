@@ -263,6 +263,23 @@ class WorkItem(EventData):
 
 
 @register
+class JobUpdated(EventData):
+    """Core NATS (not stored): a scheduler replica tells every replica's WatchJob streams what
+    it changed: a status, a metrics sample or a checkpoint of the job."""
+
+    TYPE = "llmstudio.scheduler.job_updated.v1"
+    SUBJECT = "llmstudio.scheduler.job_updated"
+    ENTITY = "job_id"
+
+    job_id: str
+    kind: str  # status | metrics | checkpoint
+    job: dict[str, Any]  # the job as the replica saved it
+    step: int = 0
+    metrics: dict[str, float] = {}
+    message: str = ""
+
+
+@register
 class WorkerHeartbeat(EventData):
     """Core NATS (not stored): a worker's liveness and state, every few seconds."""
 
