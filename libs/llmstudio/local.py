@@ -31,6 +31,7 @@ from .natsserver import free_port
 # gRPC services in start order; the trainer workers (`trainer-1` ...) follow them.
 SERVICES = ("governance", "dataset", "scheduler", "registry", "evaluator")
 WORKER_PREFIX = "trainer-"
+SCHEDULER_REPLICA_PREFIX = "scheduler-"  # scheduler replicas 2..M (`up --schedulers M`)
 STATE_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials"
 STOP_TIMEOUT_S = 75.0  # a graceful stop before SIGKILL: a draining trainer gets its 60 s to
@@ -59,7 +60,13 @@ class StackState:
     nats_restarts: int = 0
 
     def addr(self, service: str) -> str:
-        return self.services[service].addr
+        """Where clients reach `service`: with scheduler replicas, every replica's address in
+        one gRPC target (pick_first: the next one when a replica is down)."""
+        replicas = [s for n, s in self.services.items() if n == service
+                    or (service == "scheduler" and n.startswith(SCHEDULER_REPLICA_PREFIX))]
+        if len(replicas) == 1:
+            return replicas[0].addr
+        return "ipv4:" + ",".join(s.addr for s in replicas)
 
     @property
     def nats_port(self) -> int:
@@ -68,6 +75,11 @@ class StackState:
     @property
     def workers(self) -> list[str]:
         return [name for name in self.services if name.startswith(WORKER_PREFIX)]
+
+    @property
+    def schedulers(self) -> list[str]:
+        return [name for name in self.services
+                if name == "scheduler" or name.startswith(SCHEDULER_REPLICA_PREFIX)]
 
     def save(self) -> None:
         """Atomically: readers never see a half-written file."""
@@ -102,8 +114,11 @@ def admin_key(data_dir: Path) -> str:
 # -- the processes of a stack -------------------------------------------------------------------
 
 def service_module(name: str) -> str:
-    """`trainer-2` runs `services.trainer`; every other name is its own service."""
-    return "trainer" if name.startswith(WORKER_PREFIX) else name
+    """`trainer-2` runs `services.trainer`, `scheduler-2` `services.scheduler`; every other name
+    is its own service."""
+    if name.startswith(WORKER_PREFIX):
+        return "trainer"
+    return "scheduler" if name.startswith(SCHEDULER_REPLICA_PREFIX) else name
 
 
 def service_data_dir(state: StackState, name: str) -> Path:
@@ -113,6 +128,8 @@ def service_data_dir(state: StackState, name: str) -> Path:
     data_dir = Path(state.data_dir)
     if name.startswith(WORKER_PREFIX) and name != f"{WORKER_PREFIX}1":
         return data_dir / "workers" / name
+    if name.startswith(SCHEDULER_REPLICA_PREFIX):  # its ready file; the database is shared
+        return data_dir / "replicas" / name
     return data_dir
 
 
@@ -143,6 +160,10 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
     })
     if name.startswith(WORKER_PREFIX):
         env["LLMSTUDIO_WORKER_ID"] = "local-worker-" + name.removeprefix(WORKER_PREFIX)
+    if service_module(name) == "scheduler":  # replicas share replica 1's database
+        env["LLMSTUDIO_REPLICA_ID"] = name
+        env.setdefault("LLMSTUDIO_DATABASE_URL",
+                       f"sqlite:///{data_dir.resolve() / 'scheduler.db'}")
     return env
 
 
@@ -210,10 +231,10 @@ def up(
     progress: Callable[[str], None] | None = None,
 ) -> StackState:
     """Start the stack unless it already runs (then wait until it serves); return its state.
-    `workers`: trainer workers (default 1; an existing stack must match when it is given)."""
-    if schedulers != 1:
-        raise ValueError(f"--schedulers {schedulers}: two scheduler replicas are not supported "
-                         "yet (one scheduler per stack)")
+    `workers`: trainer workers (default 1; an existing stack must match when it is given);
+    `schedulers`: scheduler replicas (one places jobs, every one serves; default 1)."""
+    if schedulers < 1:
+        raise ValueError(f"--schedulers {schedulers}: a stack needs at least one scheduler")
     if workers is not None and workers < 1:
         raise ValueError(f"--workers {workers}: a stack needs at least one worker")
     data_dir = Path(data_dir).resolve()
@@ -222,14 +243,19 @@ def up(
         if workers is not None and workers != len(existing.workers):
             raise RuntimeError(f"a stack with {len(existing.workers)} worker(s) already runs in "
                                f"{data_dir}: run `llmstudio down` first")
+        if schedulers != 1 and schedulers != len(existing.schedulers):
+            raise RuntimeError(f"a stack with {len(existing.schedulers)} scheduler(s) already "
+                               f"runs in {data_dir}: run `llmstudio down` first")
         return _wait_ready(data_dir, existing.supervisor_pid, timeout, progress, fresh=False)
     down(data_dir)  # clear a half-dead previous stack, or one whose supervisor died
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     admin_key(data_dir)
-    names = [*SERVICES, *(f"{WORKER_PREFIX}{i}" for i in range(1, (workers or 1) + 1))]
+    replicas = [f"{SCHEDULER_REPLICA_PREFIX}{i}" for i in range(2, schedulers + 1)]
+    names = [*SERVICES, *replicas, *(f"{WORKER_PREFIX}{i}" for i in range(1, (workers or 1) + 1))]
     state = StackState(
         str(data_dir), f"nats://127.0.0.1:{free_port()}", 0,
-        services={n: ServiceProc(0, free_port() if n in GRPC_SERVICES else 0) for n in names},
+        services={n: ServiceProc(0, free_port() if service_module(n) in GRPC_SERVICES else 0)
+                  for n in names},
         otel_exporter=otel_exporter or f"file:{data_dir / 'traces.jsonl'}",
     )
     state.save()

@@ -9,13 +9,15 @@ upgraded from there: an existing database is upgraded, never recreated.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import fcntl
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command, context
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
 
 def alembic_config(migrations: Path, service: str) -> Config:
@@ -37,7 +39,10 @@ def upgrade(
     with `<service>_*` tables, or with any of `legacy_tables` (first-revision tables named before
     the `<service>_` convention, renamed by a later revision)."""
     cfg = alembic_config(migrations, service)
-    with engine.begin() as conn:
+    with _one_migrator(engine, service), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # held until this transaction ends
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                         {"key": version_table(service)})
         cfg.attributes["connection"] = conn
         tables = set(inspect(conn).get_table_names())
         own = {t for t in tables if t.startswith(f"{service}_") or t in legacy_tables}
@@ -45,6 +50,23 @@ def upgrade(
         if own and version_table(service) not in tables:
             command.stamp(cfg, first_revision(migrations))
         command.upgrade(cfg, revision)
+
+
+@contextmanager
+def _one_migrator(engine: Engine, service: str) -> Iterator[None]:
+    """Replicas of a service starting together migrate one after the other (the second finds the
+    schema at head): on SQLite through a lock file beside the database; PostgreSQL takes an
+    advisory lock in the migration's transaction instead."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.{service}-migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def current_revision(engine: Engine, service: str) -> str | None:

@@ -1,7 +1,8 @@
-"""Jobs outlive their worker, on the embedded stack with two real trainer workers: a worker killed
-(SIGKILL), drained (SIGTERM) or frozen past its lease (SIGSTOP, then SIGCONT) mid-training; each
-time the job finishes on a worker that resumed it from a stored checkpoint, never `failed`, with
-exactly one registered version."""
+"""Jobs outlive their worker and the control plane its leader, on the embedded stack with two
+real trainer workers and two scheduler replicas: a worker killed (SIGKILL), drained (SIGTERM) or
+frozen past its lease (SIGSTOP, then SIGCONT) mid-training; each time the job finishes on a
+worker that resumed it from a stored checkpoint, never `failed`, with exactly one registered
+version. The broker killed mid-job, repeatedly; the leader scheduler killed mid-job."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
 
+import nats
 import pytest
 
 from llmstudio import local
@@ -22,7 +25,9 @@ from tests.support.bus import all_stream_messages
 pytestmark = pytest.mark.slow
 
 TTL_S = 3.0  # the worker lease: no heartbeat for this long and the job is taken back
-FAST_LEASE = {"LLMSTUDIO_WORKER_TTL_S": str(TTL_S), "LLMSTUDIO_HEARTBEAT_INTERVAL_S": "0.5"}
+LEADER_TTL_S = 2.0  # the placement leader's lease
+FAST_LEASE = {"LLMSTUDIO_WORKER_TTL_S": str(TTL_S), "LLMSTUDIO_HEARTBEAT_INTERVAL_S": "0.5",
+              "LLMSTUDIO_SCHEDULER_LEASE_TTL_S": str(LEADER_TTL_S)}
 STEPS = 40
 
 
@@ -45,7 +50,7 @@ def stack(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in FAST_LEASE}
     os.environ.update(FAST_LEASE)  # the supervisor hands its environment to every service
     try:
-        local.up(data_dir, workers=2, timeout=240)
+        local.up(data_dir, workers=2, schedulers=2, timeout=240)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -213,3 +218,57 @@ def test_broker_outages_mid_job_never_kill_training_and_every_event_is_audited_o
     # each of the job's reports was stored once, whatever was retried during the outages
     checkpoints = _events(data_dir, f"llmstudio.job.checkpointed.{job.id}", JobCheckpointed)
     assert len({c.step for c in checkpoints}) == len(checkpoints)
+
+
+def _leader(nats_url: str) -> str:
+    from services.scheduler.lease import BUCKET, KEY
+
+    async def read() -> str:
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value(BUCKET)
+            return (await kv.get(KEY)).value.decode()
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(read())
+    except Exception:  # noqa: BLE001 - between a lapsed lease and its next holder
+        return ""
+
+
+def test_the_leader_scheduler_killed_mid_job_loses_nothing(stack):
+    from llmstudio.grpcutil import channel
+    from llmstudio.local import admin_key
+    from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
+
+    data_dir, _, client, _ = stack
+    state = local.StackState.load(data_dir)
+    leader = _wait_for(lambda: _leader(state.nats_url), 30, "a leader")
+    survivor = next(n for n in state.schedulers if n != leader)
+    job = _running_with_a_checkpoint(client, _submit(stack, "across-failover").id)
+
+    # a WatchJob on the surviving replica, from before the kill to the end
+    stub = jobs_pb2_grpc.JobServiceStub(channel(state.services[survivor].addr,
+                                                admin_key(data_dir)))
+    updates: list = []
+    watcher = threading.Thread(target=lambda: updates.extend(
+        stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=300)))
+    watcher.start()
+    _wait_for(lambda: updates, 30, "the watch to start")
+
+    os.kill(state.supervisor_pid, signal.SIGSTOP)  # no restart while we look
+    try:
+        os.kill(state.services[leader].pid, signal.SIGKILL)
+        later = _submit(stack, "after-the-leader")  # the client fails over to the survivor
+        done = _finished(client, job.id)
+        assert job_status_name(done.status) == "succeeded", done.error
+        assert _finished(client, later.id).status == jobs_pb2.JOB_STATUS_SUCCEEDED
+        assert _leader(state.nats_url) == survivor
+    finally:
+        os.kill(state.supervisor_pid, signal.SIGCONT)
+    watcher.join(60)
+    statuses = [job_status_name(u.job.status) for u in updates if u.kind == "status"]
+    assert statuses[0] == "running" and statuses[-1] == "succeeded"
+    steps = {u.step for u in updates if u.kind == "metrics"}
+    assert steps == set(range(1, STEPS + 1))  # every sample, before and after the kill

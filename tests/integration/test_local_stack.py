@@ -72,11 +72,24 @@ def test_backoff_doubles_to_its_cap_and_starts_over_after_a_long_run():
     assert child.start_due == now + 1
 
 
-def test_more_than_one_scheduler_is_refused_and_nothing_starts(tmp_path):
-    result = _cli(tmp_path, "up", "--schedulers", "2")
-    assert result.returncode == 1
-    assert "two scheduler replicas are not supported yet" in result.stderr
+def test_a_stack_needs_a_scheduler_and_nothing_starts_without_one(tmp_path):
+    result = _cli(tmp_path, "up", "--schedulers", "0")
+    assert result.returncode == 2 and "must be at least 1" in result.stderr
     assert not (tmp_path / local.STATE_FILE).exists()
+
+
+def test_clients_reach_scheduler_replicas_through_one_failover_target(tmp_path):
+    state = local.StackState(str(tmp_path), "nats://127.0.0.1:1", 0, services={
+        "scheduler": local.ServiceProc(1, 5001), "scheduler-2": local.ServiceProc(2, 5002),
+        "registry": local.ServiceProc(3, 5003)})
+    assert state.addr("scheduler") == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
+    assert state.addr("registry") == "127.0.0.1:5003"
+    assert state.schedulers == ["scheduler", "scheduler-2"]
+    assert local.service_module("scheduler-2") == "scheduler"
+    env = local.service_env(state, "scheduler-2", {})
+    assert env["LLMSTUDIO_REPLICA_ID"] == "scheduler-2"
+    assert env["LLMSTUDIO_DATABASE_URL"] == f"sqlite:///{tmp_path.resolve()}/scheduler.db"
+    assert local.ready_file(state, "scheduler-2") != local.ready_file(state, "scheduler")
 
 
 @pytest.mark.slow

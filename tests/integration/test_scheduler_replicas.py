@@ -106,3 +106,30 @@ async def _is(read, expected: str) -> bool:
         return await read() == expected
     except Exception:  # noqa: BLE001 - the key between its expiry and its next holder
         return False
+
+
+def test_replicas_starting_together_migrate_one_after_the_other(db_url):
+    """Two processes' worth of stores migrating one database at once: both succeed, at head."""
+    import threading
+
+    from llmstudio.migrations import current_revision
+    from services.scheduler.store import SchedulerStore
+
+    stores = [SchedulerStore(db_url) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def migrate(store: SchedulerStore) -> None:
+        try:
+            store.migrate()
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=migrate, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert current_revision(stores[0].engine, "scheduler") == "0006"
+    for s in stores:
+        s.dispose()

@@ -77,7 +77,8 @@ def register(sub) -> None:
     u.add_argument("--workers", type=_count, metavar="N",
                    help="trainer workers to start (default 1; logs/trainer-1.log ...)")
     u.add_argument("--schedulers", type=_count, default=1, metavar="M",
-                   help="scheduler replicas (only 1 for now)")
+                   help="scheduler replicas (default 1): one places jobs (the leader lease), "
+                   "every one serves; the CLI and SDK fail over between them")
     add_command(sub, "down", cmd_down, "stop the embedded stack")
     add_command(sub, "status", cmd_status, "state of each process of the embedded stack: "
                 "serving, starting, restarting (with its restart count) or down")
