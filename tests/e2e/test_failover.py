@@ -66,16 +66,17 @@ def stack(tmp_path_factory):
     local.down(data_dir)
 
 
-def _submit(stack, name: str, checkpoint_every: int = 4):
+def _submit(stack, name: str, checkpoint_every: int = 4, priority_class: str = "normal",
+            steps: int = STEPS):
     _, model_dir, client, dataset_id = stack
     return client.jobs.create({
         "name": name, "base_model": str(model_dir), "dataset": dataset_id,
         "lora": {"r": 8, "alpha": 16},
-        "hyperparameters": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 3e-3,
+        "hyperparameters": {"max_steps": steps, "batch_size": 4, "learning_rate": 3e-3,
                             "checkpoint_every": checkpoint_every, "log_every": 1,
                             "max_seq_length": 64},
         "eval": {"max_samples": 4, "max_new_tokens": 4},
-    })
+    }, priority_class=priority_class)
 
 
 def _running_with_a_checkpoint(client, job_id: str):
@@ -272,3 +273,67 @@ def test_the_leader_scheduler_killed_mid_job_loses_nothing(stack):
     assert statuses[0] == "running" and statuses[-1] == "succeeded"
     steps = {u.step for u in updates if u.kind == "metrics"}
     assert steps == set(range(1, STEPS + 1))  # every sample, before and after the kill
+
+
+def _intervals(jobs) -> list[tuple[str, str]]:
+    return [(a.started_at, a.ended_at) for j in jobs for a in j.attempts if a.started_at]
+
+
+def test_two_tenants_at_a_running_quota_of_one_share_two_workers(stack):
+    import grpc
+
+    data_dir, _, admin, _ = stack
+    keys = {t: admin.governance.create_key("developer", tenant=t).secret
+            for t in ("default", "globex")}
+    users = {t: Client(api_key=k, data_dir=data_dir) for t, k in keys.items()}
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # urgent is for admins
+            users["globex"].jobs.create({"base_model": "x", "dataset": "y"},
+                                        priority_class="urgent")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        for tenant in users:
+            admin.jobs.set_quota(tenant, max_running=1)
+        _, model_dir, _, _ = stack
+        submitted = {t: [] for t in users}
+        for tenant, user in users.items():
+            path = data_dir / f"{tenant}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in word_reversal_rows(24, 2)))
+            dataset = user.datasets.push(path, name=f"{tenant}-rows").id
+            for i in range(4):
+                submitted[tenant].append(user.jobs.create({
+                    "name": f"{tenant}-{i}", "base_model": str(model_dir), "dataset": dataset,
+                    "lora": {"r": 4, "alpha": 8},
+                    "hyperparameters": {"max_steps": 6, "batch_size": 4, "max_seq_length": 64},
+                    "eval": {"max_samples": 2, "max_new_tokens": 2}}).id)
+        done = {t: [_finished(users[t], j) for j in ids] for t, ids in submitted.items()}
+    finally:
+        for tenant, user in users.items():
+            admin.jobs.set_quota(tenant)  # no limits again
+            user.close()
+    for jobs in done.values():
+        assert [job_status_name(j.status) for j in jobs] == ["succeeded"] * 4
+        runs = sorted(_intervals(jobs))
+        # one at a time: each of the tenant's jobs started after the previous one ended
+        assert all(later[0] >= earlier[1] for earlier, later in zip(runs, runs[1:],
+                                                                           strict=False))
+    # and the tenants ran side by side: each one's first job ran while the other's did
+    (a0, a1), (b0, b1) = (min(_intervals(jobs)) for jobs in done.values())
+    assert a0 < b1 and b0 < a1
+
+
+def test_an_urgent_job_preempts_a_low_one_which_resumes_and_finishes(stack):
+    _, _, admin, _ = stack
+    lows = [_submit(stack, f"low-{i}", priority_class="low").id for i in range(2)]
+    for job_id in lows:
+        _running_with_a_checkpoint(admin, job_id)
+    urgent = _submit(stack, "urgent", priority_class="urgent", steps=8)
+    assert job_status_name(_finished(admin, urgent.id).status) == "succeeded"
+    ended = [_finished(admin, j) for j in lows]
+    assert [job_status_name(j.status) for j in ended] == ["succeeded", "succeeded"]
+    preempted = [j for j in ended if len(j.attempts) > 1]
+    assert len(preempted) == 1  # one worker was enough for it
+    low = preempted[0]
+    first, last = low.attempts[0], low.attempts[-1]
+    assert first.reason.startswith(f"released: preempted by {urgent.id} at step ")
+    stopped_at = int(first.reason.rsplit(" ", 1)[1])
+    assert last.resumed_from_step == stopped_at and last.reason == "completed"
