@@ -13,6 +13,7 @@ Calls return protobuf messages (`to_dict` turns any into plain JSON-able data) a
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,12 +191,14 @@ class Datasets(_Api):
 class Jobs(_Api):
     def create(self, spec: dict, priority_class: str = "normal",
                idempotency_key: str = "") -> jobs_pb2.Job:
-        """Submit a job; `priority_class`: low, normal, high (developers), urgent (admins)."""
+        """Submit a job; `priority_class`: low, normal, high (developers), urgent (admins).
+        Without an `idempotency_key` one is made, so a retried call (a scheduler replica gone
+        mid-call) creates one job."""
         struct = struct_pb2.Struct()
         struct.update(spec)
         return self._stub.CreateJob(jobs_pb2.CreateJobRequest(
-            spec=struct, priority_class=priority_class, idempotency_key=idempotency_key),
-            timeout=self._timeout)
+            spec=struct, priority_class=priority_class,
+            idempotency_key=idempotency_key or uuid.uuid4().hex), timeout=self._timeout)
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self._stub.GetJob(jobs_pb2.GetJobRequest(id=job_id), timeout=self._timeout)

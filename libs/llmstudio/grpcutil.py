@@ -8,6 +8,7 @@ caller's trace, and maps domain errors to status codes.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -228,9 +229,21 @@ class _ClientMetadata(
         return continuation(self._details(details), request_iterator)
 
 
+# A call that finds its server gone (a replica killed, a restart) is tried again, on the next
+# address of a multi-address target ("ipv4:a,b": scheduler replicas). Safe: reads are
+# idempotent, and the SDK sends every CreateJob with an idempotency key.
+RETRY_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
 def channel(addr: str, api_key: str = "") -> grpc.Channel:
+    options = [*MESSAGE_OPTIONS, ("grpc.enable_retries", 1),
+               ("grpc.service_config", RETRY_CONFIG)]
     return grpc.intercept_channel(
-        grpc.insecure_channel(addr, options=MESSAGE_OPTIONS), _ClientMetadata(api_key)
+        grpc.insecure_channel(addr, options=options), _ClientMetadata(api_key)
     )
 
 

@@ -87,9 +87,9 @@ class OutboxUnit:
         rows = self.conn.execute(select(table).order_by(table.c.id).limit(limit))
         return [PendingEvent(r.id, r.subject, r.envelope, r.traceparent) for r in rows]
 
-    def remove_event(self, event_id: int) -> None:
+    def remove_events(self, event_ids: list[int]) -> None:
         table = self.outbox_table
-        self.conn.execute(table.delete().where(table.c.id == event_id))
+        self.conn.execute(table.delete().where(table.c.id.in_(event_ids)))
 
 
 class OutboxStore(Protocol):
@@ -142,9 +142,21 @@ class Outbox:
                 pending = await self.store.in_unit(OutboxUnit.pending_events)
                 if not pending:
                     return
-                for event in pending:
-                    await self._publish(event)
-                    await self.store.in_unit(OutboxUnit.remove_event, event.id)
+                # Sent back to back on one connection (so stored in this order), acks awaited
+                # together; the rows up to the first failure are deleted in one transaction.
+                # One published after a failure is published again later: JetStream's dedup
+                # window drops the copy (same envelope id).
+                results = await asyncio.gather(*(self._publish(e) for e in pending),
+                                               return_exceptions=True)
+                failed = next((i for i, r in enumerate(results)
+                               if isinstance(r, BaseException)), len(pending))
+                if failed:
+                    await self.store.in_unit(OutboxUnit.remove_events,
+                                             [e.id for e in pending[:failed]])
+                if failed < len(pending):
+                    error = results[failed]
+                    assert isinstance(error, BaseException)
+                    raise error
 
     async def try_flush(self) -> bool:
         """`flush()`, but a failure is logged and left to `run()`; False if something is left."""

@@ -46,7 +46,8 @@ def configure_logging(name: str) -> None:
     logging.basicConfig(
         level=level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("faststream", "nats", "grpc"):
+    # llmstudio.bus.*: the broker's per-message "Received"/"Processed" lines
+    for noisy in ("faststream", "nats", "grpc", "llmstudio.bus"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -31,13 +31,14 @@ async def build(rt: Runtime) -> list[Registration]:
     watchers = Watchers()
     watchers.connect(rt.bus)  # updates reach the WatchJob streams of every replica
     workers = WorkerTable(rt.settings.worker_ttl_s)
-    Handlers(Reports(store, outbox, watchers, actor=rt.name), workers).subscribe(rt.bus)
     # Replicas share the database; one of them, the lease holder, places jobs.
     replica = (rt.settings.replica_id
                or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     lease = LeaderLease(rt.bus, replica, rt.settings.scheduler_lease_ttl_s)
     placement = Placement(store, outbox, watchers, workers, rt.bus,
                           aging_s=rt.settings.priority_aging_s, lease=lease)
+    Handlers(Reports(store, outbox, watchers, actor=rt.name), workers,
+             worker_freed=placement.wake).subscribe(rt.bus)
     rt.background += [outbox.run, lease.run, placement.run]
 
     async def dispose() -> None:

@@ -18,6 +18,7 @@ taken back from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -344,6 +345,7 @@ def effective_priority(job: Job, now: datetime, aging_s: float) -> float:
     return min(job.priority + max(waited, 0.0) / aging_s, float(PriorityClass.HIGH))
 
 
+@functools.lru_cache(maxsize=65536)  # every waiting job's, every placement round
 def _parse_time(stamp: str) -> datetime:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
@@ -480,10 +482,13 @@ class WorkerTable:
         self, worker_id: str, state: str, job_id: str = "", device: str = "",
         memory_bytes: int = 0, bf16: bool = False, ended: tuple[str, int] = ("", 0),
         device_count: int = 1, slots: int = 1,
-    ) -> None:
+    ) -> bool:
+        """Record a heartbeat; True when the worker has just become idle (or is new)."""
+        before = self._workers.get(worker_id)
         self._workers[worker_id] = Worker(
             worker_id, state, job_id, device, self._clock(), memory_bytes, bf16, ended,
             max(device_count, 1), max(slots, 1))
+        return state == "idle" and (before is None or before.state != "idle")
 
     def silent_for(self, worker_id: str) -> float:
         w = self._workers.get(worker_id)
@@ -683,8 +688,11 @@ def preemptions(
     waiting job's own class whose worker could run it (newest first among equals); never one of
     the same class, and never one already being preempted (`preempting`: their ids)."""
     taken = set(preempting)
+    lowest = min((r.priority for r in running), default=None)
     pairs = []
     for job in waiting:
+        if lowest is None or job.priority <= lowest:
+            continue  # nothing runs below its class
         gpu_reason = needs_gpu(job.spec)
         victims = [
             r for r in running

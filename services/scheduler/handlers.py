@@ -63,9 +63,11 @@ JOB_REPORTS = (JobCheckpointed, JobReleased, *REPORTS)
 
 
 class Handlers:
-    def __init__(self, reports: Reports, workers: WorkerTable):
+    def __init__(self, reports: Reports, workers: WorkerTable,
+                 worker_freed: Callable[[], None] = lambda: None):
         self.reports = reports
         self.workers = workers
+        self.worker_freed = worker_freed  # a worker just became idle: placement may act
         self._on_job: dict[type[EventData], Callable[[Envelope, Any], Awaitable[None]]] = {
             JobCheckpointed: self.on_checkpointed, JobReleased: self.on_released,
             **dict.fromkeys(REPORTS, self.on_report),
@@ -96,10 +98,11 @@ class Handlers:
 
     # -- workers ------------------------------------------------------------------------------
     async def on_heartbeat(self, env: Envelope, data: WorkerHeartbeat) -> None:
-        self.workers.heartbeat(data.worker_id, data.state, data.job_id, data.device,
-                               data.memory_bytes, data.bf16,
-                               (data.ended_job_id, data.ended_attempt), data.device_count,
-                               data.slots)
+        if self.workers.heartbeat(data.worker_id, data.state, data.job_id, data.device,
+                                  data.memory_bytes, data.bf16,
+                                  (data.ended_job_id, data.ended_attempt), data.device_count,
+                                  data.slots):
+            self.worker_freed()
 
     async def on_job_event(self, env: Envelope, data: EventData) -> None:
         await self._on_job[type(data)](env, data)

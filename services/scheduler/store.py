@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
     select,
 )
 
@@ -142,15 +143,19 @@ class Unit(OutboxUnit):
             raise Conflict(f"job {job.id} changed since version {job.version}")
         return saved
 
-    def waiting_jobs(self) -> list[Job]:
-        """Queued jobs no worker holds: what placement hands out."""
-        rows = self.conn.execute(
-            select(jobs).where(
-                jobs.c.status == Status.QUEUED.value,
-                jobs.c.worker_id == "",
-                jobs.c.cancel_requested.is_(False),
-            )
-        )
+    def waiting_jobs(self, per_queue: int = 0) -> list[Job]:
+        """Queued jobs no worker holds: what placement hands out. `per_queue`: only the oldest
+        that many of each (tenant, class) queue, the only ones a placement round can reach
+        (0: all)."""
+        waiting = (jobs.c.status == Status.QUEUED.value, jobs.c.worker_id == "",
+                   jobs.c.cancel_requested.is_(False))
+        if not per_queue:
+            return [_job(r) for r in self.conn.execute(select(jobs).where(*waiting))]
+        place_in_queue = func.row_number().over(
+            partition_by=(jobs.c.tenant, jobs.c.priority),
+            order_by=(jobs.c.created_at, jobs.c.id)).label("place_in_queue")
+        ranked = select(jobs, place_in_queue).where(*waiting).subquery()
+        rows = self.conn.execute(select(ranked).where(ranked.c.place_in_queue <= per_queue))
         return [_job(r) for r in rows]
 
     def assigned_jobs(self) -> list[Job]:
@@ -165,10 +170,9 @@ class Unit(OutboxUnit):
 
     def waiting_count(self, tenant: str) -> int:
         """The tenant's jobs not yet on a worker: what its queued quota bounds."""
-        rows = self.conn.execute(select(jobs.c.id).where(
+        return int(self.conn.execute(select(func.count()).select_from(jobs).where(
             jobs.c.tenant == tenant, jobs.c.worker_id == "",
-            jobs.c.status.in_([s.value for s in ACTIVE if s != Status.RUNNING])))
-        return len(rows.all())
+            jobs.c.status.in_([s.value for s in ACTIVE if s != Status.RUNNING]))).scalar_one())
 
     # -- quotas -----------------------------------------------------------------------------
     def quota(self, tenant: str) -> Quota | None:

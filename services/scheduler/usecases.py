@@ -10,6 +10,7 @@ Errors are the kernel's domain errors (llmstudio.errors).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -62,6 +63,12 @@ R = TypeVar("R")
 # A change racing another (placement, a worker's report, a second cancel) reads the job again and
 # decides again, this many times in all.
 CONFLICT_ATTEMPTS = 3
+# Placement reads at least this many of each (tenant, class) queue's oldest jobs.
+MIN_QUEUE_HEAD = 16
+# Placement waits this long after a wake-up, so a burst of events makes one tick.
+COALESCE_S = 0.01
+# After a job's end, a WatchJob waits this long at most for samples not handled yet.
+TRAILING_SAMPLES_S = 10.0
 # A WatchJob with no update for this long re-reads its job (fan-out is best effort).
 WATCH_REREAD_S = 5.0
 WORK_STREAM = "WORK"
@@ -264,7 +271,9 @@ class Jobs:
                     if update.job.status == status or update.job.version < version:
                         continue
                     status, version = update.job.status, update.job.version
-                    if status.terminal:  # samples stored after the last one sent, then the end
+                    if status.terminal:  # the samples still coming or not sent, then the end
+                        async for trailing in _trailing_samples(queue, update.job, sent):
+                            yield trailing
                         for missed in await _unsent_samples(self.store, update.job, sent):
                             yield missed
                 yield update
@@ -418,7 +427,9 @@ class Lease(Protocol):
 
 
 class Placement:
-    """Queued jobs onto idle live workers, and jobs back from lost workers, every `interval_s`.
+    """Queued jobs onto idle live workers, and jobs back from lost workers: when something that
+    may allow a placement happened (`wake`: a job queued, a worker free), at most every
+    `interval_s` otherwise.
 
     Each tick:
     1. a job whose worker went silent (no heartbeat for the worker TTL: its lease expired) is
@@ -426,9 +437,10 @@ class Placement:
        (JobRequeued), which resumes from the job's newest stored checkpoint; the worker, should
        it come back, finds the job requeued and stops. A running job that loses its worker for
        the `max_attempts`-th time fails with the history of its attempts;
-    2. waiting jobs are paired with free workers (`core.place`); each assignment is saved with
-       its JobAssigned event and the WorkItem (llmstudio.work.<worker>), both published in the
-       job's CreateJob trace so the worker's spans join it.
+    2. waiting jobs are paired with free workers (`core.place`); the tick's assignments are
+       saved in one transaction, each with its JobAssigned event and the WorkItem
+       (llmstudio.work.<worker>), both published in the job's CreateJob trace so the worker's
+       spans join it.
     A job that changed meanwhile (Conflict) is left to the next tick, which sees it as it is.
     """
 
@@ -451,6 +463,12 @@ class Placement:
         self._running_since: dict[str, float] = {}
         self._preempting: set[str] = set()  # running jobs asked to make room (not asked twice)
         self._was_disconnected = False
+        self._woken = asyncio.Event()
+        watchers.on_status(lambda _job: self.wake())  # queued, ended, requeued, resumed...
+
+    def wake(self) -> None:
+        """Something happened that may allow a placement: tick soon."""
+        self._woken.set()
 
     async def run(self) -> None:
         while True:
@@ -459,15 +477,23 @@ class Placement:
                     await self.tick()
             except Exception:  # noqa: BLE001 - a bad tick must not stop placement for good
                 log.exception("placement tick failed; retrying")
-            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.interval_s)
+            self._woken.clear()
+            await asyncio.sleep(COALESCE_S)  # what else happens meanwhile joins this tick
 
     async def tick(self) -> None:
         if self._missed_heartbeats():
             return
-        held = await self.store.in_unit(Unit.assigned_jobs)
+        # the heads of the queues are enough for the free workers; all of them only when a
+        # round leaves a worker free behind a full head (e.g. jobs no free worker can run)
+        per_queue = max(MIN_QUEUE_HEAD, 2 * len(self.workers.live()))
+        waiting, held, quotas = await self.store.in_unit(_placement_view, per_queue)
+        took_back = False
         for job in core.lost_assignments(held, self.workers):
             await self._take_back(job, f"worker {job.worker_id} lost (no heartbeat for "
                                        f"{self.workers.ttl_s:g}s)", lost=True)
+            took_back = True
         running = [j for j in held if j.status == Status.RUNNING]
         now = self.workers.now()
         self._running_since = {j.id: self._running_since.get(j.id, now) for j in running}
@@ -477,17 +503,24 @@ class Placement:
             doing = f"job {worker.job_id}" if busy and worker else "nothing"
             await self._take_back(job, f"worker {job.worker_id} reports running {doing}",
                                   lost=True)
-        waiting, held, quotas = await self.store.in_unit(_placement_view)
+            took_back = True
+        if took_back:
+            waiting, held, quotas = await self.store.in_unit(_placement_view, per_queue)
         placed = core.place(waiting.values(), self.workers.live(),
                             {j.worker_id for j in held}, aging_s=self.aging_s, quotas=quotas,
                             usage=core.Usage.of(held, self.workers))
-        for job_id, worker_id in placed:
-            await self._assign(waiting[job_id], worker_id)
-        unplaced = [j for j in core.placement_order(waiting.values(), aging_s=self.aging_s)
-                    if j.id not in dict(placed)]
-        if unplaced:
-            await self._preempt(unplaced, [j for j in await self.store.in_unit(
-                Unit.assigned_jobs) if j.status == Status.RUNNING])
+        if len(placed) < _free_workers(self.workers, held) and _truncated(waiting, per_queue):
+            waiting, held, quotas = await self.store.in_unit(_placement_view, 0)
+            placed = core.place(waiting.values(), self.workers.live(),
+                                {j.worker_id for j in held}, aging_s=self.aging_s,
+                                quotas=quotas, usage=core.Usage.of(held, self.workers))
+        if placed:
+            await self._assign([(waiting[job_id], worker_id) for job_id, worker_id in placed])
+        if len(placed) < len(waiting):
+            placed_ids = {job_id for job_id, _ in placed}
+            unplaced = [j for j in core.placement_order(waiting.values(), aging_s=self.aging_s)
+                        if j.id not in placed_ids]
+            await self._preempt(unplaced, [j for j in held if j.status == Status.RUNNING])
 
     async def _preempt(self, unplaced: list[Job], running: list[Job]) -> None:
         """Waiting jobs no free worker could take may preempt running jobs of a lower class
@@ -521,23 +554,32 @@ class Placement:
             log.info("broker connection back: worker silence meanwhile forgiven")
         return not connected
 
-    async def _assign(self, job: Job, worker_id: str) -> None:
-        def assign(u: Unit) -> Job:
-            saved = u.save(core.assigned(job, worker_id, core.now_iso()))
-            kw = {"tenant": saved.tenant, "actor": self.bus.service,
-                  "traceparent": saved.traceparent}
-            self.outbox.add(u, JobAssigned(job_id=saved.id, worker_id=worker_id,
-                                           attempt=saved.attempt), **kw)
-            self.outbox.add(u, WorkItem(
-                worker_id=worker_id, job_id=saved.id, model_name=saved.model_name,
-                spec=saved.spec, dataset_id=saved.dataset_id, dataset_sha256=saved.dataset_sha256,
-                dataset_artifacts=saved.dataset_artifacts, attempt=saved.attempt,
-            ), **kw)
-            return saved
+    async def _assign(self, pairs: list[tuple[Job, str]]) -> None:
+        """The tick's assignments in one transaction; a job that changed since it was read
+        (Conflict) is left out, for the next tick to see as it is."""
+        def assign(u: Unit) -> list[Job]:
+            saved_jobs = []
+            for job, worker_id in pairs:
+                try:
+                    saved = u.save(core.assigned(job, worker_id, core.now_iso()))
+                except Conflict:
+                    continue
+                kw = {"tenant": saved.tenant, "actor": self.bus.service,
+                      "traceparent": saved.traceparent}
+                self.outbox.add(u, JobAssigned(job_id=saved.id, worker_id=worker_id,
+                                               attempt=saved.attempt), **kw)
+                self.outbox.add(u, WorkItem(
+                    worker_id=worker_id, job_id=saved.id, model_name=saved.model_name,
+                    spec=saved.spec, dataset_id=saved.dataset_id,
+                    dataset_sha256=saved.dataset_sha256,
+                    dataset_artifacts=saved.dataset_artifacts, attempt=saved.attempt,
+                ), **kw)
+                saved_jobs.append(saved)
+            return saved_jobs
 
-        with contextlib.suppress(Conflict):
-            await self.outbox.transact(assign)
-            log.info("job %s (attempt %d) -> worker %s", job.id, job.attempt, worker_id)
+        for saved in await self.outbox.transact(assign):
+            log.info("job %s (attempt %d) -> worker %s", saved.id, saved.attempt,
+                     saved.worker_id)
 
     async def _take_back(self, job: Job, why: str, *, lost: bool) -> None:
         # The worker holds nothing else, so its whole subject is this job's work item: purge it
@@ -615,6 +657,26 @@ async def _retried(run: Callable[..., Awaitable[R]], fn: Callable[..., R], *args
     return await run(fn, *args)
 
 
+async def _trailing_samples(queue: asyncio.Queue[Update], job: Job,
+                            sent: set[int]) -> AsyncIterator[Update]:
+    """Samples ride their own stream: some may be handled after the job's end (the last ones,
+    or one redelivered after a replica died holding it). Every step a succeeded job logged
+    (each `log_every`-th and its last, per its completion), for a while at most."""
+    final = int(job.metrics.get("steps", 0))
+    every = int(job.spec.get("hyperparameters", {}).get("log_every", 1)) or 1
+    logged = {s for s in range(every, final + 1, every)} | ({final} if final else set())
+    deadline = asyncio.get_running_loop().time() + TRAILING_SAMPLES_S
+    while logged - sent:
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            update = await asyncio.wait_for(queue.get(), max(left, 0.0))
+        except TimeoutError:
+            return
+        if update.kind == "metrics" and update.step not in sent:
+            sent.add(update.step)
+            yield update
+
+
 async def _unsent_samples(store: SchedulerStore, job: Job, sent: set[int]) -> list[Update]:
     """The job's stored samples not sent yet (marked sent), by step."""
     out = []
@@ -644,9 +706,22 @@ def _reported_job(u: Unit, tenant: str, job_id: str, what: str) -> Job | None:
     return job
 
 
-def _placement_view(u: Unit) -> tuple[dict[str, Job], list[Job], dict[str, Quota]]:
-    """The jobs waiting for a worker (by id), the jobs workers hold, every tenant's quota."""
-    return {j.id: j for j in u.waiting_jobs()}, u.assigned_jobs(), u.quotas()
+def _placement_view(u: Unit, per_queue: int) -> tuple[dict[str, Job], list[Job],
+                                                      dict[str, Quota]]:
+    """The jobs waiting for a worker (by id; the heads of the queues: `Unit.waiting_jobs`),
+    the jobs workers hold, every tenant's quota."""
+    return {j.id: j for j in u.waiting_jobs(per_queue)}, u.assigned_jobs(), u.quotas()
+
+
+def _free_workers(workers: WorkerTable, held: list[Job]) -> int:
+    holding = {j.worker_id for j in held}
+    return sum(1 for w in workers.live() if w.state == "idle" and w.worker_id not in holding)
+
+
+def _truncated(waiting: dict[str, Job], per_queue: int) -> bool:
+    """Some (tenant, class) queue was read only up to its head."""
+    sizes = collections.Counter((j.tenant, j.priority) for j in waiting.values())
+    return any(n >= per_queue for n in sizes.values())
 
 
 def _waiting_view(u: Unit, tenant: str) -> tuple[list[Job], list[Job], Quota | None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -39,11 +39,16 @@ class Watchers:
         self._queues: dict[str, set[asyncio.Queue[Update]]] = defaultdict(set)
         self._bus: Bus | None = None
         self._sending: set[asyncio.Task] = set()
+        self._status_listeners: list[Callable[[Job], None]] = []
 
     def connect(self, bus: Bus) -> None:
         """Fan updates out over `bus` to every replica (this one included)."""
         self._bus = bus
         bus.subscribe_core(JobUpdated, self._on_update)
+
+    def on_status(self, listener: Callable[[Job], None]) -> None:
+        """Call `listener` with the job at each status change (this replica's or another's)."""
+        self._status_listeners.append(listener)
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Queue[Update]]:
@@ -92,3 +97,6 @@ class Watchers:
     def _deliver(self, update: Update) -> None:
         for queue in self._queues.get(update.job.id, ()):
             queue.put_nowait(update)
+        if update.kind == "status":
+            for listener in self._status_listeners:
+                listener(update.job)

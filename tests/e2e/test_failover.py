@@ -26,9 +26,10 @@ pytestmark = pytest.mark.slow
 
 TTL_S = 3.0  # the worker lease: no heartbeat for this long and the job is taken back
 LEADER_TTL_S = 2.0  # the placement leader's lease
+# (and a message held by a killed replica is delivered again after 3 s)
 FAST_LEASE = {"LLMSTUDIO_WORKER_TTL_S": str(TTL_S), "LLMSTUDIO_HEARTBEAT_INTERVAL_S": "0.5",
-              "LLMSTUDIO_SCHEDULER_LEASE_TTL_S": str(LEADER_TTL_S)}
-STEPS = 40
+              "LLMSTUDIO_SCHEDULER_LEASE_TTL_S": str(LEADER_TTL_S), "LLMSTUDIO_ACK_WAIT_S": "3"}
+STEPS = 120  # a tiny-model step takes 25-250 ms here: long enough to be hit mid-training
 
 
 def _wait_for(fetch, timeout: float, what: str):
@@ -286,6 +287,18 @@ def test_two_tenants_at_a_running_quota_of_one_share_two_workers(stack):
     keys = {t: admin.governance.create_key("developer", tenant=t).secret
             for t in ("default", "globex")}
     users = {t: Client(api_key=k, data_dir=data_dir) for t, k in keys.items()}
+
+    def known(user) -> bool:  # new keys reach every service through the key bucket
+        try:
+            user.jobs.get_quota()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            return False
+        return True
+
+    for user in users.values():
+        _wait_for(lambda u=user: known(u), 30, "the new key to be known")
     try:
         with pytest.raises(grpc.RpcError) as e:  # urgent is for admins
             users["globex"].jobs.create({"base_model": "x", "dataset": "y"},
@@ -323,7 +336,9 @@ def test_two_tenants_at_a_running_quota_of_one_share_two_workers(stack):
 
 def test_an_urgent_job_preempts_a_low_one_which_resumes_and_finishes(stack):
     _, _, admin, _ = stack
-    lows = [_submit(stack, f"low-{i}", priority_class="low").id for i in range(2)]
+    # long enough to be still running when the urgent job is queued, on a fast machine too
+    lows = [_submit(stack, f"low-{i}", priority_class="low", steps=400,
+                    checkpoint_every=20).id for i in range(2)]
     for job_id in lows:
         _running_with_a_checkpoint(admin, job_id)
     urgent = _submit(stack, "urgent", priority_class="urgent", steps=8)

@@ -761,6 +761,31 @@ async def test_higher_priority_runs_first(env, model_dir):
     assert peers.count(WorkItem, job_id=low.id) == 0
 
 
+async def test_a_job_behind_a_queue_head_no_worker_can_run_is_still_placed(
+        env, model_dir, tmp_path):
+    """Placement reads the heads of the queues (16 jobs each here); a worker left free behind a
+    full head of jobs it cannot run makes it read them all."""
+    stub, keys, peers = env
+    dev = keys["developer"]
+    big = tmp_path / "big-llama"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000}))
+    heads = [await create(stub, dev, big) for _ in range(17)]
+    small = await create(stub, dev, model_dir)
+    for j in (*heads, small):
+        await validate(peers, j.id)
+    await wait_status(stub, dev, small.id, pb.JOB_STATUS_QUEUED)
+    peers.hardware["w-small"] = {"device": "cpu", "memory_bytes": 1 << 30}
+    peers.workers["w-small"] = "idle"
+    item = await peers.wait_for(WorkItem, job_id=small.id)
+    assert item.data.worker_id == "w-small"
+    assert sum(peers.count(WorkItem, job_id=j.id) for j in heads) == 0
+    waiting = await stub.GetJob(pb.GetJobRequest(id=heads[0].id), metadata=md(dev))
+    assert waiting.waiting_reason.startswith("no worker can run it (w-small: needs ~")
+
+
 async def test_memory_estimate_and_hardware_checks(env, tmp_path):
     stub, keys, peers = env
     dev = keys["developer"]
@@ -857,7 +882,7 @@ def test_store_round_trip_versions_and_queries(store):
         pending = u.pending_events()
         assert [(p.subject, p.envelope, p.traceparent) for p in pending] == [
             ("s.1", "{1}", "tp1"), ("s.2", "{2}", "")]
-        u.remove_event(pending[0].id)
+        u.remove_events([pending[0].id])
         assert [p.subject for p in u.pending_events()] == ["s.2"]
 
 
