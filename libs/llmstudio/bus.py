@@ -212,6 +212,9 @@ class Bus:
         self.subscribe_subject(
             durable, subscription_subject(classes, entity), typed,
             deliver_new=deliver_new, inactive_threshold_s=inactive_threshold_s,
+            # the server sends only these (one consumer, so their order is kept): not every
+            # event of the domain for the handler to skip
+            only=sorted({f"{cls.SUBJECT}.{entity}" for cls in classes}),
         )
 
     def subscribe_subject(
@@ -222,10 +225,12 @@ class Bus:
         *,
         deliver_new: bool = False,
         inactive_threshold_s: float | None = None,
+        only: list[str] | None = None,
     ) -> None:
         """Register `handler` for every event on `subject` as the durable pull consumer
         `<service>-<name>`: for consumers of whole streams (the audit log), where the handler
-        takes every type. Services subscribe to event classes with `subscribe`.
+        takes every type. Services subscribe to event classes with `subscribe`. `only`: the
+        subjects under `subject` the consumer takes (NATS filter_subjects), when not all.
 
         Must be called before `start()`. The handler gets a validated envelope and its data; it
         must be idempotent (delivery is at least once). Raising makes the message redelivered
@@ -236,7 +241,8 @@ class Bus:
         stream = stream_for(subject)
         config = ConsumerConfig(
             durable_name=durable,
-            filter_subject=subject,
+            filter_subject=None if only and len(only) > 1 else subject,
+            filter_subjects=only if only and len(only) > 1 else None,
             max_deliver=max_deliver,
             ack_wait=self.settings.ack_wait_s,
             deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,

@@ -66,7 +66,7 @@ CONFLICT_ATTEMPTS = 3
 # Placement reads at least this many of each (tenant, class) queue's oldest jobs.
 MIN_QUEUE_HEAD = 16
 # Placement waits this long after a wake-up, so a burst of events makes one tick.
-COALESCE_S = 0.01
+COALESCE_S = 0.05
 # After a job's end, a WatchJob waits this long at most for samples not handled yet.
 TRAILING_SAMPLES_S = 10.0
 # A WatchJob with no update for this long re-reads its job (fan-out is best effort).
