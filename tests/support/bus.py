@@ -42,7 +42,7 @@ async def all_stream_messages(nats_url: str, subject_filter: str, idle_s: float 
         while True:
             try:
                 messages += await sub.fetch(256, timeout=idle_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises either
+            except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                 return messages
     finally:
         await nc.close()

@@ -475,7 +475,7 @@ def test_free_capacity_is_shared_by_weighted_dominant_share():
 
 
 def test_quotas_hold_jobs_in_the_queue_and_say_why():
-    from services.scheduler.core import Quota, Usage, quota_reason, queued_quota_refusal
+    from services.scheduler.core import Quota, Usage, queued_quota_refusal, quota_reason
 
     workers = [worker(f"w{i}") for i in range(3)]
     queued = [tenant_job(f"a{i}", "acme", f"2025-01-01T00:00:0{i}.000000Z") for i in range(3)]
