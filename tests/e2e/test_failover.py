@@ -21,6 +21,7 @@ from llmstudio.client import Client, job_status_name
 from llmstudio.demo_data import word_reversal_rows
 from llmstudio.events import JobCheckpointed, JobMetrics, decode
 from tests.support.bus import all_stream_messages
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +33,6 @@ FAST_LEASE = {"LLMSTUDIO_WORKER_TTL_S": str(TTL_S), "LLMSTUDIO_HEARTBEAT_INTERVA
 STEPS = 120  # a tiny-model step takes 25-250 ms here: long enough to be hit mid-training
 
 
-def _wait_for(fetch, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = fetch()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +80,7 @@ def _running_with_a_checkpoint(client, job_id: str):
         running = job_status_name(job.status) == "running" and job.artifacts.get("checkpoint")
         return job if running else None
 
-    job = _wait_for(ready, 180, f"{job_id} to run and checkpoint")
+    job = wait_for(ready, 180, f"{job_id} to run and checkpoint")
     return job
 
 
@@ -102,7 +95,7 @@ def _finished(client, job_id: str):
         job = client.jobs.get(job_id)
         return job if job_status_name(job.status) in ("succeeded", "failed", "cancelled") else None
 
-    return _wait_for(done, 300, f"{job_id} to finish")
+    return wait_for(done, 300, f"{job_id} to finish")
 
 
 def _events(data_dir, subject: str, cls) -> list:
@@ -122,7 +115,7 @@ def _assert_resumed_and_registered_once(stack, job, name: str) -> None:
                    if m.attempt == last.attempt)
     assert steps[0] == last.resumed_from_step + 1 and steps[-1] == STEPS
     assert job.artifacts["checkpoint"].endswith(f"checkpoint-{STEPS}")
-    versions = _wait_for(lambda: list(client.models.get(name).versions), 60, "a version")
+    versions = wait_for(lambda: list(client.models.get(name).versions), 60, "a version")
     time.sleep(1.0)
     assert [v.lineage.job_id for v in client.models.get(name).versions] == [job.id]
     assert len(versions) == 1
@@ -162,7 +155,7 @@ def test_a_frozen_worker_finds_its_lease_gone_and_its_late_reports_change_nothin
     pid = _worker_pid(data_dir, victim)
     os.killpg(pid, signal.SIGSTOP)
     try:
-        _wait_for(lambda: client.jobs.get(job.id).attempt >= 2, 30, "the job to be requeued")
+        wait_for(lambda: client.jobs.get(job.id).attempt >= 2, 30, "the job to be requeued")
         time.sleep(1.0)  # the other worker takes it up
     finally:
         os.killpg(pid, signal.SIGCONT)
@@ -175,7 +168,7 @@ def test_a_frozen_worker_finds_its_lease_gone_and_its_late_reports_change_nothin
     # that the scheduler took, and its log says why it stopped
     log = local.log_file(local.StackState.load(data_dir), f"{local.WORKER_PREFIX}"
                          f"{victim.rsplit('-', 1)[1]}")
-    _wait_for(lambda: "lease lost: job requeued as attempt" in log.read_text(), 30, "the fence")
+    wait_for(lambda: "lease lost: job requeued as attempt" in log.read_text(), 30, "the fence")
     checkpoints = _events(data_dir, f"llmstudio.job.checkpointed.{job.id}", JobCheckpointed)
     late = [c for c in checkpoints if c.attempt == 1 and c.step > done.attempts[1]
             .resumed_from_step]
@@ -196,7 +189,7 @@ def test_broker_outages_mid_job_never_kill_training_and_every_event_is_audited_o
     for _ in range(3):
         pid = local.StackState.load(data_dir).nats_pid
         os.kill(pid, signal.SIGKILL)
-        _wait_for(lambda old=pid: local.StackState.load(data_dir).nats_pid != old, 30,
+        wait_for(lambda old=pid: local.StackState.load(data_dir).nats_pid != old, 30,
                   "nats back")
         during.append(job_status_name(client.jobs.get(job.id).status))
         time.sleep(1.5)  # some training between outages
@@ -208,14 +201,14 @@ def test_broker_outages_mid_job_never_kill_training_and_every_event_is_audited_o
     assert done.artifacts["checkpoint"].endswith(f"checkpoint-{STEPS}")
 
     url = local.StackState.load(data_dir).nats_url
-    _wait_for(lambda: client.models.get("through-outages").versions, 60, "its version")
+    wait_for(lambda: client.models.get("through-outages").versions, 60, "its version")
 
     def audited():
         stream_ids = asyncio.run(_stream_event_ids(url))
         audit_ids = [r.event_id for r in client.governance.query_audit(limit=100000)]
         return audit_ids if set(stream_ids) == set(audit_ids) else None
 
-    audit_ids = _wait_for(audited, 60, "the audit to hold every stored event")
+    audit_ids = wait_for(audited, 60, "the audit to hold every stored event")
     assert max(collections.Counter(audit_ids).values()) == 1
     # each of the job's reports was stored once, whatever was retried during the outages
     checkpoints = _events(data_dir, f"llmstudio.job.checkpointed.{job.id}", JobCheckpointed)
@@ -246,7 +239,7 @@ def test_the_leader_scheduler_killed_mid_job_loses_nothing(stack):
 
     data_dir, _, client, _ = stack
     state = local.StackState.load(data_dir)
-    leader = _wait_for(lambda: _leader(state.nats_url), 30, "a leader")
+    leader = wait_for(lambda: _leader(state.nats_url), 30, "a leader")
     survivor = next(n for n in state.schedulers if n != leader)
     job = _running_with_a_checkpoint(client, _submit(stack, "across-failover").id)
 
@@ -257,7 +250,7 @@ def test_the_leader_scheduler_killed_mid_job_loses_nothing(stack):
     watcher = threading.Thread(target=lambda: updates.extend(
         stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=300)))
     watcher.start()
-    _wait_for(lambda: updates, 30, "the watch to start")
+    wait_for(lambda: updates, 30, "the watch to start")
 
     os.kill(state.supervisor_pid, signal.SIGSTOP)  # no restart while we look
     try:
@@ -298,7 +291,7 @@ def test_two_tenants_at_a_running_quota_of_one_share_two_workers(stack):
         return True
 
     for user in users.values():
-        _wait_for(lambda u=user: known(u), 30, "the new key to be known")
+        wait_for(lambda u=user: known(u), 30, "the new key to be known")
     try:
         with pytest.raises(grpc.RpcError) as e:  # urgent is for admins
             users["globex"].jobs.create({"base_model": "x", "dataset": "y"},

@@ -7,7 +7,6 @@ import asyncio
 import collections
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import grpc
@@ -20,20 +19,13 @@ from llmstudio.client import Client, job_status_name, to_dict
 from llmstudio.demo_data import word_reversal_rows
 from llmstudio.events import InvalidEvent, JobQueued, decode, make_envelope
 from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12
 
 
-def _wait_for(fetch, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = fetch()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +72,7 @@ def test_watch_streams_metrics_and_job_succeeds(stack, finished_job):
     # Metrics travel on their own stream: the last sample may be stored just after the job's
     # completion was handled, so the stream need not carry it; the job record does.
     assert steps == sorted(steps) and max(steps) >= STEPS - 2, steps
-    final = _wait_for(lambda: (j := client.jobs.get(job.id)).metrics.get("step") == STEPS and j,
+    final = wait_for(lambda: (j := client.jobs.get(job.id)).metrics.get("step") == STEPS and j,
                       30, "the last metrics sample on the job")
     assert final.metrics["loss"] > 0
     assert all("loss" in u.metrics for u in updates if u.kind == "metrics")
@@ -102,7 +94,7 @@ def test_checkpoint_is_complete_in_the_artifact_store(stack, finished_job):
 def test_evaluation_and_registered_version_with_lineage(stack, finished_job):
     _, _, client = stack
     ds, job, _ = finished_job
-    ev = _wait_for(lambda: next((e for e in client.evaluations.list(job.id)
+    ev = wait_for(lambda: next((e for e in client.evaluations.list(job.id)
                                  if e.status in ("completed", "failed")), None), 180, "evaluation")
     assert ev.status == "completed", ev.error
     assert set(ev.base_metrics) >= {"eval_loss", "exact_match", "perplexity"}
@@ -115,7 +107,7 @@ def test_evaluation_and_registered_version_with_lineage(stack, finished_job):
             return None
         return next((v for v in m.versions if "tuned_eval_loss" in v.metrics), None)
 
-    v = _wait_for(version, 60, "registered version with metrics")
+    v = wait_for(version, 60, "registered version with metrics")
     assert v.lineage.dataset_sha256 == ds.sha256
     assert v.lineage.job_id == job.id and v.lineage.dataset_id == ds.id
     assert v.lineage.evaluation_id == ev.id
@@ -137,7 +129,7 @@ def test_one_trace_links_every_service_of_the_job(stack, finished_job):
         return found if found >= {"dataset", "scheduler", "trainer", "evaluator",
                                   "registry"} else None
 
-    assert _wait_for(services, 60, "spans of every service in the job's trace")
+    assert wait_for(services, 60, "spans of every service in the job's trace")
 
 
 async def _stream_event_ids(nats_url: str) -> list[str]:
@@ -180,7 +172,7 @@ def test_bad_input_is_refused_with_the_right_status(stack):
 
     viewer_secret = client.governance.create_key("viewer", name="e2e-viewer").secret
     viewer = Client(api_key=viewer_secret, data_dir=data_dir)
-    assert _wait_for(lambda: _whoami_ok(viewer), 10, "viewer key to propagate")
+    assert wait_for(lambda: _whoami_ok(viewer), 10, "viewer key to propagate")
     assert viewer.jobs.list() is not None
     with pytest.raises(grpc.RpcError) as e:
         viewer.jobs.create({"base_model": str(model_dir), "dataset": "ds-x"})
@@ -209,7 +201,7 @@ def test_invalid_event_is_dead_lettered_and_audited(stack):
         return env.id
 
     asyncio.run(publish_bad())
-    records = _wait_for(lambda: client.governance.query_audit("llmstudio.deadletter."), 30,
+    records = wait_for(lambda: client.governance.query_audit("llmstudio.deadletter."), 30,
                         "dead-letter record in the audit log")
     payloads = [json.loads(r.data_json) for r in records]
     assert any(p["original_subject"] == "llmstudio.job.queued.job-bad"
@@ -220,8 +212,8 @@ def test_audit_has_every_event_once_and_detects_tampering(stack, finished_job):
     data_dir, _, client = stack
     state = local.running_stack(data_dir)
     # Wait for the evaluation's and the registry's events to be audited too.
-    _wait_for(lambda: client.governance.query_audit("llmstudio.model."), 60, "model events")
-    _wait_for(lambda: client.governance.query_audit("llmstudio.eval."), 60, "eval events")
+    wait_for(lambda: client.governance.query_audit("llmstudio.model."), 60, "model events")
+    wait_for(lambda: client.governance.query_audit("llmstudio.eval."), 60, "eval events")
 
     def audited_matches_streams():
         stream_ids = asyncio.run(_stream_event_ids(state.nats_url))
@@ -232,7 +224,7 @@ def test_audit_has_every_event_once_and_detects_tampering(stack, finished_job):
               set(audit_ids) - set(stream_ids))
         return None
 
-    stream_ids, audit_ids = _wait_for(audited_matches_streams, 30, "audit to catch up")
+    stream_ids, audit_ids = wait_for(audited_matches_streams, 30, "audit to catch up")
     counts = collections.Counter(audit_ids)
     assert counts and max(counts.values()) == 1
     types = {r.event_type for r in client.governance.query_audit(limit=10000)}

@@ -20,16 +20,7 @@ from llmstudio import local
 from llmstudio.client import Client
 from llmstudio.grpcutil import health_check
 from llmstudio.supervisor import BACKOFF_MAX_S, Child, backoff_s
-
-
-def _wait_for(fetch, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = fetch()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.waiting import wait_for
 
 
 def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -152,7 +143,7 @@ def test_a_killed_service_is_reported_restarted_and_the_stack_stays_reachable(st
     os.kill(before.supervisor_pid, signal.SIGSTOP)
     try:
         os.kill(registry.pid, signal.SIGKILL)
-        _wait_for(lambda: not local._alive(registry.pid), 10, "the registry to die")
+        wait_for(lambda: not local._alive(registry.pid), 10, "the registry to die")
 
         shown = _cli(stack, "status")
         assert shown.returncode == 1
@@ -170,11 +161,11 @@ def test_a_killed_service_is_reported_restarted_and_the_stack_stays_reachable(st
         os.kill(before.supervisor_pid, signal.SIGCONT)
     resumed = time.monotonic()
 
-    restarted = _wait_for(lambda: _state(stack).services["registry"].pid != registry.pid and
+    restarted = wait_for(lambda: _state(stack).services["registry"].pid != registry.pid and
                           _state(stack).services["registry"], 10, "a new registry process")
     assert time.monotonic() - resumed < backoff_s(1) + 3
     assert restarted.port == registry.port and restarted.restarts == 1
-    _wait_for(lambda: health_check(registry.addr) == "SERVING", 60, "the registry to serve")
+    wait_for(lambda: health_check(registry.addr) == "SERVING", 60, "the registry to serve")
     with Client(data_dir=stack) as client:
         assert client.models.list() == []
     assert local.status(stack)["registry"] == {

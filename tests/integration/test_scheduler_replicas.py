@@ -24,6 +24,7 @@ from tests.integration.test_scheduler_service import (
     md,
     validate,
     wait_status,
+    watching,
 )
 from tests.support.harness import put_api_key, running
 
@@ -68,14 +69,7 @@ async def test_one_replica_places_both_serve_and_the_other_takes_over(
 
             # submitted on one replica, watched on the other: every update reaches the watcher
             job = await create(via_a, dev, model_dir)
-            updates: list[pb.JobUpdate] = []
-
-            async def watch():
-                async for u in via_b.WatchJob(pb.WatchJobRequest(id=job.id), metadata=md(dev)):
-                    updates.append(u)
-
-            watcher = asyncio.create_task(watch())
-            await eventually(lambda: updates)
+            watcher, updates = await watching(via_b, dev, job.id)
             await validate(peers, job.id)
             peers.workers["w-1"] = "idle"
             await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-1")

@@ -208,6 +208,19 @@ async def wait_status(stub, key: str, job_id: str, status: int, timeout: float =
     return await eventually(reached, timeout)
 
 
+async def watching(stub, key: str, job_id: str) -> tuple[asyncio.Task, list[pb.JobUpdate]]:
+    """A WatchJob in the background, once its first update came: (its task, its updates)."""
+    updates: list[pb.JobUpdate] = []
+
+    async def watch():
+        async for update in stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=md(key)):
+            updates.append(update)
+
+    watcher = asyncio.create_task(watch())
+    await eventually(lambda: updates)
+    return watcher, updates
+
+
 async def validate(peers: Peers, job_id: str, tenant: str = TENANT) -> None:
     await peers.publish(DatasetValidated(job_id=job_id, dataset_id="ds-1", sha256=SHA,
                                          artifacts=ARTIFACTS), tenant=tenant)
@@ -234,14 +247,7 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     assert submitted.data.spec["hyperparameters"]["max_steps"] == 3  # an int again, defaults in
     assert submitted.data.spec["lora"]["r"] == 8
 
-    updates: list[pb.JobUpdate] = []
-
-    async def watch():
-        async for update in stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=md(dev)):
-            updates.append(update)
-
-    watcher = asyncio.create_task(watch())
-    await eventually(lambda: updates)
+    watcher, updates = await watching(stub, dev, job.id)
 
     await validate(peers, job.id)
     queued = await wait_status(stub, dev, job.id, pb.JOB_STATUS_QUEUED)
