@@ -142,21 +142,16 @@ class Outbox:
                 pending = await self.store.in_unit(OutboxUnit.pending_events)
                 if not pending:
                     return
-                # Sent back to back on one connection (so stored in this order), acks awaited
-                # together; the rows up to the first failure are deleted in one transaction.
-                # One published after a failure is published again later: JetStream's dedup
-                # window drops the copy (same envelope id).
-                results = await asyncio.gather(*(self._publish(e) for e in pending),
-                                               return_exceptions=True)
-                failed = next((i for i, r in enumerate(results)
-                               if isinstance(r, BaseException)), len(pending))
-                if failed:
-                    await self.store.in_unit(OutboxUnit.remove_events,
-                                             [e.id for e in pending[:failed]])
-                if failed < len(pending):
-                    error = results[failed]
-                    assert isinstance(error, BaseException)
-                    raise error
+                # One at a time (each acked before the next: the stream keeps their order); the
+                # rows published are deleted in one transaction, also when one fails.
+                published: list[int] = []
+                try:
+                    for event in pending:
+                        await self._publish(event)
+                        published.append(event.id)
+                finally:
+                    if published:
+                        await self.store.in_unit(OutboxUnit.remove_events, published)
 
     async def try_flush(self) -> bool:
         """`flush()`, but a failure is logged and left to `run()`; False if something is left."""

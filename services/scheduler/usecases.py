@@ -95,8 +95,6 @@ class Jobs:
         bounded by the caller's roles (core.ROLE_CEILING)."""
         priority = core.priority_class(priority_class, caller.roles)
         key = idempotency_key or None
-        if key and (existing := await self.store.in_unit(Unit.job_by_key, caller.tenant, key)):
-            return existing
         spec, estimate = await asyncio.to_thread(_checked_spec, raw_spec)
         refusal = core.refuse_on(spec, self.workers.live())
         if refusal:
@@ -111,7 +109,7 @@ class Jobs:
             idempotency_key=key, memory_estimate=estimate,
         )
         try:
-            await self.outbox.transact(self._add, job)
+            return await self.outbox.transact(self._add, job)
         except IntegrityError:
             # The same key, submitted concurrently, won.
             existing = (await self.store.in_unit(Unit.job_by_key, caller.tenant, key)
@@ -119,9 +117,12 @@ class Jobs:
             if existing is None:
                 raise
             return existing
-        return job
 
-    def _add(self, u: Unit, job: Job) -> None:
+    def _add(self, u: Unit, job: Job) -> Job:
+        """`job` stored and announced, or the job an earlier call with its key created."""
+        if job.idempotency_key and (
+                existing := u.job_by_key(job.tenant, job.idempotency_key)):
+            return existing
         # in the transaction that adds the job, so concurrent submits cannot both pass
         if refusal := core.queued_quota_refusal(u.quota(job.tenant), u.waiting_count(job.tenant)):
             raise ResourceExhausted(refusal)
@@ -130,6 +131,7 @@ class Jobs:
             job_id=job.id, dataset_id=job.dataset_id, model_name=job.model_name, spec=job.spec,
             priority=job.priority, priority_class=core.PriorityClass(job.priority).label,
         ), tenant=job.tenant, actor=job.created_by)
+        return job
 
     async def get(self, job_id: str, tenant: str) -> Job:
         return await self.store.in_unit(_tenant_job, job_id, tenant)

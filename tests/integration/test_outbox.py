@@ -113,3 +113,25 @@ async def test_a_published_event_is_removed_from_the_outbox(nats_server, tmp_pat
     finally:
         await bus.stop()
         store.dispose()
+
+
+async def test_a_transaction_s_events_reach_the_stream_in_the_order_written(nats_server, tmp_path):
+    """A fresh bus (its first publish sets up the reply subscription) flushing many events of
+    one transaction: the stream holds them in the order they were added."""
+    store = migrated_store(tmp_path)
+    bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
+    outbox = Outbox(store, bus)
+    await bus.start()
+    try:
+        with store.unit() as u:
+            for version in range(1, 41):
+                outbox.add(u, stage_changed(version), tenant="acme")
+        await outbox.flush()
+        messages = await stream_messages(nats_server.url, SUBJECTS, 40)
+        versions = [Envelope.model_validate_json(m.data).data["version"] for m in messages]
+        assert versions == list(range(1, 41))
+        with store.unit() as u:
+            assert u.pending_events() == []
+    finally:
+        await bus.stop()
+        store.dispose()
