@@ -1,17 +1,17 @@
 """Fan-out of job updates to WatchJob streams, across scheduler replicas.
 
-Use cases call `status`/`metrics`/`checkpoint` after they commit. With a bus (`connect`), each
-update is published on core NATS (JobUpdated) and every replica, this one included, hands it to
-its own open WatchJob streams: a client watching on one replica sees what another one changed.
-Without one (tests of the use cases alone) updates go straight to this process's streams. Core
-NATS may drop an update while the broker is away: WatchJob also re-reads its job now and then
-(usecases.Jobs.watch).
+Use cases call `status`/`metrics`/`checkpoint` after they commit. Each update goes straight to
+this replica's open WatchJob streams (in the order the use cases ran), and with a bus
+(`connect`) it is also published on core NATS (JobUpdated) for every other replica to hand to its
+own: a client watching on one replica sees what another one changed. Core NATS may drop or
+reorder an update: WatchJob dedupes, and re-reads its job now and then (usecases.Jobs.watch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +40,7 @@ class Watchers:
         self._bus: Bus | None = None
         self._sending: set[asyncio.Task] = set()
         self._status_listeners: list[Callable[[Job], None]] = []
+        self._origin = uuid.uuid4().hex  # this replica, in the updates it fans out
 
     def connect(self, bus: Bus) -> None:
         """Fan updates out over `bus` to every replica (this one included)."""
@@ -71,8 +72,8 @@ class Watchers:
         self._send(Update("checkpoint", job, step=step, message=key))
 
     def _send(self, update: Update) -> None:
+        self._deliver(update)
         if self._bus is None:
-            self._deliver(update)
             return
         task = asyncio.get_running_loop().create_task(self._publish(update))
         self._sending.add(task)  # held until done: the loop keeps only weak references
@@ -84,11 +85,14 @@ class Watchers:
             await self._bus.publish_core(JobUpdated(
                 job_id=update.job.id, kind=update.kind, job=job_to_dict(update.job),
                 step=update.step, metrics=update.metrics, message=update.message,
+                origin=self._origin,
             ), tenant=update.job.tenant)
         except Exception as e:  # noqa: BLE001 - watchers re-read the job (Jobs.watch)
             log.warning("job %s update not fanned out: %s", update.job.id, e)
 
     async def _on_update(self, env: Envelope, data: JobUpdated) -> None:
+        if data.origin == self._origin:
+            return  # delivered when it was sent
         job = job_from_dict(data.job)
         if job.tenant != env.tenant or job.id != data.job_id:
             return

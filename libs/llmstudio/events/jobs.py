@@ -277,6 +277,7 @@ class JobUpdated(EventData):
     step: int = 0
     metrics: dict[str, float] = {}
     message: str = ""
+    origin: str = ""  # the replica that sent it (it told its own streams already)
 
 
 @register
