@@ -123,8 +123,11 @@ class Jobs:
         if job.idempotency_key and (
                 existing := u.job_by_key(job.tenant, job.idempotency_key)):
             return existing
-        # in the transaction that adds the job, so concurrent submits cannot both pass
-        if refusal := core.queued_quota_refusal(u.quota(job.tenant), u.waiting_count(job.tenant)):
+        # in the transaction that adds the job, so concurrent submits cannot both pass; counted
+        # only under a queued quota (the count reads every waiting job of the tenant)
+        quota = u.quota(job.tenant)
+        if quota and quota.max_queued and (refusal := core.queued_quota_refusal(
+                quota, u.waiting_count(job.tenant))):
             raise ResourceExhausted(refusal)
         u.add_job(job)
         self.outbox.add(u, JobSubmitted(
