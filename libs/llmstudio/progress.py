@@ -24,7 +24,8 @@ class JobProgress:
             total = int(m.get("max_steps", 0))
             if total and self.bar.total != total:
                 self.bar.total = total
-            self.bar.n = int(update.step)
+            # a sample redelivered late (its first handling failed) does not move the bar back
+            self.bar.n = max(self.bar.n, int(update.step))
             postfix = {"loss": f"{m.get('loss', float('nan')):.4f}",
                        "tok_s": f"{m.get('tokens_per_s', 0):.0f}"}
             if "eval_loss" in m:

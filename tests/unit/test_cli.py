@@ -172,3 +172,18 @@ def test_quota_output_names_each_limit():
                        updated_at="t")
     assert _quota_text(q) == ("tenant acme: running 2, queued unlimited, gpus unlimited, "
                               "cpu slots unlimited; weight 3 (set by key-1 at t)")
+
+
+def test_the_progress_bar_does_not_move_back_for_a_late_sample(tmp_path):
+    import io
+
+    from llmstudio.progress import JobProgress
+    from llmstudio.v1 import jobs_pb2
+
+    running = jobs_pb2.Job(status=jobs_pb2.JOB_STATUS_RUNNING)
+    bar = JobProgress(file=io.StringIO())
+    for step in (1, 3, 2):
+        bar.update(jobs_pb2.JobUpdate(kind="metrics", job=running, step=step,
+                                      metrics={"max_steps": 5.0, "loss": 1.0}))
+    assert (bar.bar.n, bar.bar.total) == (3, 5)
+    bar.close()
