@@ -332,10 +332,11 @@ class Bus:
         await self.publish(data, tenant="system", actor=self.service)
 
     # -- key-value -------------------------------------------------------------------------
-    async def kv(self, bucket: str = APIKEY_BUCKET):
+    async def kv(self, bucket: str = APIKEY_BUCKET, ttl_s: float | None = None):
+        """The KV bucket, created on first use (`ttl_s`: how long its entries live)."""
         assert self.js is not None, "bus not started"
         try:
             return await self.js.key_value(bucket)
         except (NotFoundError, nats.js.errors.BucketNotFoundError):
-            return await self.js.create_key_value(bucket=bucket, history=1)
+            return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl_s)
 

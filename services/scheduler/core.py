@@ -104,13 +104,6 @@ class Attempt:
     resumed_from_step: int = 0  # the stored checkpoint it went on from (0: from the start)
     lost: bool = False  # ended by its worker going silent: counts toward max_attempts
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Attempt:
-        return cls(**raw)
-
 
 @dataclass(frozen=True)
 class Job:
@@ -178,7 +171,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
 def job_from_dict(raw: dict[str, Any]) -> Job:
     values = dict(raw)
     values["status"] = Status(values["status"])
-    values["attempts"] = tuple(Attempt.from_dict(a) for a in values.get("attempts", ()))
+    values["attempts"] = tuple(Attempt(**a) for a in values.get("attempts", ()))
     return Job(**values)
 
 
@@ -398,6 +391,9 @@ class Usage:
             usage.add(job, w.gpu if w else False)
         return usage
 
+    def copy(self) -> Usage:
+        return Usage(dict(self.running), dict(self.gpus), dict(self.cpu_slots))
+
     def add(self, job: Job, on_gpu: bool) -> None:
         t = job.tenant
         self.running[t] = self.running.get(t, 0) + 1
@@ -411,6 +407,14 @@ class Usage:
         shares = [self.gpus.get(tenant, 0) / gpus if gpus else 0.0,
                   self.cpu_slots.get(tenant, 0) / cpu_slots if cpu_slots else 0.0]
         return max(shares) / weight
+
+
+def quota_access_refusal(caller_tenant: str, tenant: str) -> str:
+    """Why a caller of `caller_tenant` may not see or set `tenant`'s quota ('' if it may): only
+    the platform tenant's callers reach other tenants."""
+    if tenant == caller_tenant or caller_tenant == PLATFORM_TENANT:
+        return ""
+    return f"tenant {caller_tenant!r} reaches only its own quota, not {tenant!r}'s"
 
 
 def quota_reason(job: Job, quota: Quota | None, usage: Usage, on_gpu: bool | None = None) -> str:
@@ -586,12 +590,9 @@ def place(
     tenants' jobs on workers hold now.
     """
     live = list(workers)
-    free = sorted((w for w in live if w.state == "idle" and w.worker_id not in holding),
-                  key=lambda w: w.worker_id)
+    free = free_workers(live, holding)
     quotas = quotas or {}
-    usage = dataclasses.replace(usage or Usage())
-    usage.running, usage.gpus, usage.cpu_slots = (dict(usage.running), dict(usage.gpus),
-                                                  dict(usage.cpu_slots))
+    usage = usage.copy() if usage else Usage()
     capacity = fleet_capacity(live)
     at = now or datetime.now(UTC)
     heads: dict[str, list[tuple[float, Job]]] = {}  # per tenant, in placement order, reversed
@@ -621,6 +622,13 @@ def place(
             pairs.append((job.id, worker.worker_id))
             usage.add(job, worker.gpu)
     return pairs
+
+
+def free_workers(workers: Iterable[Worker], holding: set[str]) -> list[Worker]:
+    """Idle workers with no assignment yet (`holding`: the workers jobs are assigned to; their
+    heartbeat may say idle until they pick the work item up), by id."""
+    return sorted((w for w in workers if w.state == "idle" and w.worker_id not in holding),
+                  key=lambda w: w.worker_id)
 
 
 def fleet_capacity(workers: Iterable[Worker]) -> tuple[int, int]:

@@ -40,7 +40,7 @@ class LeaderLease:
         return self._revision is not None and time.monotonic() < self._valid_until
 
     async def run(self) -> None:
-        kv = await self._bucket()
+        kv = await self.bus.kv(BUCKET, ttl_s=self.ttl_s)
         while True:
             try:
                 await self.refresh(kv)
@@ -64,10 +64,3 @@ class LeaderLease:
         if self.held() != was:
             log.warning("replica %s %s the placement lease", self.replica_id,
                         "holds" if self.held() else "lost")
-
-    async def _bucket(self) -> KeyValue:
-        assert self.bus.js is not None, "bus not started"
-        try:
-            return await self.bus.js.key_value(BUCKET)
-        except NotFoundError:
-            return await self.bus.js.create_key_value(bucket=BUCKET, history=1, ttl=self.ttl_s)

@@ -152,9 +152,8 @@ class Jobs:
     async def set_quota(self, quota: Quota, caller: Principal) -> Quota:
         """Admins of the platform tenant set any tenant's quota, other admins their own's; the
         change is audited (QuotaChanged)."""
-        if quota.tenant != caller.tenant and caller.tenant != core.PLATFORM_TENANT:
-            raise PermissionDenied(f"an admin of tenant {caller.tenant!r} sets only its own "
-                                   "tenant's quota")
+        if refusal := core.quota_access_refusal(caller.tenant, quota.tenant):
+            raise PermissionDenied(refusal)
         quota = dataclasses.replace(quota, updated_by=caller.key_id, updated_at=core.now_iso())
 
         def write(u: Unit) -> Quota:
@@ -170,8 +169,8 @@ class Jobs:
     async def get_quota(self, tenant: str, caller: Principal) -> Quota:
         """A tenant's quota (none set: no limits, weight 1); another tenant's only for admins
         of the platform tenant."""
-        if tenant != caller.tenant and caller.tenant != core.PLATFORM_TENANT:
-            raise PermissionDenied(f"tenant {caller.tenant!r} reads only its own quota")
+        if refusal := core.quota_access_refusal(caller.tenant, tenant):
+            raise PermissionDenied(refusal)
         return await self.store.in_unit(Unit.quota, tenant) or Quota(tenant)
 
     async def list(self, tenant: str, status: Status | None) -> list[Job]:
@@ -511,14 +510,10 @@ class Placement:
             took_back = True
         if took_back:
             waiting, held, quotas = await self.store.in_unit(_placement_view, per_queue)
-        placed = core.place(waiting.values(), self.workers.live(),
-                            {j.worker_id for j in held}, aging_s=self.aging_s, quotas=quotas,
-                            usage=core.Usage.of(held, self.workers))
-        if len(placed) < _free_workers(self.workers, held) and _truncated(waiting, per_queue):
+        placed, free = self._place(waiting, held, quotas)
+        if len(placed) < free and _truncated(waiting, per_queue):
             waiting, held, quotas = await self.store.in_unit(_placement_view, 0)
-            placed = core.place(waiting.values(), self.workers.live(),
-                                {j.worker_id for j in held}, aging_s=self.aging_s,
-                                quotas=quotas, usage=core.Usage.of(held, self.workers))
+            placed, _ = self._place(waiting, held, quotas)
         if placed:
             await self._assign([(waiting[job_id], worker_id) for job_id, worker_id in placed])
         if len(placed) < len(waiting):
@@ -526,6 +521,14 @@ class Placement:
             unplaced = [j for j in core.placement_order(waiting.values(), aging_s=self.aging_s)
                         if j.id not in placed_ids]
             await self._preempt(unplaced, [j for j in held if j.status == Status.RUNNING])
+
+    def _place(self, waiting: dict[str, Job], held: list[Job],
+               quotas: dict[str, Quota]) -> tuple[list[tuple[str, str]], int]:
+        """core.place on what was read, and how many workers were free for it."""
+        live, holding = self.workers.live(), {j.worker_id for j in held}
+        placed = core.place(waiting.values(), live, holding, aging_s=self.aging_s,
+                            quotas=quotas, usage=core.Usage.of(held, self.workers))
+        return placed, len(core.free_workers(live, holding))
 
     async def _preempt(self, unplaced: list[Job], running: list[Job]) -> None:
         """Waiting jobs no free worker could take may preempt running jobs of a lower class
@@ -716,11 +719,6 @@ def _placement_view(u: Unit, per_queue: int) -> tuple[dict[str, Job], list[Job],
     """The jobs waiting for a worker (by id; the heads of the queues: `Unit.waiting_jobs`),
     the jobs workers hold, every tenant's quota."""
     return {j.id: j for j in u.waiting_jobs(per_queue)}, u.assigned_jobs(), u.quotas()
-
-
-def _free_workers(workers: WorkerTable, held: list[Job]) -> int:
-    holding = {j.worker_id for j in held}
-    return sum(1 for w in workers.live() if w.state == "idle" and w.worker_id not in holding)
 
 
 def _truncated(waiting: dict[str, Job], per_queue: int) -> bool:

@@ -103,17 +103,16 @@ class Job:
             self.stop_reason = reason
         self.stop.set()
 
-    def fence(self, requeued: JobRequeued) -> bool:
-        """Stop for good if `requeued` took this attempt away; True if it did."""
+    def fence(self, requeued: JobRequeued) -> None:
+        """Stop for good if `requeued` took this attempt away."""
         if requeued.attempt <= self.item.attempt:
-            return False
+            return
         if not self.fenced:
             self.fenced = (f"lease lost: job requeued as attempt {requeued.attempt} "
                            f"({requeued.reason})")
             log.warning("job %s attempt %d: %s", self.item.job_id, self.item.attempt,
                         self.fenced)
         self.request_stop(self.fenced)
-        return True
 
 
 class Worker:
