@@ -465,7 +465,9 @@ class Placement:
         # worker really does (an earlier one may have been sent before it started the job)
         self.settle_s = 2 * workers.ttl_s / 5
         self._running_since: dict[str, float] = {}
-        self._preempting: set[str] = set()  # running jobs asked to make room (not asked twice)
+        # waiting job id -> (running job asked to make room for it, that job's worker): one
+        # preemption per waiting job, held until the freed worker takes it or is lost
+        self._preempting: dict[str, tuple[str, str]] = {}
         self._was_disconnected = False
         self._woken = asyncio.Event()
         watchers.on_status(lambda _job: self.wake())  # queued, ended, requeued, resumed...
@@ -520,7 +522,7 @@ class Placement:
             placed_ids = {job_id for job_id, _ in placed}
             unplaced = [j for j in core.placement_order(waiting.values(), aging_s=self.aging_s)
                         if j.id not in placed_ids]
-            await self._preempt(unplaced, [j for j in held if j.status == Status.RUNNING])
+            await self._preempt(unplaced, held)
 
     def _place(self, waiting: dict[str, Job], held: list[Job],
                quotas: dict[str, Quota]) -> tuple[list[tuple[str, str]], int]:
@@ -530,13 +532,23 @@ class Placement:
                             quotas=quotas, usage=core.Usage.of(held, self.workers))
         return placed, len(core.free_workers(live, holding))
 
-    async def _preempt(self, unplaced: list[Job], running: list[Job]) -> None:
+    async def _preempt(self, unplaced: list[Job], held: list[Job]) -> None:
         """Waiting jobs no free worker could take may preempt running jobs of a lower class
-        (core.preemptions): their workers are asked to checkpoint and hand them back."""
+        (core.preemptions): their workers are asked to checkpoint and hand them back. A waiting
+        job asks once: its victim's worker may heartbeat busy for a while after the release."""
+        running = [j for j in held if j.status == Status.RUNNING]
         candidates = [j for j in running if not (j.pause_requested or j.cancel_requested)]
-        self._preempting &= {j.id for j in candidates}
-        for victim, job in core.preemptions(unplaced, candidates, self.workers,
-                                            self._preempting):
+        running_ids, holding = {j.id for j in running}, {j.worker_id for j in held}
+        live = {w.worker_id for w in self.workers.live()}
+        self._preempting = {
+            job_id: (victim_id, worker_id)
+            for job_id, (victim_id, worker_id) in self._preempting.items()
+            if job_id in {j.id for j in unplaced}
+            and (victim_id in running_ids or (worker_id in live and worker_id not in holding))
+        }
+        asked = {victim_id for victim_id, _ in self._preempting.values()}
+        needing = [j for j in unplaced if j.id not in self._preempting]
+        for victim, job in core.preemptions(needing, candidates, self.workers, asked):
             reason = f"preempted by {job.id}"
 
             def ask(u: Unit, victim: Job = victim, reason: str = reason) -> None:
@@ -545,7 +557,7 @@ class Placement:
                     reason=reason), tenant=victim.tenant, actor=self.bus.service)
 
             await self.outbox.transact(ask)
-            self._preempting.add(victim.id)
+            self._preempting[job.id] = (victim.id, victim.worker_id)
             log.info("job %s (%s) on %s: %s (%s)", victim.id,
                      core.PriorityClass(victim.priority).label, victim.worker_id, reason,
                      core.PriorityClass(job.priority).label)

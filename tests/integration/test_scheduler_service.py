@@ -661,35 +661,44 @@ async def test_pause_and_resume_keep_the_queue_place_and_hand_running_jobs_back(
 async def test_an_urgent_job_preempts_the_lowest_class_never_the_same_class(env, model_dir):
     stub, keys, peers = env
     dev, admin = keys["developer"], keys["admin"]
-    low = await create(stub, dev, model_dir, priority="low")
-    await validate(peers, low.id)
-    peers.workers["w-1"] = "idle"
-    await peers.wait_for(WorkItem, job_id=low.id, worker_id="w-1")
-    peers.runs("w-1", low.id)
-    await peers.publish(JobStarted(job_id=low.id, worker_id="w-1"))
-    await wait_status(stub, dev, low.id, pb.JOB_STATUS_RUNNING)
+    lows = {}  # worker id -> the low job it runs
+    for worker_id in ("w-1", "w-2"):
+        low = await create(stub, dev, model_dir, priority="low")
+        await validate(peers, low.id)
+        peers.workers[worker_id] = "idle"
+        await peers.wait_for(WorkItem, job_id=low.id, worker_id=worker_id)
+        peers.runs(worker_id, low.id)
+        await peers.publish(JobStarted(job_id=low.id, worker_id=worker_id))
+        await wait_status(stub, dev, low.id, pb.JOB_STATUS_RUNNING)
+        lows[worker_id] = low.id
 
     # another low job waits: it preempts nothing
     waiting_low = await create(stub, dev, model_dir, priority="low")
     await validate(peers, waiting_low.id)
     await wait_status(stub, dev, waiting_low.id, pb.JOB_STATUS_QUEUED)
     await asyncio.sleep(0.8)
-    assert peers.count(JobReleaseRequested, job_id=low.id) == 0
+    assert peers.count(JobReleaseRequested) == 0
 
     urgent = await create(stub, admin, model_dir, priority="urgent")
     await validate(peers, urgent.id)
-    ask = await peers.wait_for(JobReleaseRequested, job_id=low.id)
-    assert ask.data.reason == f"preempted by {urgent.id}" and ask.data.worker_id == "w-1"
+    ask = await peers.wait_for(JobReleaseRequested)
+    victim, worker_id = ask.data.job_id, ask.data.worker_id
+    assert victim == lows["w-2"] and worker_id == "w-2"  # the newest of the lowest class
+    assert ask.data.reason == f"preempted by {urgent.id}"
     await asyncio.sleep(0.8)  # asked once, not every tick
-    assert peers.count(JobReleaseRequested, job_id=low.id) == 1
-    await peers.publish(JobReleased(job_id=low.id, worker_id="w-1", attempt=1, step=8,
+    assert peers.count(JobReleaseRequested) == 1
+    await peers.publish(JobReleased(job_id=victim, worker_id=worker_id, attempt=1, step=8,
                                     reason=f"{ask.data.reason} at step 8"))
-    peers.workers["w-1"] = "idle"
-    del peers.running["w-1"]
-    await peers.wait_for(WorkItem, job_id=urgent.id, worker_id="w-1")
-    requeued = await wait_status(stub, dev, low.id, pb.JOB_STATUS_QUEUED)
+    requeued = await wait_status(stub, dev, victim, pb.JOB_STATUS_QUEUED)
+    # its worker heartbeats busy a while longer: the urgent job waits for it, preempting no other
+    await asyncio.sleep(0.8)
+    assert peers.count(JobReleaseRequested) == 1
+    peers.workers[worker_id] = "idle"
+    del peers.running[worker_id]
+    await peers.wait_for(WorkItem, job_id=urgent.id, worker_id=worker_id)
     assert requeued.attempt == 2
     assert requeued.attempts[0].reason == f"released: preempted by {urgent.id} at step 8"
+    assert peers.count(JobReleaseRequested) == 1
 
 
 async def test_quotas_refuse_or_hold_jobs_and_tenants_share_the_workers(env, model_dir):
