@@ -31,7 +31,7 @@ from opentelemetry import trace
 from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, Text, select
 
 from . import telemetry
-from .bus import Bus
+from .bus import Bus, PublishFailed
 from .events import Envelope, EventData, make_envelope
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,9 @@ class OutboxUnit:
 
     def enqueue(self, subject: str, envelope: str, traceparent: str,
                 now: str | None = None) -> None:
-        self.conn.execute(
-            self.outbox_table.insert().values(
-                subject=subject, envelope=envelope, traceparent=traceparent,
-                created_at=now or now_iso(),
-            )
-        )
+        self.conn.execute(self.outbox_table.insert(), {  # a constant statement: compiled once
+            "subject": subject, "envelope": envelope, "traceparent": traceparent,
+            "created_at": now or now_iso()})
 
     def pending_events(self, limit: int = 100) -> list[PendingEvent]:
         table = self.outbox_table
@@ -115,6 +112,11 @@ class Outbox:
         self.defer_failures = defer_failures
         self._lock = asyncio.Lock()
         self._tracer = trace.get_tracer(bus.service)
+        # use cases committed through `transact`, and how many of the first of them have every
+        # event published: a flush waiting for the lock skips the read when a flush that read
+        # after its commit has published all (under load one read serves many use cases)
+        self._committed = 0
+        self._published_through = 0
 
     def add(
         self, unit: OutboxUnit, data: EventData, *, tenant: str, actor: str = "",
@@ -126,37 +128,45 @@ class Outbox:
         tp = telemetry.traceparent() if traceparent is None else traceparent
         unit.enqueue(data.subject(), env.model_dump_json(), tp)
 
-    async def flush(self) -> None:
+    async def flush(self, commit: int = 0) -> None:
         """Publish every queued event, oldest first; raise if one cannot be published (unless
-        `defer_failures`)."""
+        `defer_failures`). `commit`: only what `transact`'s commit number `commit` queued
+        must go out (done already when a later read published everything)."""
         if self.defer_failures:
-            await self.try_flush()
+            await self.try_flush(commit)
         else:
-            await self.publish_pending()
+            await self.publish_pending(commit)
 
-    async def publish_pending(self) -> None:
+    async def publish_pending(self, commit: int = 0) -> None:
         """Publish every queued event, oldest first; raise if one cannot be published (what
         `flush()` and `try_flush()` share)."""
         async with self._lock:
+            if commit and self._published_through >= commit:
+                return
+            read_after = self._committed
             while True:
                 pending = await self.store.in_unit(OutboxUnit.pending_events)
                 if not pending:
+                    self._published_through = read_after
                     return
-                # One at a time (each acked before the next: the stream keeps their order); the
-                # rows published are deleted in one transaction, also when one fails.
-                published: list[int] = []
+                # In order, pipelined (Bus.publish_in_order: the stream keeps their order); the
+                # rows stored are deleted in one transaction, also when one fails.
+                stored = 0
                 try:
-                    for event in pending:
-                        await self._publish(event)
-                        published.append(event.id)
+                    await self._publish(pending)
+                    stored = len(pending)
+                except PublishFailed as e:
+                    stored = e.stored
+                    raise
                 finally:
-                    if published:
-                        await self.store.in_unit(OutboxUnit.remove_events, published)
+                    if stored:
+                        await self.store.in_unit(
+                            OutboxUnit.remove_events, [event.id for event in pending[:stored]])
 
-    async def try_flush(self) -> bool:
+    async def try_flush(self, commit: int = 0) -> bool:
         """`flush()`, but a failure is logged and left to `run()`; False if something is left."""
         try:
-            await self.publish_pending()
+            await self.publish_pending(commit)
         except Exception as e:  # noqa: BLE001 - the rows stay; the loop retries
             log.warning("outbox: publish failed, will retry: %s", e)
             return False
@@ -172,15 +182,27 @@ class Outbox:
         """A use case: `fn(unit, *args)` in one transaction in a worker thread (its events added
         with `add`), then its events flushed. Returns what `fn` returns."""
         result = await self.store.in_unit(fn, *args)
-        await self.flush()
+        self._committed += 1
+        await self.flush(self._committed)
         return result
 
-    async def _publish(self, event: PendingEvent) -> None:
-        env = Envelope.model_validate_json(event.envelope)
-        parent = telemetry.extract({"traceparent": event.traceparent} if event.traceparent else {})
-        with self._tracer.start_as_current_span(
-            f"publish {env.type}", context=parent, kind=trace.SpanKind.PRODUCER,
-            attributes={"messaging.destination": event.subject, "event.id": env.id},
-        ):
-            await self.bus.publish_envelope(env, event.subject)
-
+    async def _publish(self, pending: list[PendingEvent]) -> None:
+        """Each event in a producer span (child of the trace stored with it) that ends with
+        the batch's acks."""
+        spans, messages = [], []
+        try:
+            for event in pending:
+                env = Envelope.model_validate_json(event.envelope)
+                parent = telemetry.extract(
+                    {"traceparent": event.traceparent} if event.traceparent else {})
+                span = self._tracer.start_span(
+                    f"publish {env.type}", context=parent, kind=trace.SpanKind.PRODUCER,
+                    attributes={"messaging.destination": event.subject, "event.id": env.id})
+                spans.append(span)
+                with trace.use_span(span):
+                    headers = telemetry.inject({"Nats-Msg-Id": env.id, "ce-type": env.type})
+                messages.append((event.subject, event.envelope.encode(), headers))
+            await self.bus.publish_in_order(messages)
+        finally:
+            for span in spans:
+                span.end()

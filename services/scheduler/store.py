@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     func,
     select,
 )
@@ -129,16 +130,14 @@ class Unit(OutboxUnit):
         return [_job(r) for r in self.conn.execute(query)]
 
     def add_job(self, job: Job) -> None:
-        self.conn.execute(jobs.insert().values(_row(job)))
+        self.conn.execute(_INSERT_JOB, _row(job))
 
     def save(self, job: Job) -> Job:
         """Write `job` over the version it was read at; return it with the new version."""
         saved = dataclasses.replace(job, version=job.version + 1, updated_at=now_iso())
         row = _row(saved)
-        del row["id"]
-        result = self.conn.execute(
-            jobs.update().where(jobs.c.id == job.id, jobs.c.version == job.version).values(row)
-        )
+        row["job_id"] = row.pop("id")
+        result = self.conn.execute(_UPDATE_JOB, {**row, "read_version": job.version})
         if result.rowcount != 1:
             raise Conflict(f"job {job.id} changed since version {job.version}")
         return saved
@@ -196,11 +195,8 @@ class Unit(OutboxUnit):
         ).first()
         if exists:
             return False
-        self.conn.execute(
-            samples.insert().values(
-                job_id=job_id, step=step, metrics=metrics, recorded_at=now_iso()
-            )
-        )
+        self.conn.execute(_INSERT_SAMPLE, {"job_id": job_id, "step": step, "metrics": metrics,
+                                           "recorded_at": now_iso()})
         return True
 
     def samples(self, job_id: str) -> list[tuple[int, dict[str, float]]]:
@@ -222,6 +218,13 @@ class SchedulerStore(UnitOfWorkStore[Unit]):
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(Job)]
+# Constant statements, their values bound per call: compiled once (SQLAlchemy caches them), not
+# built and coerced column by column on every write.
+_INSERT_JOB = jobs.insert()
+# (its SET clause: the columns of the parameters it is executed with)
+_UPDATE_JOB = jobs.update().where(
+    jobs.c.id == bindparam("job_id"), jobs.c.version == bindparam("read_version"))
+_INSERT_SAMPLE = samples.insert()
 
 
 def _row(job: Job) -> dict:

@@ -8,7 +8,7 @@ import json
 import nats
 import pytest
 
-from llmstudio.bus import Bus, subscription_subject
+from llmstudio.bus import Bus, PublishFailed, subscription_subject
 from llmstudio.config import Settings
 from llmstudio.events import (
     DeadLettered,
@@ -19,6 +19,7 @@ from llmstudio.events import (
     decode,
     make_envelope,
 )
+from tests.support.bus import all_stream_messages
 
 
 async def _wait(pred, timeout=10.0):
@@ -150,5 +151,34 @@ async def test_typed_subscription_routes_by_type_and_parks_a_mismatch(settings):
         assert len(parked) == 1 and parked[0].deliveries == 1
         assert parked[0].original_subject == "llmstudio.job.completed.j2"
         assert "llmstudio.job.started.v1 on a subject of" in parked[0].reason
+    finally:
+        await bus.stop()
+
+
+async def test_an_ordered_batch_is_stored_in_order_and_a_failure_says_how_many_were(settings):
+    bus = Bus(settings, "t1")
+    await bus.start()
+
+    def queued(n: int) -> tuple[str, bytes, dict[str, str]]:
+        env = make_envelope(JobQueued(job_id=f"job-{n}", dataset_sha256="ab"), source="t1",
+                            tenant="acme")
+        return f"llmstudio.job.queued.job-{n}", env.model_dump_json().encode(), {
+            "Nats-Msg-Id": env.id}
+
+    try:
+        await bus.publish_in_order([queued(n) for n in range(200)])
+        stored = await all_stream_messages(settings.nats_url, "llmstudio.job.queued.>")
+        assert [decode(m.data)[1].job_id for m in stored] == [f"job-{n}" for n in range(200)]
+
+        # no stream holds the third one's subject: the first two count as stored
+        orphan = ("llmstudio.nowhere.x", b"{}", {"Nats-Msg-Id": "orphan"})
+        with pytest.raises(PublishFailed) as failed:
+            await bus.publish_in_order([queued(200), queued(201), orphan, queued(202)])
+        assert failed.value.stored == 2
+        # one over the server's message size: refused before it is sent, after the first
+        too_big = ("llmstudio.job.queued.big", b"x" * (bus.nc.max_payload + 1), {})
+        with pytest.raises(PublishFailed) as failed:
+            await bus.publish_in_order([queued(203), too_big, queued(204)])
+        assert failed.value.stored == 1
     finally:
         await bus.stop()

@@ -135,3 +135,38 @@ async def test_a_transaction_s_events_reach_the_stream_in_the_order_written(nats
     finally:
         await bus.stop()
         store.dispose()
+
+
+class CountingStore(RegistryStore):
+    """Counts the outbox reads (`pending_events` units)."""
+
+    reads = 0
+
+    async def in_unit(self, fn, *args):
+        if fn.__name__ == "pending_events":
+            type(self).reads += 1
+        return await super().in_unit(fn, *args)
+
+
+async def test_concurrent_use_cases_share_the_outbox_reads_and_every_event_goes_out(
+        nats_server, tmp_path):
+    store = CountingStore(f"sqlite:///{tmp_path / 'o.db'}")
+    store.migrate()
+    bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "demo")
+    outbox = Outbox(store, bus)
+    await bus.start()
+    try:
+        def announce(u, version):
+            outbox.add(u, stage_changed(version), tenant="acme")
+
+        await asyncio.gather(*(outbox.transact(announce, v) for v in range(1, 51)))
+        messages = await stream_messages(nats_server.url, SUBJECTS, 50)
+        versions = [Envelope.model_validate_json(m.data).data["version"] for m in messages]
+        assert sorted(versions) == list(range(1, 51))  # each once
+        with store.unit() as u:
+            assert u.pending_events() == []
+        # a flush whose events a later read already published reads nothing itself
+        assert CountingStore.reads < 50, CountingStore.reads
+    finally:
+        await bus.stop()
+        store.dispose()

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry import trace
 
 from llmstudio import telemetry
-from llmstudio.bus import Bus
+from llmstudio.bus import Bus, PublishFailed
 from llmstudio.config import Settings
 from llmstudio.events import (
     Envelope,
@@ -352,10 +352,12 @@ class FlakyBus:
         self.up = False
         self.published: list[tuple[str, str]] = []
 
-    async def publish_envelope(self, env, subject):
+    async def publish_in_order(self, messages):
         if not self.up:
-            raise ConnectionError("nats is down")
-        self.published.append((env.id, subject))
+            raise PublishFailed(0, ConnectionError("nats is down"))
+        for subject, payload, headers in messages:
+            assert Envelope.model_validate_json(payload).id == headers["Nats-Msg-Id"]
+            self.published.append((headers["Nats-Msg-Id"], subject))
 
 
 async def test_use_cases_commit_while_nats_is_down_and_publish_later_with_stable_ids(store):
