@@ -53,7 +53,7 @@ from llmstudio.ml.memory import estimate_memory, model_config_of
 from llmstudio.outbox import Outbox
 
 from . import core
-from .core import Happening, Job, Quota, Report, Status, WorkerTable, transition
+from .core import Happening, Job, Quota, Report, Status, Worker, WorkerTable, transition
 from .store import Conflict, SchedulerStore, Unit
 from .watch import Update, Watchers
 
@@ -95,10 +95,28 @@ class Jobs:
         bounded by the caller's roles (core.ROLE_CEILING)."""
         priority = core.priority_class(priority_class, caller.roles)
         key = idempotency_key or None
-        spec, estimate = await asyncio.to_thread(_checked_spec, raw_spec)
-        refusal = core.refuse_on(spec, self.workers.live())
+        try:
+            return await self.outbox.transact(
+                self._add, raw_spec, priority, key, caller, self.workers.live())
+        except IntegrityError:
+            # The same key, submitted concurrently, won.
+            existing = (await self.store.in_unit(Unit.job_by_key, caller.tenant, key)
+                        if key else None)
+            if existing is None:
+                raise
+            return existing
+
+    def _add(self, u: Unit, raw_spec: dict[str, Any], priority: core.PriorityClass,
+             key: str | None, caller: Principal, live: list[Worker]) -> Job:
+        """The job checked, stored and announced, or the job an earlier call with its key
+        created. The spec's checks read the model's config.json: in this unit's thread, before
+        its first write (the transaction begins there)."""
+        spec, estimate = _checked_spec(raw_spec)
+        refusal = core.refuse_on(spec, live)
         if refusal:
             raise FailedPrecondition(refusal)
+        if key and (existing := u.job_by_key(caller.tenant, key)):
+            return existing
         now = core.now_iso()
         job = Job(
             id="job-" + uuid.uuid4().hex[:12], tenant=caller.tenant,
@@ -108,21 +126,6 @@ class Jobs:
             trace_id=telemetry.current_trace_id(), traceparent=telemetry.traceparent(),
             idempotency_key=key, memory_estimate=estimate,
         )
-        try:
-            return await self.outbox.transact(self._add, job)
-        except IntegrityError:
-            # The same key, submitted concurrently, won.
-            existing = (await self.store.in_unit(Unit.job_by_key, caller.tenant, key)
-                        if key else None)
-            if existing is None:
-                raise
-            return existing
-
-    def _add(self, u: Unit, job: Job) -> Job:
-        """`job` stored and announced, or the job an earlier call with its key created."""
-        if job.idempotency_key and (
-                existing := u.job_by_key(job.tenant, job.idempotency_key)):
-            return existing
         # in the transaction that adds the job, so concurrent submits cannot both pass; counted
         # only under a queued quota (the count reads every waiting job of the tenant)
         quota = u.quota(job.tenant)
