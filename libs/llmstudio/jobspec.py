@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .names import MAX_NAME_LENGTH, name_error, safe_name
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ class DistributedOptions(_Strict):
 class JobSpec(_Strict):
     name: str | None = Field(
         default=None,
-        description="registered model name; default: '<base model dir name>-<method>'",
+        description="registered model name (a NATS subject token: letters, digits, '_', '-'); "
+                    "default: '<base model dir name>-<method>'",
     )
     base_model: str = Field(..., description="local Hugging Face model directory (or a hub id)")
     dataset: str = Field(..., description="dataset id returned by `datasets push`")
@@ -187,6 +190,13 @@ class JobSpec(_Strict):
         description="attempts that may end with their worker lost before the job fails; an "
                     "attempt handed back (a worker draining) does not count",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _subject_token(cls, name: str | None) -> str | None:
+        if name is not None and (error := name_error(name)):
+            raise ValueError(error)
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -223,8 +233,8 @@ class JobSpec(_Strict):
     def model_name(self) -> str:
         if self.name:
             return self.name
-        base = self.base_model.rstrip("/").split("/")[-1] or "model"
-        return f"{base}-{self.method}"
+        base = safe_name(self.base_model.rstrip("/").split("/")[-1])
+        return f"{base[:MAX_NAME_LENGTH - len(self.method) - 1]}-{self.method}"
 
     def needs_gpu(self) -> str:
         """Why this spec cannot run on a CPU worker ('' if it can)."""

@@ -10,7 +10,9 @@ The outbox is the only way a service publishes a domain event. A use case runs a
 transaction, in a worker thread; then the events are flushed. `flush()` publishes them
 oldest first and deletes each once JetStream has acked it. If publishing fails (NATS down, the
 process dies) the rows stay and are published by the next flush: by the next use case, or by the
-background loop (`run()`). An envelope's id is fixed when it is written, so a row published twice
+background loop (`run()`). A row nats-py refuses for good (a subject that is no subject, a payload
+over the server's limit) is replaced by its dead letter and logged at ERROR, so the rows after
+it still go out. An envelope's id is fixed when it is written, so a row published twice
 (acked, not yet deleted) is dropped by JetStream's dedup window.
 
 Each event is published inside a producer span whose parent is the trace stored with it: the
@@ -27,15 +29,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from nats.errors import BadHeaderError, BadSubjectError, MaxPayloadError
 from opentelemetry import trace
 from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, Text, select
 
 from . import telemetry
 from .bus import Bus, PublishFailed
-from .events import Envelope, EventData, make_envelope
+from .events import DeadLettered, Envelope, EventData, make_envelope
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+
+# What nats-py refuses before sending, whatever the server's state: a row failing so is parked
+# (`Outbox._park`), never retried. Anything else (NATS away, no ack) is retried.
+REFUSED_FOR_GOOD = (BadSubjectError, MaxPayloadError, BadHeaderError)
+DEAD_LETTER_PAYLOAD_CHARS = 65536  # of the refused envelope, kept in its dead letter
 
 
 def outbox_table(metadata: MetaData, prefix: str) -> Table:
@@ -152,16 +160,21 @@ class Outbox:
                 # In order, pipelined (Bus.publish_in_order: the stream keeps their order); the
                 # rows stored are deleted in one transaction, also when one fails.
                 stored = 0
+                refused: tuple[PendingEvent, BaseException] | None = None
                 try:
                     await self._publish(pending)
                     stored = len(pending)
                 except PublishFailed as e:
                     stored = e.stored
-                    raise
+                    if not isinstance(e.__cause__, REFUSED_FOR_GOOD):
+                        raise
+                    refused = (pending[stored], e.__cause__)
                 finally:
                     if stored:
                         await self.store.in_unit(
                             OutboxUnit.remove_events, [event.id for event in pending[:stored]])
+                if refused is not None:  # out of the way: the rows after it go out next
+                    await self.store.in_unit(self._park, *refused)
 
     async def try_flush(self, commit: int = 0) -> bool:
         """`flush()`, but a failure is logged and left to `run()`; False if something is left."""
@@ -185,6 +198,20 @@ class Outbox:
         self._committed += 1
         await self.flush(self._committed)
         return result
+
+    def _park(self, unit: OutboxUnit, event: PendingEvent, cause: BaseException) -> None:
+        """Replace a row NATS will never take with its dead letter (`llmstudio.deadletter.
+        <service>-outbox`, the envelope in its payload), in one transaction: retried, it would
+        hold back every event written after it, of every tenant."""
+        env = Envelope.model_validate_json(event.envelope)
+        log.error("outbox: event %s (%s) on subject %r can never be published: %s; parked on "
+                  "the dead-letter subject", env.id, env.type, event.subject, cause)
+        unit.remove_events([event.id])
+        self.add(unit, DeadLettered(
+            consumer=f"{self.bus.service}-outbox", original_subject=event.subject,
+            reason=f"refused by NATS: {cause}", deliveries=1,
+            payload=event.envelope[:DEAD_LETTER_PAYLOAD_CHARS],
+        ), tenant=env.tenant, actor=self.bus.service, traceparent=event.traceparent)
 
     async def _publish(self, pending: list[PendingEvent]) -> None:
         """Each event in a producer span (child of the trace stored with it) that ends with

@@ -1,0 +1,122 @@
+"""Limits an attacker with a user's credentials (or none) runs into: names that would become
+bad subjects are refused at submit, a row NATS can never take does not hold back the outbox,
+oversized messages are refused before they are read into memory, every listing pages, and a
+slow WatchJob reader cannot make the scheduler hold unbounded updates. Real nats-server, real
+gRPC servers on loopback, real stores."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf.struct_pb2 import Struct
+
+from llmstudio.bus import Bus
+from llmstudio.config import Settings
+from llmstudio.events import DeadLettered, Envelope, ModelStageChanged, ModelVersionRegistered
+from llmstudio.natsserver import free_port
+from llmstudio.outbox import Outbox
+from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
+from services.registry.store import RegistryStore
+from services.scheduler.app import build as build_scheduler
+from tests.support.bus import all_stream_messages, stream_messages
+from tests.support.harness import put_api_key, running
+
+TENANT = "acme"
+
+
+@pytest.fixture
+def settings(nats_server, tmp_path):
+    return Settings(nats_url=nats_server.url, data_dir=tmp_path / "data", grpc_port=free_port())
+
+
+def md(key: str) -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", key),)
+
+
+def struct(d: dict) -> Struct:
+    s = Struct()
+    s.update(d)
+    return s
+
+
+# -- names --------------------------------------------------------------------------------------
+
+async def test_a_job_name_that_is_no_subject_token_is_refused_at_submit(settings, tmp_path):
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    dev = await put_api_key(settings.nats_url, "developer", TENANT)
+    async with running("scheduler", build_scheduler, settings) as port, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        for bad in ("a b", "m.v1", "a>", "*", "../x", "x" * 65):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.CreateJob(jobs_pb2.CreateJobRequest(spec=struct(
+                    {"base_model": str(model), "dataset": "ds-1", "name": bad})), metadata=md(dev))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+            assert e.value.details().startswith("spec.name:"), bad
+        assert (await stub.ListJobs(jobs_pb2.ListJobsRequest(), metadata=md(dev))).jobs == []
+        # a good name, and a default name made from a base model whose name holds dots
+        job = await stub.CreateJob(jobs_pb2.CreateJobRequest(spec=struct(
+            {"base_model": str(model), "dataset": "ds-1", "name": "x" * 64})), metadata=md(dev))
+        assert job.model_name == "x" * 64
+        dotted = tmp_path / "Qwen2.5-0.5B"
+        dotted.mkdir()
+        (dotted / "config.json").write_text('{"model_type": "llama"}')
+        job = await stub.CreateJob(jobs_pb2.CreateJobRequest(spec=struct(
+            {"base_model": str(dotted), "dataset": "ds-1"})), metadata=md(dev))
+        assert job.model_name == "Qwen2-5-0-5B-lora"
+
+
+# -- the outbox ---------------------------------------------------------------------------------
+
+def stage_changed(version: int) -> ModelStageChanged:
+    return ModelStageChanged(ref=f"m-v{version}", model_name="m", version=version,
+                             from_stage="staging", to_stage="production")
+
+
+@pytest.mark.parametrize("refused", ["bad subject", "oversized payload"])
+async def test_a_row_nats_never_takes_is_parked_and_the_rows_after_it_go_out(
+    nats_server, tmp_path, refused
+):
+    store = RegistryStore(f"sqlite:///{tmp_path / 'o.db'}")
+    store.migrate()
+    bus = Bus(Settings(nats_url=nats_server.url, data_dir=tmp_path), "registry")
+    outbox = Outbox(store, bus)
+    await bus.start()
+    try:
+        if refused == "bad subject":  # what `spec.name: "a b"` made before names were checked
+            poison = ModelVersionRegistered(ref="a b-v1", model_name="a b", version=1,
+                                            job_id="job-1", dataset_sha256="ab" * 32)
+        else:  # over the server's max_payload (1 MiB)
+            poison = ModelStageChanged(ref="m-v0", model_name="m", version=0,
+                                       from_stage="x" * (2 << 20), to_stage="production")
+        with store.unit() as u:
+            outbox.add(u, poison, tenant="globex")
+            for version in (1, 2, 3):
+                outbox.add(u, stage_changed(version), tenant=TENANT)
+        with store.unit() as u:
+            [poison_row, *_] = u.pending_events()
+        await asyncio.wait_for(outbox.flush(), 20)  # nothing raised: the poison row is parked
+
+        messages = await stream_messages(nats_server.url, "llmstudio.model.stage_changed.>", 3)
+        assert [Envelope.model_validate_json(m.data).data["version"] for m in messages] == [
+            1, 2, 3]
+        with store.unit() as u:
+            assert u.pending_events() == []
+        [letter] = await all_stream_messages(nats_server.url, "llmstudio.deadletter.>")
+        assert letter.subject == "llmstudio.deadletter.registry-outbox"
+        env = Envelope.model_validate_json(letter.data)
+        parked = DeadLettered.model_validate(env.data)
+        assert env.tenant == "globex"
+        assert parked.original_subject == poison_row.subject
+        assert parked.payload == poison_row.envelope[:65536]
+        assert parked.reason.startswith("refused by NATS:")
+        # the good rows went out after it, and nothing is left to retry
+        await outbox.flush()
+        assert len(await all_stream_messages(nats_server.url, "llmstudio.model.>")) == 3
+    finally:
+        await bus.stop()
+        store.dispose()
