@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -45,12 +46,34 @@ def status_code(error: StudioError) -> grpc.StatusCode:
 
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-# CreateDataset carries a small file in one message; bigger ones stream (UploadDataset).
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-MESSAGE_OPTIONS = [
+# The largest request message a server takes: gRPC core refuses a longer one (RESOURCE_EXHAUSTED)
+# as it arrives, before it is deserialized or its API key looked at. CreateDataset carries a
+# small file in one message; bigger ones stream in chunks (UploadDataset, 1 MiB each from the
+# SDK), each a message under this limit.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# What a server may send back (a page of a listing, a preview): clients take that much.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# RPCs one server runs at once, WatchJob streams included; past it gRPC answers
+# RESOURCE_EXHAUSTED at once. LLMSTUDIO_GRPC_MAX_CONCURRENT_RPCS overrides it.
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
 ]
+CLIENT_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+]
+
+
+def max_concurrent_rpcs() -> int:
+    """The cap on a server's concurrent RPCs (see DEFAULT_MAX_CONCURRENT_RPCS)."""
+    value = os.environ.get("LLMSTUDIO_GRPC_MAX_CONCURRENT_RPCS", "")
+    if not value:
+        return DEFAULT_MAX_CONCURRENT_RPCS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LLMSTUDIO_GRPC_MAX_CONCURRENT_RPCS: a positive number (got {value!r})")
+    return int(value)
 
 
 def api_key_from_metadata(metadata: Iterable[tuple[str, str]]) -> str:
@@ -179,7 +202,8 @@ async def start_server(
         for m, perm in getattr(r.servicer, "PERMISSIONS", {}).items()
     }
     server = grpc.aio.server(
-        interceptors=[StudioInterceptor(service, directory, permissions)], options=MESSAGE_OPTIONS
+        interceptors=[StudioInterceptor(service, directory, permissions)], options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_concurrent_rpcs(),
     )
     for r in registrations:
         r.add(r.servicer, server)
@@ -240,7 +264,7 @@ RETRY_CONFIG = json.dumps({"methodConfig": [{
 
 
 def channel(addr: str, api_key: str = "") -> grpc.Channel:
-    options = [*MESSAGE_OPTIONS, ("grpc.enable_retries", 1),
+    options = [*CLIENT_OPTIONS, ("grpc.enable_retries", 1),
                ("grpc.service_config", RETRY_CONFIG)]
     return grpc.intercept_channel(
         grpc.insecure_channel(addr, options=options), _ClientMetadata(api_key)

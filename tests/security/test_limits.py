@@ -7,6 +7,12 @@ gRPC servers on loopback, real stores."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +21,7 @@ from google.protobuf.struct_pb2 import Struct
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.events import DeadLettered, Envelope, ModelStageChanged, ModelVersionRegistered
+from llmstudio.grpcutil import MAX_MESSAGE_BYTES
 from llmstudio.natsserver import free_port
 from llmstudio.outbox import Outbox
 from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
@@ -24,6 +31,7 @@ from tests.support.bus import all_stream_messages, stream_messages
 from tests.support.harness import put_api_key, running
 
 TENANT = "acme"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -120,3 +128,98 @@ async def test_a_row_nats_never_takes_is_parked_and_the_rows_after_it_go_out(
     finally:
         await bus.stop()
         store.dispose()
+
+
+# -- message size and concurrency ---------------------------------------------------------------
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of process `pid`, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
+
+
+def unknown_field(size: int) -> bytes:
+    """A length-delimited field number 15 of `size` bytes, in protobuf's wire format."""
+    header, n = bytearray([15 << 3 | 2]), size
+    while n >= 0x80:
+        header.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*header, n]) + b"x" * size
+
+
+@contextlib.contextmanager
+def service_process(name: str, settings: Settings, **env: str):
+    """`python -m services.<name>` as a process of its own; yields (pid, port) once ready."""
+    ready = settings.data_dir / "run" / f"{name}.ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"services.{name}"], cwd=ROOT,
+        env={**os.environ, "LLMSTUDIO_NATS_URL": settings.nats_url,
+             "LLMSTUDIO_DATA_DIR": str(settings.data_dir),
+             "LLMSTUDIO_GRPC_PORT": str(settings.grpc_port), **env})
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, f"{name} exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"{name} not ready in 60s"
+            time.sleep(0.1)
+        yield proc.pid, int(ready.read_text().split()[1])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def test_a_200_mib_message_without_a_key_is_refused_before_it_is_read(settings):
+    """gRPC core refuses the message by its length as it arrives: the server never holds it
+    (its peak RSS grows by far less than the 200 MiB sent), and it answers the next call."""
+    viewer = await put_api_key(settings.nats_url, "viewer", TENANT)
+    with service_process("registry", settings) as (pid, port):
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)]
+        ) as channel:
+            list_models = channel.unary_unary("/llmstudio.v1.RegistryService/ListModels")
+            await list_models(b"", metadata=md(viewer))  # warm: the server's buffers exist
+            before = memory_kib(pid)
+            payload = unknown_field(200 << 20)  # a valid ListModelsRequest: 200 MiB to skip
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await list_models(payload, timeout=60)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert str(MAX_MESSAGE_BYTES) in e.value.details()
+            del payload
+            after = memory_kib(pid)
+            assert after["VmHWM"] - before["VmHWM"] < 50 << 10, (before, after)
+            assert await list_models(b"", metadata=md(viewer)) == b""  # still serving
+
+
+async def test_rpcs_past_the_cap_are_refused(settings, monkeypatch, tmp_path):
+    """Two WatchJob streams hold both places of a scheduler capped at 2; a third call is
+    RESOURCE_EXHAUSTED at once, and served once a stream ends."""
+    monkeypatch.setenv("LLMSTUDIO_GRPC_MAX_CONCURRENT_RPCS", "2")
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    dev = await put_api_key(settings.nats_url, "developer", TENANT)
+    async with running("scheduler", build_scheduler, settings) as port, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        job = await stub.CreateJob(jobs_pb2.CreateJobRequest(spec=struct(
+            {"base_model": str(model), "dataset": "ds-1"})), metadata=md(dev))
+        watches = [stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), metadata=md(dev))
+                   for _ in range(2)]
+        for watch in watches:
+            assert (await watch.read()).kind == "status"  # both streams are open
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.GetJob(jobs_pb2.GetJobRequest(id=job.id), metadata=md(dev))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watches[0].cancel()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                got = await stub.GetJob(jobs_pb2.GetJobRequest(id=job.id), metadata=md(dev))
+                break
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the ended stream's place was not freed"
+                await asyncio.sleep(0.1)
+        assert got.id == job.id
+        watches[1].cancel()
