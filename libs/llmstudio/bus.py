@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -42,8 +44,10 @@ from opentelemetry import trace
 from . import telemetry
 from .config import Settings
 from .events import DeadLettered, Envelope, EventData, InvalidEvent, decode, make_envelope
+from .signing import SECURITY_REASON, SIGNATURE_HEADER, BadSignature, SigningKey, TrustedSigners
 
 log = logging.getLogger(__name__)
+SECURITY_PARK_INTERVAL_S = 10.0  # forged core messages: at most one parked per subject per this
 
 Handler = Callable[[Envelope, EventData], Awaitable[None]]
 E = TypeVar("E", bound=EventData)
@@ -145,6 +149,10 @@ class Bus:
     # publish_in_order's acks: the inbox they come to, and the ones awaited (token -> future)
     _ack_inbox: str = field(init=False, default="")
     _acks: dict[str, asyncio.Future] = field(init=False, default_factory=dict)
+    # what it signs its messages with, and whose signatures it accepts (None: checks nothing)
+    signing_key: SigningKey | None = field(init=False, default=None)
+    trusted: TrustedSigners | None = field(init=False, default=None)
+    _security_parked: dict[str, float] = field(init=False, default_factory=dict)
     _tracer: trace.Tracer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +162,10 @@ class Bus:
             logger=logging.getLogger(f"llmstudio.bus.{self.service}"),
         )
         self._tracer = trace.get_tracer(self.service)
+        if self.settings.signing_key_file:
+            self.signing_key = SigningKey.load(self.service, self.settings.signing_key_file)
+        if self.settings.trusted_signers_file:
+            self.trusted = TrustedSigners.load(self.settings.trusted_signers_file)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -181,7 +193,8 @@ class Bus:
     async def publish_envelope(self, env: Envelope, subject: str) -> None:
         headers = telemetry.inject({"Nats-Msg-Id": env.id, "ce-type": env.type})
         assert self.js is not None, "bus not started"
-        await self.js.publish(subject, env.model_dump_json().encode(), headers=headers)
+        payload = env.model_dump_json().encode()
+        await self.js.publish(subject, payload, headers=self._signed(subject, payload, headers))
 
     async def publish_in_order(
         self, messages: Sequence[tuple[str, bytes, dict[str, str]]], timeout: float = 5.0,
@@ -199,7 +212,7 @@ class Bus:
                 self._acks[token] = loop.create_future()
                 tokens.append(token)
                 await self.nc.publish(subject, payload, reply=f"{self._ack_inbox}.{token}",
-                                      headers=headers)
+                                      headers=self._signed(subject, payload, headers))
         except Exception as e:  # noqa: BLE001 - the ones sent before it may still be stored
             self._acks[tokens[-1]].set_exception(e)  # it was not sent
         acks = [self._acks[t] for t in tokens]
@@ -234,7 +247,25 @@ class Bus:
     async def publish_core(self, data: EventData, *, tenant: str = "system") -> None:
         """Fire-and-forget on core NATS (heartbeats): not stored, not audited."""
         env = make_envelope(data, source=self.service, tenant=tenant)
-        await self.nc.publish(data.subject(), env.model_dump_json().encode())
+        subject, payload = data.subject(), env.model_dump_json().encode()
+        await self.nc.publish(subject, payload, headers=self._signed(subject, payload, {}))
+
+    def _signed(self, subject: str, payload: bytes, headers: dict[str, str]) -> dict[str, str]:
+        """`headers` with this service's signature of the message (unchanged without a key)."""
+        if self.signing_key is None:
+            return headers
+        return {**headers, SIGNATURE_HEADER: self.signing_key.sign(subject, payload)}
+
+    def _forged(self, subject: str, payload: bytes, headers: Mapping[str, str] | None,
+                env: Envelope) -> str:
+        """Why a message is not to be trusted ("" when it is, or when nothing is checked)."""
+        if self.trusted is None:
+            return ""
+        try:
+            self.trusted.check(subject, payload, headers, env)
+        except BadSignature as e:
+            return f"{SECURITY_REASON}: {e}"
+        return ""
 
     async def last_event(self, event: type[E], entity: str) -> E | None:
         """The newest stored event of type `event` about `entity` (read from its stream, not
@@ -245,7 +276,10 @@ class Bus:
             msg = await self.js.get_last_msg(stream_for(subject), subject)
         except NotFoundError:
             return None
-        _env, data = decode(msg.data or b"")
+        env, data = decode(msg.data or b"")
+        if reason := self._forged(subject, msg.data or b"", msg.headers, env):
+            log.error("ignoring the newest %s on %s: %s", event.TYPE, subject, reason)
+            return None
         return data if isinstance(data, event) else None
 
     # -- consuming -------------------------------------------------------------------------
@@ -350,9 +384,23 @@ class Bus:
             if not isinstance(data, event):
                 log.warning("ignoring %s on %s", env.type, subject)
                 return
+            raw = msg.raw_message
+            if reason := self._forged(raw.subject, msg.body, raw.headers, env):
+                await self._park_forged_core(raw.subject, msg.body, reason)
+                return
             await handler(env, data)
 
         self.broker.subscriber(subject)(on_message)
+
+    async def _park_forged_core(self, subject: str, body: bytes, reason: str) -> None:
+        """A forged core message (a heartbeat) is dropped; the first per subject each
+        SECURITY_PARK_INTERVAL_S is parked, so a flood of them cannot flood the audit log."""
+        now = time.monotonic()
+        if now - self._security_parked.get(subject, -math.inf) < SECURITY_PARK_INTERVAL_S:
+            return
+        self._security_parked[subject] = now
+        log.error("dropping %s: %s", subject, reason)
+        await self._park(f"{self.service}-core", subject, body, reason, 1)
 
     async def _dispatch(self, consumer: str, msg: NatsMessage, handler: Handler, max_deliver: int):
         raw = msg.raw_message
@@ -361,6 +409,11 @@ class Bus:
             env, data = decode(msg.body)
         except InvalidEvent as e:
             await self._park(consumer, raw.subject, msg.body, f"invalid event: {e}", deliveries)
+            await msg.reject()
+            return
+        if reason := self._forged(raw.subject, msg.body, raw.headers, env):
+            log.error("%s: parking %s: %s", consumer, raw.subject, reason)
+            await self._park(consumer, raw.subject, msg.body, reason, deliveries)
             await msg.reject()
             return
         ctx = telemetry.extract(raw.headers)

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     api_key: str = ""
     bootstrap_admin_key: str = ""
 
+    # Signed events (llmstudio.signing): this service's ed25519 key, and the public keys of the
+    # services whose events it accepts (unset: it checks nothing, as a lone service under test)
+    signing_key_file: Path | None = None
+    trusted_signers_file: Path | None = None
+
     # Telemetry: "none", "console", "file:<path>" (JSON lines) or "otlp" (needs the exporter).
     otel_exporter: str = "none"
     otel_endpoint: str = "http://127.0.0.1:4317"

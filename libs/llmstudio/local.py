@@ -25,8 +25,10 @@ from pathlib import Path
 
 from .auth import new_secret
 from .config import GRPC_SERVICES
+from .events.emitters import ANY_SERVICE
 from .grpcutil import health_check
 from .natsserver import free_port
+from .signing import ensure_keys, key_path
 
 # gRPC services in start order; the trainer workers (`trainer-1` ...) follow them.
 SERVICES = ("governance", "dataset", "scheduler", "registry", "evaluator")
@@ -158,6 +160,10 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
         **{f"LLMSTUDIO_{svc.upper()}_ADDR": state.addr(svc)
            for svc in GRPC_SERVICES if svc in state.services},
     })
+    # every service signs what it emits and checks what it consumes (llmstudio.signing)
+    keys_dir = data_dir / "keys"
+    env["LLMSTUDIO_TRUSTED_SIGNERS_FILE"] = str(ensure_keys(keys_dir, ANY_SERVICE).resolve())
+    env["LLMSTUDIO_SIGNING_KEY_FILE"] = str(key_path(keys_dir, service_module(name)).resolve())
     if name.startswith(WORKER_PREFIX):
         env["LLMSTUDIO_WORKER_ID"] = "local-worker-" + name.removeprefix(WORKER_PREFIX)
     if service_module(name) == "scheduler":  # replicas share replica 1's database

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 
@@ -14,4 +15,15 @@ def wait_for(fetch, timeout: float, what: str, interval: float = 0.2):
         if result:
             return result
         time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def wait_for_async(fetch, timeout: float, what: str, interval: float = 0.05):
+    """`wait_for` inside a test's event loop: sleeps without blocking it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = fetch()
+        if result:
+            return result
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")

@@ -3,6 +3,7 @@
 from . import datasets, evaluation, governance, jobs, registry  # noqa: F401  (registers types)
 from .base import EVENT_TYPES, Envelope, EventData, InvalidEvent, decode, make_envelope
 from .datasets import DatasetRegistered, DatasetRejected, DatasetValidated
+from .emitters import EMITTERS, may_emit
 from .evaluation import EvalCompleted, EvalFailed
 from .governance import ApiKeyCreated, ApiKeyRevoked, DeadLettered
 from .jobs import (
@@ -30,7 +31,8 @@ from .jobs import (
 from .registry import ModelStageChanged, ModelVersionRegistered
 
 __all__ = [
-    "EVENT_TYPES", "Envelope", "EventData", "InvalidEvent", "decode", "make_envelope",
+    "EMITTERS", "EVENT_TYPES", "Envelope", "EventData", "InvalidEvent", "decode", "make_envelope",
+    "may_emit",
     "DatasetRegistered", "DatasetRejected", "DatasetValidated",
     "EvalCompleted", "EvalFailed",
     "ApiKeyCreated", "ApiKeyRevoked", "DeadLettered",
