@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "lls_"
+# An admin of this tenant is a platform admin: it administers every tenant (keys, quotas,
+# audit); an admin of any other tenant administers that tenant only.
+PLATFORM_TENANT = "default"
 ROLES = ("admin", "developer", "viewer")
 # What each role may do. "read": get/list/watch; "write": create/cancel/stage; "admin": keys, audit.
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
@@ -36,6 +39,14 @@ class Principal:
 
     def can(self, permission: str) -> bool:
         return any(permission in ROLE_PERMISSIONS.get(r, ()) for r in self.roles)
+
+    @property
+    def is_platform_admin(self) -> bool:
+        return self.tenant == PLATFORM_TENANT and self.can("admin")
+
+    def administers(self, tenant: str) -> bool:
+        """May this principal manage `tenant`'s keys and read its audit?"""
+        return self.can("admin") and (tenant == self.tenant or self.is_platform_admin)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -5,17 +5,19 @@ from __future__ import annotations
 from llmstudio.auth import Principal, current_principal
 from llmstudio.v1 import common_pb2, governance_pb2, governance_pb2_grpc
 
-from .core import AuditRecord
+from .core import ApiKey, AuditRecord
 from .usecases import AuditLog, KeyManager
 
 
 class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
+    # "admin" lets a call in; the use cases narrow it to the tenants the caller administers.
     PERMISSIONS = {
         "CreateApiKey": "admin",
         "RevokeApiKey": "admin",
+        "ListApiKeys": "admin",
         "WhoAmI": "read",
-        "QueryAudit": "read",
-        "VerifyAudit": "read",
+        "QueryAudit": "admin",
+        "VerifyAudit": "admin",
     }
 
     def __init__(self, keys: KeyManager, audit: AuditLog):
@@ -32,24 +34,37 @@ class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
         await self.keys.revoke(request.key_id, current_principal())
         return governance_pb2.RevokeApiKeyResponse(revoked=True)
 
+    async def ListApiKeys(self, request, context):
+        keys = await self.keys.list(current_principal(), request.tenant, request.include_revoked)
+        return governance_pb2.ListApiKeysResponse(keys=[_key(k) for k in keys])
+
     async def WhoAmI(self, request, context):
         return _principal(current_principal())
 
     async def QueryAudit(self, request, context):
         records = await self.audit.query(
             current_principal(), event_type_prefix=request.event_type_prefix,
-            entity=request.subject, after_sequence=request.after_sequence, limit=request.limit)
+            entity=request.subject, tenant=request.tenant, after_sequence=request.after_sequence,
+            limit=request.limit)
         return governance_pb2.QueryAuditResponse(records=[_record(r) for r in records])
 
     async def VerifyAudit(self, request, context):
-        result = await self.audit.verify()
+        result = await self.audit.verify(current_principal())
         return governance_pb2.VerifyAuditResponse(
             ok=result.ok, records=result.records, first_bad_sequence=result.first_bad_sequence,
-            reason=result.reason, head_hash=result.head_hash)
+            reason=result.reason, head_hash=result.head_hash,
+            checkpoint_seq=result.checkpoint_seq, anchored_records=result.anchored_records,
+            checkpoint_time=result.checkpoint_time)
 
 
 def _principal(p: Principal) -> common_pb2.Principal:
     return common_pb2.Principal(key_id=p.key_id, tenant=p.tenant, roles=list(p.roles), name=p.name)
+
+
+def _key(k: ApiKey) -> governance_pb2.ApiKeyInfo:
+    return governance_pb2.ApiKeyInfo(
+        key_id=k.key_id, tenant=k.tenant, roles=list(k.roles), name=k.name,
+        created_at=k.created_at, created_by=k.created_by, revoked_at=k.revoked_at or "")
 
 
 def _record(r: AuditRecord) -> governance_pb2.AuditRecord:

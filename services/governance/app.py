@@ -1,5 +1,5 @@
-"""Wiring of governance: store (migrated at start), outbox, audit consumers, key bootstrap and
-bucket sync, gRPC servicer."""
+"""Wiring of governance: store (migrated at start), outbox, audit consumers, the audit chain's
+checkpointer (signing key file, artifact store), key bootstrap and bucket sync, gRPC servicer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
 from llmstudio.v1 import governance_pb2_grpc
 
+from .anchor import CheckpointStore, load_or_create_signing_key
 from .api import GovernanceApi
+from .config import AuditAnchorSettings
 from .handlers import AuditHandlers
 from .store import GovernanceStore
-from .usecases import AuditLog, KeyManager
+from .usecases import AuditLog, Checkpointer, KeyManager
 
 BOOTSTRAP_BANNER = "Bootstrap admin API key (shown once, store it now): "
 
@@ -24,10 +26,17 @@ async def build(rt: Runtime) -> list[Registration]:
     # A committed key change is reported as made (a new key's secret exists only in the reply);
     # its event waits in the outbox while NATS is down.
     outbox = Outbox(store, rt.bus, defer_failures=True)
-    audit = AuditLog(store)
+    anchor_settings = AuditAnchorSettings()
+    signing_key = await asyncio.to_thread(
+        load_or_create_signing_key, anchor_settings.key_path(rt.settings.data_dir))
+    checkpointer = Checkpointer(
+        store, CheckpointStore(rt.artifact_store()), signing_key, anchor_settings)
+    # Before the consumers append: the checkpointer counts from the newest anchored record.
+    await checkpointer.start()
+    audit = AuditLog(store, checkpointer)
     keys = KeyManager(store, outbox, rt.bus, rt.keys)
     AuditHandlers(audit).subscribe(rt.bus)
-    rt.background.append(outbox.run)
+    rt.background.extend([outbox.run, checkpointer.run])
 
     async def provision_keys() -> None:
         generated = await keys.bootstrap(rt.settings.bootstrap_admin_key)

@@ -112,6 +112,10 @@ class Unit(OutboxUnit):
         stmt = stmt.order_by(audit_log.c.sequence).limit(limit)
         return [AuditRecord(**row._mapping) for row in self.conn.execute(stmt)]
 
+    def audit_head_sequence(self) -> int:
+        """The sequence of the newest record (0: the log is empty)."""
+        return self.conn.execute(select(func.max(audit_log.c.sequence))).scalar_one() or 0
+
     def iter_audit(self, batch: int = 1000) -> Iterator[AuditRecord]:
         """Every record in sequence order, read in batches (the log can be large)."""
         after = 0
@@ -133,9 +137,12 @@ class Unit(OutboxUnit):
         row = self.conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
         return _api_key(row) if row else None
 
-    def list_keys(self) -> list[ApiKey]:
-        rows = self.conn.execute(select(api_keys).order_by(api_keys.c.key_id))
-        return [_api_key(r) for r in rows]
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """The keys of `tenant` (None: of every tenant), revoked ones included."""
+        stmt = select(api_keys).order_by(api_keys.c.key_id)
+        if tenant is not None:
+            stmt = stmt.where(api_keys.c.tenant == tenant)
+        return [_api_key(r) for r in self.conn.execute(stmt)]
 
     def revoke_key(self, key_id: str, revoked_at: str) -> bool:
         """Mark a live key revoked; False if it was revoked already."""

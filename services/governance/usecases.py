@@ -1,5 +1,8 @@
-"""Governance's use cases: API keys (bootstrap, issue, revoke, keeping the key bucket equal to
-the table) and the audit log (append, query, verify).
+"""Governance's use cases: API keys (bootstrap, issue, revoke, list, keeping the key bucket
+equal to the table), the audit log (append, query, verify) and its signed checkpoints.
+
+Administration is scoped (core.administered_tenant): a tenant admin acts on its own tenant,
+a platform admin on any.
 
 Every store call runs in a worker thread. A key change and its event (ApiKeyCreated,
 ApiKeyRevoked) are written in one transaction to the outbox, which publishes the event after the
@@ -11,26 +14,37 @@ re-synced on start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from datetime import UTC, datetime
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js.errors import NoKeysError
 
-from llmstudio.auth import KeyDirectory, Principal, hash_secret, new_secret
+from llmstudio.auth import PLATFORM_TENANT, KeyDirectory, Principal, hash_secret, new_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
 from llmstudio.errors import NotFound
 from llmstudio.events import ApiKeyCreated, ApiKeyRevoked
 from llmstudio.outbox import Outbox
 
+from .anchor import CheckpointStore
+from .config import AuditAnchorSettings
 from .core import (
     ApiKey,
     AuditEvent,
     AuditRecord,
+    Checkpoint,
+    InvalidCheckpoint,
     VerifyResult,
+    administered_tenant,
+    audit_scope,
     check_after_sequence,
     check_new_key,
     check_revocable,
+    checkpoint_due,
     iso_utc,
+    new_checkpoint,
     new_key_id,
     query_limit,
     verify_chain,
@@ -39,7 +53,8 @@ from .store import GovernanceStore, Unit
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_TENANT = "default"
+# The first key is a platform admin's: it issues the keys of every tenant.
+BOOTSTRAP_TENANT = PLATFORM_TENANT
 BOOTSTRAP_NAME = "bootstrap-admin"
 
 
@@ -82,28 +97,35 @@ class KeyManager:
         self, role: str, tenant: str, name: str, caller: Principal
     ) -> tuple[ApiKey, str]:
         """Issue a key; returns it with its secret (the only time the secret exists)."""
-        tenant = tenant or caller.tenant
-        check_new_key(role, tenant, name)
+        check_new_key(role, tenant or caller.tenant, name)
+        tenant = administered_tenant(caller, tenant)
         secret = new_secret()
         key = await self._issue(secret, role, tenant, name, actor=caller.key_id)
         return key, secret
 
+    async def list(self, caller: Principal, tenant: str, include_revoked: bool) -> list[ApiKey]:
+        keys = await self.store.in_unit(Unit.list_keys, administered_tenant(caller, tenant))
+        return [k for k in keys if include_revoked or k.revoked_at is None]
+
     async def revoke(self, key_id: str, caller: Principal) -> ApiKey:
         async with self._revoke_lock:
-            key = await self.outbox.transact(self._revoke, key_id, caller.key_id, _now())
+            key = await self.outbox.transact(self._revoke, key_id, caller, _now())
         # Deleted even when revoked before: heals a bucket a failed earlier call left behind.
         await (await self.bus.kv(APIKEY_BUCKET)).delete(key.key_hash)
         return key
 
-    def _revoke(self, u: Unit, key_id: str, actor: str, now: str) -> ApiKey:
+    def _revoke(self, u: Unit, key_id: str, caller: Principal, now: str) -> ApiKey:
         key = u.get_key(key_id)
-        if key is None:
+        # Another tenant's key is as absent as an unknown one: its existence is not revealed.
+        if key is None or not caller.administers(key.tenant):
             raise NotFound(f"API key {key_id!r} not found")
-        live_admins = {
-            k.key_id for k in u.list_keys() if k.revoked_at is None and "admin" in k.roles}
-        check_revocable(key, live_admins)
+        platform_admins = {
+            k.key_id for k in u.list_keys(PLATFORM_TENANT)
+            if k.revoked_at is None and k.principal().is_platform_admin}
+        check_revocable(key, platform_admins)
         if u.revoke_key(key_id, now):
-            self.outbox.add(u, ApiKeyRevoked(key_id=key_id), tenant=key.tenant, actor=actor)
+            self.outbox.add(
+                u, ApiKeyRevoked(key_id=key_id), tenant=key.tenant, actor=caller.key_id)
         return key
 
     async def _issue(self, secret: str, role: str, tenant: str, name: str, *, actor: str) -> ApiKey:
@@ -127,31 +149,120 @@ class KeyManager:
         )
 
 
-class AuditLog:
-    def __init__(self, store: GovernanceStore):
+class Checkpointer:
+    """Signs checkpoints of the audit chain into the artifact store: after every
+    `checkpoint_every_records` appended records, and `checkpoint_every_s` after the last
+    checkpoint when records wait unanchored."""
+
+    def __init__(
+        self, store: GovernanceStore, checkpoints: CheckpointStore, key: Ed25519PrivateKey,
+        settings: AuditAnchorSettings,
+    ):
         self.store = store
+        self.checkpoints = checkpoints
+        self.key = key
+        self.settings = settings
+        self.newest: Checkpoint | None = None  # the newest checkpoint written or found
+        self._head = 0  # the newest sequence appended (as far as this process saw)
+        self._since = time.monotonic()  # when the newest checkpoint was made (or we started)
+        self._due = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.checkpoints.publish_public_key, self.key)
+        try:
+            self.newest = await asyncio.to_thread(self.checkpoints.newest)
+        except InvalidCheckpoint as e:
+            # Serve anyway: VerifyAudit names the bad checkpoint; new ones cannot be numbered
+            # after it (nothing is overwritten) until an operator looks.
+            log.error("audit checkpoints: %s", e)
+        self._head = await self.store.in_unit(Unit.audit_head_sequence)
+        self._since = time.monotonic()
+
+    def appended(self, sequence: int) -> None:
+        """A record was appended: wake the checkpointer once enough wait unanchored."""
+        self._head = max(self._head, sequence)
+        if self._head - self._anchored() >= self.settings.checkpoint_every_records:
+            self._due.set()
+
+    def _anchored(self) -> int:
+        return self.newest.records if self.newest else 0
+
+    async def run(self) -> None:
+        every_s = self.settings.checkpoint_every_s
+        while True:
+            # Wake when enough records wait, or when the oldest unanchored one is due by time.
+            wait = every_s
+            if self._head > self._anchored():
+                wait = max(0.05, every_s - (time.monotonic() - self._since))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due.wait(), wait)
+            self._due.clear()
+            try:
+                while checkpoint_due(self._head - self._anchored(), time.monotonic() - self._since,
+                                     self.settings.checkpoint_every_records, every_s):
+                    await self.checkpoint()
+            except Exception:  # noqa: BLE001 - keep anchoring; the next round tries again
+                log.exception("audit checkpoint failed")
+                await asyncio.sleep(min(every_s, 30.0))
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign the records appended since the newest checkpoint, `checkpoint_every_records`
+        at most (a backlog goes into several); None when there are none."""
+        async with self._lock:
+            previous = self.newest
+            records = await self.store.in_unit(
+                _query, "", "", None, self._anchored(),
+                self.settings.checkpoint_every_records)
+            if not records:
+                self._head = self._anchored()  # nothing waits after all
+                return None
+            checkpoint = new_checkpoint(
+                previous.seq + 1 if previous else 1, records, previous, _now(), self.key)
+            await asyncio.to_thread(self.checkpoints.write, checkpoint)
+            self.newest, self._since = checkpoint, time.monotonic()
+            self._head = max(self._head, checkpoint.records)
+            log.info("audit checkpoint %d: records %d..%d, head %s", checkpoint.seq,
+                     checkpoint.first_sequence, checkpoint.records, checkpoint.head_hash[:16])
+            return checkpoint
+
+
+class AuditLog:
+    def __init__(self, store: GovernanceStore, checkpointer: Checkpointer):
+        self.store = store
+        self.checkpointer = checkpointer
         # Every audit consumer appends here; one append at a time keeps the chain from forking.
         self._append_lock = asyncio.Lock()
 
     async def append(self, event: AuditEvent) -> AuditRecord | None:
         """The new record, or None when the event is already in the log (a redelivery)."""
         async with self._append_lock:
-            return await self.store.in_unit(Unit.append, event)
+            record = await self.store.in_unit(Unit.append, event)
+        if record:
+            self.checkpointer.appended(record.sequence)
+        return record
 
     async def query(
         self, caller: Principal, *, event_type_prefix: str = "", entity: str = "",
-        after_sequence: int = 0, limit: int = 0,
+        tenant: str = "", after_sequence: int = 0, limit: int = 0,
     ) -> list[AuditRecord]:
-        """Records after `after_sequence` in order (`limit` 0: the default page)."""
-        # The log spans tenants: admins read all of it, anyone else only their tenant.
-        tenant = None if caller.can("admin") else caller.tenant
+        """Records after `after_sequence` in order (`limit` 0: the default page), of `tenant`
+        (empty: every tenant the caller administers)."""
         return await self.store.in_unit(
-            _query, event_type_prefix, entity, tenant, check_after_sequence(after_sequence),
-            query_limit(limit))
+            _query, event_type_prefix, entity, audit_scope(caller, tenant),
+            check_after_sequence(after_sequence), query_limit(limit))
 
-    async def verify(self) -> VerifyResult:
-        # Appends may land while this reads: the log only grows, so the scan stays consistent.
-        return await self.store.in_unit(_verify)
+    async def verify(self, caller: Principal) -> VerifyResult:
+        """The whole chain against every checkpoint; a tenant admin sees only whether it holds
+        and its own record count."""
+        tenant = audit_scope(caller, "")
+        newest_written = self.checkpointer.newest.seq if self.checkpointer.newest else 0
+        # Listed before the log is read: the records they anchor are all visible to the walk.
+        # Appends may land while it reads: the log only grows, so the scan stays consistent.
+        checkpoints = await asyncio.to_thread(self.checkpointer.checkpoints.snapshot)
+        result = await self.store.in_unit(
+            _verify, checkpoints, self.checkpointer.key.public_key(), newest_written, tenant)
+        return result if tenant is None else result.seen_by_tenant_admin()
 
 
 def _query(
@@ -162,8 +273,10 @@ def _query(
                    after_sequence=after_sequence, limit=limit)
 
 
-def _verify(u: Unit) -> VerifyResult:
-    return verify_chain(u.iter_audit())
+def _verify(u: Unit, checkpoints, public_key, newest_written: int, tenant: str | None
+            ) -> VerifyResult:
+    return verify_chain(u.iter_audit(), checkpoints, public_key=public_key,
+                        newest_written=newest_written, tenant=tenant)
 
 
 def _now() -> str:

@@ -11,8 +11,12 @@ def cmd_verify(args):
     from ..client import to_dict
 
     r = connect(args).governance.verify_audit()
-    text = (f"audit chain OK: {r.records} records, head {r.head_hash[:16]}" if r.ok else
-            f"audit chain BROKEN at sequence {r.first_bad_sequence}: {r.reason}")
+    # A tenant admin's reply counts its tenant's records and names no head or checkpoint.
+    anchor = (f", {r.anchored_records} anchored by checkpoint {r.checkpoint_seq} "
+              f"({r.checkpoint_time})" if r.checkpoint_seq else "")
+    text = (f"audit chain OK: {r.records} records{anchor}" if r.ok else
+            f"audit chain BROKEN at sequence {r.first_bad_sequence}: {r.reason}"
+            if r.first_bad_sequence else f"audit chain BROKEN: {r.reason}")
     output(args, to_dict(r), text)
     if not r.ok:
         sys.exit(1)
@@ -30,8 +34,9 @@ def cmd_query(args):
 
 def register(sub) -> None:
     au = add_group(sub, "audit", "the tamper-evident audit log")
-    add_command(au, "verify", cmd_verify, "recompute the hash chain")
-    sp = add_command(au, "query", cmd_query, "list audit records")
+    add_command(au, "verify", cmd_verify,
+                "recompute the hash chain and check it against the signed checkpoints (admin)")
+    sp = add_command(au, "query", cmd_query, "list audit records (admin: of your tenant)")
     sp.add_argument("--type", help="event type prefix, e.g. llmstudio.job.")
     sp.add_argument("--subject", help="entity id (job, dataset, ...)")
     sp.add_argument("--after", type=int, default=0, help="after this sequence")
