@@ -23,6 +23,7 @@ from google.protobuf import json_format, struct_pb2
 from .config import Settings
 from .grpcutil import channel
 from .local import admin_key, running_stack
+from .paging import MAX_PAGE_SIZE
 from .v1 import (
     datasets_pb2,
     datasets_pb2_grpc,
@@ -70,7 +71,20 @@ class _Api:
         self._timeout = client.timeout
 
 
-UPLOAD_CHUNK_BYTES = 1 << 20
+UPLOAD_CHUNK_BYTES = 1 << 20  # each chunk one message, well under the servers' 4 MiB limit
+
+
+def _every_page(call, request, field: str, limit: int, timeout: float | None) -> list:
+    """The items of a listing, page after page (each call bounded by `timeout`): all of
+    them, or the first `limit` when > 0."""
+    items: list = []
+    while True:
+        request.page_size = min(MAX_PAGE_SIZE, limit - len(items)) if limit else MAX_PAGE_SIZE
+        response = call(request, timeout=timeout)
+        items.extend(getattr(response, field))
+        if not response.next_page_token or (limit and len(items) >= limit):
+            return items
+        request.page_token = response.next_page_token
 
 
 def dataset_options(name: str = "", *, filename: str = "", validation_fraction: float = 0.0,
@@ -173,9 +187,10 @@ class Datasets(_Api):
         return self._stub.GetDataset(datasets_pb2.GetDatasetRequest(id=dataset_id),
                                      timeout=self._timeout)
 
-    def list(self, name: str = "") -> list[datasets_pb2.Dataset]:
-        return list(self._stub.ListDatasets(datasets_pb2.ListDatasetsRequest(name=name),
-                                            timeout=self._timeout).datasets)
+    def list(self, name: str = "", limit: int = 0) -> list[datasets_pb2.Dataset]:
+        """Every version (of one name), by name then version; the first `limit` if > 0."""
+        return _every_page(self._stub.ListDatasets, datasets_pb2.ListDatasetsRequest(name=name),
+                           "datasets", limit, self._timeout)
 
     def report(self, dataset_id: str) -> datasets_pb2.DatasetReport:
         return self._stub.GetDatasetReport(datasets_pb2.GetDatasetReportRequest(id=dataset_id),
@@ -203,10 +218,11 @@ class Jobs(_Api):
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self._stub.GetJob(jobs_pb2.GetJobRequest(id=job_id), timeout=self._timeout)
 
-    def list(self, status: str = "") -> list[jobs_pb2.Job]:
+    def list(self, status: str = "", limit: int = 0) -> list[jobs_pb2.Job]:
+        """Every job (of one status), newest first; the first `limit` if > 0."""
         code = jobs_pb2.JobStatus.Value("JOB_STATUS_" + status.upper()) if status else 0
-        return list(self._stub.ListJobs(jobs_pb2.ListJobsRequest(status=code),  # type: ignore[arg-type]
-                                        timeout=self._timeout).jobs)
+        return _every_page(self._stub.ListJobs, jobs_pb2.ListJobsRequest(status=code),  # type: ignore[arg-type]
+                           "jobs", limit, self._timeout)
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         return self._stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id), timeout=self._timeout)
@@ -237,9 +253,10 @@ class Jobs(_Api):
 
 
 class Models(_Api):
-    def list(self) -> list[registry_pb2.Model]:
-        return list(self._stub.ListModels(registry_pb2.ListModelsRequest(),
-                                          timeout=self._timeout).models)
+    def list(self, limit: int = 0) -> list[registry_pb2.Model]:
+        """Every model with its versions, by name; the first `limit` if > 0."""
+        return _every_page(self._stub.ListModels, registry_pb2.ListModelsRequest(), "models",
+                           limit, self._timeout)
 
     def get(self, name: str) -> registry_pb2.Model:
         return self._stub.GetModel(registry_pb2.GetModelRequest(name=name), timeout=self._timeout)
@@ -255,9 +272,11 @@ class Models(_Api):
 
 
 class Evaluations(_Api):
-    def list(self, job_id: str = "") -> list[evaluation_pb2.Evaluation]:
-        return list(self._stub.ListEvaluations(evaluation_pb2.ListEvaluationsRequest(
-            job_id=job_id), timeout=self._timeout).evaluations)
+    def list(self, job_id: str = "", limit: int = 0) -> list[evaluation_pb2.Evaluation]:
+        """Every evaluation (of one job), oldest first; the first `limit` if > 0."""
+        return _every_page(self._stub.ListEvaluations,
+                           evaluation_pb2.ListEvaluationsRequest(job_id=job_id), "evaluations",
+                           limit, self._timeout)
 
     def get(self, evaluation_id: str) -> evaluation_pb2.Evaluation:
         return self._stub.GetEvaluation(evaluation_pb2.GetEvaluationRequest(id=evaluation_id),

@@ -68,8 +68,10 @@ class DatasetApi(datasets_pb2_grpc.DatasetServiceServicer):
         return to_proto(await self.datasets.get(current_principal().tenant, request.id))
 
     async def ListDatasets(self, request: datasets_pb2.ListDatasetsRequest, context):
-        records = await self.datasets.versions(current_principal().tenant, request.name)
-        return datasets_pb2.ListDatasetsResponse(datasets=[to_proto(r) for r in records])
+        records = await self.datasets.versions(current_principal().tenant, request.name,
+                                               request.page_size, request.page_token)
+        return datasets_pb2.ListDatasetsResponse(datasets=[to_proto(r) for r in records],
+                                                 next_page_token=records.next_page_token)
 
     async def GetDatasetReport(self, request: datasets_pb2.GetDatasetReportRequest, context):
         report = await self.datasets.report(current_principal().tenant, request.id)

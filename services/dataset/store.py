@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
+from llmstudio.paging import Listing, Page, Paged
 
 from .core import DatasetRecord
 
@@ -59,6 +60,9 @@ datasets = sa.Table(
 
 outbox = outbox_table(metadata, "dataset")
 
+# ListDatasets pages by name, then version (`Unit.versions`).
+VERSIONS: Listing[DatasetRecord] = Listing(lambda r: (r.name, r.version), (str, int))
+
 
 class Unit(OutboxUnit):
     """The queries of one transaction (the outbox's from `OutboxUnit`)."""
@@ -80,13 +84,21 @@ class Unit(OutboxUnit):
     def by_idempotency_key(self, tenant: str, key: str) -> DatasetRecord | None:
         return self._one(datasets.c.tenant == tenant, datasets.c.idempotency_key == key)
 
-    def versions(self, tenant: str, name: str = "") -> list[DatasetRecord]:
-        """The tenant's versions (of one name, if given), by name then version."""
+    def versions(self, tenant: str, name: str = "",
+                 page: Page | None = None) -> Paged[DatasetRecord]:
+        """The tenant's versions (of one name, if given), by name then version; `page` of them
+        (None: all)."""
         query = datasets.select().where(datasets.c.tenant == tenant)
         if name:
             query = query.where(datasets.c.name == name)
+        if page is not None:
+            if page.after is not None:
+                after_name, after_version = page.after
+                query = query.where(sa.or_(datasets.c.name > after_name, sa.and_(
+                    datasets.c.name == after_name, datasets.c.version > after_version)))
+            query = query.limit(page.rows_to_read)
         rows = self.conn.execute(query.order_by(datasets.c.name, datasets.c.version))
-        return [DatasetRecord(**row) for row in rows.mappings()]
+        return VERSIONS.paged([DatasetRecord(**row) for row in rows.mappings()], page)
 
     def _one(self, *where: sa.ColumnElement[bool]) -> DatasetRecord | None:
         row = self.conn.execute(datasets.select().where(*where)).mappings().first()

@@ -37,6 +37,7 @@ from llmstudio.events import (
     JobSubmitted,
 )
 from llmstudio.outbox import Outbox, now_iso
+from llmstudio.paging import Paged
 from llmstudio.storage import ArtifactStore
 
 from . import core, ingest
@@ -44,7 +45,7 @@ from .core import DatasetRecord
 from .files import read_lines, split_problems, write_files
 from .sources import PathSource, check_model_dir, fetch_s3, parse_source
 from .spool import Spool, receive
-from .store import DatasetStore, Unit
+from .store import VERSIONS, DatasetStore, Unit
 
 log = logging.getLogger(__name__)
 PREVIEW_DEFAULT_ROWS, PREVIEW_MAX_ROWS, PREVIEW_DEFAULT_LENGTH = 5, 100, 2048
@@ -341,8 +342,11 @@ class Datasets:
             raise NotFound(f"dataset {dataset_id} not found")
         return record
 
-    async def versions(self, tenant: str, name: str = "") -> list[DatasetRecord]:
-        return await self.store.in_unit(Unit.versions, tenant, name)
+    async def versions(self, tenant: str, name: str = "", page_size: int = 0,
+                       page_token: str = "") -> Paged[DatasetRecord]:
+        """A page of the tenant's versions, by name then version (default: the first 100)."""
+        return await self.store.in_unit(Unit.versions, tenant, name,
+                                        VERSIONS.page(page_size, page_token))
 
     async def report(self, tenant: str, dataset_id: str) -> dict[str, Any]:
         """The ingest report stored with the version (see `ingest._report`)."""

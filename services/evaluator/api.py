@@ -33,5 +33,7 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
         return to_proto(await self.evaluations.get(request.id, current_principal().tenant))
 
     async def ListEvaluations(self, request, context):
-        evs = await self.evaluations.list(current_principal().tenant, job_id=request.job_id)
-        return evaluation_pb2.ListEvaluationsResponse(evaluations=[to_proto(e) for e in evs])
+        evs = await self.evaluations.list(current_principal().tenant, request.job_id,
+                                          request.page_size, request.page_token)
+        return evaluation_pb2.ListEvaluationsResponse(evaluations=[to_proto(e) for e in evs],
+                                                      next_page_token=evs.next_page_token)

@@ -16,11 +16,14 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
+    or_,
     select,
 )
 
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
+from llmstudio.paging import Listing, Page, Paged
 
 from .core import RUNNING, Evaluation
 
@@ -72,12 +75,22 @@ class Unit(OutboxUnit):
         row = self.conn.execute(q).first()
         return _evaluation(row) if row else None
 
-    def of_tenant(self, tenant: str, job_id: str = "") -> list[Evaluation]:
+    def of_tenant(self, tenant: str, job_id: str = "",
+                  page: Page | None = None) -> Paged[Evaluation]:
+        """The tenant's evaluations (of one job, if given), oldest first; `page` of them (None:
+        all)."""
         q = select(evaluations).where(evaluations.c.tenant == tenant)
         if job_id:
             q = q.where(evaluations.c.job_id == job_id)
+        if page is not None:
+            if page.after is not None:
+                created, evaluation_id = page.after
+                created_at = datetime.fromisoformat(str(created))
+                q = q.where(or_(evaluations.c.created_at > created_at, and_(
+                    evaluations.c.created_at == created_at, evaluations.c.id > evaluation_id)))
+            q = q.limit(page.rows_to_read)
         rows = self.conn.execute(q.order_by(evaluations.c.created_at, evaluations.c.id))
-        return [_evaluation(r) for r in rows]
+        return EVALUATIONS.paged([_evaluation(r) for r in rows], page)
 
     def running(self) -> list[Evaluation]:
         """Evaluations not finished: at start, the ones a previous process left running."""
@@ -105,6 +118,11 @@ def _row(ev: Evaluation) -> dict:
         "base_metrics": ev.base_metrics, "tuned_metrics": ev.tuned_metrics,
         "report_key": ev.report_key, "error": ev.error,
     }
+
+
+# ListEvaluations pages oldest first (`Unit.of_tenant`).
+EVALUATIONS: Listing[Evaluation] = Listing(lambda ev: (ev.created_at.isoformat(), ev.id),
+                                           (str, str))
 
 
 def _evaluation(row) -> Evaluation:

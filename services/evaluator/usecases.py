@@ -29,6 +29,7 @@ from llmstudio.events import JobCompleted
 from llmstudio.jsonl import parse_jsonl
 from llmstudio.ml.evaluation import evaluate_model
 from llmstudio.outbox import Outbox
+from llmstudio.paging import Paged
 from llmstudio.storage import ArtifactStore
 
 from .core import (
@@ -42,7 +43,7 @@ from .core import (
     plan,
     report_key,
 )
-from .store import EvaluationStore, Unit
+from .store import EVALUATIONS, EvaluationStore, Unit
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("evaluator")
@@ -62,8 +63,11 @@ class Evaluations:
             raise NotFound(f"evaluation {evaluation_id} not found")
         return ev
 
-    async def list(self, tenant: str, job_id: str = "") -> list[Evaluation]:
-        return await self.store.in_unit(Unit.of_tenant, tenant, job_id)
+    async def list(self, tenant: str, job_id: str = "", page_size: int = 0,
+                   page_token: str = "") -> Paged[Evaluation]:
+        """A page of the tenant's evaluations, oldest first (default: the first 100)."""
+        return await self.store.in_unit(Unit.of_tenant, tenant, job_id,
+                                        EVALUATIONS.page(page_size, page_token))
 
 
 class EvaluationRunner:

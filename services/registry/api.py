@@ -26,8 +26,10 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         self.registry = registry
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        models = await self.registry.list_models(current_principal().tenant)
-        return pb.ListModelsResponse(models=[model_to_pb(m) for m in models])
+        models = await self.registry.list_models(current_principal().tenant, request.page_size,
+                                                 request.page_token)
+        return pb.ListModelsResponse(models=[model_to_pb(m) for m in models],
+                                     next_page_token=models.next_page_token)
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
         return model_to_pb(

@@ -25,6 +25,7 @@ from sqlalchemy import (
 
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
+from llmstudio.paging import Listing, Page, Paged
 
 from .core import Model, ModelVersion, Stage, StageRequest
 
@@ -54,6 +55,9 @@ versions = Table(
     # One version per job: a redelivered JobCompleted finds the version it registered.
     UniqueConstraint("tenant", "job_id", name="registry_versions_job"),
 )
+
+# ListModels pages by name (`Unit.models`).
+MODELS: Listing[Model] = Listing(lambda model: (model.name,), (str,))
 
 # SetStage idempotency keys: a retried request is answered, not re-applied.
 stage_requests = Table(
@@ -137,16 +141,24 @@ class Unit(OutboxUnit):
             return None
         return Model(tenant, name, row.created_at, self.versions_of(tenant, name))
 
-    def models(self, tenant: str) -> list[Model]:
-        rows = self.conn.execute(
-            select(models).where(models.c.tenant == tenant).order_by(models.c.name)
-        ).all()
+    def models(self, tenant: str, page: Page | None = None) -> Paged[Model]:
+        """The tenant's models by name, each with all its versions; `page` of them (None:
+        all)."""
+        query = select(models).where(models.c.tenant == tenant)
+        if page is not None:
+            if page.after is not None:
+                query = query.where(models.c.name > page.after[0])
+            query = query.limit(page.rows_to_read)
+        rows = self.conn.execute(query.order_by(models.c.name)).all()
         by_model: dict[str, list[ModelVersion]] = {r.name: [] for r in rows}
         for r in self.conn.execute(
-            select(versions).where(versions.c.tenant == tenant).order_by(versions.c.version)
+            select(versions)
+            .where(versions.c.tenant == tenant, versions.c.model_name.in_(list(by_model)))
+            .order_by(versions.c.version)
         ):
-            by_model.setdefault(r.model_name, []).append(_version(r))
-        return [Model(tenant, r.name, r.created_at, by_model[r.name]) for r in rows]
+            by_model[r.model_name].append(_version(r))
+        return MODELS.paged(
+            [Model(tenant, r.name, r.created_at, by_model[r.name]) for r in rows], page)
 
     # -- idempotency keys -----------------------------------------------------------------------
     def stage_request(self, tenant: str, key: str) -> StageRequest | None:

@@ -15,10 +15,11 @@ from llmstudio import telemetry
 from llmstudio.errors import InvalidArgument, NotFound
 from llmstudio.events import EvalCompleted, JobCompleted, ModelStageChanged, ModelVersionRegistered
 from llmstudio.outbox import Outbox
+from llmstudio.paging import Paged
 
 from . import core
 from .core import Model, ModelVersion, StageRequest
-from .store import RegistryStore, Unit
+from .store import MODELS, RegistryStore, Unit
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ class Registry:
         self.outbox = outbox
 
     # -- reads -------------------------------------------------------------------------------
-    async def list_models(self, tenant: str) -> list[Model]:
-        return await self.store.in_unit(Unit.models, tenant)
+    async def list_models(self, tenant: str, page_size: int = 0,
+                          page_token: str = "") -> Paged[Model]:
+        """A page of the tenant's models by name (default: the first 100)."""
+        return await self.store.in_unit(Unit.models, tenant, MODELS.page(page_size, page_token))
 
     async def get_model(self, tenant: str, name: str) -> Model:
         model = await self.store.in_unit(Unit.model, tenant, _required("name", name))

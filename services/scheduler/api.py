@@ -65,8 +65,10 @@ class JobApi(jobs_pb2_grpc.JobServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         status = status_from_pb(request.status) if request.status else None
-        jobs = await self.jobs.list(current_principal().tenant, status)
-        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs])
+        jobs = await self.jobs.list(current_principal().tenant, status, request.page_size,
+                                    request.page_token)
+        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs],
+                                   next_page_token=jobs.next_page_token)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
         return job_to_pb(await self.jobs.cancel(request.id, current_principal()))

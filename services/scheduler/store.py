@@ -25,13 +25,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     bindparam,
     func,
+    or_,
     select,
 )
 
 from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
+from llmstudio.paging import Listing, Page, Paged
 
 from .core import ACTIVE, Job, Quota, Status, job_from_dict, job_to_dict, now_iso
 
@@ -122,12 +125,21 @@ class Unit(OutboxUnit):
         ).first()
         return _job(row) if row else None
 
-    def jobs(self, tenant: str, status: Status | None = None) -> list[Job]:
+    def jobs(self, tenant: str, status: Status | None = None,
+             page: Page | None = None) -> Paged[Job]:
+        """The tenant's jobs (of one status, if given), newest first; `page` of them (None:
+        all)."""
         query = select(jobs).where(jobs.c.tenant == tenant)
         if status is not None:
             query = query.where(jobs.c.status == status.value)
+        if page is not None:
+            if page.after is not None:
+                created_at, job_id = page.after
+                query = query.where(or_(jobs.c.created_at < created_at, and_(
+                    jobs.c.created_at == created_at, jobs.c.id > job_id)))
+            query = query.limit(page.rows_to_read)
         query = query.order_by(jobs.c.created_at.desc(), jobs.c.id)
-        return [_job(r) for r in self.conn.execute(query)]
+        return JOBS.paged([_job(r) for r in self.conn.execute(query)], page)
 
     def add_job(self, job: Job) -> None:
         self.conn.execute(_INSERT_JOB, _row(job))
@@ -229,6 +241,10 @@ _INSERT_SAMPLE = samples.insert()
 
 def _row(job: Job) -> dict:
     return job_to_dict(job)
+
+
+# ListJobs pages newest first (`Unit.jobs`).
+JOBS: Listing[Job] = Listing(lambda job: (job.created_at, job.id), (str, str))
 
 
 def _job(row) -> Job:

@@ -51,10 +51,11 @@ from llmstudio.events import (
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.memory import estimate_memory, model_config_of
 from llmstudio.outbox import Outbox
+from llmstudio.paging import Paged
 
 from . import core
 from .core import Happening, Job, Quota, Report, Status, Worker, WorkerTable, transition
-from .store import Conflict, SchedulerStore, Unit
+from .store import JOBS, Conflict, SchedulerStore, Unit
 from .watch import Update, Watchers
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,11 @@ class Jobs:
             raise PermissionDenied(refusal)
         return await self.store.in_unit(Unit.quota, tenant) or Quota(tenant)
 
-    async def list(self, tenant: str, status: Status | None) -> list[Job]:
-        return await self.store.in_unit(Unit.jobs, tenant, status)
+    async def list(self, tenant: str, status: Status | None, page_size: int = 0,
+                   page_token: str = "") -> Paged[Job]:
+        """A page of the tenant's jobs, newest first (default: the first 100)."""
+        return await self.store.in_unit(Unit.jobs, tenant, status,
+                                        JOBS.page(page_size, page_token))
 
     async def cancel(self, job_id: str, caller: Principal) -> Job:
         """Not yet on a worker: cancelled now (JobCancelled). On a worker: the worker is asked to

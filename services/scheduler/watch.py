@@ -5,6 +5,11 @@ this replica's open WatchJob streams (in the order the use cases ran), and with 
 (`connect`) it is also published on core NATS (JobUpdated) for every other replica to hand to its
 own: a client watching on one replica sees what another one changed. Core NATS may drop or
 reorder an update: WatchJob dedupes, and re-reads its job now and then (usecases.Jobs.watch).
+
+A stream holds at most WATCH_QUEUE_LIMIT unread updates (`UpdateQueue`): a client reading slower
+than its job reports loses its oldest queued metric samples, which Jobs.watch reads back from
+the store (on its re-read, and when the job ends), so it still sees every sample, late; with no
+sample queued, its oldest update goes (a status the newer ones queued after it supersede).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +30,10 @@ from .core import Job, job_from_dict, job_to_dict
 log = logging.getLogger(__name__)
 
 
+# Unread updates one WatchJob stream may hold: at most a few MiB of jobs per stream.
+WATCH_QUEUE_LIMIT = 256
+
+
 @dataclass(frozen=True)
 class Update:
     kind: str  # "status" | "metrics" | "checkpoint"
@@ -32,6 +41,22 @@ class Update:
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     message: str = ""
+
+
+class UpdateQueue(asyncio.Queue[Update]):
+    """The updates one stream has not read, `limit` at most (see the module's docstring)."""
+
+    _queue: deque[Update]  # asyncio.Queue's own store (`_init`, `_put`, `_get` are its hooks)
+
+    def __init__(self, limit: int = WATCH_QUEUE_LIMIT):
+        super().__init__()  # unbounded to asyncio, so a put never waits; `_put` bounds it
+        self.limit = limit
+
+    def _put(self, item: Update) -> None:
+        if len(self._queue) >= self.limit:
+            unread = self._queue
+            unread.remove(next((u for u in unread if u.kind == "metrics"), unread[0]))
+        super()._put(item)
 
 
 class Watchers:
@@ -53,7 +78,7 @@ class Watchers:
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Queue[Update]]:
-        queue: asyncio.Queue[Update] = asyncio.Queue()
+        queue = UpdateQueue()
         self._queues[job_id].add(queue)
         try:
             yield queue

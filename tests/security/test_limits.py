@@ -7,7 +7,9 @@ gRPC servers on loopback, real stores."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 from google.protobuf.struct_pb2 import Struct
 
 from llmstudio.bus import Bus
+from llmstudio.client import Client
 from llmstudio.config import Settings
 from llmstudio.events import DeadLettered, Envelope, ModelStageChanged, ModelVersionRegistered
 from llmstudio.grpcutil import MAX_MESSAGE_BYTES
@@ -27,6 +30,8 @@ from llmstudio.outbox import Outbox
 from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
 from services.registry.store import RegistryStore
 from services.scheduler.app import build as build_scheduler
+from services.scheduler.core import Job, Status
+from services.scheduler.watch import WATCH_QUEUE_LIMIT, Watchers
 from tests.support.bus import all_stream_messages, stream_messages
 from tests.support.harness import put_api_key, running
 
@@ -223,3 +228,94 @@ async def test_rpcs_past_the_cap_are_refused(settings, monkeypatch, tmp_path):
                 await asyncio.sleep(0.1)
         assert got.id == job.id
         watches[1].cancel()
+
+
+# -- paging -------------------------------------------------------------------------------------
+
+async def test_jobs_list_in_pages_every_job_once(settings, tmp_path):
+    """250 jobs in pages of 100: every job exactly once, newest first, and the last page says
+    so; a bad page size or token is INVALID_ARGUMENT; the SDK and the CLI follow the pages."""
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    dev = await put_api_key(settings.nats_url, "developer", TENANT)
+    other = await put_api_key(settings.nats_url, "developer", "globex")
+    async with running("scheduler", build_scheduler, settings) as port, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        request = jobs_pb2.CreateJobRequest(spec=struct({"base_model": str(model),
+                                                         "dataset": "ds-1"}))
+        created = [(await stub.CreateJob(request, metadata=md(dev))).id for _ in range(250)]
+        await stub.CreateJob(request, metadata=md(other))  # another tenant's: in no page
+
+        pages, token = [], ""
+        while True:
+            page = await stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=100, page_token=token),
+                                       metadata=md(dev))
+            pages.append([j.id for j in page.jobs])
+            token = page.next_page_token
+            if not token:
+                break
+        assert [len(p) for p in pages] == [100, 100, 50]
+        assert [job_id for p in pages for job_id in p] == created[::-1]  # each once, newest first
+        default = await stub.ListJobs(jobs_pb2.ListJobsRequest(), metadata=md(dev))
+        assert [j.id for j in default.jobs] == pages[0] and default.next_page_token
+
+        for bad, field in ((jobs_pb2.ListJobsRequest(page_size=1001), "page_size"),
+                           (jobs_pb2.ListJobsRequest(page_size=-1), "page_size"),
+                           (jobs_pb2.ListJobsRequest(page_token="not-a-token"), "page_token"),
+                           (jobs_pb2.ListJobsRequest(page_token=base64.urlsafe_b64encode(
+                               b'["2030-01-01", 7]').decode()), "page_token")):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.ListJobs(bad, metadata=md(dev))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith(f"{field}:")
+
+        sdk = Client(api_key=dev, settings=Settings(
+            scheduler_addr=f"127.0.0.1:{port}", data_dir=tmp_path / "no-stack"))
+        assert [j.id for j in await asyncio.to_thread(sdk.jobs.list)] == created[::-1]
+        assert [j.id for j in await asyncio.to_thread(sdk.jobs.list, "", 120)] == (
+            created[::-1][:120])
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmstudio.cli", "--data-dir", str(tmp_path / "no-stack"),
+            "--json", "jobs", "list", "--api-key", dev, "--limit", "150",
+            env={**os.environ, "LLMSTUDIO_SCHEDULER_ADDR": f"127.0.0.1:{port}"},
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+        out, _ = await cli.communicate()
+        assert [j["id"] for j in json.loads(out)] == created[::-1][:150]
+
+
+# -- WatchJob -----------------------------------------------------------------------------------
+
+def a_job(status: Status, version: int) -> Job:
+    return Job(id="job-1", tenant=TENANT, status=status, spec={}, model_name="m",
+               dataset_id="ds-1", priority=1, created_by="key-1", created_at="t", updated_at="t",
+               version=version)
+
+
+async def test_a_slow_watcher_holds_a_bounded_number_of_updates():
+    """100,000 samples and status changes to a stream nobody reads: the queue stays at its
+    limit, the oldest samples go first, and every status change and the newest samples stay."""
+    watchers = Watchers()
+    running_job = a_job(Status.RUNNING, 2)
+    with watchers.watch("job-1") as queue:
+        watchers.status(running_job)
+        for step in range(1, 100_001):
+            watchers.metrics(running_job, step, {"loss": 1.0})
+        watchers.checkpoint(running_job, 100_000, "ck/100000")
+        watchers.status(a_job(Status.SUCCEEDED, 3))
+        assert queue.qsize() == WATCH_QUEUE_LIMIT
+        unread = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert [(u.kind, u.job.status) for u in unread if u.kind != "metrics"] == [
+        ("status", Status.RUNNING), ("checkpoint", Status.RUNNING),
+        ("status", Status.SUCCEEDED)]
+    steps = [u.step for u in unread if u.kind == "metrics"]
+    assert steps == list(range(100_001 - (WATCH_QUEUE_LIMIT - 3), 100_001))
+
+    # with no sample left to drop, the oldest update goes; the newest is always kept
+    with watchers.watch("job-1") as queue:
+        for version in range(1, 1001):
+            watchers.status(a_job(Status.RUNNING if version < 1000 else Status.FAILED, version))
+        assert queue.qsize() == WATCH_QUEUE_LIMIT
+        versions = [queue.get_nowait().job.version for _ in range(WATCH_QUEUE_LIMIT)]
+    assert versions == list(range(1001 - WATCH_QUEUE_LIMIT, 1001))

@@ -103,7 +103,7 @@ def cmd_derive(args):
 def cmd_list(args):
     from ..client import to_dict
 
-    items = connect(args).datasets.list(args.name or "")
+    items = connect(args).datasets.list(args.name or "", limit=args.limit)
     output(args, [to_dict(d) for d in items], "\n".join(map(_dataset_line, items)) or "no datasets")
 
 
@@ -225,8 +225,10 @@ def register(sub) -> None:
                      "a new version of a dataset: deduplicated, PII-redacted or re-split")
     sp.add_argument("id", help="the parent version")
     _ingest_flags(sp, derive=True)
-    add_command(ds, "list", cmd_list, "list dataset versions").add_argument(
-        "--name", help="only this dataset's versions")
+    sp = add_command(ds, "list", cmd_list, "list dataset versions")
+    sp.add_argument("--name", help="only this dataset's versions")
+    sp.add_argument("--limit", type=int, default=0,
+                    help="at most N versions (default: all, read page by page)")
     add_command(ds, "report", cmd_report,
                 "stats and quality findings of a version").add_argument("id")
     sp = add_command(ds, "preview", cmd_preview,

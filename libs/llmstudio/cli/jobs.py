@@ -54,7 +54,7 @@ def _memory_line(job) -> str:
 def cmd_list(args):
     from ..client import to_dict
 
-    items = connect(args).jobs.list(args.status or "")
+    items = connect(args).jobs.list(args.status or "", limit=args.limit)
     output(args, [to_dict(j) for j in items], "\n".join(map(_job_line, items)) or "no jobs")
 
 
@@ -140,8 +140,10 @@ def register(sub) -> None:
     sp.add_argument("-f", "--file", required=True, help="JOB.yaml")
     sp.add_argument("--priority", default="normal", choices=("low", "normal", "high", "urgent"),
                     help="priority class: higher runs first; urgent is for admins")
-    add_command(js, "list", cmd_list, "list jobs").add_argument(
-        "--status", help="validating_files|queued|running|succeeded|failed|cancelled")
+    sp = add_command(js, "list", cmd_list, "list jobs, newest first")
+    sp.add_argument("--status", help="validating_files|queued|running|succeeded|failed|cancelled")
+    sp.add_argument("--limit", type=int, default=0,
+                    help="at most N jobs (default: all, read page by page)")
     add_command(js, "show", cmd_show, "one job").add_argument("id")
     add_command(js, "watch", cmd_watch,
                 "follow a job: progress bar with live loss").add_argument("id")

@@ -32,7 +32,7 @@ def parse_model_ref(ref: str) -> tuple[str, int]:
 def cmd_list(args):
     from ..client import to_dict
 
-    models = connect(args).models.list()
+    models = connect(args).models.list(limit=args.limit)
     lines = [_version_line(v) for m in models for v in m.versions]
     output(args, [to_dict(m) for m in models], "\n".join(lines) or "no models")
 
@@ -103,7 +103,8 @@ def cmd_export(args):
 
 def register(sub) -> None:
     ms = add_group(sub, "models", "model registry")
-    add_command(ms, "list", cmd_list, "list models and versions")
+    add_command(ms, "list", cmd_list, "list models and versions").add_argument(
+        "--limit", type=int, default=0, help="at most N models (default: all, read page by page)")
     add_command(ms, "show", cmd_show,
                 "a model, or one version with NAME@VERSION").add_argument("ref")
     sp = add_command(ms, "stage", cmd_stage, "move a version to a stage")
