@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,15 @@ from llmstudio.grpcutil import MAX_MESSAGE_BYTES
 from llmstudio.natsserver import free_port
 from llmstudio.outbox import Outbox
 from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
-from services.registry.store import RegistryStore
+from services.dataset.core import DatasetRecord
+from services.dataset.store import VERSIONS, DatasetStore
+from services.dataset.store import Unit as DatasetUnit
+from services.evaluator.core import Evaluation
+from services.evaluator.store import EVALUATIONS, EvaluationStore
+from services.evaluator.store import Unit as EvaluationUnit
+from services.registry.core import ModelVersion, Stage
+from services.registry.store import MODELS, RegistryStore
+from services.registry.store import Unit as RegistryUnit
 from services.scheduler.app import build as build_scheduler
 from services.scheduler.core import Job, Status
 from services.scheduler.watch import WATCH_QUEUE_LIMIT, Watchers
@@ -319,3 +328,59 @@ async def test_a_slow_watcher_holds_a_bounded_number_of_updates():
         assert queue.qsize() == WATCH_QUEUE_LIMIT
         versions = [queue.get_nowait().job.version for _ in range(WATCH_QUEUE_LIMIT)]
     assert versions == list(range(1001 - WATCH_QUEUE_LIMIT, 1001))
+
+
+def read_every_page(unit_list, listing, size: int) -> list[list]:
+    """Every page of a store listing, through its tokens as a client would pass them."""
+    pages, token = [], ""
+    while True:
+        page = unit_list(listing.page(size, token))
+        pages.append(list(page))
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+@pytest.mark.parametrize("listing", ["datasets", "models", "evaluations"])
+def test_the_other_listings_page_every_item_once(db_url, listing):
+    """Ties in the first sort column (same name, same creation time) page by the second."""
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    if listing == "datasets":
+        store = DatasetStore(db_url)
+        items = [DatasetRecord(
+            id=f"ds-{name}{v}", tenant=TENANT, name=name, sha256=f"{name}{v}", format="text",
+            num_rows=1, train_rows=1, validation_rows=0, artifacts={}, split_sha256={},
+            validation_fraction=0.0, seed=0, created_at="t", created_by="k", version=v)
+            for name in ("a", "b", "c") for v in (1, 2, 3)]
+        add, keyed, query = DatasetUnit.add, VERSIONS, lambda u, p: u.versions(TENANT, page=p)
+        expected = 9
+    elif listing == "models":
+        store = RegistryStore(db_url)
+        items = [ModelVersion(tenant=TENANT, model_name=f"m{i}", version=v,
+                              stage=Stage.DEVELOPMENT, job_id=f"job-{i}-{v}", created_at="t",
+                              updated_at="t") for i in range(7) for v in (1, 2)]
+        add, keyed, query = RegistryUnit.add_version, MODELS, lambda u, p: u.models(TENANT, p)
+        expected = 7  # models, each with its 2 versions
+    else:
+        store = EvaluationStore(db_url)
+        items = [Evaluation(id=f"ev-{i}", job_id=f"job-{i}", tenant=TENANT, job={},
+                            created_at=when + timedelta(seconds=i // 3)) for i in range(9)]
+        add, keyed, query = EvaluationUnit.add, EVALUATIONS, lambda u, p: u.of_tenant(TENANT,
+                                                                                     page=p)
+        expected = 9
+    store.migrate()
+    try:
+        with store.unit() as u:
+            for item in items:
+                add(u, item)
+        with store.unit() as u:
+            everything = query(u, None)
+            pages = read_every_page(lambda p: query(u, p), keyed, 2)
+        assert everything.next_page_token == "" and len(everything) == expected
+        assert all(len(p) == 2 for p in pages[:-1]) and 1 <= len(pages[-1]) <= 2
+        assert [keyed.sort_key(i) for p in pages for i in p] == [
+            keyed.sort_key(i) for i in everything]
+        if listing == "models":  # each model on its page with all its versions
+            assert all([v.version for v in m.versions] == [1, 2] for p in pages for m in p)
+    finally:
+        store.dispose()
