@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from dataclasses import asdict
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js.errors import NoKeysError
 
 from llmstudio.auth import KeyDirectory, Principal, hash_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
 from llmstudio.events import JobQueued, make_envelope
 from llmstudio.outbox import Outbox
+from llmstudio.storage import LocalArtifactStore
+from services.governance.anchor import CheckpointStore
+from services.governance.config import AuditAnchorSettings
 from services.governance.core import AuditEvent, chain
 from services.governance.handlers import audit_event
 from services.governance.store import GovernanceStore, metadata
-from services.governance.usecases import AuditLog, KeyManager
+from services.governance.usecases import AuditLog, Checkpointer, KeyManager
 from tests.support.migrations import (
     LEGACY_DATABASES,
     assert_schema_history,
@@ -128,16 +133,24 @@ async def assert_legacy_rows_read_through_use_cases(
         assert u.pending_events() == []  # its ApiKeyRevoked went through the outbox
 
     # The audit log: the chain verifies across the upgrade and goes on from its head.
-    audit = AuditLog(store)
-    verified = await audit.verify()
+    with tempfile.TemporaryDirectory() as artifacts:
+        audit = AuditLog(store, Checkpointer(
+            store, CheckpointStore(LocalArtifactStore(artifacts)), Ed25519PrivateKey.generate(),
+            AuditAnchorSettings()))
+        await assert_legacy_chain_goes_on(audit, records)
+
+
+async def assert_legacy_chain_goes_on(audit: AuditLog, records: list[dict]) -> None:
+    platform_admin = Principal("key-00000001", "default", ("admin",))
+    verified = await audit.verify(platform_admin)
     assert (verified.ok, verified.records, verified.head_hash) == (True, 3, records[-1]["hash"])
-    mine = await audit.query(Principal("key-00000002", "acme", ("developer",)),
+    mine = await audit.query(Principal("key-acme-admin", "acme", ("admin",)),
                              event_type_prefix="llmstudio.job.")
     assert [asdict(r) for r in mine] == [records[0], records[2]]
     env = make_envelope(JobQueued(job_id="job-4", dataset_sha256="cd"), source="s", tenant="acme")
     appended = await audit.append(audit_event(env, JobQueued(**env.data)))
     assert (appended.sequence, appended.prev_hash) == (4, records[-1]["hash"])
-    assert (await audit.verify()).ok
+    assert (await audit.verify(platform_admin)).ok
 
 
 @pytest.mark.parametrize("made", LEGACY_DATABASES)
