@@ -116,8 +116,14 @@ class KeyDirectory:
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 self._by_hash.pop(entry.key, None)
-            else:
+                continue
+            try:
                 self._by_hash[entry.key] = Principal.from_json(entry.value)
+            except (ValueError, KeyError, TypeError) as e:
+                # one bad value must not stop the watch (revocations would stop applying):
+                # the key it names is unknown here, and the rest go on
+                self._by_hash.pop(entry.key, None)
+                log.error("key bucket: ignoring the malformed value of %s: %s", entry.key, e)
 
     async def stop(self) -> None:
         if self._task:

@@ -29,6 +29,7 @@ from faststream.nats import (
     JStream,
     NatsBroker,
     NatsMessage,
+    NatsUserPassword,
     PullSub,
     RetentionPolicy,
     StorageType,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 SECURITY_PARK_INTERVAL_S = 10.0  # forged core messages: at most one parked per subject per this
 
 Handler = Callable[[Envelope, EventData], Awaitable[None]]
+RawHandler = Callable[[str, dict[str, str], bytes], Awaitable[None]]
 E = TypeVar("E", bound=EventData)
 
 
@@ -60,6 +62,11 @@ class PublishFailed(ConnectionError):
         super().__init__(f"published {stored}, then: {cause!r}")
         self.stored = stored
         self.__cause__ = cause
+
+
+class Refused(Exception):
+    """A handler's refusal of a message for good (a command its caller may not send): parked at
+    once with this reason, never retried."""
 
 
 class UnexpectedEvent(ValueError):
@@ -109,10 +116,23 @@ STREAMS: dict[str, StreamSpec] = {
     "DEADLETTER": StreamSpec(["llmstudio.deadletter.>"]),
     "METRICS": StreamSpec(["llmstudio.metrics.>"], max_age_s=7 * 86400, audited=False),
     "WORK": StreamSpec(["llmstudio.work.>"], retention=RetentionPolicy.WORK_QUEUE, audited=False),
+    # external automation's requests (llmstudio.commands): not events; what they cause is
+    "COMMANDS": StreamSpec(["llmstudio.cmd.>"], max_age_s=7 * 86400, audited=False),
 }
 AUDITED_STREAMS = [name for name, spec in STREAMS.items() if spec.audited]
 DEDUP_WINDOW_S = 120
 APIKEY_BUCKET = "llmstudio-apikeys"
+LEASE_BUCKET = "llmstudio-scheduler-leader"  # the scheduler replicas' placement lease
+
+
+def nats_security(settings: Settings) -> NatsUserPassword | None:
+    """The user this process connects as (settings.nats_user), or None: no authentication."""
+    if not settings.nats_user:
+        return None
+    if settings.nats_password_file is None:
+        raise ValueError(f"nats_user {settings.nats_user!r} needs nats_password_file")
+    password = settings.nats_password_file.read_text().strip()
+    return NatsUserPassword(settings.nats_user, password)
 
 
 def stream_for(subject: str) -> str:
@@ -160,6 +180,7 @@ class Bus:
             self.settings.nats_url,
             max_reconnect_attempts=-1,
             logger=logging.getLogger(f"llmstudio.bus.{self.service}"),
+            security=nats_security(self.settings),
         )
         self._tracer = trace.get_tracer(self.service)
         if self.settings.signing_key_file:
@@ -368,6 +389,30 @@ class Bus:
 
         subscriber(on_message)
 
+    def subscribe_raw(self, name: str, subject: str, handler: RawHandler) -> None:
+        """Register `handler` for the messages on `subject` that are not events (commands:
+        llmstudio.commands) as the durable pull consumer `<service>-<name>`. It is called with
+        (subject, headers, body); raising Refused parks the message at once, anything else is
+        retried as for events."""
+        durable = f"{self.service}-{name}"
+        max_deliver = self.settings.max_deliver
+        subscriber = self.broker.subscriber(
+            subject,
+            stream=JStream(stream_for(subject), declare=False),
+            durable=durable,
+            config=ConsumerConfig(durable_name=durable, filter_subject=subject,
+                                  max_deliver=max_deliver, ack_wait=self.settings.ack_wait_s),
+            pull_sub=PullSub(batch_size=16, timeout=1.0),
+            ack_policy=AckPolicy.MANUAL,
+        )
+        in_order = asyncio.Lock()
+
+        async def on_message(msg: NatsMessage) -> None:
+            async with in_order:
+                await self._dispatch_raw(durable, msg, handler, max_deliver)
+
+        subscriber(on_message)
+
     def subscribe_core(
         self, event: type[E], handler: Callable[[Envelope, E], Awaitable[None]]
     ) -> None:
@@ -416,26 +461,42 @@ class Bus:
             await self._park(consumer, raw.subject, msg.body, reason, deliveries)
             await msg.reject()
             return
-        ctx = telemetry.extract(raw.headers)
+        await self._run(consumer, msg, deliveries, max_deliver, f"{consumer} {env.type}",
+                        {"event.id": env.id}, lambda: handler(env, data))
+
+    async def _dispatch_raw(self, consumer: str, msg: NatsMessage, handler: RawHandler,
+                            max_deliver: int):
+        raw = msg.raw_message
+        deliveries = raw.metadata.num_delivered if raw.metadata else 1
+        await self._run(consumer, msg, deliveries, max_deliver, f"{consumer} {raw.subject}", {},
+                        lambda: handler(raw.subject, dict(raw.headers or {}), msg.body))
+
+    async def _run(self, consumer: str, msg: NatsMessage, deliveries: int, max_deliver: int,
+                   span_name: str, attributes: dict[str, str],
+                   call: Callable[[], Awaitable[None]]) -> None:
+        """A handler's call in a consumer span: acked when it returns; parked at once when it
+        refuses the message, else redelivered after a backoff up to max_deliver, then parked."""
+        raw = msg.raw_message
         with self._tracer.start_as_current_span(
-            f"{consumer} {env.type}",
-            context=ctx,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={"messaging.destination": raw.subject, "event.id": env.id},
+            span_name, context=telemetry.extract(raw.headers), kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.destination": raw.subject, **attributes},
         ) as span:
             token = _delivery_subject.set(raw.subject)
             try:
-                await handler(env, data)
+                await call()
             except Exception as e:  # noqa: BLE001 - any failure is retried, then parked
                 span.record_exception(e)
-                if isinstance(e, UnexpectedEvent) or deliveries >= max_deliver:
+                if isinstance(e, Refused):
+                    reason = str(e)
+                elif isinstance(e, UnexpectedEvent) or deliveries >= max_deliver:
                     reason = f"handler failed {deliveries} times: {type(e).__name__}: {e}"
-                    log.error("%s: parking %s: %s", consumer, raw.subject, reason)
-                    await self._park(consumer, raw.subject, msg.body, reason, deliveries)
-                    await msg.reject()
                 else:
                     log.warning("%s: %s failed (%s), will retry", consumer, raw.subject, e)
                     await msg.nack(delay=min(2.0**deliveries * 0.25, 10.0))
+                    return
+                log.error("%s: parking %s: %s", consumer, raw.subject, reason)
+                await self._park(consumer, raw.subject, msg.body, reason, deliveries)
+                await msg.reject()
                 return
             finally:
                 _delivery_subject.reset(token)

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".llmstudio")
     nats_url: str = "nats://127.0.0.1:4222"
+    # who this process is on NATS (llmstudio.natsauth); unset: no authentication
+    nats_user: str = ""
+    nats_password_file: Path | None = None
 
     # Artifact store: "file" (under data_dir/artifacts) or "s3".
     artifact_store: str = "file"

@@ -27,6 +27,7 @@ from .auth import new_secret
 from .config import GRPC_SERVICES
 from .events.emitters import ANY_SERVICE
 from .grpcutil import health_check
+from .natsauth import OPERATOR, password_path, write_server_config
 from .natsserver import free_port
 from .signing import ensure_keys, key_path
 
@@ -73,6 +74,12 @@ class StackState:
     @property
     def nats_port(self) -> int:
         return int(self.nats_url.rsplit(":", 1)[1])
+
+    @property
+    def operator_url(self) -> str:
+        """nats_url as the operator (llmstudio.natsauth.OPERATOR): for the owner's own tools."""
+        password = password_path(nats_auth_dir(Path(self.data_dir)), OPERATOR).read_text().strip()
+        return self.nats_url.replace("nats://", f"nats://{OPERATOR}:{password}@", 1)
 
     @property
     def workers(self) -> list[str]:
@@ -144,6 +151,11 @@ def log_file(state: StackState, name: str) -> Path:
     return Path(state.data_dir) / "logs" / f"{name}.log"
 
 
+def nats_auth_dir(data_dir: Path) -> Path:
+    """The NATS users' passwords and the server's configuration (llmstudio.natsauth)."""
+    return Path(data_dir) / "nats-auth"
+
+
 def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str, str]:
     """`base` (the caller's environment) with where this process finds the stack and its data."""
     data_dir = Path(state.data_dir)
@@ -160,6 +172,10 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
         **{f"LLMSTUDIO_{svc.upper()}_ADDR": state.addr(svc)
            for svc in GRPC_SERVICES if svc in state.services},
     })
+    # every service is a NATS user of its own (llmstudio.natsauth)
+    env["LLMSTUDIO_NATS_USER"] = service_module(name)
+    env["LLMSTUDIO_NATS_PASSWORD_FILE"] = str(
+        password_path(nats_auth_dir(data_dir), service_module(name)).resolve())
     # every service signs what it emits and checks what it consumes (llmstudio.signing)
     keys_dir = data_dir / "keys"
     env["LLMSTUDIO_TRUSTED_SIGNERS_FILE"] = str(ensure_keys(keys_dir, ANY_SERVICE).resolve())
@@ -256,6 +272,7 @@ def up(
     down(data_dir)  # clear a half-dead previous stack, or one whose supervisor died
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     admin_key(data_dir)
+    write_server_config(nats_auth_dir(data_dir))
     replicas = [f"{SCHEDULER_REPLICA_PREFIX}{i}" for i in range(2, schedulers + 1)]
     names = [*SERVICES, *replicas, *(f"{WORKER_PREFIX}{i}" for i in range(1, (workers or 1) + 1))]
     state = StackState(

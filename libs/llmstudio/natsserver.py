@@ -55,14 +55,16 @@ class NatsServer:
 
 
 def start_nats_server(
-    store_dir: Path, port: int = 0, log_file: Path | None = None, timeout: float = 15
+    store_dir: Path, port: int = 0, log_file: Path | None = None, timeout: float = 15,
+    config_file: Path | None = None,
 ) -> NatsServer:
+    """`config_file`: users and permissions (llmstudio.natsauth); none: anyone may do anything."""
     port = port or free_port()
     monitor_port = free_port()
     store_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor_port),
-        "-js", "-sd", str(store_dir),
+        "-js", "-sd", str(store_dir), *(["-c", str(config_file)] if config_file else []),
     ]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

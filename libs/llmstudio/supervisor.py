@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from . import local
+from .natsauth import server_config_path
 from .natsserver import start_nats_server
 
 BACKOFF_FIRST_S = 1.0
@@ -126,8 +127,9 @@ class Supervisor:
 
     def _spawn_nats(self) -> subprocess.Popen:
         data_dir = Path(self.state.data_dir)
-        server = start_nats_server(data_dir / "nats", port=self.state.nats_port,
-                                   log_file=data_dir / "logs" / "nats.log")
+        server = start_nats_server(
+            data_dir / "nats", port=self.state.nats_port, log_file=data_dir / "logs" / "nats.log",
+            config_file=server_config_path(local.nats_auth_dir(data_dir)))
         return server.process
 
     def _spawn_service(self, name: str) -> subprocess.Popen:

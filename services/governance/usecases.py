@@ -81,17 +81,19 @@ class KeyManager:
         return None if configured_secret else secret
 
     async def sync_bucket(self) -> None:
-        """Put every live key into the bucket and delete the revoked ones still in it."""
+        """Put every live key into the bucket and delete whatever else is in it: revoked keys,
+        and entries governance never issued (written by someone who reached the bucket)."""
         kv = await self.bus.kv(APIKEY_BUCKET)
         try:
             present = set(await kv.keys())
         except NoKeysError:
             present = set()
-        for key in await self.store.in_unit(Unit.list_keys):
-            if key.revoked_at is None:
-                await kv.put(key.key_hash, key.principal().to_json())
-            elif key.key_hash in present:
-                await kv.delete(key.key_hash)
+        live = [k for k in await self.store.in_unit(Unit.list_keys) if k.revoked_at is None]
+        for key in live:
+            await kv.put(key.key_hash, key.principal().to_json())
+        for stray in present - {k.key_hash for k in live}:
+            log.warning("key bucket: deleting %s, not a live key governance issued", stray)
+            await kv.delete(stray)
 
     async def create(
         self, role: str, tenant: str, name: str, caller: Principal

@@ -8,10 +8,11 @@ import os
 import socket
 import uuid
 
+from llmstudio.commands import Command, serve_commands
 from llmstudio.grpcutil import Registration
 from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
-from llmstudio.v1 import jobs_pb2_grpc
+from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
 
 from .api import JobApi
 from .core import WorkerTable
@@ -45,11 +46,15 @@ async def build(rt: Runtime) -> list[Registration]:
         store.dispose()
 
     rt.on_stop.append(dispose)
+    api = JobApi(Jobs(store, outbox, watchers, workers), aging_s=rt.settings.priority_aging_s)
+    # external automation's commands: the same use cases, authorized as the RPCs
+    serve_commands(rt.bus, rt.keys, "jobs", api, {
+        "create": Command("CreateJob", jobs_pb2.CreateJobRequest),
+    })
     return [
         Registration(
             add=jobs_pb2_grpc.add_JobServiceServicer_to_server,
-            servicer=JobApi(Jobs(store, outbox, watchers, workers),
-                            aging_s=rt.settings.priority_aging_s),
+            servicer=api,
             full_name="llmstudio.v1.JobService",
         )
     ]

@@ -20,11 +20,11 @@ import time
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from llmstudio.bus import Bus
+from llmstudio.bus import LEASE_BUCKET, Bus
 
 log = logging.getLogger(__name__)
 
-BUCKET = "llmstudio-scheduler-leader"
+
 KEY = "placement"
 
 
@@ -40,7 +40,7 @@ class LeaderLease:
         return self._revision is not None and time.monotonic() < self._valid_until
 
     async def run(self) -> None:
-        kv = await self.bus.kv(BUCKET, ttl_s=self.ttl_s)
+        kv = await self.bus.kv(LEASE_BUCKET, ttl_s=self.ttl_s)
         while True:
             try:
                 await self.refresh(kv)

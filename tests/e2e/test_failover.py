@@ -99,7 +99,7 @@ def _finished(client, job_id: str):
 
 
 def _events(data_dir, subject: str, cls) -> list:
-    url = local.StackState.load(data_dir).nats_url
+    url = local.StackState.load(data_dir).operator_url
     messages = asyncio.run(all_stream_messages(url, subject))
     return [d for d in (decode(m.data)[1] for m in messages) if isinstance(d, cls)]
 
@@ -200,7 +200,7 @@ def test_broker_outages_mid_job_never_kill_training_and_every_event_is_audited_o
     assert [a.reason for a in done.attempts] == ["completed"]  # never taken from its worker
     assert done.artifacts["checkpoint"].endswith(f"checkpoint-{STEPS}")
 
-    url = local.StackState.load(data_dir).nats_url
+    url = local.StackState.load(data_dir).operator_url
     wait_for(lambda: client.models.get("through-outages").versions, 60, "its version")
 
     def audited():
@@ -216,7 +216,8 @@ def test_broker_outages_mid_job_never_kill_training_and_every_event_is_audited_o
 
 
 def _leader(nats_url: str) -> str:
-    from services.scheduler.lease import BUCKET, KEY
+    from llmstudio.bus import LEASE_BUCKET as BUCKET
+    from services.scheduler.lease import KEY
 
     async def read() -> str:
         nc = await nats.connect(nats_url)
@@ -239,7 +240,7 @@ def test_the_leader_scheduler_killed_mid_job_loses_nothing(stack):
 
     data_dir, _, client, _ = stack
     state = local.StackState.load(data_dir)
-    leader = wait_for(lambda: _leader(state.nats_url), 30, "a leader")
+    leader = wait_for(lambda: _leader(state.operator_url), 30, "a leader")
     survivor = next(n for n in state.schedulers if n != leader)
     job = _running_with_a_checkpoint(client, _submit(stack, "across-failover").id)
 
@@ -259,7 +260,7 @@ def test_the_leader_scheduler_killed_mid_job_loses_nothing(stack):
         done = _finished(client, job.id)
         assert job_status_name(done.status) == "succeeded", done.error
         assert _finished(client, later.id).status == jobs_pb2.JOB_STATUS_SUCCEEDED
-        assert _leader(state.nats_url) == survivor
+        assert _leader(state.operator_url) == survivor
     finally:
         os.kill(state.supervisor_pid, signal.SIGCONT)
     watcher.join(60)

@@ -191,7 +191,7 @@ def test_invalid_event_is_dead_lettered_and_audited(stack):
     state = local.running_stack(data_dir)
 
     async def publish_bad():
-        nc = await nats.connect(state.nats_url)
+        nc = await nats.connect(state.operator_url)
         env = make_envelope(JobQueued(job_id="job-bad", dataset_sha256="x"),
                             source="e2e", tenant="default")
         raw = json.loads(env.model_dump_json())
@@ -216,7 +216,7 @@ def test_audit_has_every_event_once_and_detects_tampering(stack, finished_job):
     wait_for(lambda: client.governance.query_audit("llmstudio.eval."), 60, "eval events")
 
     def audited_matches_streams():
-        stream_ids = asyncio.run(_stream_event_ids(state.nats_url))
+        stream_ids = asyncio.run(_stream_event_ids(state.operator_url))
         audit_ids = [r.event_id for r in client.governance.query_audit(limit=10000)]
         if set(stream_ids) == set(audit_ids):
             return stream_ids, audit_ids

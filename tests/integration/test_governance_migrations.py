@@ -121,8 +121,10 @@ async def assert_legacy_rows_read_through_use_cases(
     # The keys: no second bootstrap admin; the live ones go to the key bucket, the revoked not.
     keys = KeyManager(store, Outbox(store, bus), bus, KeyDirectory())
     assert await keys.bootstrap("") is None
-    await keys.sync_bucket()
     kv = await bus.kv(APIKEY_BUCKET)
+    # an entry governance never issued (someone reached the bucket): gone after the sync
+    await kv.put(hash_secret("forged"), Principal("key-forged", "acme", ("admin",)).to_json())
+    await keys.sync_bucket()
     assert Principal.from_json((await kv.get(hash_secret(DEV))).value) == Principal(
         "key-00000002", "acme", ("developer",), "ci")
     assert sorted(await keys_of(kv)) == sorted([hash_secret(ADMIN), hash_secret(DEV)])

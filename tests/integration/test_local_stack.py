@@ -118,7 +118,7 @@ def test_each_worker_has_its_own_id_log_and_heartbeat(stack):
     assert local.ready_file(state, "trainer-1") != local.ready_file(state, "trainer-2")
 
     async def heartbeats() -> set[str]:
-        nc = await nats.connect(state.nats_url)
+        nc = await nats.connect(state.operator_url)
         seen: set[str] = set()
 
         async def on_beat(msg) -> None:

@@ -9,13 +9,14 @@ import contextlib
 import grpc
 import pytest
 
+from llmstudio.bus import LEASE_BUCKET as BUCKET
 from llmstudio.config import Settings
 from llmstudio.events import JobAssigned, JobCancelled, WorkItem
 from llmstudio.natsserver import free_port
 from llmstudio.v1 import jobs_pb2 as pb
 from llmstudio.v1 import jobs_pb2_grpc
 from services.scheduler.app import build
-from services.scheduler.lease import BUCKET, KEY
+from services.scheduler.lease import KEY
 from tests.integration.test_scheduler_service import (
     TENANT,
     Peers,

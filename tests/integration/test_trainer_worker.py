@@ -317,7 +317,15 @@ async def test_a_release_request_checkpoints_and_hands_the_job_back(harness, mod
     # a request that overtook its work item: handed back at once, nothing run
     await h.bus.publish(JobReleaseRequested(job_id="job-8", worker_id=WORKER, attempt=1,
                                             reason="paused by key-1"), tenant="acme")
-    await asyncio.sleep(0.3)
+
+    async def request_handled() -> bool:  # by the worker's release consumer (acked)
+        info = await h.bus.js.consumer_info("JOBS", f"trainer-release-{WORKER}")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await request_handled():
+        assert asyncio.get_running_loop().time() < deadline, "release request never handled"
+        await asyncio.sleep(0.05)
     await h.bus.publish(h.work_item("job-8", model_dir), tenant="acme")
     await h.wait(lambda: h.of(JobReleased, "job-8"), what="the early release")
     assert h.of(JobReleased, "job-8")[0].reason == "paused by key-1 before it started"

@@ -12,7 +12,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from llmstudio import local
-from llmstudio.client import Client
 from llmstudio.events import JobCompleted, make_envelope
 from llmstudio.signing import SIGNATURE_HEADER, SigningKey
 from tests.support.waiting import wait_for
@@ -20,18 +19,8 @@ from tests.support.waiting import wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("trust")
-    local.up(data_dir, timeout=240)
-    client = Client(data_dir=data_dir)
-    yield data_dir, client
-    client.close()
-    local.down(data_dir)
-
-
-def test_a_forged_completion_registers_nothing_and_is_audited(stack):
-    data_dir, client = stack
+def test_a_forged_completion_registers_nothing_and_is_audited(deployed):
+    data_dir, client = deployed
     state = local.running_stack(data_dir)
     forged = JobCompleted(
         job_id="job-forged", worker_id="local-worker-1", model_name="stolen", spec={},
@@ -41,7 +30,7 @@ def test_a_forged_completion_registers_nothing_and_is_audited(stack):
     subject, payload = forged.subject(), env.model_dump_json().encode()
 
     async def publish() -> None:
-        nc = await nats.connect(state.nats_url)
+        nc = await nats.connect(state.operator_url)
         signature = SigningKey("trainer", Ed25519PrivateKey.generate()).sign(subject, payload)
         await nc.jetstream().publish(subject, payload, headers={SIGNATURE_HEADER: signature})
         await nc.close()

@@ -1,0 +1,106 @@
+"""Who may do what on NATS: a user per service, an operator and external automation.
+
+Each service connects as itself and may publish only the events it may emit (`EMITTERS`), its
+dead-letter records and what JetStream needs (its API, acks); only governance writes the API-key
+bucket, only the scheduler the placement lease. External automation may publish commands
+(`llmstudio.cmd.>`) and read their answers, nothing else: no event, no key bucket, no consumer
+of anyone's work. The operator (the stack's owner: the CLI's admin commands, tests, repairs) may
+do everything.
+
+`server_config` renders this as a nats-server configuration (JSON, which nats-server reads);
+the embedded stack writes it with random passwords (`ensure_credentials`), compose and k8s mount
+the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from .bus import APIKEY_BUCKET, LEASE_BUCKET, STREAMS
+from .events import EMITTERS
+from .events.emitters import ANY_SERVICE
+
+OPERATOR = "operator"
+AUTOMATION = "automation"
+USERS = (*sorted(ANY_SERVICE), OPERATOR, AUTOMATION)
+COMMANDS = "llmstudio.cmd.>"
+_OWN_BUCKETS = {"governance": [APIKEY_BUCKET], "scheduler": [LEASE_BUCKET]}
+# JetStream calls that undo what others stored: refused but for the owner's own use (the
+# scheduler purges a lost worker's work items; governance may repair its key bucket)
+_ERASES = ("DELETE", "PURGE", "MSG.DELETE")
+_ERASABLE = {"scheduler": {"$JS.API.STREAM.PURGE.WORK"}}
+
+
+def _erasing(user: str) -> list[str]:
+    streams = [*STREAMS, *(f"KV_{b}" for b in (APIKEY_BUCKET, LEASE_BUCKET))]
+    calls = [f"$JS.API.STREAM.{op}.{stream}" for stream in streams for op in _ERASES]
+    calls.append(f"$JS.API.STREAM.UPDATE.KV_{APIKEY_BUCKET}")
+    return [c for c in calls if c not in _ERASABLE.get(user, set())]
+
+
+def permissions(user: str) -> dict:
+    """The nats-server `permissions` block of `user`."""
+    if user == OPERATOR:
+        return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    if user == AUTOMATION:  # a command, and the JetStream ack of its publish
+        return {"publish": {"allow": [COMMANDS]}, "subscribe": {"allow": ["_INBOX.>"]},
+                "allow_responses": False}
+    emits = sorted({f"{cls.SUBJECT}.>" for cls, services in EMITTERS.items()
+                    if user in services})
+    buckets = [f"$KV.{bucket}.>" for bucket in _OWN_BUCKETS.get(user, [])]
+    return {
+        "publish": {
+            "allow": [*emits, "$JS.API.>", "$JS.ACK.>", *buckets],  # emits: dead letters too
+            "deny": [] if user == "governance" else _erasing(user),
+        },
+        # answers (JetStream's, pulled messages, KV watches) and the core-NATS events
+        "subscribe": {"allow": ["_INBOX.>", "llmstudio.>"]},
+    }
+
+
+def ensure_credentials(directory: Path) -> dict[str, str]:
+    """A password per user under `directory` (made once, readable by their owner only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    passwords = {}
+    for user in USERS:
+        path = password_path(directory, user)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        passwords[user] = path.read_text().strip()
+    return passwords
+
+
+def password_path(directory: Path, user: str) -> Path:
+    return directory / f"{user}.password"
+
+
+def server_config(passwords: dict[str, str], store_dir: Path | None = None) -> str:
+    """nats-server's configuration: a user per entry, and JetStream under `store_dir` (None:
+    the command line enables it, as start_nats_server does)."""
+    jetstream = {"jetstream": {"store_dir": str(store_dir)}} if store_dir else {}
+    return json.dumps({
+        **jetstream,
+        "authorization": {"users": [
+            {"user": user, "password": password, "permissions": permissions(user)}
+            for user, password in sorted(passwords.items())
+        ]},
+    }, indent=2) + "\n"
+
+
+def server_config_path(directory: Path) -> Path:
+    return directory / "nats-server.json"
+
+
+def write_server_config(directory: Path, store_dir: Path | None = None) -> Path:
+    """The configuration file under `directory` (owner-only: it holds the passwords)."""
+    text = server_config(ensure_credentials(directory), store_dir)
+    path = server_config_path(directory)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
