@@ -52,6 +52,32 @@ def _pod_spec(obj: dict) -> dict:
     return ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
 
 
+def _k8s_credentials(where: str, container: dict, volumes: dict) -> list[str]:
+    """An LLM Studio service's container has its own NATS user, and its own password and
+    signing key mounted where the configuration says (CREDENTIAL_FILES)."""
+    module = next((a.split(".", 1)[1] for a in container.get("args") or []
+                   if a.startswith("services.")), None)
+    if module is None:
+        return []
+    errors = []
+    env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+    if env.get("LLMSTUDIO_NATS_USER") != module:
+        errors.append(f"{where}: LLMSTUDIO_NATS_USER must be its own user {module!r}")
+    mount = next((m for m in container.get("volumeMounts") or []
+                  if m.get("mountPath") == "/run/secrets"), None)
+    sources = ((volumes.get(mount.get("name")) or {}).get("projected") or {}).get("sources") \
+        if mount else None
+    items = {i.get("path"): i.get("key") for src in sources or []
+             for i in (src.get("secret") or {}).get("items") or []}
+    wanted = {"nats-password": f"{module}.password", "signing-key": f"{module}.key",
+              "signers.json": "signers.json"}
+    for path, key in wanted.items():
+        if items.get(path) != key:
+            errors.append(f"{where}: /run/secrets/{path} must be the secret key {key!r}, "
+                          f"not {items.get(path)!r}")
+    return errors
+
+
 def check_k8s(directory: Path) -> list[str]:
     errors: list[str] = []
     if not directory.is_dir():
@@ -144,6 +170,20 @@ def check_k8s(directory: Path) -> list[str]:
             sec = (vol.get("secret") or {}).get("secretName")
             if sec and secret_keys(sec) is None and not vol["secret"].get("optional"):
                 errors.append(f"{where}: volume {vname!r}: Secret {sec!r} is not defined")
+            for source in (vol.get("projected") or {}).get("sources") or []:
+                for kind, keys_of in (("secret", secret_keys), ("configMap", configmap_keys)):
+                    ref = source.get(kind)
+                    if not ref:
+                        continue
+                    keys = keys_of(ref.get("name"))
+                    if keys is None:
+                        errors.append(f"{where}: volume {vname!r}: {kind} {ref.get('name')!r} "
+                                      "is not defined")
+                        continue
+                    for item in ref.get("items") or []:
+                        if item.get("key") not in keys:
+                            errors.append(f"{where}: volume {vname!r}: {kind} {ref.get('name')!r}"
+                                          f" has no key {item.get('key')!r}")
         containers = list(pod.get("containers") or [])
         if not containers:
             errors.append(f"{where}: no containers")
@@ -179,6 +219,7 @@ def check_k8s(directory: Path) -> list[str]:
                             errors.append(
                                 f"{cwhere}: {probe_name}.{kind}.port {port} is not a containerPort"
                             )
+            errors += _k8s_credentials(cwhere, c, volumes)
             for m in c.get("volumeMounts") or []:
                 if m.get("name") not in volumes:
                     errors.append(f"{cwhere}: volumeMount {m.get('name')!r} has no volume")
@@ -291,6 +332,43 @@ def dockerfile_stages(path: Path) -> list[str]:
     return stages
 
 
+# What every LLM Studio service needs to join the authenticated, signed bus (llmstudio.natsauth,
+# llmstudio.signing): its own NATS user, and its own password and signing key as secrets.
+CREDENTIAL_FILES = {
+    "LLMSTUDIO_NATS_PASSWORD_FILE": "nats-password",
+    "LLMSTUDIO_SIGNING_KEY_FILE": "signing-key",
+    "LLMSTUDIO_TRUSTED_SIGNERS_FILE": "signers.json",
+}
+
+
+def _compose_credentials(name: str, svc: dict, secrets: dict) -> list[str]:
+    command = svc.get("command") or []
+    module = next((c.split(".", 1)[1] for c in command if c.startswith("services.")), None)
+    if module is None:
+        return []
+    env = svc.get("environment") or {}
+    errors = []
+    if env.get("LLMSTUDIO_NATS_USER") != module:
+        errors.append(f"compose: {name}: LLMSTUDIO_NATS_USER must be its own user {module!r}, "
+                      f"not {env.get('LLMSTUDIO_NATS_USER')!r}")
+    mounted = {s.get("target"): s.get("source") for s in svc.get("secrets") or []}
+    for var, target in CREDENTIAL_FILES.items():
+        if env.get(var) != f"/run/secrets/{target}":
+            errors.append(f"compose: {name}: {var} must be /run/secrets/{target}")
+        source = mounted.get(target)
+        if source is None:
+            errors.append(f"compose: {name}: no secret mounted as {target}")
+            continue
+        if target != "signers.json" and not source.endswith(f"-{module}"):
+            errors.append(f"compose: {name}: secret {target} comes from {source}, "
+                          f"not {module}'s own")
+        file = (secrets.get(source) or {}).get("file", "")
+        if not file or not Path(file).is_file():
+            errors.append(f"compose: {name}: secret {source}: file {file or '?'} does not exist "
+                          "(run `llmstudio credentials`)")
+    return errors
+
+
 def check_compose(model: dict) -> list[str]:
     errors: list[str] = []
     services = model.get("services") or {}
@@ -312,6 +390,7 @@ def check_compose(model: dict) -> list[str]:
                 errors.append(
                     f"compose: {name}: bind-mount source {vol.get('source')} does not exist"
                 )
+        errors += _compose_credentials(name, svc, model.get("secrets") or {})
         for dep, cond in (svc.get("depends_on") or {}).items():
             if (cond or {}).get("condition") == "service_healthy":
                 hc = (services.get(dep) or {}).get("healthcheck") or {}

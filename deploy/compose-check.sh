@@ -45,6 +45,13 @@ compose() {
         "$COMPOSE_BIN" --project-directory "$ROOT" -f "$COMPOSE_FILE" --profile '*' "$@"
 }
 
+# the secrets compose mounts are made per deployment (`llmstudio credentials`): check against a
+# fresh set unless the caller points at theirs
+if [[ -z "${LLMSTUDIO_SECRETS_DIR:-}" ]]; then
+    "$PYTHON" -m llmstudio.cli credentials "$tmp/secrets" >/dev/null
+    export LLMSTUDIO_SECRETS_DIR="$tmp/secrets"
+fi
+
 status=0
 if compose config -q && compose config --format json -o "$tmp/compose.json"; then
     echo "compose-check: $COMPOSE_FILE: valid ($(compose config --services | wc -l) services)"

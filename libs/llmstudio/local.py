@@ -25,11 +25,11 @@ from pathlib import Path
 
 from .auth import new_secret
 from .config import GRPC_SERVICES
-from .events.emitters import ANY_SERVICE
+from .credentials import write_credentials
 from .grpcutil import health_check
-from .natsauth import OPERATOR, password_path, write_server_config
+from .natsauth import OPERATOR, password_path
 from .natsserver import free_port
-from .signing import ensure_keys, key_path
+from .signing import key_path, trust_path
 
 # gRPC services in start order; the trainer workers (`trainer-1` ...) follow them.
 SERVICES = ("governance", "dataset", "scheduler", "registry", "evaluator")
@@ -178,7 +178,7 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
         password_path(nats_auth_dir(data_dir), service_module(name)).resolve())
     # every service signs what it emits and checks what it consumes (llmstudio.signing)
     keys_dir = data_dir / "keys"
-    env["LLMSTUDIO_TRUSTED_SIGNERS_FILE"] = str(ensure_keys(keys_dir, ANY_SERVICE).resolve())
+    env["LLMSTUDIO_TRUSTED_SIGNERS_FILE"] = str(trust_path(keys_dir).resolve())
     env["LLMSTUDIO_SIGNING_KEY_FILE"] = str(key_path(keys_dir, service_module(name)).resolve())
     if name.startswith(WORKER_PREFIX):
         env["LLMSTUDIO_WORKER_ID"] = "local-worker-" + name.removeprefix(WORKER_PREFIX)
@@ -272,7 +272,7 @@ def up(
     down(data_dir)  # clear a half-dead previous stack, or one whose supervisor died
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     admin_key(data_dir)
-    write_server_config(nats_auth_dir(data_dir))
+    write_credentials(data_dir)  # nats-auth/ and keys/: the NATS users, the signing keys
     replicas = [f"{SCHEDULER_REPLICA_PREFIX}{i}" for i in range(2, schedulers + 1)]
     names = [*SERVICES, *replicas, *(f"{WORKER_PREFIX}{i}" for i in range(1, (workers or 1) + 1))]
     state = StackState(

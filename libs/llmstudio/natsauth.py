@@ -7,9 +7,9 @@ bucket, only the scheduler the placement lease. External automation may publish 
 of anyone's work. The operator (the stack's owner: the CLI's admin commands, tests, repairs) may
 do everything.
 
-`server_config` renders this as a nats-server configuration (JSON, which nats-server reads);
-the embedded stack writes it with random passwords (`ensure_credentials`), compose and k8s mount
-the same file.
+`authorization_conf` renders this as nats-server's `authorization` block; `llmstudio
+credentials` and the embedded stack write it with random passwords (`ensure_credentials`), and
+compose and k8s mount the same file.
 """
 
 from __future__ import annotations
@@ -79,26 +79,23 @@ def password_path(directory: Path, user: str) -> Path:
     return directory / f"{user}.password"
 
 
-def server_config(passwords: dict[str, str], store_dir: Path | None = None) -> str:
-    """nats-server's configuration: a user per entry, and JetStream under `store_dir` (None:
-    the command line enables it, as start_nats_server does)."""
-    jetstream = {"jetstream": {"store_dir": str(store_dir)}} if store_dir else {}
-    return json.dumps({
-        **jetstream,
-        "authorization": {"users": [
-            {"user": user, "password": password, "permissions": permissions(user)}
-            for user, password in sorted(passwords.items())
-        ]},
-    }, indent=2) + "\n"
+def authorization_conf(passwords: dict[str, str]) -> str:
+    """The `authorization` block of nats-server's configuration (a file of its own: compose's
+    and k8s's nats.conf include it; the embedded stack starts nats-server with it)."""
+    users = [{"user": user, "password": password, "permissions": permissions(user)}
+             for user, password in sorted(passwords.items())]
+    return ("# made by `llmstudio credentials`: the NATS users (llmstudio.natsauth)\n"
+            f"authorization: {json.dumps({'users': users}, indent=2)}\n")
 
 
 def server_config_path(directory: Path) -> Path:
-    return directory / "nats-server.json"
+    return directory / "authorization.conf"
 
 
-def write_server_config(directory: Path, store_dir: Path | None = None) -> Path:
-    """The configuration file under `directory` (owner-only: it holds the passwords)."""
-    text = server_config(ensure_credentials(directory), store_dir)
+def write_server_config(directory: Path) -> Path:
+    """Passwords (made once) and the authorization file under `directory` (owner-only: it
+    holds the passwords)."""
+    text = authorization_conf(ensure_credentials(directory))
     path = server_config_path(directory)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

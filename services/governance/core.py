@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from llmstudio.auth import PLATFORM_TENANT, ROLES, Principal
+from llmstudio.auth import KEY_PREFIX, PLATFORM_TENANT, ROLES, Principal
 from llmstudio.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 GENESIS_HASH = "0" * 64
@@ -369,6 +369,22 @@ def check_after_sequence(after_sequence: int) -> int:
 
 
 # -- API keys ------------------------------------------------------------------------------------
+
+
+# A configured bootstrap key is refused when it is an example's placeholder or shorter than the
+# base64 of 32 random bytes (what `new_secret` makes): it would be the whole platform's admin.
+EXAMPLE_KEYS = frozenset({"CHANGE-ME", "changeme", "admin", "secret"})
+MIN_KEY_CHARS = 43
+
+
+def configured_key_problem(secret: str) -> str:
+    """Why `secret` may not be the bootstrap admin key ("" when it may)."""
+    if secret.strip() in EXAMPLE_KEYS:
+        return "is the example's placeholder: set a key of your own (llmstudio keys create ...)"
+    if len(secret.removeprefix(KEY_PREFIX)) < MIN_KEY_CHARS:
+        return (f"is shorter than {MIN_KEY_CHARS} characters (32 random bytes, base64): make "
+                "one with python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return ""
 
 
 def new_key_id() -> str:

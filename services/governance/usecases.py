@@ -43,6 +43,7 @@ from .core import (
     check_new_key,
     check_revocable,
     checkpoint_due,
+    configured_key_problem,
     iso_utc,
     new_checkpoint,
     new_key_id,
@@ -73,6 +74,8 @@ class KeyManager:
 
         Returns the secret when it was generated here (the caller shows it once), else None.
         """
+        if configured_secret and (problem := configured_key_problem(configured_secret)):
+            raise ValueError(f"LLMSTUDIO_BOOTSTRAP_ADMIN_KEY {problem}")
         if await self.store.in_unit(Unit.count_keys):
             return None
         secret = configured_secret or new_secret()

@@ -30,7 +30,7 @@ from services.governance.store import GovernanceStore
 from services.governance.usecases import AuditLog, Checkpointer
 from tests.support.harness import running
 
-ADMIN = "lls_test-bootstrap-admin-secret"
+ADMIN = "lls_test-bootstrap-admin-secret-long-enough-for-32-bytes"
 
 
 async def wait_for(check, timeout=10.0):

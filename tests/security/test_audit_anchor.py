@@ -28,7 +28,7 @@ from services.governance.core import GENESIS_HASH, AuditRecord, record_hash, ver
 from tests.support.harness import running
 from tests.support.seaweed import seaweed_s3
 
-ADMIN = "lls_test-bootstrap-admin-secret"
+ADMIN = "lls_test-bootstrap-admin-secret-long-enough-for-32-bytes"
 EVERY = 4  # records per checkpoint
 ANCHORED = 12  # the bootstrap key's record and 11 jobs: three checkpoints
 COLUMNS = ("sequence", "event_id", "event_type", "subject", "entity", "source", "tenant",

@@ -16,7 +16,7 @@ from llmstudio.v1 import governance_pb2_grpc
 from services.governance.app import build
 from tests.support.harness import running
 
-PLATFORM_ADMIN = "lls_test-bootstrap-platform-admin-secret"
+PLATFORM_ADMIN = "lls_test-bootstrap-platform-admin-secret-long-enough"
 
 
 @pytest.fixture

@@ -256,6 +256,10 @@ def test_nats_configs_load_in_a_real_server_with_sync_always(tmp_path, which):
     conf = conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
     path = tmp_path / "nats.conf"
     path.write_text(conf)
+    # the users it includes, as `llmstudio credentials` makes them
+    from llmstudio.natsauth import write_server_config
+
+    write_server_config(tmp_path)
     env = dict(os.environ, POD_NAME="nats-0")
     proc = subprocess.Popen(
         [binary, "-c", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -274,6 +278,8 @@ def test_nats_configs_load_in_a_real_server_with_sync_always(tmp_path, which):
                     ) from None
                 time.sleep(0.1)
         assert jsz["config"]["sync_always"] is True
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/varz", timeout=2) as r:
+            assert json.load(r)["auth_required"] is True
         assert jsz["config"]["store_dir"].startswith(str(tmp_path / "js"))
         with urllib.request.urlopen(
             f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true", timeout=2
@@ -534,6 +540,18 @@ def test_check_fails_on_broken_k8s_manifests(tmp_path):
             "  selector:\n    app.kubernetes.io/name: governanse\n  ports:",
             "matches no workload",
         ),
+        "a service as another's NATS user": (
+            "scheduler.yaml", "value: scheduler\n", "value: trainer\n",
+            "LLMSTUDIO_NATS_USER must be its own user 'scheduler'",
+        ),
+        "another service's signing key": (
+            "registry.yaml", "key: registry.key,", "key: scheduler.key,",
+            "/run/secrets/signing-key must be the secret key 'registry.key'",
+        ),
+        "a credential key the secret lacks": (
+            "evaluator.yaml", "key: evaluator.password,", "key: evaluator.pasword,",
+            "has no key 'evaluator.pasword'",
+        ),
         "file not in kustomization": (
             "kustomization.yaml",
             "  - trainer.yaml\n",
@@ -565,3 +583,24 @@ def test_otel_collector_config():
     traces = cfg["service"]["pipelines"]["traces"]
     (exporter,) = [e for e in traces["exporters"] if e.split("/")[0] in ("otlp", "otlp_grpc")]
     assert cfg["exporters"][exporter]["endpoint"] == "jaeger:4317"
+
+
+def test_check_fails_on_a_service_without_its_own_credentials(compose_bin, tmp_path):
+    # the scheduler connecting as the trainer, and the registry without its signing key
+    broken = _broken(tmp_path, "      LLMSTUDIO_NATS_USER: scheduler\n",
+                     "      LLMSTUDIO_NATS_USER: trainer\n")
+    res = run_check(str(broken), SKIP_KUSTOMIZE="1")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "scheduler: LLMSTUDIO_NATS_USER must be its own user 'scheduler'" in res.stderr
+    text = COMPOSE_FILE.read_text().replace(
+        "x-registry-secrets: &registry-secrets\n"
+        "  - {source: nats-password-registry, target: nats-password}\n"
+        "  - {source: signing-key-registry, target: signing-key}\n",
+        "x-registry-secrets: &registry-secrets\n"
+        "  - {source: nats-password-registry, target: nats-password}\n"
+        "  - {source: signing-key-scheduler, target: signing-key}\n")
+    borrowed = tmp_path / "borrowed.yml"
+    borrowed.write_text(text)
+    res = run_check(str(borrowed), SKIP_KUSTOMIZE="1")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "registry: secret signing-key comes from signing-key-scheduler" in res.stderr

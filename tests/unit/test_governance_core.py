@@ -175,3 +175,14 @@ def test_last_live_admin_key_cannot_be_revoked():
     check_revocable(admin, {"key-a", "key-b"})
     check_revocable(viewer, {"key-a"})
     check_revocable(replace(admin, revoked_at="t"), {"key-b"})
+
+
+def test_a_configured_bootstrap_key_must_be_no_placeholder_and_long_enough():
+    from llmstudio.auth import new_secret
+    from services.governance.core import configured_key_problem
+
+    assert "placeholder" in configured_key_problem("CHANGE-ME")
+    assert "shorter than 43" in configured_key_problem("lls_short-but-not-empty")
+    assert "shorter than 43" in configured_key_problem("x" * 42)
+    assert configured_key_problem(new_secret()) == ""
+    assert configured_key_problem("y" * 43) == ""

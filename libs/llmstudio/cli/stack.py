@@ -1,4 +1,5 @@
-"""`llmstudio up | down | status | demo`: the embedded stack."""
+"""`llmstudio up | down | status | demo | credentials`: the embedded stack, and the secrets of a
+deployment."""
 
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def cmd_demo(args):
         sys.exit(1)
 
 
+def cmd_credentials(args):
+    from ..credentials import write_credentials
+
+    made = write_credentials(Path(args.dir))
+    output(args, {k: str(v) for k, v in made.items()},
+           f"wrote the NATS users' passwords and authorization file to {made['nats_auth']} and "
+           f"the services' signing keys and trust file to {made['keys']}\n"
+           "(owner-only files: mount them as secrets; see the README's deployment section)")
+
+
 def register(sub) -> None:
     u = add_command(sub, "up", cmd_up, "start the embedded stack (nats-server + every service, "
                     "restarted if one crashes)")
@@ -89,3 +100,9 @@ def register(sub) -> None:
                    "tiny: a tiny Llama built locally (seconds)")
     d.add_argument("--steps", type=int, default=0, help="override the training steps")
     d.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    c = add_command(sub, "credentials", cmd_credentials,
+                    "make a deployment's secrets (compose, k8s): a NATS password per service, "
+                    "the nats-server authorization file, a signing key per service and the "
+                    "trust file of their public keys; existing ones are kept")
+    c.add_argument("dir", nargs="?", default="deploy/secrets",
+                   help="where (default deploy/secrets: nats-auth/ and keys/ under it)")
