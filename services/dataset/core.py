@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from llmstudio import names
+
 PROMPT_COMPLETION = "prompt_completion"
 MESSAGES = "messages"
 TEXT = "text"
@@ -85,12 +85,10 @@ class Rejection:
 
 
 def name_error(name: str) -> str | None:
-    """Names become artifact keys and event subjects: no paths, no '..', no spaces."""
-    if not NAME_RE.fullmatch(name):  # match() would accept a trailing newline ($)
-        return f"name: must match {NAME_RE.pattern} (got {name!r})"
-    if ".." in name:
-        return f"name: must not contain '..' (got {name!r})"
-    return None
+    """Names become artifact keys and event subjects: the platform's one rule (llmstudio.names:
+    one subject token, no paths, no '.', no spaces)."""
+    problem = names.name_error(name)
+    return f"name: {problem}" if problem else None
 
 
 # Which dataset formats each training objective reads (JobSpec.objective -> formats).

@@ -378,3 +378,11 @@ def test_unknown_schemas_and_column_map_fields_are_refused():
         normalize({"text": "t"}, None, {"question": "q"})
     with pytest.raises(ValueError, match="non-empty column name"):
         schemas.check_options("text", {"text": ""})
+
+
+def test_a_dataset_name_is_one_subject_token():
+    from services.dataset.core import name_error
+
+    assert name_error("support-v1_2") is None
+    for bad in ("support.v1", "a b", "../etc", "x" * 65, "*", "data>"):
+        assert name_error(bad).startswith("name: must match"), bad
