@@ -85,13 +85,26 @@ def api_key_from_metadata(metadata: Iterable[tuple[str, str]]) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A call refused for its credentials: what `StudioInterceptor.on_refused` is told."""
+
+    method: str
+    peer: str
+    code: str  # UNAUTHENTICATED or PERMISSION_DENIED
+    reason: str
+    key_id: str = ""  # the key, when it was known but lacked the permission
+
+
 class StudioInterceptor(grpc.aio.ServerInterceptor):
     """Auth (API key -> principal -> permission), a server span, domain error mapping."""
 
-    def __init__(self, service: str, directory: KeyDirectory, permissions: dict[str, str]):
+    def __init__(self, service: str, directory: KeyDirectory, permissions: dict[str, str],
+                 on_refused: Callable[[Refusal], None] | None = None):
         self.directory = directory
         self.permissions = permissions  # full method name -> permission
         self.tracer = trace.get_tracer(service)
+        self.on_refused = on_refused  # told of each call refused for its credentials
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -107,13 +120,22 @@ class StudioInterceptor(grpc.aio.ServerInterceptor):
             return _abort_handler(
                 handler, grpc.StatusCode.UNAUTHENTICATED,
                 "missing or unknown API key (send it as 'x-api-key' metadata)",
+                self._reporter(method, ""),
             )
         if not principal.can(required):
             return _abort_handler(
                 handler, grpc.StatusCode.PERMISSION_DENIED,
                 f"role {','.join(principal.roles)} may not {required} ({method})",
+                self._reporter(method, principal.key_id),
             )
         return self._wrap(handler, method, principal, dict(metadata))
+
+    def _reporter(self, method: str, key_id: str) -> Callable[[str, grpc.StatusCode, str], None]:
+        def report(peer: str, code: grpc.StatusCode, reason: str) -> None:
+            if self.on_refused is not None:
+                self.on_refused(Refusal(method, peer, code.name, reason, key_id))
+
+        return report
 
     def _wrap(self, handler, method: str, principal: Principal, metadata: dict[str, str]):
         tracer = self.tracer
@@ -162,11 +184,16 @@ class StudioInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _abort_handler(handler, code: grpc.StatusCode, message: str):
+def _abort_handler(handler, code: grpc.StatusCode, message: str,
+                   report: Callable[[str, grpc.StatusCode, str], None] | None = None):
     async def deny(request, context):
+        if report is not None:
+            report(context.peer(), code, message)
         await context.abort(code, message)
 
     async def deny_stream(request, context):
+        if report is not None:
+            report(context.peer(), code, message)
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
@@ -195,6 +222,7 @@ async def start_server(
     directory: KeyDirectory,
     host: str,
     port: int,
+    on_refused: Callable[[Refusal], None] | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
     permissions = {
         f"/{r.full_name}/{m}": perm
@@ -202,7 +230,8 @@ async def start_server(
         for m, perm in getattr(r.servicer, "PERMISSIONS", {}).items()
     }
     server = grpc.aio.server(
-        interceptors=[StudioInterceptor(service, directory, permissions)], options=SERVER_OPTIONS,
+        interceptors=[StudioInterceptor(service, directory, permissions, on_refused)],
+        options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_rpcs(),
     )
     for r in registrations:

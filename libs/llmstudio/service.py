@@ -17,6 +17,7 @@ from typing import Any
 
 from . import telemetry
 from .auth import KeyDirectory
+from .authfailures import AuthFailures
 from .bus import Bus
 from .config import Settings
 from .grpcutil import Registration, start_server, stop_server
@@ -68,8 +69,9 @@ async def run(
     server = health = None
     if registrations:
         port = settings.listen_port(name)
+        refused = AuthFailures(name, lambda e: rt.bus.publish(e, tenant="system", actor=name))
         server, health, rt.grpc_port = await start_server(
-            name, registrations, rt.keys, settings.grpc_host, port
+            name, registrations, rt.keys, settings.grpc_host, port, on_refused=refused,
         )
     for hook in rt.on_started:
         await hook()

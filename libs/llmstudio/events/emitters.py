@@ -6,7 +6,7 @@ from __future__ import annotations
 from .base import EventData
 from .datasets import DatasetRegistered, DatasetRejected, DatasetValidated
 from .evaluation import EvalCompleted, EvalFailed
-from .governance import ApiKeyCreated, ApiKeyRevoked, DeadLettered
+from .governance import ApiKeyCreated, ApiKeyRevoked, AuthenticationFailed, DeadLettered
 from .jobs import (
     JobAssigned,
     JobCancelled,
@@ -39,6 +39,7 @@ EMITTERS: dict[type[EventData], frozenset[str]] = {
     **dict.fromkeys((EvalCompleted, EvalFailed), frozenset({"evaluator"})),
     **dict.fromkeys((ApiKeyCreated, ApiKeyRevoked), frozenset({"governance"})),
     DeadLettered: ANY_SERVICE,  # whichever consumer parked the message
+    AuthenticationFailed: ANY_SERVICE,  # whichever service refused the call
     **dict.fromkeys((JobSubmitted, JobQueued, JobAssigned, JobSucceeded, JobReleaseRequested,
                      JobPaused, JobResumed, QuotaChanged, JobRequeued, JobCancelRequested,
                      WorkItem, JobUpdated), frozenset({"scheduler"})),

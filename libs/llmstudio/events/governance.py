@@ -39,3 +39,21 @@ class DeadLettered(EventData):
     reason: str
     deliveries: int
     payload: str  # the original bytes, utf-8 with replacement
+
+
+@register
+class AuthenticationFailed(EventData):
+    """Calls a service refused for their credentials (unknown key, or a role without the
+    permission): at most one per caller address and service each interval, counting the rest."""
+
+    TYPE = "llmstudio.governance.auth_failed.v1"
+    SUBJECT = "llmstudio.governance.auth_failed"
+    ENTITY = "service"
+
+    service: str
+    method: str
+    peer: str  # the caller's address as gRPC reports it (ipv4:127.0.0.1:53412)
+    code: str  # UNAUTHENTICATED or PERMISSION_DENIED
+    reason: str
+    key_id: str = ""  # the key's id when it was known (a role without the permission)
+    refused: int = 1  # refusals of this caller the record stands for (the others suppressed)
