@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     scheduler_lease_ttl_s: float = 5.0
     replica_id: str = ""  # this replica's name in the lease (default: <host>-<pid>-<random>)
 
+    # Where a job's base_model may be (comma-separated folders; llmstudio.modelroots). Empty:
+    # any local folder or hub id. The embedded stack sets <data dir>/models.
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
     # Dataset service: upload limits, and where ImportDataset may read from. Lists are
     # comma-separated in the environment (LLMSTUDIO_DATASET_IMPORT_BUCKETS=raw,curated).
     dataset_max_upload_bytes: int = 64 << 30
@@ -100,7 +104,7 @@ class Settings(BaseSettings):
     extra: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("dataset_import_buckets", "dataset_import_roots", "dataset_model_roots",
-                     mode="before")
+                     "model_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

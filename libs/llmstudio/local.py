@@ -172,6 +172,8 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
         **{f"LLMSTUDIO_{svc.upper()}_ADDR": state.addr(svc)
            for svc in GRPC_SERVICES if svc in state.services},
     })
+    # a job's base model comes from the stack's model folder, nowhere else (llmstudio.modelroots)
+    env.setdefault("LLMSTUDIO_MODEL_ROOTS", str((data_dir / "models").resolve()))
     # every service is a NATS user of its own (llmstudio.natsauth)
     env["LLMSTUDIO_NATS_USER"] = service_module(name)
     env["LLMSTUDIO_NATS_PASSWORD_FILE"] = str(

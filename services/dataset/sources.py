@@ -15,6 +15,7 @@ from llmstudio.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from llmstudio.modelroots import check_model_root
 from llmstudio.storage import S3ArtifactStore
 
 
@@ -87,15 +88,7 @@ def parse_source(uri: str, allowed_buckets: list[str],
 def check_model_dir(base_model: str, allowed_roots: list[Path]) -> None:
     """With model roots configured, base_model must be a folder under one of them (so a read
     key cannot probe the server's files through tokenizer errors). Raises PermissionDenied."""
-    if not allowed_roots:
-        return
-    if "\x00" in base_model:
-        raise InvalidArgument("base_model", "must not contain a NUL character")
-    resolved = Path(base_model).resolve()
-    roots = [Path(r).resolve() for r in allowed_roots]
-    if not any(resolved.is_relative_to(root) for root in roots) or not resolved.is_dir():
-        raise PermissionDenied("base_model: not a model folder under the allowed model roots "
-                               "(LLMSTUDIO_DATASET_MODEL_ROOTS)")
+    check_model_root("base_model", base_model, allowed_roots, "LLMSTUDIO_DATASET_MODEL_ROOTS")
 
 
 def fetch_s3(settings: Settings, source: S3Source, dest: Path) -> None:

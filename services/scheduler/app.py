@@ -46,7 +46,8 @@ async def build(rt: Runtime) -> list[Registration]:
         store.dispose()
 
     rt.on_stop.append(dispose)
-    api = JobApi(Jobs(store, outbox, watchers, workers), aging_s=rt.settings.priority_aging_s)
+    api = JobApi(Jobs(store, outbox, watchers, workers, rt.settings.model_roots),
+                 aging_s=rt.settings.priority_aging_s)
     # external automation's commands: the same use cases, authorized as the RPCs
     serve_commands(rt.bus, rt.keys, "jobs", api, {
         "create": Command("CreateJob", jobs_pb2.CreateJobRequest),

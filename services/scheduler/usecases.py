@@ -50,6 +50,7 @@ from llmstudio.events import (
 )
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.memory import estimate_memory, model_config_of
+from llmstudio.modelroots import check_model_root
 from llmstudio.outbox import Outbox
 from llmstudio.paging import Paged
 
@@ -81,11 +82,13 @@ class Jobs:
 
     def __init__(
         self, store: SchedulerStore, outbox: Outbox, watchers: Watchers, workers: WorkerTable,
+        model_roots: list[Path] | None = None,
     ):
         self.store = store
         self.outbox = outbox
         self.watchers = watchers
         self.workers = workers  # live workers: a spec none of them can run is refused
+        self.model_roots = model_roots or []  # where a base_model may be (empty: anywhere)
 
     async def create(
         self, raw_spec: dict[str, Any], priority_class: str, idempotency_key: str,
@@ -112,7 +115,7 @@ class Jobs:
         """The job checked, stored and announced, or the job an earlier call with its key
         created. The spec's checks read the model's config.json: in this unit's thread, before
         its first write (the transaction begins there)."""
-        spec, estimate = _checked_spec(raw_spec)
+        spec, estimate = _checked_spec(raw_spec, self.model_roots)
         refusal = core.refuse_on(spec, live)
         if refusal:
             raise FailedPrecondition(refusal)
@@ -751,19 +754,26 @@ def _waiting_view(u: Unit, tenant: str) -> tuple[list[Job], list[Job], Quota | N
     return u.waiting_jobs(), u.assigned_jobs(), u.quota(tenant)
 
 
-def _checked_spec(raw: dict[str, Any]) -> tuple[JobSpec, dict[str, float]]:
+def _checked_spec(raw: dict[str, Any], model_roots: list[Path]) -> tuple[JobSpec, dict[str, float]]:
     """The validated spec (a local base model made absolute) and its memory estimate; reads
     the model's config.json, so it runs in a thread."""
-    spec = _with_local_model(core.parse_spec(raw))
+    spec = _with_local_model(core.parse_spec(raw), model_roots)
     return spec, _memory_estimate(spec)
 
 
-def _with_local_model(spec: JobSpec) -> JobSpec:
+def _with_local_model(spec: JobSpec, model_roots: list[Path]) -> JobSpec:
     """A base_model written as a path (or naming one that exists) must be a model directory;
-    it is stored absolute, so workers on this filesystem find it whatever their cwd."""
-    if not (core.names_a_path(spec.base_model) or os.path.exists(spec.base_model)):
+    it is stored absolute, so workers on this filesystem find it whatever their cwd. With
+    model roots configured it must be under one of them, whatever it looks like (no hub id, no
+    probing of other paths: llmstudio.modelroots)."""
+    if model_roots:
+        path = check_model_root("spec.base_model", spec.base_model, model_roots,
+                                "LLMSTUDIO_MODEL_ROOTS")
+    elif core.names_a_path(spec.base_model) or os.path.exists(spec.base_model):
+        path = Path(spec.base_model).expanduser().resolve()
+    else:
         return spec  # a hub id: workers with network load it
-    path = Path(spec.base_model).expanduser().resolve()
+    assert path is not None
     if not (path / "config.json").is_file():
         raise InvalidArgument(
             "spec.base_model", f"no model directory at {spec.base_model} (config.json missing)")

@@ -160,10 +160,16 @@ def test_bad_input_is_refused_with_the_right_status(stack):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "broken.jsonl:2" in e.value.details()
 
+    not_a_model = data_dir / "models" / "not-a-model"  # in the stack's model root
+    not_a_model.mkdir(parents=True, exist_ok=True)
     with pytest.raises(grpc.RpcError) as e:
-        client.jobs.create({"base_model": str(data_dir / "no-such-model"), "dataset": "ds-x"})
+        client.jobs.create({"base_model": str(not_a_model), "dataset": "ds-x"})
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "base_model" in e.value.details()
+    assert "config.json missing" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # outside it: refused, whether it exists or not
+        client.jobs.create({"base_model": str(data_dir), "dataset": "ds-x"})
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "LLMSTUDIO_MODEL_ROOTS" in e.value.details()
 
     with grpc.insecure_channel(client.addr("scheduler")) as bare:  # no x-api-key metadata
         with pytest.raises(grpc.RpcError) as e:
