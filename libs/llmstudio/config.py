@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     # who this process is on NATS (llmstudio.natsauth); unset: no authentication
     nats_user: str = ""
     nats_password_file: Path | None = None
+    # TLS outside the embedded stack (llmstudio.tls, `llmstudio certs`): this service's gRPC
+    # server certificate and key, and the CA that clients and services trust on gRPC and NATS
+    # (set: NATS is spoken over TLS only). Unset: plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     # Artifact store: "file" (under data_dir/artifacts) or "s3".
     artifact_store: str = "file"
@@ -94,6 +100,9 @@ class Settings(BaseSettings):
     dataset_import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     dataset_work_dir: Path | None = None  # spool for uploads (default data_dir/spool)
     dataset_max_concurrent_ingests: int = 2  # more get RESOURCE_EXHAUSTED
+    # per tenant: uploads being received at once, and the bytes they may hold in the spool
+    dataset_max_uploads_per_tenant: int = 2
+    dataset_tenant_spool_bytes: int = 64 << 30
     # Where base_model (token stats, previews) may point; empty = any local dir or hub id.
     dataset_model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 

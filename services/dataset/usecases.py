@@ -44,7 +44,7 @@ from . import core, ingest
 from .core import DatasetRecord
 from .files import read_lines, split_problems, write_files
 from .sources import PathSource, check_model_dir, fetch_s3, parse_source
-from .spool import Spool, receive
+from .spool import Spool, TenantUploads, receive
 from .store import VERSIONS, DatasetStore, Unit
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class Datasets:
         self.store, self.outbox, self.artifacts, self.settings = store, outbox, artifacts, settings
         self.spool = Spool(settings.dataset_work_dir or Path(settings.data_dir) / "spool")
         self.ingest_slots = asyncio.Semaphore(settings.dataset_max_concurrent_ingests)
+        self.uploads = TenantUploads(settings.dataset_max_uploads_per_tenant,
+                                     settings.dataset_tenant_spool_bytes)
         # Its own threads: long ingests never take the threads reads and handlers use.
         self.ingest_pool = ThreadPoolExecutor(settings.dataset_max_concurrent_ingests,
                                               thread_name_prefix="ingest")
@@ -140,9 +142,10 @@ class Datasets:
         is spooled: a bad request costs no transfer."""
         if errors := new.options.errors():
             raise InvalidArgument("", "; ".join(errors))
-        with self.spool.workdir() as work:
+        self._check_ingest_slot()  # a busy service refuses before the transfer, not after it
+        with self.uploads.admit(caller.tenant) as take, self.spool.workdir() as work:
             spooled = work / "upload"
-            sha256 = await receive(chunks, spooled, self.settings.dataset_max_upload_bytes)
+            sha256 = await receive(chunks, spooled, self.settings.dataset_max_upload_bytes, take)
             return await self._create_uploaded(caller, new, spooled, sha256, work)
 
     async def _create_uploaded(self, caller: Principal, new: NewVersion, spooled: Path,
@@ -250,10 +253,7 @@ class Datasets:
 
     async def _ingest(self, path: Path, options: ingest.Options, out: Path,
                       counter: Callable[[dict], int] | None) -> ingest.Ingested:
-        if self.ingest_slots.locked():
-            raise ResourceExhausted(
-                f"{self.settings.dataset_max_concurrent_ingests} datasets are being ingested; "
-                "retry in a moment (LLMSTUDIO_DATASET_MAX_CONCURRENT_INGESTS)")
+        self._check_ingest_slot()
         out.mkdir()
         async with self.ingest_slots:
             # A cancelled call (client gone, deadline) stops its ingest too, so the slot it
@@ -269,6 +269,12 @@ class Datasets:
             except asyncio.CancelledError:
                 cancelled.set()
                 raise
+
+    def _check_ingest_slot(self) -> None:
+        if self.ingest_slots.locked():
+            raise ResourceExhausted(
+                f"{self.settings.dataset_max_concurrent_ingests} datasets are being ingested; "
+                "retry in a moment (LLMSTUDIO_DATASET_MAX_CONCURRENT_INGESTS)")
 
     async def _register(self, record: DatasetRecord, fingerprint: str) -> DatasetRecord:
         """Store the version under the next number of its name, with its DatasetRegistered.
