@@ -29,6 +29,7 @@ from faststream.nats import (
     JStream,
     NatsBroker,
     NatsMessage,
+    NatsSecurity,
     NatsUserPassword,
     PullSub,
     RetentionPolicy,
@@ -46,6 +47,7 @@ from . import telemetry
 from .config import Settings
 from .events import DeadLettered, Envelope, EventData, InvalidEvent, decode, make_envelope
 from .signing import SECURITY_REASON, SIGNATURE_HEADER, BadSignature, SigningKey, TrustedSigners
+from .tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 SECURITY_PARK_INTERVAL_S = 10.0  # forged core messages: at most one parked per subject per this
@@ -125,14 +127,21 @@ APIKEY_BUCKET = "llmstudio-apikeys"
 LEASE_BUCKET = "llmstudio-scheduler-leader"  # the scheduler replicas' placement lease
 
 
-def nats_security(settings: Settings) -> NatsUserPassword | None:
-    """The user this process connects as (settings.nats_user), or None: no authentication."""
+def nats_security(settings: Settings) -> NatsSecurity | None:
+    """The user this process connects as (settings.nats_user) and the CA it trusts
+    (settings.tls_ca_file: TLS, llmstudio.tls), or None: neither.
+
+    With a CA the TLS handshake comes first, before the server says anything: nats-py would
+    otherwise upgrade only when the server's INFO asks for TLS, so a forged plaintext INFO could
+    take the password. nats-server's `tls { handshake_first }` accepts that (deploy/nats)."""
+    tls = {"ssl_context": client_ssl_context(settings.tls_ca_file),
+           "tls_handshake_first": True} if settings.tls_ca_file else {}
     if not settings.nats_user:
-        return None
+        return NatsSecurity(**tls) if tls else None
     if settings.nats_password_file is None:
         raise ValueError(f"nats_user {settings.nats_user!r} needs nats_password_file")
     password = settings.nats_password_file.read_text().strip()
-    return NatsUserPassword(settings.nats_user, password)
+    return NatsUserPassword(settings.nats_user, password, **tls)
 
 
 def stream_for(subject: str) -> str:
@@ -360,8 +369,7 @@ class Bus:
         """
         durable = f"{self.service}-{name}"
         max_deliver = self.settings.max_deliver
-        stream = stream_for(subject)
-        config = ConsumerConfig(
+        self._pull(subject, ConsumerConfig(
             durable_name=durable,
             filter_subject=None if only and len(only) > 1 else subject,
             filter_subjects=only if only and len(only) > 1 else None,
@@ -369,25 +377,7 @@ class Bus:
             ack_wait=self.settings.ack_wait_s,
             deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
             inactive_threshold=inactive_threshold_s,
-        )
-        subscriber = self.broker.subscriber(
-            subject,
-            stream=JStream(stream, declare=False),
-            durable=durable,
-            config=config,
-            pull_sub=PullSub(batch_size=16, timeout=1.0),
-            ack_policy=AckPolicy.MANUAL,
-        )
-
-        # faststream runs the messages of a fetched batch concurrently; one at a time keeps a
-        # consumer's deliveries in stream order once handlers await threads.
-        in_order = asyncio.Lock()
-
-        async def on_message(msg: NatsMessage) -> None:
-            async with in_order:
-                await self._dispatch(durable, msg, handler, max_deliver)
-
-        subscriber(on_message)
+        ), lambda msg: self._dispatch(durable, msg, handler, max_deliver))
 
     def subscribe_raw(self, name: str, subject: str, handler: RawHandler) -> None:
         """Register `handler` for the messages on `subject` that are not events (commands:
@@ -396,20 +386,29 @@ class Bus:
         retried as for events."""
         durable = f"{self.service}-{name}"
         max_deliver = self.settings.max_deliver
+        self._pull(subject, ConsumerConfig(
+            durable_name=durable, filter_subject=subject, max_deliver=max_deliver,
+            ack_wait=self.settings.ack_wait_s,
+        ), lambda msg: self._dispatch_raw(durable, msg, handler, max_deliver))
+
+    def _pull(self, subject: str, config: ConsumerConfig,
+              dispatch: Callable[[NatsMessage], Awaitable[None]]) -> None:
+        """A durable pull consumer (its `config`) on `subject`'s stream, explicitly acked."""
         subscriber = self.broker.subscriber(
             subject,
             stream=JStream(stream_for(subject), declare=False),
-            durable=durable,
-            config=ConsumerConfig(durable_name=durable, filter_subject=subject,
-                                  max_deliver=max_deliver, ack_wait=self.settings.ack_wait_s),
+            durable=config.durable_name,
+            config=config,
             pull_sub=PullSub(batch_size=16, timeout=1.0),
             ack_policy=AckPolicy.MANUAL,
         )
+        # faststream runs the messages of a fetched batch concurrently; one at a time keeps a
+        # consumer's deliveries in stream order once handlers await threads.
         in_order = asyncio.Lock()
 
         async def on_message(msg: NatsMessage) -> None:
             async with in_order:
-                await self._dispatch_raw(durable, msg, handler, max_deliver)
+                await dispatch(msg)
 
         subscriber(on_message)
 

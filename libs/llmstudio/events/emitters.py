@@ -3,51 +3,30 @@
 
 from __future__ import annotations
 
+from . import datasets, evaluation, governance, jobs, registry
 from .base import EventData
-from .datasets import DatasetRegistered, DatasetRejected, DatasetValidated
-from .evaluation import EvalCompleted, EvalFailed
-from .governance import ApiKeyCreated, ApiKeyRevoked, AuthenticationFailed, DeadLettered
-from .jobs import (
-    JobAssigned,
-    JobCancelled,
-    JobCancelRequested,
-    JobCheckpointed,
-    JobCompleted,
-    JobFailed,
-    JobMetrics,
-    JobPaused,
-    JobQueued,
-    JobReleased,
-    JobReleaseRequested,
-    JobRequeued,
-    JobResumed,
-    JobStarted,
-    JobSubmitted,
-    JobSucceeded,
-    JobUpdated,
-    QuotaChanged,
-    WorkerHeartbeat,
-    WorkItem,
-)
-from .registry import ModelStageChanged, ModelVersionRegistered
 
 ANY_SERVICE = frozenset({"dataset", "scheduler", "trainer", "evaluator", "registry", "governance"})
 
 EMITTERS: dict[type[EventData], frozenset[str]] = {
-    **dict.fromkeys((DatasetRegistered, DatasetValidated, DatasetRejected),
-                    frozenset({"dataset"})),
-    **dict.fromkeys((EvalCompleted, EvalFailed), frozenset({"evaluator"})),
-    **dict.fromkeys((ApiKeyCreated, ApiKeyRevoked), frozenset({"governance"})),
-    DeadLettered: ANY_SERVICE,  # whichever consumer parked the message
-    AuthenticationFailed: ANY_SERVICE,  # whichever service refused the call
-    **dict.fromkeys((JobSubmitted, JobQueued, JobAssigned, JobSucceeded, JobReleaseRequested,
-                     JobPaused, JobResumed, QuotaChanged, JobRequeued, JobCancelRequested,
-                     WorkItem, JobUpdated), frozenset({"scheduler"})),
-    **dict.fromkeys((JobStarted, JobCheckpointed, JobCompleted, JobReleased, JobMetrics,
-                     WorkerHeartbeat), frozenset({"trainer"})),
+    **dict.fromkeys((datasets.DatasetRegistered, datasets.DatasetValidated,
+                     datasets.DatasetRejected), frozenset({"dataset"})),
+    **dict.fromkeys((evaluation.EvalCompleted, evaluation.EvalFailed), frozenset({"evaluator"})),
+    **dict.fromkeys((governance.ApiKeyCreated, governance.ApiKeyRevoked),
+                    frozenset({"governance"})),
+    governance.DeadLettered: ANY_SERVICE,  # whichever consumer parked the message
+    governance.AuthenticationFailed: ANY_SERVICE,  # whichever service refused the call
+    **dict.fromkeys((jobs.JobSubmitted, jobs.JobQueued, jobs.JobAssigned, jobs.JobSucceeded,
+                     jobs.JobReleaseRequested, jobs.JobPaused, jobs.JobResumed,
+                     jobs.QuotaChanged, jobs.JobRequeued, jobs.JobCancelRequested,
+                     jobs.WorkItem, jobs.JobUpdated), frozenset({"scheduler"})),
+    **dict.fromkeys((jobs.JobStarted, jobs.JobCheckpointed, jobs.JobCompleted,
+                     jobs.JobReleased, jobs.JobMetrics, jobs.WorkerHeartbeat),
+                    frozenset({"trainer"})),
     # the scheduler ends jobs no worker runs (cancelled while queued, out of attempts)
-    **dict.fromkeys((JobFailed, JobCancelled), frozenset({"scheduler", "trainer"})),
-    **dict.fromkeys((ModelVersionRegistered, ModelStageChanged), frozenset({"registry"})),
+    **dict.fromkeys((jobs.JobFailed, jobs.JobCancelled), frozenset({"scheduler", "trainer"})),
+    **dict.fromkeys((registry.ModelVersionRegistered, registry.ModelStageChanged),
+                    frozenset({"registry"})),
 }
 _BY_TYPE = {cls.TYPE: services for cls, services in EMITTERS.items()}
 
