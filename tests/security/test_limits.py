@@ -43,6 +43,7 @@ from services.scheduler.core import Job, Status
 from services.scheduler.watch import WATCH_QUEUE_LIMIT, Watchers
 from tests.support.bus import all_stream_messages, stream_messages
 from tests.support.harness import put_api_key, running
+from tests.support.models import config_only_model
 
 TENANT = "acme"
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,9 +67,7 @@ def struct(d: dict) -> Struct:
 # -- names --------------------------------------------------------------------------------------
 
 async def test_a_job_name_that_is_no_subject_token_is_refused_at_submit(settings, tmp_path):
-    model = tmp_path / "tiny-model"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama"}')
+    model = config_only_model(tmp_path / "tiny-model", {"model_type": "llama"})
     dev = await put_api_key(settings.nats_url, "developer", TENANT)
     async with running("scheduler", build_scheduler, settings) as port, \
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -209,9 +208,7 @@ async def test_rpcs_past_the_cap_are_refused(settings, monkeypatch, tmp_path):
     """Two WatchJob streams hold both places of a scheduler capped at 2; a third call is
     RESOURCE_EXHAUSTED at once, and served once a stream ends."""
     monkeypatch.setenv("LLMSTUDIO_GRPC_MAX_CONCURRENT_RPCS", "2")
-    model = tmp_path / "tiny-model"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama"}')
+    model = config_only_model(tmp_path / "tiny-model", {"model_type": "llama"})
     dev = await put_api_key(settings.nats_url, "developer", TENANT)
     async with running("scheduler", build_scheduler, settings) as port, \
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -244,9 +241,7 @@ async def test_rpcs_past_the_cap_are_refused(settings, monkeypatch, tmp_path):
 async def test_jobs_list_in_pages_every_job_once(settings, tmp_path):
     """250 jobs in pages of 100: every job exactly once, newest first, and the last page says
     so; a bad page size or token is INVALID_ARGUMENT; the SDK and the CLI follow the pages."""
-    model = tmp_path / "tiny-model"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama"}')
+    model = config_only_model(tmp_path / "tiny-model", {"model_type": "llama"})
     dev = await put_api_key(settings.nats_url, "developer", TENANT)
     other = await put_api_key(settings.nats_url, "developer", "globex")
     async with running("scheduler", build_scheduler, settings) as port, \

@@ -4,8 +4,6 @@ another tenant's checkpoints), and so is a hub id."""
 
 from __future__ import annotations
 
-import json
-
 import grpc
 from google.protobuf.struct_pb2 import Struct
 
@@ -14,13 +12,12 @@ from llmstudio.natsserver import free_port
 from llmstudio.v1 import jobs_pb2, jobs_pb2_grpc
 from services.scheduler.app import build
 from tests.support.harness import put_api_key, running
+from tests.support.models import config_only_model
 
 
 async def test_a_base_model_outside_the_model_roots_is_refused_alike(nats_server, tmp_path):
     roots = tmp_path / "models"
-    model = roots / "tiny"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    model = config_only_model(roots / "tiny")
     elsewhere = tmp_path / "tenants" / "other" / "checkpoint-8"  # exists, outside the roots
     elsewhere.mkdir(parents=True)
     (elsewhere / "config.json").write_text("{}")

@@ -16,6 +16,7 @@ from llmstudio.auth import hash_secret, new_secret
 from llmstudio.commands import API_KEY_HEADER
 from llmstudio.events import JobCompleted, WorkerHeartbeat, WorkItem, make_envelope
 from llmstudio.natsauth import APIKEY_BUCKET, AUTOMATION, OPERATOR, password_path
+from tests.support.models import config_only_model
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -156,12 +157,7 @@ def test_a_service_publishes_only_its_own_events(deployed):
 def test_a_command_creates_a_job_with_a_developer_key_and_is_refused_with_a_viewer_key(deployed):
     data_dir, client = deployed
     state = local.running_stack(data_dir)
-    model = data_dir / "models" / "config-only"
-    model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "vocab_size": 256, "max_position_embeddings": 128}))
+    model = config_only_model(data_dir / "models" / "config-only")
     developer = client.governance.create_key("developer", name="automation-dev")
     viewer = client.governance.create_key("viewer", name="automation-viewer")
     wait_for(lambda: _known(data_dir, viewer.secret), 15, "the new keys to propagate")
