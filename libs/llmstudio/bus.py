@@ -134,14 +134,14 @@ def nats_security(settings: Settings) -> NatsSecurity | None:
     With a CA the TLS handshake comes first, before the server says anything: nats-py would
     otherwise upgrade only when the server's INFO asks for TLS, so a forged plaintext INFO could
     take the password. nats-server's `tls { handshake_first }` accepts that (deploy/nats)."""
-    tls = {"ssl_context": client_ssl_context(settings.tls_ca_file),
-           "tls_handshake_first": True} if settings.tls_ca_file else {}
+    tls = client_ssl_context(settings.tls_ca_file) if settings.tls_ca_file else None
     if not settings.nats_user:
-        return NatsSecurity(**tls) if tls else None
+        return NatsSecurity(ssl_context=tls, tls_handshake_first=True) if tls else None
     if settings.nats_password_file is None:
         raise ValueError(f"nats_user {settings.nats_user!r} needs nats_password_file")
     password = settings.nats_password_file.read_text().strip()
-    return NatsUserPassword(settings.nats_user, password, **tls)
+    return NatsUserPassword(settings.nats_user, password, ssl_context=tls,
+                            tls_handshake_first=tls is not None)
 
 
 def stream_for(subject: str) -> str:

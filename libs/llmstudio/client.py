@@ -309,8 +309,12 @@ class Client:
     """Connects to each service; addresses from the running embedded stack or from Settings."""
 
     def __init__(self, api_key: str | None = None, settings: Settings | None = None,
-                 data_dir: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT):
+                 data_dir: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 ca_file: str | Path | None = None):
         self.settings = settings or Settings()
+        # TLS to the services of a deployment (llmstudio.tls): the CA that signed them
+        ca = ca_file or self.settings.tls_ca_file
+        self.ca_file = Path(ca) if ca else None
         self.data_dir = Path(data_dir or self.settings.data_dir)
         self.stack = running_stack(self.data_dir)
         key = api_key or os.environ.get("LLMSTUDIO_API_KEY") or self.settings.api_key
@@ -333,7 +337,10 @@ class Client:
 
     def channel(self, service: str):
         if service not in self._channels:
-            self._channels[service] = channel(self.addr(service), self.api_key)
+            # the embedded stack serves plaintext on loopback; a deployment, TLS given a CA
+            embedded = bool(self.stack and service in self.stack.services)
+            self._channels[service] = channel(self.addr(service), self.api_key,
+                                              None if embedded else self.ca_file)
         return self._channels[service]
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from opentelemetry import trace
 from . import errors, telemetry
 from .auth import KeyDirectory, Principal, set_current_principal
 from .errors import StudioError
+from .tls import channel_credentials, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +225,10 @@ async def start_server(
     host: str,
     port: int,
     on_refused: Callable[[Refusal], None] | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    """`cert_file` and `key_file` (llmstudio.tls): it speaks TLS only; neither: plaintext."""
     permissions = {
         f"/{r.full_name}/{m}": perm
         for r in registrations
@@ -241,7 +246,9 @@ async def start_server(
     names = [r.full_name for r in registrations]
     reflection.enable_server_reflection(
         [*names, reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = server_credentials(cert_file, key_file)
+    bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials
+             else server.add_insecure_port(f"{host}:{port}"))
     await server.start()
     for name in ["", *names]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -292,17 +299,24 @@ RETRY_CONFIG = json.dumps({"methodConfig": [{
 }]})
 
 
-def channel(addr: str, api_key: str = "") -> grpc.Channel:
+def _raw_channel(addr: str, ca_file: Path | None, options=None) -> grpc.Channel:
+    """TLS trusting `ca_file` (llmstudio.tls) when given, else plaintext."""
+    if ca_file is None:
+        return grpc.insecure_channel(addr, options=options)
+    return grpc.secure_channel(addr, channel_credentials(ca_file), options=options)
+
+
+def channel(addr: str, api_key: str = "", ca_file: Path | None = None) -> grpc.Channel:
     options = [*CLIENT_OPTIONS, ("grpc.enable_retries", 1),
                ("grpc.service_config", RETRY_CONFIG)]
     return grpc.intercept_channel(
-        grpc.insecure_channel(addr, options=options), _ClientMetadata(api_key)
+        _raw_channel(addr, ca_file, options), _ClientMetadata(api_key)
     )
 
 
-def health_check(addr: str, timeout: float = 2.0) -> str:
+def health_check(addr: str, timeout: float = 2.0, ca_file: Path | None = None) -> str:
     """SERVING / NOT_SERVING / UNREACHABLE, through grpc.health.v1."""
-    with grpc.insecure_channel(addr) as ch:
+    with _raw_channel(addr, ca_file) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout)

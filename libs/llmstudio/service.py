@@ -72,6 +72,7 @@ async def run(
         refused = AuthFailures(name, lambda e: rt.bus.publish(e, tenant="system", actor=name))
         server, health, rt.grpc_port = await start_server(
             name, registrations, rt.keys, settings.grpc_host, port, on_refused=refused,
+            cert_file=settings.tls_cert_file, key_file=settings.tls_key_file,
         )
     for hook in rt.on_started:
         await hook()

@@ -70,7 +70,10 @@ def write_certs(directory: Path, hosts: Iterable[str] = (), namespace: str = DEF
         _write_private(ca_key_file, ca_key)
         ca_cert_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     else:
-        ca_key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{ca_key_file}: not the EC key `llmstudio certs` makes")
+        ca_key = loaded
         ca_cert = x509.load_pem_x509_certificate(ca_cert_file.read_bytes())
     extra = list(hosts)
     made = {"ca": ca_cert_file}
@@ -130,7 +133,7 @@ def _san(host: str) -> x509.GeneralName:
 
 def _server_certificate(name: str, hosts: list[str], key: ec.EllipticCurvePrivateKey,
                         ca_cert: x509.Certificate,
-                        ca_key) -> x509.Certificate:
+                        ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     not_before, not_after = _validity(SERVER_DAYS)
     return (
         x509.CertificateBuilder()

@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import audit, datasets, evals, jobs, keys, models, quotas, stack
+from . import audit, certs, datasets, evals, jobs, keys, models, quotas, stack
 from .common import COMMON_FLAGS, CliError
 
 EPILOG = """examples:
@@ -26,7 +26,7 @@ EPILOG = """examples:
 """
 
 # In the order `llmstudio --help` lists their commands.
-COMMAND_MODULES = (stack, datasets, jobs, quotas, models, evals, audit, keys)
+COMMAND_MODULES = (stack, datasets, jobs, quotas, models, evals, audit, keys, certs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ def output(args, data, text: str | None = None) -> None:
 def connect(args):
     from ..client import Client
 
-    return Client(api_key=args.api_key, data_dir=args.data_dir)
+    return Client(api_key=args.api_key, data_dir=args.data_dir, ca_file=args.ca_file)
 
 
 def data_dir(args) -> Path:
@@ -38,6 +38,9 @@ def _common_flags(default=None) -> argparse.ArgumentParser:
                         default=default)
     common.add_argument("--api-key", help="API key (default: LLMSTUDIO_API_KEY, or the "
                         "embedded stack's admin key)", default=default)
+    common.add_argument("--ca-file", help="CA certificate the services' TLS is checked against "
+                        "(default: LLMSTUDIO_TLS_CA_FILE; `llmstudio certs` makes ca.crt)",
+                        default=default)
     return common
 
 
