@@ -8,6 +8,10 @@ Usage (deploy/compose-check.sh calls it):
   lists files that exist and every manifest file is listed; workloads: selector matches the pod
   labels, containers have an image, probe and Service ports exist, volume mounts, ConfigMap and
   Secret references (and secret keys) resolve; Services select an existing workload.
+- Both: every LLM Studio service has its own NATS user, password and signing key, trusts the
+  TLS CA, and one with a gRPC API serves TLS with its own certificate and key (and has no probe
+  or healthcheck that speaks plaintext to it); nats-server's config has a tls block whose
+  certificate and key are mounted.
 - OpenTelemetry collector config (--otel): parses; every component a pipeline uses is defined.
 - Compose (--compose-json: the output of `docker compose config --format json`, i.e. the
   resolved model): build contexts, Dockerfiles and build targets exist; bind-mount sources
@@ -52,15 +56,28 @@ def _pod_spec(obj: dict) -> dict:
     return ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
 
 
-def _k8s_credentials(where: str, container: dict, volumes: dict) -> list[str]:
-    """An LLM Studio service's container has its own NATS user, and its own password and
-    signing key mounted where the configuration says (CREDENTIAL_FILES)."""
+def _secret_files(module: str, serves_grpc: bool) -> dict[str, tuple[str, str]]:
+    """What a service reads from /run/secrets: env var -> (file, the secret key it must be;
+    llmstudio credentials and llmstudio certs name them so)."""
+    files = {var: (target, f"{module}{suffix}" if suffix else target)
+             for var, (target, suffix) in CREDENTIAL_FILES.items()}
+    if serves_grpc:
+        files.update({var: (target, f"{module}{suffix}")
+                      for var, (target, suffix) in TLS_SERVER_FILES.items()})
+    return files
+
+
+def _k8s_credentials(where: str, container: dict, volumes: dict,
+                     config_env: dict[str, str]) -> list[str]:
+    """An LLM Studio service's container has its own NATS user, its own password and signing
+    key, the TLS CA and (with a gRPC API) its own certificate and key mounted where the
+    configuration (its env and envFrom ConfigMaps: `config_env`) says."""
     module = next((a.split(".", 1)[1] for a in container.get("args") or []
                    if a.startswith("services.")), None)
     if module is None:
         return []
     errors = []
-    env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+    env = {**config_env, **{e.get("name"): e.get("value") for e in container.get("env") or []}}
     if env.get("LLMSTUDIO_NATS_USER") != module:
         errors.append(f"{where}: LLMSTUDIO_NATS_USER must be its own user {module!r}")
     mount = next((m for m in container.get("volumeMounts") or []
@@ -69,13 +86,56 @@ def _k8s_credentials(where: str, container: dict, volumes: dict) -> list[str]:
         if mount else None
     items = {i.get("path"): i.get("key") for src in sources or []
              for i in (src.get("secret") or {}).get("items") or []}
-    wanted = {"nats-password": f"{module}.password", "signing-key": f"{module}.key",
-              "signers.json": "signers.json"}
-    for path, key in wanted.items():
+    serves_grpc = "LLMSTUDIO_GRPC_PORT" in env
+    for var, (path, key) in _secret_files(module, serves_grpc).items():
+        if env.get(var) != f"/run/secrets/{path}":
+            errors.append(f"{where}: {var} must be /run/secrets/{path}")
         if items.get(path) != key:
             errors.append(f"{where}: /run/secrets/{path} must be the secret key {key!r}, "
                           f"not {items.get(path)!r}")
+    if serves_grpc:
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "grpc" in (container.get(probe_name) or {}):
+                errors.append(f"{where}: {probe_name}.grpc cannot speak TLS to its gRPC port "
+                              "(use the exec probe)")
     return errors
+
+
+def _nats_tls_files(conf: str) -> list[str] | None:
+    """The certificate and key files of a nats-server config's tls block; None without one."""
+    block = re.search(r"^\s*tls\s*\{(.*?)^\s*\}", conf, re.S | re.M)
+    if block is None:
+        return None
+    return re.findall(r"^\s*(?:cert_file|key_file)\s*:\s*\"?([^\"\s]+)", block.group(1), re.M)
+
+
+def _k8s_nats_tls(where: str, container: dict, volumes: dict, configmap) -> list[str]:
+    """nats-server's config (a ConfigMap in a projected volume) has a tls block, and the files
+    it names are projected next to it."""
+    command = container.get("command") or []
+    if "nats-server" not in command or "--config" not in command:
+        return []
+    config = Path(command[command.index("--config") + 1])
+    mount = next((m for m in container.get("volumeMounts") or []
+                  if m.get("mountPath") == str(config.parent)), None)
+    sources = ((volumes.get(mount.get("name")) or {}).get("projected") or {}).get("sources") \
+        if mount else []
+    conf, projected = None, set()
+    for src in sources or []:
+        for kind in ("secret", "configMap"):
+            for item in (src.get(kind) or {}).get("items") or []:
+                projected.add(str(config.parent / item.get("path", "")))
+        name = (src.get("configMap") or {}).get("name")
+        if name and configmap(name) and config.name in configmap(name):
+            conf = configmap(name)[config.name]
+            projected.add(str(config))
+    if conf is None:
+        return [f"{where}: its config {config} is not a projected ConfigMap key"]
+    files = _nats_tls_files(conf)
+    if not files:
+        return [f"{where}: {config} has no tls block with cert_file and key_file (TLS only)"]
+    return [f"{where}: {config}'s tls file {f} is not mounted" for f in files
+            if f not in projected]
 
 
 def check_k8s(directory: Path) -> list[str]:
@@ -141,6 +201,9 @@ def check_k8s(directory: Path) -> list[str]:
         if c is None:
             return None
         return set((c.get("data") or {}).keys()) | set((c.get("binaryData") or {}).keys())
+
+    def configmap_data(name: str) -> dict[str, str]:
+        return (by_kind.get("ConfigMap", {}).get(name) or {}).get("data") or {}
 
     workloads: list[tuple[Path, dict]] = [(p, o) for p, o in objects if o["kind"] in WORKLOAD_KINDS]
     for path, obj in workloads:
@@ -219,7 +282,10 @@ def check_k8s(directory: Path) -> list[str]:
                             errors.append(
                                 f"{cwhere}: {probe_name}.{kind}.port {port} is not a containerPort"
                             )
-            errors += _k8s_credentials(cwhere, c, volumes)
+            config_env = {k: v for ref in c.get("envFrom") or [] if "configMapRef" in ref
+                          for k, v in configmap_data(ref["configMapRef"].get("name")).items()}
+            errors += _k8s_credentials(cwhere, c, volumes, config_env)
+            errors += _k8s_nats_tls(cwhere, c, volumes, configmap_data)
             for m in c.get("volumeMounts") or []:
                 if m.get("name") not in volumes:
                     errors.append(f"{cwhere}: volumeMount {m.get('name')!r} has no volume")
@@ -332,12 +398,20 @@ def dockerfile_stages(path: Path) -> list[str]:
     return stages
 
 
-# What every LLM Studio service needs to join the authenticated, signed bus (llmstudio.natsauth,
-# llmstudio.signing): its own NATS user, and its own password and signing key as secrets.
-CREDENTIAL_FILES = {
-    "LLMSTUDIO_NATS_PASSWORD_FILE": "nats-password",
-    "LLMSTUDIO_SIGNING_KEY_FILE": "signing-key",
-    "LLMSTUDIO_TRUSTED_SIGNERS_FILE": "signers.json",
+# What every LLM Studio service needs to join the authenticated, signed bus over TLS
+# (llmstudio.natsauth, llmstudio.signing, llmstudio.tls): its own NATS user, and as secrets under
+# /run/secrets: env var -> (file, its secret: shared (None) or the service's own, <service><suffix>
+# in k8s, a compose secret named "...-<service>").
+CREDENTIAL_FILES: dict[str, tuple[str, str | None]] = {
+    "LLMSTUDIO_NATS_PASSWORD_FILE": ("nats-password", ".password"),
+    "LLMSTUDIO_SIGNING_KEY_FILE": ("signing-key", ".key"),
+    "LLMSTUDIO_TRUSTED_SIGNERS_FILE": ("signers.json", None),
+    "LLMSTUDIO_TLS_CA_FILE": ("ca.crt", None),
+}
+# ... and one with a gRPC API (LLMSTUDIO_GRPC_PORT) serves TLS only, with its own certificate.
+TLS_SERVER_FILES: dict[str, tuple[str, str]] = {
+    "LLMSTUDIO_TLS_CERT_FILE": ("tls.crt", ".crt"),
+    "LLMSTUDIO_TLS_KEY_FILE": ("tls.key", ".key"),
 }
 
 
@@ -352,21 +426,43 @@ def _compose_credentials(name: str, svc: dict, secrets: dict) -> list[str]:
         errors.append(f"compose: {name}: LLMSTUDIO_NATS_USER must be its own user {module!r}, "
                       f"not {env.get('LLMSTUDIO_NATS_USER')!r}")
     mounted = {s.get("target"): s.get("source") for s in svc.get("secrets") or []}
-    for var, target in CREDENTIAL_FILES.items():
+    serves_grpc = "LLMSTUDIO_GRPC_PORT" in env
+    for var, (target, key) in _secret_files(module, serves_grpc).items():
         if env.get(var) != f"/run/secrets/{target}":
             errors.append(f"compose: {name}: {var} must be /run/secrets/{target}")
         source = mounted.get(target)
         if source is None:
             errors.append(f"compose: {name}: no secret mounted as {target}")
             continue
-        if target != "signers.json" and not source.endswith(f"-{module}"):
+        if key != target and not source.endswith(f"-{module}"):
             errors.append(f"compose: {name}: secret {target} comes from {source}, "
                           f"not {module}'s own")
         file = (secrets.get(source) or {}).get("file", "")
         if not file or not Path(file).is_file():
             errors.append(f"compose: {name}: secret {source}: file {file or '?'} does not exist "
-                          "(run `llmstudio credentials`)")
+                          "(run `llmstudio credentials` and `llmstudio certs`)")
+    if serves_grpc and "insecure_channel" in " ".join((svc.get("healthcheck") or {}).get("test")
+                                                      or []):
+        errors.append(f"compose: {name}: its healthcheck speaks plaintext to a TLS-only port")
     return errors
+
+
+def _compose_nats_tls(name: str, svc: dict) -> list[str]:
+    """nats-server's config has a tls block, and the files it names are mounted."""
+    command = svc.get("command") or []
+    if "nats-server" not in command or "--config" not in command:
+        return []
+    config = command[command.index("--config") + 1]
+    mounts = {v.get("target"): v.get("source") for v in svc.get("volumes") or []}
+    if config not in mounts:
+        return [f"compose: {name}: its config {config} is not mounted"]
+    files = _nats_tls_files(Path(mounts[config]).read_text()) \
+        if Path(mounts[config]).is_file() else []
+    if not files:
+        return [f"compose: {name}: {config} has no tls block with cert_file and key_file "
+                "(TLS only)"]
+    return [f"compose: {name}: {config}'s tls file {f} is not mounted" for f in files
+            if f not in mounts]
 
 
 def check_compose(model: dict) -> list[str]:
@@ -391,6 +487,7 @@ def check_compose(model: dict) -> list[str]:
                     f"compose: {name}: bind-mount source {vol.get('source')} does not exist"
                 )
         errors += _compose_credentials(name, svc, model.get("secrets") or {})
+        errors += _compose_nats_tls(name, svc)
         for dep, cond in (svc.get("depends_on") or {}).items():
             if (cond or {}).get("condition") == "service_healthy":
                 hc = (services.get(dep) or {}).get("healthcheck") or {}

@@ -45,10 +45,11 @@ compose() {
         "$COMPOSE_BIN" --project-directory "$ROOT" -f "$COMPOSE_FILE" --profile '*' "$@"
 }
 
-# the secrets compose mounts are made per deployment (`llmstudio credentials`): check against a
-# fresh set unless the caller points at theirs
+# the secrets compose mounts are made per deployment (`llmstudio credentials`, `llmstudio
+# certs`): check against a fresh set unless the caller points at theirs
 if [[ -z "${LLMSTUDIO_SECRETS_DIR:-}" ]]; then
     "$PYTHON" -m llmstudio.cli credentials "$tmp/secrets" >/dev/null
+    "$PYTHON" -m llmstudio.cli certs "$tmp/secrets/tls" >/dev/null
     export LLMSTUDIO_SECRETS_DIR="$tmp/secrets"
 fi
 

@@ -169,7 +169,8 @@ def test_compose_declares_all_services(model):
         for dep in ("nats", "postgres", "minio"):
             assert svc["depends_on"][dep]["condition"] == "service_healthy", (name, dep)
         env = svc["environment"]
-        assert env["LLMSTUDIO_NATS_URL"] == "nats://nats:4222"
+        assert env["LLMSTUDIO_NATS_URL"] == "tls://nats:4222"
+        assert env["LLMSTUDIO_TLS_CA_FILE"] == "/run/secrets/ca.crt"
         assert env["LLMSTUDIO_ARTIFACT_STORE"] == "s3"
         assert env["LLMSTUDIO_S3_ENDPOINT"] == "minio:9000"
         assert env["LLMSTUDIO_S3_BUCKET"] == "llmstudio"
@@ -205,6 +206,9 @@ def test_grpc_services_ports_and_healthchecks(model):
         assert [p["target"] for p in svc["ports"]] == [port]
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD" and "grpc_health.v1" in " ".join(test)
+        assert "secure_channel" in " ".join(test) and "insecure_channel" not in " ".join(test)
+        assert svc["environment"]["LLMSTUDIO_TLS_CERT_FILE"] == "/run/secrets/tls.crt"
+        assert svc["environment"]["LLMSTUDIO_TLS_KEY_FILE"] == "/run/secrets/tls.key"
         assert f"{name}:{port}" == svc["environment"][f"LLMSTUDIO_{name.upper()}_ADDR"]
     assert services["trainer"]["healthcheck"].get("disable") is True
     assert "ports" not in services["trainer"]
@@ -254,6 +258,12 @@ def test_nats_configs_load_in_a_real_server_with_sync_always(tmp_path, which):
     conf = re.sub(r"^(\s*)port: 4222", rf"\g<1>port: {port}", conf, flags=re.M)
     conf = re.sub(r"^(\s*)http_port: 8222", rf"\g<1>http_port: {http_port}", conf, flags=re.M)
     conf = conf.replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+    # its TLS certificate and key, as `llmstudio certs` makes them, where it is mounted
+    from llmstudio.tls import write_certs
+
+    certs = write_certs(tmp_path / "certs")
+    conf = conf.replace("/etc/nats/tls/server.crt", str(certs["nats"]))
+    conf = conf.replace("/etc/nats/tls/server.key", str(tmp_path / "certs" / "nats.key"))
     path = tmp_path / "nats.conf"
     path.write_text(conf)
     # the users it includes, as `llmstudio credentials` makes them
@@ -279,7 +289,9 @@ def test_nats_configs_load_in_a_real_server_with_sync_always(tmp_path, which):
                 time.sleep(0.1)
         assert jsz["config"]["sync_always"] is True
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/varz", timeout=2) as r:
-            assert json.load(r)["auth_required"] is True
+            varz = json.load(r)
+        assert varz["auth_required"] is True
+        assert varz["tls_required"] is True
         assert jsz["config"]["store_dir"].startswith(str(tmp_path / "js"))
         with urllib.request.urlopen(
             f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true", timeout=2
@@ -383,43 +395,77 @@ def test_missing_compose_binary_is_reported(tmp_path):
 
 
 # ----------------------------------------------------------------------------- healthchecks
-@pytest.fixture
-def health_server():
+@pytest.fixture(params=["plaintext", "tls"])
+def health_server(request, tmp_path):
+    """A grpc.health.v1 server, plaintext or with a dataset certificate from `llmstudio certs`
+    (and the CA file a client needs, or None)."""
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from llmstudio.tls import server_credentials, write_certs
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("0.0.0.0:0")
+    ca = None
+    if request.param == "tls":
+        certs = write_certs(tmp_path / "tls")
+        ca = certs["ca"]
+        port = server.add_secure_port("0.0.0.0:0", server_credentials(
+            certs["dataset"], tmp_path / "tls" / "dataset.key"))
+    else:
+        port = server.add_insecure_port("0.0.0.0:0")
     server.start()
-    yield port, servicer, health_pb2.HealthCheckResponse
+    yield port, servicer, health_pb2.HealthCheckResponse, ca
     server.stop(0)
 
 
 def _healthcheck_commands(model) -> dict[str, list[str]]:
-    """The compose healthcheck of the dataset service and the Dockerfile's HEALTHCHECK."""
+    """The compose healthcheck of the dataset service, the k8s probes of its Deployment (TLS)
+    and the Dockerfile's HEALTHCHECK (plaintext: the image alone, without the certificates)."""
     compose_cmd = model["services"]["dataset"]["healthcheck"]["test"]
     assert compose_cmd[0] == "CMD"
+    (container,) = k8s_objects()[("Deployment", "dataset")]["spec"]["template"]["spec"][
+        "containers"]
+    probes = {container[p]["exec"]["command"][2] for p in
+              ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert len(probes) == 1, "the k8s probes differ"
+    (k8s_cmd,) = {tuple(container[p]["exec"]["command"]) for p in ("readinessProbe",)}
     stages = dockerfile_stages()
     hc = [line for line in stages["service"] if line.startswith("HEALTHCHECK")]
     assert len(hc) == 1
     docker_cmd = json.loads(hc[0].split(" CMD ", 1)[1])
-    return {"compose": compose_cmd[1:], "dockerfile": docker_cmd}
+    return {"compose": compose_cmd[1:], "k8s": list(k8s_cmd), "dockerfile": docker_cmd}
 
 
-def test_grpc_healthcheck_commands_against_a_real_health_server(model, health_server):
-    port, servicer, response = health_server
+def test_grpc_healthcheck_commands_against_a_real_health_server(model, health_server, tmp_path):
+    port, servicer, response, ca = health_server
+    speaks = {"compose": "tls", "k8s": "tls", "dockerfile": "plaintext"}
     for label, cmd in _healthcheck_commands(model).items():
         assert cmd[0] == "python"
         argv = [sys.executable, *cmd[1:]]
         env = dict(os.environ, LLMSTUDIO_GRPC_PORT=str(port))
+        if ca:
+            env["LLMSTUDIO_TLS_CA_FILE"] = str(ca)
+
+        def check(argv=argv, env=env) -> int:
+            return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
+
         servicer.set("", response.SERVING)
-        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0, label
+        if speaks[label] != ("tls" if ca else "plaintext"):
+            assert check() != 0, label  # a TLS check of a plaintext server, or the reverse
+            continue
+        assert check() == 0, label
         servicer.set("", response.NOT_SERVING)
-        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 1, label
+        assert check() == 1, label
+        if ca:  # a certificate from another CA
+            from llmstudio.tls import write_certs
+
+            env["LLMSTUDIO_TLS_CA_FILE"] = str(write_certs(tmp_path / label)["ca"])
+            servicer.set("", response.SERVING)
+            assert check() != 0, label
         env["LLMSTUDIO_GRPC_PORT"] = str(free_port())  # nothing listening
-        assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0, label
+        assert check() != 0, label
 
 
 # ----------------------------------------------------------------------------- Dockerfile
@@ -484,13 +530,15 @@ def test_k8s_manifests():
         "LLMSTUDIO_DATA_DIR",
     ):
         assert key in config, key
-    assert config["LLMSTUDIO_NATS_URL"] == "nats://nats:4222"
+    assert config["LLMSTUDIO_NATS_URL"] == "tls://nats:4222"
+    assert config["LLMSTUDIO_TLS_CA_FILE"] == "/run/secrets/ca.crt"
     for name, port in GRPC_PORTS.items():
         dep = objs[("Deployment", name)]
         (c,) = dep["spec"]["template"]["spec"]["containers"]
         assert c["args"] == [f"services.{name}"]
-        for probe in ("livenessProbe", "readinessProbe"):
-            assert c[probe]["grpc"]["port"] == port, (name, probe)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            # kubelet's gRPC probe cannot speak TLS: the exec probe checks LLMSTUDIO_GRPC_PORT
+            assert "LLMSTUDIO_GRPC_PORT" in c[probe]["exec"]["command"][-1], (name, probe)
         env = {e["name"]: e for e in c["env"]}
         assert env["LLMSTUDIO_GRPC_PORT"]["value"] == str(port)
         assert env["LLMSTUDIO_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == name
@@ -527,11 +575,35 @@ def test_check_fails_on_broken_k8s_manifests(tmp_path):
             "kind: Service\n  bad: [\n",
             "invalid YAML",
         ),
-        "grpc probe on the wrong port": (
+        "a gRPC probe that cannot speak TLS": (
             "registry.yaml",
-            "port: 50053\n            periodSeconds: 10",
-            "port: 50099\n            periodSeconds: 10",
-            "50099",
+            "          readinessProbe:\n            exec:\n",
+            "          readinessProbe:\n            grpc: {port: 50053}\n            exec:\n",
+            "readinessProbe.grpc cannot speak TLS",
+        ),
+        "another service's TLS certificate": (
+            "dataset.yaml", "key: dataset.crt,", "key: scheduler.crt,",
+            "/run/secrets/tls.crt must be the secret key 'dataset.crt'",
+        ),
+        "no TLS key": (
+            "governance.yaml", "                    - {key: governance.key, path: tls.key}\n",
+            "", "/run/secrets/tls.key must be the secret key 'governance.key'",
+        ),
+        "a worker without the CA": (
+            "trainer.yaml", "                    - {key: ca.crt, path: ca.crt}\n", "",
+            "/run/secrets/ca.crt must be the secret key 'ca.crt'",
+        ),
+        "TLS settings pointing elsewhere": (
+            "configmap.yaml", "LLMSTUDIO_TLS_CA_FILE: /run/secrets/ca.crt",
+            "LLMSTUDIO_TLS_CA_FILE: /etc/ssl/ca.crt",
+            "LLMSTUDIO_TLS_CA_FILE must be /run/secrets/ca.crt",
+        ),
+        "nats-server without TLS": (
+            "nats.yaml", "    tls {\n", "    tls_off {\n", "has no tls block",
+        ),
+        "nats-server's key not mounted": (
+            "nats.yaml", "                    - {key: nats.key, path: tls/server.key}\n", "",
+            "tls file /etc/nats/tls/server.key is not mounted",
         ),
         "unknown secret key": ("scheduler.yaml", "key: scheduler", "key: schedular", "schedular"),
         "service selects nothing": (
@@ -604,3 +676,43 @@ def test_check_fails_on_a_service_without_its_own_credentials(compose_bin, tmp_p
     res = run_check(str(borrowed), SKIP_KUSTOMIZE="1")
     assert res.returncode == 1, res.stdout + res.stderr
     assert "registry: secret signing-key comes from signing-key-scheduler" in res.stderr
+
+
+def test_check_fails_on_a_service_without_its_tls(compose_bin, tmp_path):
+    text = COMPOSE_FILE.read_text()
+    plaintext_conf = tmp_path / "nats-plaintext.conf"
+    plaintext_conf.write_text(re.sub(r"^tls \{.*?^\}\n", "", NATS_CONF.read_text(),
+                                     flags=re.S | re.M))
+    assert "tls {" not in plaintext_conf.read_text()
+    cases = {
+        "the registry with the scheduler's certificate": (
+            "  - {source: tls-cert-registry, target: tls.crt}",
+            "  - {source: tls-cert-scheduler, target: tls.crt}",
+            "registry: secret tls.crt comes from tls-cert-scheduler, not registry's own"),
+        "the governance without its key": (
+            "  - {source: tls-key-governance, target: tls.key}\n", "",
+            "governance: no secret mounted as tls.key"),
+        "the trainer without the CA": (
+            "  - {source: tls-ca, target: ca.crt}\n\n# grpc.health.v1", "\n# grpc.health.v1",
+            "trainer: no secret mounted as ca.crt"),
+        "a plaintext healthcheck": (
+            "grpc.secure_channel('127.0.0.1:'+os.environ['LLMSTUDIO_GRPC_PORT'],c)",
+            "grpc.insecure_channel('127.0.0.1:'+os.environ['LLMSTUDIO_GRPC_PORT'])",
+            "dataset: its healthcheck speaks plaintext to a TLS-only port"),
+        "nats-server without TLS": (
+            "./deploy/nats/nats.conf:/etc/nats/llmstudio.conf:ro",
+            f"{plaintext_conf}:/etc/nats/llmstudio.conf:ro",
+            "nats: /etc/nats/llmstudio.conf has no tls block"),
+        "nats-server's key not mounted": (
+            "      - ${LLMSTUDIO_SECRETS_DIR:-./deploy/secrets}/tls/nats.key:"
+            "/etc/nats/tls/server.key:ro\n", "",
+            "tls file /etc/nats/tls/server.key is not mounted"),
+    }
+    for label, (old, new, message) in cases.items():
+        assert text.count(old) == 1, (label, old)
+        broken = tmp_path / f"{label.replace(' ', '-')}.yml"
+        broken.write_text(text.replace(old, new))
+        res = run_check(str(broken), SKIP_KUSTOMIZE="1")
+        assert res.returncode == 1, (label, res.stdout + res.stderr)
+        assert message in res.stderr, (label, res.stderr)
+
