@@ -121,7 +121,7 @@ async def test_api_keys_issue_use_revoke_and_tenant_scoped_audit(settings):
 
         # every key change is audited with who did it; a non-admin sees only its own tenant
         async def key_events():
-            records = await c.audit(event_type_prefix="llmstudio.governance.")
+            records = await c.audit(event_type_prefix="llmstudio.governance.apikey_")
             return records if len(records) == 4 else None
 
         records = await wait_for(key_events)
@@ -132,6 +132,10 @@ async def test_api_keys_issue_use_revoke_and_tenant_scoped_audit(settings):
             ("apikey_revoked", viewer.key_id, me.key_id),
         ]
         assert "secret" not in records[1].data_json and viewer.secret not in records[1].data_json
+        # so are the calls refused for their key (one record per caller and interval)
+        refused = await wait_for(lambda: c.audit(
+            event_type_prefix="llmstudio.governance.auth_failed"))
+        assert json.loads(refused[0].data_json)["code"] == "UNAUTHENTICATED"
         # audit reads are admin-only (a tenant admin's scope: tests/security/test_scoped_admin)
         assert await c.code("QueryAudit", pb.QueryAuditRequest(), dev.secret) == \
             grpc.StatusCode.PERMISSION_DENIED
