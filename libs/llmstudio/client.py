@@ -12,7 +12,9 @@ Calls return protobuf messages (`to_dict` turns any into plain JSON-able data) a
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,6 +254,63 @@ class Jobs(_Api):
         yield from self._stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=timeout)
 
 
+class ArtifactDownloadError(ValueError):
+    """A downloaded artifact file that is not what the server announced, or whose path would
+    land outside the destination folder."""
+
+
+def artifact_destination(dest_dir: Path, rel: str) -> Path:
+    """Where the artifact file `rel` goes under `dest_dir`; refuses a path that would escape it
+    (absolute, '..', backslashes, or through a symlink already there)."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ArtifactDownloadError(
+            f"refusing artifact file path {rel!r}: it must be relative, without '.', '..' or "
+            f"empty segments, inside {dest_dir}")
+    root = dest_dir.resolve()
+    dest = root.joinpath(*parts)
+    if not dest.resolve().is_relative_to(root):
+        raise ArtifactDownloadError(f"refusing artifact file path {rel!r}: escapes {dest_dir}")
+    return dest
+
+
+class _ArtifactFileWriter:
+    """One file of a download: written to a temp file beside its destination, checked against
+    the size and sha256 its first chunk announced, then renamed into place."""
+
+    def __init__(self, dest_dir: Path, first: registry_pb2.ArtifactChunk):
+        self.rel, self.size, self.sha256 = first.path, first.size, first.sha256
+        self.dest = artifact_destination(dest_dir, first.path)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.",
+                                   suffix=".part")
+        self.tmp, self.file = Path(tmp), os.fdopen(fd, "wb")
+        self.digest, self.written = hashlib.sha256(), 0
+        self.write(first.data)
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        if self.written > self.size:
+            raise ArtifactDownloadError(
+                f"{self.rel}: more than the announced {self.size} bytes")
+        self.digest.update(data)
+        self.file.write(data)
+
+    def finish(self) -> None:
+        self.file.close()
+        got = (self.written, self.digest.hexdigest())
+        if got != (self.size, self.sha256):
+            raise ArtifactDownloadError(
+                f"{self.rel}: got {got[0]} bytes with sha256 {got[1]}, the server announced "
+                f"{self.size} bytes with sha256 {self.sha256}")
+        os.replace(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 class Models(_Api):
     def list(self, limit: int = 0) -> list[registry_pb2.Model]:
         """Every model with its versions, by name; the first `limit` if > 0."""
@@ -269,6 +328,35 @@ class Models(_Api):
         return self._stub.SetStage(registry_pb2.SetStageRequest(
             model_name=name, version=version, stage=parse_stage(stage)),  # type: ignore[arg-type]
             timeout=self._timeout)
+
+    def download(self, name: str, version: int, dest_dir: str | Path,
+                 artifact: str = "checkpoint") -> Path:
+        """Write the files of a version's artifact ("checkpoint" or "adapter") under
+        `dest_dir`, each checked against the size and sha256 the registry sends; a file that
+        does not match is not left behind. Needs no artifact store settings."""
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        stream = self._stub.DownloadArtifact(registry_pb2.DownloadArtifactRequest(
+            model_name=name, version=version, artifact=artifact), timeout=None)
+        writer: _ArtifactFileWriter | None = None
+        try:
+            for chunk in stream:
+                if chunk.path:
+                    if writer is not None:
+                        writer.finish()
+                    writer = _ArtifactFileWriter(dest, chunk)
+                elif writer is None:
+                    raise ArtifactDownloadError("the first chunk of the download names no file")
+                else:
+                    writer.write(chunk.data)
+            if writer is not None:
+                writer.finish()
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            stream.cancel()
+            raise
+        return dest
 
 
 class Evaluations(_Api):

@@ -3,15 +3,19 @@ caller's tenant (another tenant's model is NOT_FOUND)."""
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
+import grpc
 from google.protobuf.struct_pb2 import Struct
 
 from llmstudio.auth import current_principal
 from llmstudio.errors import InvalidArgument
+from llmstudio.storage import CorruptArtifact
 from llmstudio.v1 import registry_pb2 as pb
 from llmstudio.v1 import registry_pb2_grpc
 
 from . import core
-from .usecases import Registry
+from .usecases import ArtifactChunk, Registry
 
 
 class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
@@ -20,6 +24,7 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "GetModel": "read",
         "GetVersion": "read",
         "SetStage": "write",
+        "DownloadArtifact": "read",
     }
 
     def __init__(self, registry: Registry):
@@ -45,6 +50,17 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         moved = await self.registry.set_stage(
             principal.tenant, principal.name or principal.key_id, asked, request.idempotency_key)
         return version_to_pb(moved)
+
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
+        chunks = self.registry.download_artifact(
+            current_principal().tenant, request.model_name, request.version,
+            request.artifact or "checkpoint")
+        async with aclosing(chunks):  # a client gone mid-stream closes the stored file at once
+            try:
+                async for chunk in chunks:
+                    yield chunk_to_pb(chunk)
+            except CorruptArtifact as e:
+                await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
 
 
 def stage_from_pb(stage: int) -> core.Stage:
@@ -84,6 +100,13 @@ def version_to_pb(v: core.ModelVersion) -> pb.ModelVersion:
         created_at=v.created_at,
         updated_at=v.updated_at,
     )
+
+
+def chunk_to_pb(chunk: ArtifactChunk) -> pb.ArtifactChunk:
+    if chunk.file is None:
+        return pb.ArtifactChunk(data=chunk.data)
+    return pb.ArtifactChunk(path=chunk.file.path, data=chunk.data, size=chunk.file.size,
+                            sha256=chunk.file.sha256)
 
 
 def model_to_pb(m: core.Model) -> pb.Model:

@@ -1,5 +1,5 @@
-"""The registry's use cases: read models and versions, move a version between stages, register
-the version a finished job made, attach an evaluation to it.
+"""The registry's use cases: read models and versions, stream a version's artifact files, move
+a version between stages, register the version a finished job made, attach an evaluation to it.
 
 Each runs in one transaction in a worker thread; a change and the events announcing it are
 written together to the outbox (`outbox.transact`), which publishes them after the commit. The
@@ -9,13 +9,27 @@ background loop publishes its events once NATS is back.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 
 from llmstudio import telemetry
-from llmstudio.errors import InvalidArgument, NotFound
+from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import EvalCompleted, JobCompleted, ModelStageChanged, ModelVersionRegistered
 from llmstudio.outbox import Outbox
 from llmstudio.paging import Paged
+from llmstudio.storage import (
+    CHUNK,
+    MANIFEST,
+    ArtifactNotFound,
+    ArtifactStore,
+    CorruptArtifact,
+    InvalidKey,
+    validate_key,
+)
 
 from . import core
 from .core import Model, ModelVersion, StageRequest
@@ -28,10 +42,29 @@ class VersionNotRegisteredYet(Exception):
     """An evaluation arrived before its job's version: raised so the bus retries later."""
 
 
+# The artifacts of a version that are folders of files with a manifest (put_dir).
+DOWNLOADABLE_ARTIFACTS = ("checkpoint", "adapter")
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    path: str  # relative to the artifact folder
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ArtifactChunk:
+    data: bytes
+    file: ArtifactFile | None = None  # set on a file's first chunk
+
+
 class Registry:
-    def __init__(self, store: RegistryStore, outbox: Outbox):
+    def __init__(self, store: RegistryStore, outbox: Outbox,
+                 artifacts: ArtifactStore | None = None):
         self.store = store
         self.outbox = outbox
+        self.artifacts = artifacts
 
     # -- reads -------------------------------------------------------------------------------
     async def list_models(self, tenant: str, page_size: int = 0,
@@ -55,6 +88,33 @@ class Registry:
             what = f"version {version}" if version else "any version"
             raise NotFound(f"model {model_name} has no {what}")
         return mv
+
+    # -- DownloadArtifact ----------------------------------------------------------------------
+    async def download_artifact(self, tenant: str, model_name: str, version: int,
+                                artifact: str) -> AsyncGenerator[ArtifactChunk, None]:
+        """The files of a version's artifact as listed in its manifest, then the manifest, in
+        chunks of at most 1 MiB read in a worker thread. The key comes from the version record
+        of `tenant`, never from the caller. A file that does not match the manifest raises
+        CorruptArtifact once its last chunk is out; the caller must drop what it got."""
+        if artifact not in DOWNLOADABLE_ARTIFACTS:
+            raise InvalidArgument("artifact", f"must be one of {', '.join(DOWNLOADABLE_ARTIFACTS)}")
+        mv = await self.get_version(tenant, model_name, version)
+        key = mv.artifacts.get(artifact)
+        if not key:
+            raise NotFound(f"{mv.ref} has no {artifact} artifact")
+        if self.artifacts is None:
+            raise FailedPrecondition("this registry is not connected to the artifact store")
+        store, prefix = self.artifacts, key.rstrip("/") + "/"
+        try:
+            raw = await asyncio.to_thread(store.get_bytes, prefix + MANIFEST)
+        except ArtifactNotFound:
+            raise FailedPrecondition(
+                f"{mv.ref}: its {artifact} has no {MANIFEST}: incomplete artifact") from None
+        for file in manifest_files(raw, store.uri(prefix + MANIFEST)):
+            yield ArtifactChunk(b"", file)
+            async for data in _verified_chunks(store, prefix + file.path, file):
+                yield ArtifactChunk(data)
+        yield ArtifactChunk(raw, ArtifactFile(MANIFEST, len(raw), hashlib.sha256(raw).hexdigest()))
 
     # -- SetStage ----------------------------------------------------------------------------
     async def set_stage(
@@ -143,6 +203,54 @@ class Registry:
         evaluated = core.with_evaluation(mv, ev, now)
         u.save_version(evaluated)
         return evaluated
+
+
+def manifest_files(raw: bytes, uri: str) -> list[ArtifactFile]:
+    """The files a stored manifest lists; CorruptArtifact if it is malformed or names a path
+    outside its folder."""
+    try:
+        files = [ArtifactFile(validate_key(e["path"]), int(e["size"]), str(e["sha256"]))
+                 for e in json.loads(raw)["files"]]
+    except (ValueError, KeyError, TypeError, InvalidKey) as e:
+        raise CorruptArtifact(f"{uri} is malformed: {e}") from None
+    if any(f.path == MANIFEST for f in files):
+        raise CorruptArtifact(f"{uri} lists itself")
+    return files
+
+
+async def _verified_chunks(store: ArtifactStore, key: str,
+                           file: ArtifactFile) -> AsyncGenerator[bytes, None]:
+    """The object's bytes in slices of at most CHUNK, each read (and hashed) in a worker thread;
+    CorruptArtifact after the last one if it is missing or does not match `file`."""
+    try:
+        stream = await asyncio.to_thread(store.open_stream, key)
+    except ArtifactNotFound:
+        raise CorruptArtifact(f"{store.uri(key)} is listed in {MANIFEST} but missing") from None
+    digest, size = hashlib.sha256(), 0
+
+    def read() -> bytes | None:
+        data = next(stream, None)
+        if data is not None:
+            digest.update(data)
+        return data
+
+    try:
+        while (data := await asyncio.to_thread(read)) is not None:
+            size += len(data)
+            for start in range(0, len(data), CHUNK):
+                yield data[start:start + CHUNK]
+    finally:
+        await asyncio.to_thread(_close, stream)
+    if (size, digest.hexdigest()) != (file.size, file.sha256):
+        raise CorruptArtifact(
+            f"{store.uri(key)}: sha256 {digest.hexdigest()} size {size}, {MANIFEST} says "
+            f"sha256 {file.sha256} size {file.size}")
+
+
+def _close(stream: Iterator[bytes]) -> None:
+    close = getattr(stream, "close", None)  # a generator: closes its file or S3 response
+    if close is not None:
+        close()
 
 
 def _required(field: str, value: str) -> str:

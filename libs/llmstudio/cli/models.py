@@ -1,12 +1,11 @@
-"""`llmstudio models ...`: list, show, stage, export."""
+"""`llmstudio models ...`: list, show, stage, download, export."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..config import Settings
-from .common import CliError, add_command, add_group, connect, data_dir, output
+from .common import CliError, add_command, add_group, connect, output
 
 
 def _version_line(v) -> str:
@@ -68,29 +67,22 @@ def cmd_export(args):
         raise CliError(f"export needs the training extras ({e.name or e} is not installed): "
                        "pip install 'llm-studio[train]'") from None
     from ..ml.export import export_adapter, export_merged
-    from ..storage import (
-        ArtifactNotFound,
-        CorruptArtifact,
-        IncompleteArtifact,
-        artifact_store_from_settings,
-    )
 
     name, version = parse_model_ref(args.ref)
-    v = connect(args).models.get_version(name, version)
-    key = v.artifacts.get("checkpoint") or v.artifacts.get("adapter")
-    if not key:
+    c = connect(args)
+    v = c.models.get_version(name, version)
+    artifact = next((a for a in ("checkpoint", "adapter") if v.artifacts.get(a)), None)
+    if artifact is None:
         raise CliError(f"{v.model_name}@{v.version} has no checkpoint or adapter artifact")
+    key = v.artifacts[artifact]
     lineage = {"model_name": v.model_name, "model_version": v.version,
                "job_id": v.lineage.job_id, "dataset_id": v.lineage.dataset_id,
                "dataset_sha256": v.lineage.dataset_sha256, "artifact": key}
-    store = artifact_store_from_settings(Settings(data_dir=data_dir(args)))
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="llmstudio-export-") as tmp:
-        ckpt = Path(tmp) / "checkpoint"
-        try:
-            store.get_dir(key, ckpt)
-        except (ArtifactNotFound, IncompleteArtifact, CorruptArtifact) as e:
-            raise CliError(f"{v.model_name}@{v.version}: checkpoint {key}: {e}") from None
+        # through the registry (DownloadArtifact): no artifact store credentials needed here
+        ckpt = c.models.download(v.model_name, v.version, Path(tmp) / "checkpoint",
+                                 artifact=artifact)
         if args.merged:
             path = export_merged(ckpt, out, base_model=args.base_model, dtype=args.dtype,
                                  lineage=lineage)
@@ -99,6 +91,14 @@ def cmd_export(args):
     kind = "merged" if args.merged else "adapter"
     output(args, {"path": str(path), "kind": kind, "model": v.model_name, "version": v.version,
                   "artifact": key}, str(path))
+
+
+def cmd_download(args):
+    """Download a version's checkpoint (or adapter) files through the registry."""
+    name, version = parse_model_ref(args.ref)
+    path = connect(args).models.download(name, version, args.out, artifact=args.artifact)
+    output(args, {"path": str(path), "model": name, "version": version,
+                  "artifact": args.artifact}, str(path))
 
 
 def register(sub) -> None:
@@ -110,6 +110,11 @@ def register(sub) -> None:
     sp = add_command(ms, "stage", cmd_stage, "move a version to a stage")
     sp.add_argument("ref", help="NAME@VERSION")
     sp.add_argument("stage", choices=["development", "staging", "production", "archived"])
+    sp = add_command(ms, "download", cmd_download,
+                     "download a version's checkpoint (or --artifact adapter) files")
+    sp.add_argument("ref", help="NAME@VERSION (NAME alone: the latest version)")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--artifact", default="checkpoint", choices=["checkpoint", "adapter"])
     sp = add_command(ms, "export", cmd_export, "export a version: its adapter, or (--merged) a "
                      "plain transformers model with the adapter merged into the base")
     sp.add_argument("ref", help="NAME@VERSION (NAME alone: the latest version)")
