@@ -69,6 +69,35 @@ def stored(settings, tmp_path) -> Path:
     return src
 
 
+async def register_version(settings: Settings, port: int, api_key: str, job_id: str,
+                           model_name: str, checkpoint_key: str, adapter_key: str,
+                           version: int) -> None:
+    """Publish the JobSucceeded that registers `model_name@version` (tenant acme) and wait
+    until the registry serves it."""
+    bus = Bus(settings, "observer")
+    await bus.start()
+    try:
+        await bus.publish(JobSucceeded(
+            job_id=job_id, worker_id="w1", model_name=model_name,
+            spec={"base_model": "/models/smollm2-135m", "dataset": "ds-1"},
+            dataset_id="ds-1", dataset_sha256="5e" * 32, dataset_artifacts={},
+            checkpoint_key=checkpoint_key, adapter_key=adapter_key,
+            steps=80, final_loss=0.1), tenant="acme", actor="alice")
+    finally:
+        await bus.stop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = registry_pb2_grpc.RegistryServiceStub(ch)
+        for _ in range(300):
+            try:
+                await stub.GetVersion(pb.GetVersionRequest(model_name=model_name,
+                                                           version=version),
+                                      metadata=(("x-api-key", api_key),))
+                return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.05)
+    pytest.fail(f"{model_name}@{version} was never registered")
+
+
 @pytest.fixture
 async def registry(settings, stored):
     """(port, {role: key}) of a registry holding acme's smol-lora@1 made by job-1."""
@@ -76,28 +105,8 @@ async def registry(settings, stored):
             "viewer": await put_api_key(settings.nats_url, "viewer", "acme"),
             "outsider": await put_api_key(settings.nats_url, "admin", "globex")}
     async with running("registry", build_serving_artifacts, settings) as port:
-        bus = Bus(settings, "observer")
-        await bus.start()
-        try:
-            await bus.publish(JobSucceeded(
-                job_id="job-1", worker_id="w1", model_name="smol-lora",
-                spec={"base_model": "/models/smollm2-135m", "dataset": "ds-1"},
-                dataset_id="ds-1", dataset_sha256="5e" * 32, dataset_artifacts={},
-                checkpoint_key=CHECKPOINT.rstrip("/"), adapter_key=ADAPTER.rstrip("/"),
-                steps=80, final_loss=0.1), tenant="acme", actor="alice")
-        finally:
-            await bus.stop()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = registry_pb2_grpc.RegistryServiceStub(ch)
-            for _ in range(300):
-                try:
-                    await stub.GetVersion(pb.GetVersionRequest(model_name="smol-lora", version=1),
-                                          metadata=(("x-api-key", keys["developer"]),))
-                    break
-                except grpc.aio.AioRpcError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("smol-lora@1 was never registered")
+        await register_version(settings, port, keys["developer"], "job-1", "smol-lora",
+                               CHECKPOINT.rstrip("/"), ADAPTER.rstrip("/"), 1)
         yield port, keys
 
 

@@ -4,12 +4,12 @@ Real training steps on a tiny Llama, real files, offline loads with plain transf
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,11 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmstudio import cli
 from llmstudio.cli import models as cli_models
+from llmstudio.config import Settings
 from llmstudio.jobspec import JobSpec
 from llmstudio.ml.export import ExportError, export_adapter, export_merged
 from llmstudio.ml.tiny import CHAT_TEMPLATE, build_tiny_model
-from llmstudio.storage import LocalArtifactStore
+from llmstudio.natsserver import free_port
+from llmstudio.storage import artifact_store_from_settings
 from services.trainer.recipes import TrainRequest, train
+from tests.security.test_download import build_serving_artifacts, register_version
+from tests.support.harness import put_api_key, running
 
 ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
         for w in ("apple", "river", "stone", "cat", "dog", "moon")]
@@ -255,38 +259,35 @@ def test_cli_without_torch_says_what_to_install(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_cli_downloads_the_checkpoint_and_exports(ckpt, model_dir, tmp_path, monkeypatch, capsys):
-    """The whole command against a local artifact store; only the registry call is faked."""
-    monkeypatch.delenv("LLMSTUDIO_ARTIFACT_STORE", raising=False)
-    monkeypatch.delenv("LLMSTUDIO_ARTIFACT_ROOT", raising=False)
-    data_dir = tmp_path / "data"
-    key = LocalArtifactStore(data_dir / "artifacts").put_dir("jobs/j1/checkpoint-12/", ckpt)
-    version = SimpleNamespace(
-        model_name="tiny-lora", version=1, artifacts={"checkpoint": key, "adapter": key},
-        lineage=SimpleNamespace(job_id="j1", dataset_id="d1", dataset_sha256="ab" * 32,
-                                base_model=model_dir))
-    asked = []
+async def test_cli_downloads_the_checkpoint_and_exports(ckpt, nats_server, tmp_path, monkeypatch,
+                                                        capsys):
+    """The whole command against a real registry, which streams the checkpoint from its
+    artifact store (DownloadArtifact): the CLI has no store settings."""
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path / "registry",
+                        grpc_port=free_port(), artifact_store="file",
+                        artifact_root=tmp_path / "artifacts")
+    key = artifact_store_from_settings(settings).put_dir("jobs/j1/checkpoint-12/", ckpt)
+    viewer = await put_api_key(nats_server.url, "viewer", "acme")
+    monkeypatch.setenv("LLMSTUDIO_ARTIFACT_ROOT", str(tmp_path / "nowhere"))  # not used
+    common = ["--api-key", viewer, "--data-dir", str(tmp_path / "client")]
+    async with running("registry", build_serving_artifacts, settings) as port:
+        monkeypatch.setenv("LLMSTUDIO_REGISTRY_ADDR", f"127.0.0.1:{port}")
+        await register_version(settings, port, viewer, "j1", "tiny-lora", key, key, 1)
+        out = tmp_path / "merged"
+        rc = await asyncio.to_thread(cli.main, [
+            "models", "export", "tiny-lora@1", "--out", str(out), "--merged", "--json", *common])
+        assert rc == 0, capsys.readouterr().err
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["path"] == str(out) and printed["kind"] == "merged"
+        info = json.loads((out / "llmstudio_export.json").read_text())
+        assert info["model_name"] == "tiny-lora" and info["job_id"] == "j1"
+        assert "model.safetensors" in _files(out)
+        assert not (tmp_path / "nowhere").exists()
 
-    class FakeModels:
-        def get_version(self, name, v):
-            asked.append((name, v))
-            return version
-
-    monkeypatch.setattr(cli_models, "connect", lambda args: SimpleNamespace(models=FakeModels()))
-    out = tmp_path / "merged"
-    rc = cli.main(["models", "export", "tiny-lora@1", "--out", str(out), "--merged", "--json",
-                   "--data-dir", str(data_dir)])
-    assert rc == 0, capsys.readouterr().err
-    assert asked == [("tiny-lora", 1)]
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["path"] == str(out) and printed["kind"] == "merged"
-    info = json.loads((out / "llmstudio_export.json").read_text())
-    assert info["model_name"] == "tiny-lora" and info["job_id"] == "j1"
-    assert "model.safetensors" in _files(out)
-
-    # a version whose checkpoint never finished uploading: a clear error, nothing written
-    version.artifacts = {"checkpoint": "jobs/j1/checkpoint-99/"}
-    rc = cli.main(["models", "export", "tiny-lora@1", "--out", str(tmp_path / "x"),
-                   "--data-dir", str(data_dir)])
-    assert rc == 1 and "incomplete" in capsys.readouterr().err
+        # a version whose checkpoint never finished uploading: a clear error, nothing written
+        await register_version(settings, port, viewer, "j2", "tiny-lora",
+                               "jobs/j2/checkpoint-99", "jobs/j2/checkpoint-99", 2)
+        rc = await asyncio.to_thread(cli.main, [
+            "models", "export", "tiny-lora@2", "--out", str(tmp_path / "x"), *common])
+        assert rc == 1 and "incomplete" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
