@@ -22,7 +22,7 @@ async def build(rt: Runtime) -> list[Registration]:
     await asyncio.to_thread(store.migrate)
     # A committed change is reported as made; its events wait in the outbox while NATS is down.
     outbox = Outbox(store, rt.bus, defer_failures=True)
-    registry = Registry(store, outbox)
+    registry = Registry(store, outbox, rt.artifact_store())  # DownloadArtifact reads it
     handlers = RegistryHandlers(registry)
     rt.bus.subscribe(JobSucceeded, durable="job-succeeded", handler=handlers.on_job_succeeded)
     rt.bus.subscribe(EvalCompleted, durable="eval-completed",

@@ -29,14 +29,6 @@ CHECKPOINT = "checkpoints/job-1/80/"
 ADAPTER = "adapters/job-1/"
 
 
-async def build_serving_artifacts(rt):
-    """The registry as services/registry/app.py builds it, handed the artifact store it streams
-    from (which app.py does not do yet)."""
-    registrations = await build(rt)
-    registrations[0].servicer.registry.artifacts = rt.artifact_store()
-    return registrations
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -104,7 +96,7 @@ async def registry(settings, stored):
     keys = {"developer": await put_api_key(settings.nats_url, "developer", "acme"),
             "viewer": await put_api_key(settings.nats_url, "viewer", "acme"),
             "outsider": await put_api_key(settings.nats_url, "admin", "globex")}
-    async with running("registry", build_serving_artifacts, settings) as port:
+    async with running("registry", build, settings) as port:
         await register_version(settings, port, keys["developer"], "job-1", "smol-lora",
                                CHECKPOINT.rstrip("/"), ADAPTER.rstrip("/"), 1)
         yield port, keys

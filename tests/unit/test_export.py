@@ -24,8 +24,9 @@ from llmstudio.ml.export import ExportError, export_adapter, export_merged
 from llmstudio.ml.tiny import CHAT_TEMPLATE, build_tiny_model
 from llmstudio.natsserver import free_port
 from llmstudio.storage import artifact_store_from_settings
+from services.registry.app import build as build_registry
 from services.trainer.recipes import TrainRequest, train
-from tests.security.test_download import build_serving_artifacts, register_version
+from tests.security.test_download import register_version
 from tests.support.harness import put_api_key, running
 
 ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
@@ -270,7 +271,7 @@ async def test_cli_downloads_the_checkpoint_and_exports(ckpt, nats_server, tmp_p
     viewer = await put_api_key(nats_server.url, "viewer", "acme")
     monkeypatch.setenv("LLMSTUDIO_ARTIFACT_ROOT", str(tmp_path / "nowhere"))  # not used
     common = ["--api-key", viewer, "--data-dir", str(tmp_path / "client")]
-    async with running("registry", build_serving_artifacts, settings) as port:
+    async with running("registry", build_registry, settings) as port:
         monkeypatch.setenv("LLMSTUDIO_REGISTRY_ADDR", f"127.0.0.1:{port}")
         await register_version(settings, port, viewer, "j1", "tiny-lora", key, key, 1)
         out = tmp_path / "merged"
