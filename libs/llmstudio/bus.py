@@ -120,6 +120,9 @@ STREAMS: dict[str, StreamSpec] = {
     "WORK": StreamSpec(["llmstudio.work.>"], retention=RetentionPolicy.WORK_QUEUE, audited=False),
     # external automation's requests (llmstudio.commands): not events; what they cause is
     "COMMANDS": StreamSpec(["llmstudio.cmd.>"], max_age_s=7 * 86400, audited=False),
+    # governance's announcements of its audit checkpoints (in the log, they would grow the chain
+    # they anchor)
+    "AUDIT": StreamSpec(["llmstudio.audit.>"], audited=False),
 }
 AUDITED_STREAMS = [name for name, spec in STREAMS.items() if spec.audited]
 DEDUP_WINDOW_S = 120

@@ -30,7 +30,7 @@ async def build(rt: Runtime) -> list[Registration]:
     signing_key = await asyncio.to_thread(
         load_or_create_signing_key, anchor_settings.key_path(rt.settings.data_dir))
     checkpointer = Checkpointer(
-        store, CheckpointStore(rt.artifact_store()), signing_key, anchor_settings)
+        store, CheckpointStore(rt.artifact_store()), signing_key, anchor_settings, outbox)
     # Before the consumers append: the checkpointer counts from the newest anchored record.
     await checkpointer.start()
     audit = AuditLog(store, checkpointer)

@@ -25,7 +25,7 @@ from nats.js.errors import NoKeysError
 from llmstudio.auth import PLATFORM_TENANT, KeyDirectory, Principal, hash_secret, new_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
 from llmstudio.errors import NotFound
-from llmstudio.events import ApiKeyCreated, ApiKeyRevoked
+from llmstudio.events import ApiKeyCreated, ApiKeyRevoked, AuditCheckpointed
 from llmstudio.outbox import Outbox
 
 from .anchor import CheckpointStore
@@ -161,12 +161,13 @@ class Checkpointer:
 
     def __init__(
         self, store: GovernanceStore, checkpoints: CheckpointStore, key: Ed25519PrivateKey,
-        settings: AuditAnchorSettings,
+        settings: AuditAnchorSettings, outbox: Outbox | None = None,
     ):
         self.store = store
         self.checkpoints = checkpoints
         self.key = key
         self.settings = settings
+        self.outbox = outbox  # announces each checkpoint (AuditCheckpointed) when given
         self.newest: Checkpoint | None = None  # the newest checkpoint written or found
         self._head = 0  # the newest sequence appended (as far as this process saw)
         self._since = time.monotonic()  # when the newest checkpoint was made (or we started)
@@ -224,12 +225,23 @@ class Checkpointer:
                 return None
             checkpoint = new_checkpoint(
                 previous.seq + 1 if previous else 1, records, previous, _now(), self.key)
-            await asyncio.to_thread(self.checkpoints.write, checkpoint)
+            object_key = await asyncio.to_thread(self.checkpoints.write, checkpoint)
             self.newest, self._since = checkpoint, time.monotonic()
+            if self.outbox is not None:
+                await self.outbox.transact(self._announce, checkpoint, object_key)
             self._head = max(self._head, checkpoint.records)
             log.info("audit checkpoint %d: records %d..%d, head %s", checkpoint.seq,
                      checkpoint.first_sequence, checkpoint.records, checkpoint.head_hash[:16])
             return checkpoint
+
+
+    def _announce(self, u: Unit, checkpoint: Checkpoint, object_key: str) -> None:
+        assert self.outbox is not None
+        self.outbox.add(u, AuditCheckpointed(
+            checkpoint=checkpoint.seq, first_sequence=checkpoint.first_sequence,
+            records=checkpoint.records, head_hash=checkpoint.head_hash, object_key=object_key,
+            key_id=checkpoint.key_id,
+        ), tenant=PLATFORM_TENANT, actor="governance")
 
 
 class AuditLog:

@@ -18,13 +18,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
-from llmstudio.events import JobQueued
+from llmstudio.events import AuditCheckpointed, JobQueued, decode
 from llmstudio.natsserver import free_port
 from llmstudio.storage import artifact_store_from_settings
 from llmstudio.v1 import governance_pb2 as pb
 from llmstudio.v1 import governance_pb2_grpc
 from services.governance.app import build
 from services.governance.core import GENESIS_HASH, AuditRecord, record_hash, verify_chain
+from tests.support.bus import all_stream_messages
 from tests.support.harness import running
 from tests.support.seaweed import seaweed_s3
 
@@ -225,4 +226,11 @@ async def test_a_checkpoint_comes_by_time_and_restarts_continue_the_sequence(
     assert {n: store.get_bytes(n) for n in written} == written
     (last,) = (json.loads(store.get_bytes(n)) for n in names if n not in written)
     assert (last["first_sequence"], last["records"], last["seq"]) == (4, 4, len(written) + 1)
+    # each checkpoint was announced once (stream AUDIT, outside the chain it anchors)
+    announced = [decode(m.data)[1] for m in
+                 await all_stream_messages(settings.nats_url, "llmstudio.audit.>")]
+    assert [(a.object_key, a.records) for a in announced] == [
+        (n, json.loads(store.get_bytes(n))["records"]) for n in names]
+    assert all(isinstance(a, AuditCheckpointed) for a in announced)
+    assert announced[-1].head_hash == last["hashes"][-1]
     await publisher.stop()

@@ -5,7 +5,13 @@ from .base import EVENT_TYPES, Envelope, EventData, InvalidEvent, decode, make_e
 from .datasets import DatasetRegistered, DatasetRejected, DatasetValidated
 from .emitters import EMITTERS, may_emit
 from .evaluation import EvalCompleted, EvalFailed
-from .governance import ApiKeyCreated, ApiKeyRevoked, AuthenticationFailed, DeadLettered
+from .governance import (
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    AuditCheckpointed,
+    AuthenticationFailed,
+    DeadLettered,
+)
 from .jobs import (
     JobAssigned,
     JobCancelled,
@@ -35,7 +41,7 @@ __all__ = [
     "may_emit",
     "DatasetRegistered", "DatasetRejected", "DatasetValidated",
     "EvalCompleted", "EvalFailed",
-    "ApiKeyCreated", "ApiKeyRevoked", "AuthenticationFailed", "DeadLettered",
+    "ApiKeyCreated", "ApiKeyRevoked", "AuditCheckpointed", "AuthenticationFailed", "DeadLettered",
     "JobAssigned", "JobCancelled", "JobCancelRequested", "JobCheckpointed", "JobCompleted",
     "JobFailed", "JobMetrics", "JobPaused", "JobQueued", "JobReleased", "JobReleaseRequested",
     "JobRequeued", "JobResumed", "JobStarted",

@@ -12,8 +12,8 @@ EMITTERS: dict[type[EventData], frozenset[str]] = {
     **dict.fromkeys((datasets.DatasetRegistered, datasets.DatasetValidated,
                      datasets.DatasetRejected), frozenset({"dataset"})),
     **dict.fromkeys((evaluation.EvalCompleted, evaluation.EvalFailed), frozenset({"evaluator"})),
-    **dict.fromkeys((governance.ApiKeyCreated, governance.ApiKeyRevoked),
-                    frozenset({"governance"})),
+    **dict.fromkeys((governance.ApiKeyCreated, governance.ApiKeyRevoked,
+                     governance.AuditCheckpointed), frozenset({"governance"})),
     governance.DeadLettered: ANY_SERVICE,  # whichever consumer parked the message
     governance.AuthenticationFailed: ANY_SERVICE,  # whichever service refused the call
     **dict.fromkeys((jobs.JobSubmitted, jobs.JobQueued, jobs.JobAssigned, jobs.JobSucceeded,

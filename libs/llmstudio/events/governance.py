@@ -57,3 +57,20 @@ class AuthenticationFailed(EventData):
     reason: str
     key_id: str = ""  # the key's id when it was known (a role without the permission)
     refused: int = 1  # refusals of this caller the record stands for (the others suppressed)
+
+
+@register
+class AuditCheckpointed(EventData):
+    """Governance signed a checkpoint of the audit chain (stream AUDIT, not itself audited: the
+    chain it anchors does not grow by its own announcements)."""
+
+    TYPE = "llmstudio.audit.checkpointed.v1"
+    SUBJECT = "llmstudio.audit.checkpointed"
+    ENTITY = "checkpoint"
+
+    checkpoint: int  # its number (audit/checkpoints/<number, 12 digits>.json)
+    first_sequence: int
+    records: int  # the chain's head sequence it anchors
+    head_hash: str
+    object_key: str
+    key_id: str  # the signing key's fingerprint (audit/keys/<key_id>.pem)
