@@ -20,7 +20,8 @@ async def test_a_malformed_value_leaves_the_watch_running(nats_server):
         kv = await nc.jetstream().create_key_value(bucket=APIKEY_BUCKET, history=1)
         before = await put_api_key(nats_server.url, "developer")
         await directory.start(kv)
-        assert directory.lookup(before).roles == ("developer",)
+        known = await wait_for_async(lambda: directory.lookup(before), 10, "the first key")
+        assert known.roles == ("developer",)
 
         broken = new_secret()
         for value in (b"not json", b'{"tenant": "a"}', b'["a", "list"]'):
