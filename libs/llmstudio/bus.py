@@ -50,7 +50,7 @@ from .signing import SECURITY_REASON, SIGNATURE_HEADER, BadSignature, SigningKey
 from .tls import client_ssl_context
 
 log = logging.getLogger(__name__)
-SECURITY_PARK_INTERVAL_S = 10.0  # forged core messages: at most one parked per subject per this
+SECURITY_PARK_INTERVAL_S = 10.0  # forged core messages: at most one parked per this, per service
 
 Handler = Callable[[Envelope, EventData], Awaitable[None]]
 RawHandler = Callable[[str, dict[str, str], bytes], Awaitable[None]]
@@ -184,7 +184,8 @@ class Bus:
     # what it signs its messages with, and whose signatures it accepts (None: checks nothing)
     signing_key: SigningKey | None = field(init=False, default=None)
     trusted: TrustedSigners | None = field(init=False, default=None)
-    _security_parked: dict[str, float] = field(init=False, default_factory=dict)
+    _security_parked_at: float = field(init=False, default=-math.inf)
+    _security_dropped: int = field(init=False, default=0)  # forged core messages since then
     _tracer: trace.Tracer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -440,14 +441,17 @@ class Bus:
         self.broker.subscriber(subject)(on_message)
 
     async def _park_forged_core(self, subject: str, body: bytes, reason: str) -> None:
-        """A forged core message (a heartbeat) is dropped; the first per subject each
-        SECURITY_PARK_INTERVAL_S is parked, so a flood of them cannot flood the audit log."""
+        """A forged core message (a heartbeat) is dropped; one each SECURITY_PARK_INTERVAL_S is
+        parked, saying how many were dropped since the last, so a flood of them (any subjects)
+        cannot flood the audit log."""
+        self._security_dropped += 1
         now = time.monotonic()
-        if now - self._security_parked.get(subject, -math.inf) < SECURITY_PARK_INTERVAL_S:
+        if now - self._security_parked_at < SECURITY_PARK_INTERVAL_S:
             return
-        self._security_parked[subject] = now
-        log.error("dropping %s: %s", subject, reason)
-        await self._park(f"{self.service}-core", subject, body, reason, 1)
+        dropped, self._security_dropped, self._security_parked_at = self._security_dropped, 0, now
+        log.error("dropping %s: %s (%d forged core messages dropped)", subject, reason, dropped)
+        await self._park(f"{self.service}-core", subject, body,
+                         f"{reason} ({dropped} forged core message(s) dropped)", 1)
 
     async def _dispatch(self, consumer: str, msg: NatsMessage, handler: Handler, max_deliver: int):
         raw = msg.raw_message

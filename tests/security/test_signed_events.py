@@ -139,15 +139,17 @@ async def test_a_forged_heartbeat_is_dropped_and_a_flood_of_them_parked_once(
     await scheduler.start()
     await trainer.start()
     try:
-        for _ in range(20):  # a worker id of its own choosing, no signature
-            env = make_envelope(WorkerHeartbeat(worker_id="w-forged", state="idle"),
+        for i in range(20):  # worker ids of its own choosing, no signature
+            env = make_envelope(WorkerHeartbeat(worker_id=f"w-forged-{i}", state="idle"),
                                 source="trainer", tenant="system")
-            await nc.publish("llmstudio.worker.heartbeat.w-forged", env.model_dump_json().encode())
+            await nc.publish(f"llmstudio.worker.heartbeat.w-forged-{i}",
+                             env.model_dump_json().encode())
         await trainer.publish_core(WorkerHeartbeat(worker_id="w-real", state="idle"))
         await wait_for_async(lambda: beats, 10, "the genuine heartbeat")
         await asyncio.sleep(0.5)
         assert beats == ["w-real"]
         assert len(tap.parked) == 1 and tap.parked[0].reason.startswith("security: unsigned")
+        assert tap.parked[0].original_subject == "llmstudio.worker.heartbeat.w-forged-0"
     finally:
         await nc.close()
         await scheduler.stop()
