@@ -130,6 +130,12 @@ APIKEY_BUCKET = "llmstudio-apikeys"
 LEASE_BUCKET = "llmstudio-scheduler-leader"  # the scheduler replicas' placement lease
 
 
+def inbox_prefix(user: str) -> str:
+    """Where NATS user `user`'s answers come (JetStream's acks and API replies, pulled messages,
+    KV watches): its own, so no other user may subscribe to them (llmstudio.natsauth)."""
+    return f"_INBOX_{user}"
+
+
 def nats_security(settings: Settings) -> NatsSecurity | None:
     """The user this process connects as (settings.nats_user) and the CA it trusts
     (settings.tls_ca_file: TLS, llmstudio.tls), or None: neither.
@@ -194,6 +200,9 @@ class Bus:
             max_reconnect_attempts=-1,
             logger=logging.getLogger(f"llmstudio.bus.{self.service}"),
             security=nats_security(self.settings),
+            # a user's answers come to its own inbox (llmstudio.natsauth): nobody else's to read
+            **({"inbox_prefix": inbox_prefix(self.settings.nats_user)}
+               if self.settings.nats_user else {}),
         )
         self._tracer = trace.get_tracer(self.service)
         if self.settings.signing_key_file:
@@ -405,6 +414,9 @@ class Bus:
             config=config,
             pull_sub=PullSub(batch_size=16, timeout=1.0),
             ack_policy=AckPolicy.MANUAL,
+            # pulled messages come to this user's own inbox (faststream's default is _INBOX.)
+            **({"inbox_prefix": f"{inbox_prefix(self.settings.nats_user)}.".encode()}
+               if self.settings.nats_user else {}),
         )
         # faststream runs the messages of a fetched batch concurrently; one at a time keeps a
         # consumer's deliveries in stream order once handlers await threads.

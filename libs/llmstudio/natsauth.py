@@ -19,7 +19,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .bus import APIKEY_BUCKET, LEASE_BUCKET, STREAMS
+from .bus import APIKEY_BUCKET, LEASE_BUCKET, STREAMS, inbox_prefix
 from .events import EMITTERS
 from .events.emitters import ANY_SERVICE
 
@@ -41,12 +41,19 @@ def _erasing(user: str) -> list[str]:
     return [c for c in calls if c not in _ERASABLE.get(user, set())]
 
 
+# The core-NATS events a service subscribes to (Bus.subscribe_core): nobody else reads the bus
+# but through its own JetStream consumers.
+_CORE_SUBSCRIPTIONS = {"scheduler": ["llmstudio.worker.heartbeat.*",
+                                     "llmstudio.scheduler.job_updated.*"]}
+
+
 def permissions(user: str) -> dict:
     """The nats-server `permissions` block of `user`."""
     if user == OPERATOR:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    answers = f"{inbox_prefix(user)}.>"
     if user == AUTOMATION:  # a command, and the JetStream ack of its publish
-        return {"publish": {"allow": [COMMANDS]}, "subscribe": {"allow": ["_INBOX.>"]},
+        return {"publish": {"allow": [COMMANDS]}, "subscribe": {"allow": [answers]},
                 "allow_responses": False}
     emits = sorted({f"{cls.SUBJECT}.>" for cls, services in EMITTERS.items()
                     if user in services})
@@ -56,8 +63,7 @@ def permissions(user: str) -> dict:
             "allow": [*emits, "$JS.API.>", "$JS.ACK.>", *buckets],  # emits: dead letters too
             "deny": [] if user == "governance" else _erasing(user),
         },
-        # answers (JetStream's, pulled messages, KV watches) and the core-NATS events
-        "subscribe": {"allow": ["_INBOX.>", "llmstudio.>"]},
+        "subscribe": {"allow": [answers, *_CORE_SUBSCRIPTIONS.get(user, [])]},
     }
 
 

@@ -13,6 +13,7 @@ from nats.js.errors import NotFoundError
 
 from llmstudio import local
 from llmstudio.auth import hash_secret, new_secret
+from llmstudio.bus import inbox_prefix
 from llmstudio.commands import API_KEY_HEADER
 from llmstudio.events import JobCompleted, WorkerHeartbeat, WorkItem, make_envelope
 from llmstudio.natsauth import APIKEY_BUCKET, AUTOMATION, OPERATOR, password_path
@@ -35,7 +36,8 @@ class Session:
             self.errors.append(str(e))
 
         self.nc = await nats.connect(self.state.nats_url, user=self.user,
-                                     password=password.read_text().strip(), error_cb=on_error)
+                                     password=password.read_text().strip(), error_cb=on_error,
+                                     inbox_prefix=inbox_prefix(self.user))
         self.js = self.nc.jetstream(timeout=1.5)
         return self
 
@@ -104,6 +106,21 @@ def test_automation_credentials_send_commands_and_nothing_else(deployed):
                     "others' work": await s.refused(s.js.pull_subscribe(
                         "llmstudio.work.local-worker-1", durable="evil", stream="WORK")),
                 }
+                # sniffing: everyone's answers (pulled work items come to an inbox), the work
+                # subjects themselves
+                sniffed = []
+
+                async def sniff(msg) -> None:
+                    sniffed.append(msg.subject)
+
+                for subject in ("_INBOX.>", "_INBOX_trainer.>", "llmstudio.work.>"):
+                    before = len(s.errors)
+                    await s.nc.subscribe(subject, cb=sniff)
+                    await s.nc.flush()
+                    await asyncio.sleep(0.3)
+                    outcome[f"subscribe {subject}"] = (
+                        len(s.errors) > before
+                        and "permissions violation" in s.errors[-1].lower())
                 beat = WorkerHeartbeat(worker_id="w-evil", state="idle")
                 await s.nc.publish(beat.subject(), _payload(beat, "trainer"))
                 await s.nc.flush()
@@ -115,7 +132,8 @@ def test_automation_credentials_send_commands_and_nothing_else(deployed):
             return outcome
 
     assert asyncio.run(attack()) == dict.fromkeys(
-        ("key bucket", "job.completed", "work item", "others' work", "heartbeat", "command"),
+        ("key bucket", "job.completed", "work item", "others' work", "subscribe _INBOX.>",
+         "subscribe _INBOX_trainer.>", "subscribe llmstudio.work.>", "heartbeat", "command"),
         True)
 
     async def stored() -> list[str]:
