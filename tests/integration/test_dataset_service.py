@@ -703,8 +703,9 @@ async def test_base_model_problems_are_invalid_argument_or_outside_the_model_roo
                         grpc_port=free_port(), dataset_model_roots=[tmp_path / "models"])
     chat = [{"messages": [{"role": "user", "content": f"hi {i}"},
                           {"role": "assistant", "content": f"yo {i}"}]} for i in range(3)]
+    # before the service starts: its key directory loads it at start (no watch to wait for)
+    key = await put_api_key(settings.nats_url, "developer", "acme")
     async with running("dataset", build, settings) as port:
-        key = await put_api_key(settings.nats_url, "developer", "acme")
         errors = {}
         for name, base in (("bare", bare), ("outside", tmp_path), ("etc", "/etc")):
             with pytest.raises(grpc.aio.AioRpcError) as e:
