@@ -132,8 +132,9 @@ LEASE_BUCKET = "llmstudio-scheduler-leader"  # the scheduler replicas' placement
 
 def inbox_prefix(user: str) -> str:
     """Where NATS user `user`'s answers come (JetStream's acks and API replies, pulled messages,
-    KV watches): its own, so no other user may subscribe to them (llmstudio.natsauth)."""
-    return f"_INBOX_{user}"
+    KV watches): its own, so no other user may subscribe to them (llmstudio.natsauth). Without
+    a user (no authentication): NATS's default."""
+    return f"_INBOX_{user}" if user else "_INBOX"
 
 
 def nats_security(settings: Settings) -> NatsSecurity | None:
@@ -201,8 +202,7 @@ class Bus:
             logger=logging.getLogger(f"llmstudio.bus.{self.service}"),
             security=nats_security(self.settings),
             # a user's answers come to its own inbox (llmstudio.natsauth): nobody else's to read
-            **({"inbox_prefix": inbox_prefix(self.settings.nats_user)}
-               if self.settings.nats_user else {}),
+            inbox_prefix=inbox_prefix(self.settings.nats_user),
         )
         self._tracer = trace.get_tracer(self.service)
         if self.settings.signing_key_file:
@@ -415,8 +415,7 @@ class Bus:
             pull_sub=PullSub(batch_size=16, timeout=1.0),
             ack_policy=AckPolicy.MANUAL,
             # pulled messages come to this user's own inbox (faststream's default is _INBOX.)
-            **({"inbox_prefix": f"{inbox_prefix(self.settings.nats_user)}.".encode()}
-               if self.settings.nats_user else {}),
+            inbox_prefix=f"{inbox_prefix(self.settings.nats_user)}.".encode(),
         )
         # faststream runs the messages of a fetched batch concurrently; one at a time keeps a
         # consumer's deliveries in stream order once handlers await threads.
