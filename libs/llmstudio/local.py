@@ -29,6 +29,7 @@ from .credentials import write_credentials
 from .grpcutil import health_check
 from .natsauth import OPERATOR, password_path
 from .natsserver import free_port
+from .secretfiles import secret_file
 from .signing import key_path, trust_path
 
 # gRPC services in start order; the trainer workers (`trainer-1` ...) follow them.
@@ -109,15 +110,7 @@ class StackState:
 
 def admin_key(data_dir: Path) -> str:
     """The stack's admin key: created once, reused by every later `up` of the same data dir."""
-    path = Path(data_dir) / CREDENTIALS_FILE
-    if path.exists():
-        return path.read_text().strip()
-    secret = new_secret()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return secret
+    return secret_file(Path(data_dir) / CREDENTIALS_FILE, new_secret)
 
 
 # -- the processes of a stack -------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from .bus import APIKEY_BUCKET, LEASE_BUCKET, STREAMS, inbox_prefix
 from .events import EMITTERS
 from .events.emitters import ANY_SERVICE
+from .secretfiles import secret_file
 
 OPERATOR = "operator"
 AUTOMATION = "automation"
@@ -72,12 +73,8 @@ def ensure_credentials(directory: Path) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     passwords = {}
     for user in USERS:
-        path = password_path(directory, user)
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-        passwords[user] = path.read_text().strip()
+        passwords[user] = secret_file(password_path(directory, user),
+                                      lambda: secrets.token_urlsafe(32))
     return passwords
 
 

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .events import Envelope, may_emit
+from .secretfiles import secret_file
 
 SIGNATURE_HEADER = "Llmstudio-Signature"
 SECURITY_REASON = "security"  # the first word of a parked message's reason when it was forged
@@ -120,11 +121,7 @@ def ensure_keys(keys_dir: Path, services: Iterable[str]) -> Path:
     public = {}
     for service in services:
         path = key_path(keys_dir, service)
-        if not path.exists():
-            seed = os.urandom(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(base64.b64encode(seed).decode() + "\n")
+        secret_file(path, lambda: base64.b64encode(os.urandom(32)).decode())
         public[service] = SigningKey.load(service, path).public_key()
     trust, text = trust_path(keys_dir), json.dumps(public, indent=2, sort_keys=True) + "\n"
     if not trust.exists() or trust.read_text() != text:
