@@ -79,7 +79,6 @@ STALL_S = 60.0  # no job completed for this long: the run ends and fails
 TARGETS = {"dispatch_p99_s": 1.0, "submit_jobs_per_s": 200.0, "peak_rss_mb": 300.0}
 TENANT = "bench"
 SHA = "0" * 64
-ARTIFACTS = {"train": "datasets/bench/train.jsonl"}
 WORKER_MEMORY = 64 << 30  # what each simulated worker offers a job
 # A small Llama's config.json (SmolLM2-135M's shape): CreateJob reads it for the memory estimate.
 MODEL_CONFIG = {
@@ -154,9 +153,10 @@ class Fleet:
             self.times(data.job_id).assigned = env.time.timestamp()
 
     async def on_submitted(self, env: Envelope, data: JobSubmitted) -> None:
+        train = f"tenants/{env.tenant}/datasets/{SHA}/train.jsonl"
         await self.bus.publish(
             DatasetValidated(job_id=data.job_id, dataset_id=data.dataset_id, sha256=SHA,
-                             artifacts=ARTIFACTS),
+                             artifacts={"train": train}),
             tenant=env.tenant, actor="dataset")
 
     def _work_handler(self, wid: str):
@@ -173,7 +173,8 @@ class Fleet:
                 job_id=item.job_id, worker_id=wid, model_name=item.model_name, spec=item.spec,
                 dataset_id=item.dataset_id, dataset_sha256=item.dataset_sha256,
                 dataset_artifacts=item.dataset_artifacts, checkpoint_key="",
-                adapter_key=f"adapters/{item.job_id}", steps=1, final_loss=0.0,
+                adapter_key=f"tenants/{env.tenant}/jobs/{item.job_id}/adapter", steps=1,
+                final_loss=0.0,
             ), **report)
             self.running[wid] = ""
             self.free_since[wid] = time.time()

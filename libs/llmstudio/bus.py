@@ -44,6 +44,7 @@ from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, Not
 from opentelemetry import trace
 
 from . import telemetry
+from .artifactkeys import InvalidKey, check_tenant_key
 from .config import Settings
 from .events import DeadLettered, Envelope, EventData, InvalidEvent, decode, make_envelope
 from .signing import SECURITY_REASON, SIGNATURE_HEADER, BadSignature, SigningKey, TrustedSigners
@@ -69,6 +70,17 @@ class PublishFailed(ConnectionError):
 class Refused(Exception):
     """A handler's refusal of a message for good (a command its caller may not send): parked at
     once with this reason, never retried."""
+
+
+def refuse_foreign_keys(tenant: str, *keys: str) -> None:
+    """Raise Refused (a security refusal: parked and audited at once) when an event names an
+    artifact key outside its tenant's prefix; empty keys are not named, so pass."""
+    for key in keys:
+        if key:
+            try:
+                check_tenant_key(key, tenant)
+            except InvalidKey as e:
+                raise Refused(f"{SECURITY_REASON}: {e}") from None
 
 
 class UnexpectedEvent(ValueError):

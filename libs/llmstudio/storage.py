@@ -6,6 +6,8 @@ paths. Immutable content goes under content-addressed keys (`put_blob`); directo
 checkpoints go through `put_dir`, which writes `manifest.json` last, and `get_dir`, which refuses
 a prefix without one: a reader only ever sees complete, verified checkpoints.
 
+Keys and their tenant-bounded layout: `llmstudio.artifactkeys`.
+
 `list`/`delete_prefix` use S3 prefix semantics in both backends: `"ckpt/1"` also matches
 `"ckpt/10/..."`; end the prefix with `/` to mean a directory.
 """
@@ -22,13 +24,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
+from .artifactkeys import validate_key
+
 CHUNK = 1024 * 1024
 MANIFEST = "manifest.json"
 OCTET = "application/octet-stream"
-
-
-class InvalidKey(ValueError):
-    """A key that is empty, absolute, has `..`/empty segments or backslashes."""
 
 
 class ArtifactNotFound(KeyError):
@@ -45,33 +45,6 @@ class IncompleteArtifact(Exception):
 class CorruptArtifact(Exception):
     """A file listed in a manifest is missing, or its size/sha256 does not match, or the
     manifest itself is malformed."""
-
-
-def validate_key(key: str, *, prefix: bool = False) -> str:
-    """Return `key` if it is a safe relative object key, else raise InvalidKey naming it.
-
-    A prefix may end with `/` (a directory); an object key may not (S3 folder markers would
-    not round-trip through the local backend)."""
-    if not isinstance(key, str) or not key:
-        raise InvalidKey(f"invalid artifact key {key!r}: empty")
-    why = None
-    if key.startswith("/") or re.match(r"^[A-Za-z]:", key):
-        why = "absolute path"
-    elif "\\" in key:
-        why = "backslash"
-    elif "\x00" in key:
-        why = "NUL byte"
-    elif len(key.encode()) > 1024:
-        why = "longer than 1024 bytes"
-    else:
-        parts = key[:-1].split("/") if prefix and key.endswith("/") else key.split("/")
-        if any(p in ("..", ".") for p in parts):
-            why = "'.' or '..' segment"
-        elif any(p == "" for p in parts):
-            why = "empty segment (// or trailing /)"
-    if why:
-        raise InvalidKey(f"invalid artifact key {key!r}: {why}")
-    return key
 
 
 def _dir_prefix(prefix: str) -> str:
@@ -142,16 +115,18 @@ class ArtifactStore(ABC):
         _write_atomic(dest, self.open_stream(key))
         return dest
 
-    def put_blob(self, data_or_path: bytes | str | Path) -> str:
-        """Store immutable content under `blobs/sha256/<hex>`; existing blobs are not rewritten."""
+    def put_blob(self, data_or_path: bytes | str | Path, prefix: str = "blobs/sha256") -> str:
+        """Store immutable content under `<prefix>/<sha256 hex>`; existing blobs are not
+        rewritten."""
+        folder = _dir_prefix(prefix)
         if isinstance(data_or_path, bytes | bytearray | memoryview):
             data = bytes(data_or_path)
-            key = f"blobs/sha256/{hashlib.sha256(data).hexdigest()}"
+            key = f"{folder}{hashlib.sha256(data).hexdigest()}"
             if not self.exists(key):
                 self.put_bytes(key, data)
             return key
         path = Path(data_or_path)
-        key = f"blobs/sha256/{_sha256_file(path)[0]}"
+        key = f"{folder}{_sha256_file(path)[0]}"
         if not self.exists(key):
             self.put_file(key, path)
         return key

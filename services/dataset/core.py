@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmstudio import names
+from llmstudio.artifactkeys import tenant_key
 
 PROMPT_COMPLETION = "prompt_completion"
 MESSAGES = "messages"
@@ -115,18 +116,24 @@ def canonical(row: dict) -> str:
     return json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def rows_key(sha256: str) -> str:
-    """Where a version's normalized rows live: content-addressed, stored once."""
-    return f"datasets/{sha256}/rows.jsonl"
+def rows_key(tenant: str, sha256: str) -> str:
+    """Where a version's normalized rows live: content-addressed within the tenant's prefix,
+    stored once per tenant (sharing across tenants would tell one what another uploaded)."""
+    return tenant_key(tenant, "datasets", sha256, "rows.jsonl")
 
 
-def split_prefix(sha256: str, validation_fraction: float, seed: int,
+def raw_prefix(tenant: str) -> str:
+    """Where the tenant's raw uploads live (content-addressed blobs)."""
+    return tenant_key(tenant, "datasets", "raw")
+
+
+def split_prefix(tenant: str, sha256: str, validation_fraction: float, seed: int,
                  test_fraction: float = 0.0) -> str:
     """Where a version's split files live. The split parameters are part of the key, so the same
     content split another way never overwrites files an existing version points at."""
     fraction = validation_fraction or DEFAULT_VALIDATION_FRACTION
     test = f"-test{test_fraction!r}" if test_fraction else ""
-    return f"datasets/{sha256}/seed{seed}-val{fraction!r}{test}"
+    return tenant_key(tenant, "datasets", sha256, f"seed{seed}-val{fraction!r}{test}")
 
 
 def schema_of_format(fmt: str) -> str:
@@ -134,8 +141,8 @@ def schema_of_format(fmt: str) -> str:
     return "openai_chat" if fmt == MESSAGES else fmt
 
 
-def report_key(dataset_id: str) -> str:
-    return f"datasets/reports/{dataset_id}.json"
+def report_key(tenant: str, dataset_id: str) -> str:
+    return tenant_key(tenant, "datasets", "reports", f"{dataset_id}.json")
 
 
 def request_fingerprint(*parts: Any, content_sha256: str = "") -> str:

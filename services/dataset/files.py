@@ -16,19 +16,20 @@ from .ingest import Ingested, report_json
 JSONL = "application/jsonl"
 
 
-def write_files(artifacts: ArtifactStore, ingested: Ingested, dataset_id: str,
+def write_files(artifacts: ArtifactStore, tenant: str, ingested: Ingested, dataset_id: str,
                 split_prefix: str, raw: Path | None) -> dict[str, str]:
-    """Store a version's files; returns its artifacts map (kind -> key)."""
+    """Store a version's files under the tenant's prefix; returns its artifacts map
+    (kind -> key)."""
     keys: dict[str, str] = {}
     if raw is not None:
-        keys["raw"] = artifacts.put_blob(raw)
-    rows = core.rows_key(ingested.sha256)
+        keys["raw"] = artifacts.put_blob(raw, core.raw_prefix(tenant))
+    rows = core.rows_key(tenant, ingested.sha256)
     if not artifacts.exists(rows):
         artifacts.put_file(rows, ingested.rows_path, JSONL)
     keys["rows"] = rows
     for split, path in ingested.split_paths.items():
         keys[split] = artifacts.put_file(f"{split_prefix}/{split}.jsonl", path, JSONL)
-    keys["report"] = artifacts.put_bytes(core.report_key(dataset_id),
+    keys["report"] = artifacts.put_bytes(core.report_key(tenant, dataset_id),
                                          report_json(ingested.report), "application/json")
     return keys
 

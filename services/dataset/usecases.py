@@ -230,12 +230,12 @@ class Datasets:
             await self._reject(caller, options.name, e.rejection)
             raise InvalidArgument("", str(e)) from None
         dataset_id = "ds-" + secrets.token_hex(6)
-        prefix = core.split_prefix(ingested.sha256, options.validation_fraction, options.seed,
-                                   options.test_fraction)
+        prefix = core.split_prefix(caller.tenant, ingested.sha256, options.validation_fraction,
+                                   options.seed, options.test_fraction)
         # A redacted version must not link to the unredacted upload.
         raw = None if options.quality.redact_pii else source.raw
         artifacts = await asyncio.to_thread(
-            write_files, self.artifacts, ingested, dataset_id, prefix, raw)
+            write_files, self.artifacts, caller.tenant, ingested, dataset_id, prefix, raw)
         record = DatasetRecord(
             id=dataset_id, tenant=caller.tenant, name=options.name, sha256=ingested.sha256,
             format=ingested.format, num_rows=ingested.num_rows,

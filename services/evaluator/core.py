@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from llmstudio.artifactkeys import check_tenant_key, tenant_key
 from llmstudio.events import EvalCompleted, EvalFailed, EventData, JobCompleted
 from llmstudio.jobspec import JobSpec, format_validation_error
 
@@ -96,7 +97,8 @@ class EvalPlan:
     max_seq_length: int
 
 
-def plan(job: JobCompleted) -> EvalPlan:
+def plan(job: JobCompleted, tenant: str) -> EvalPlan:
+    """What to evaluate for `tenant`'s completed job; its keys must lie in that tenant's prefix."""
     try:
         spec = JobSpec.model_validate(job.spec)
     except ValidationError as e:
@@ -112,8 +114,8 @@ def plan(job: JobCompleted) -> EvalPlan:
         raise ValueError(f"job {job.job_id} names no checkpoint_key")
     return EvalPlan(
         base_model=spec.base_model,
-        validation_key=key,
-        checkpoint_key=job.checkpoint_key,
+        validation_key=check_tenant_key(key, tenant, "the validation split"),
+        checkpoint_key=check_tenant_key(job.checkpoint_key, tenant, "the checkpoint"),
         max_samples=spec.eval.max_samples,
         max_new_tokens=spec.eval.max_new_tokens,
         # evaluate the tokens training saw: same truncation as the recipe
@@ -141,8 +143,8 @@ def headline(result: dict[str, Any], which: str) -> dict[str, float]:
     return metrics
 
 
-def report_key(evaluation_id: str) -> str:
-    return f"evaluations/{evaluation_id}/report.json"
+def report_key(tenant: str, evaluation_id: str) -> str:
+    return tenant_key(tenant, "evaluations", evaluation_id, "report.json")
 
 
 def build_report(

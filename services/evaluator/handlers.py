@@ -3,7 +3,7 @@ job (use case `EvaluationRunner`)."""
 
 from __future__ import annotations
 
-from llmstudio.bus import Bus
+from llmstudio.bus import Bus, refuse_foreign_keys
 from llmstudio.events import Envelope, JobSucceeded
 
 from .usecases import EvaluationRunner
@@ -17,4 +17,6 @@ class EvaluatorHandlers:
         bus.subscribe(JobSucceeded, durable="job-succeeded", handler=self.on_job_succeeded)
 
     async def on_job_succeeded(self, env: Envelope, job: JobSucceeded) -> None:
+        # The plan checks them again before anything is read (evaluations resumed at start).
+        refuse_foreign_keys(env.tenant, job.checkpoint_key, *job.dataset_artifacts.values())
         await self.runner.job_completed(job, tenant=env.tenant, actor=env.actor)

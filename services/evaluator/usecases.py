@@ -139,9 +139,9 @@ class EvaluationRunner:
     async def _evaluate(self, ev: Evaluation) -> Evaluation:
         """`ev` completed with its metrics and report, or failed with the reason."""
         try:
-            p = plan(JobCompleted.model_validate(ev.job))
+            p = plan(JobCompleted.model_validate(ev.job), ev.tenant)
             report = await asyncio.to_thread(self._compute, ev, p)
-            key = report_key(ev.id)
+            key = report_key(ev.tenant, ev.id)
             body = json.dumps(report, indent=1).encode()
             await asyncio.to_thread(self.artifacts.put_bytes, key, body, "application/json")
         except Exception as e:  # noqa: BLE001 - any failure is recorded and reported

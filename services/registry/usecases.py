@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 from llmstudio import telemetry
+from llmstudio.artifactkeys import InvalidKey, check_tenant_key, validate_key
 from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import EvalCompleted, JobCompleted, ModelStageChanged, ModelVersionRegistered
 from llmstudio.outbox import Outbox
@@ -27,8 +28,6 @@ from llmstudio.storage import (
     ArtifactNotFound,
     ArtifactStore,
     CorruptArtifact,
-    InvalidKey,
-    validate_key,
 )
 
 from . import core
@@ -102,6 +101,10 @@ class Registry:
         key = mv.artifacts.get(artifact)
         if not key:
             raise NotFound(f"{mv.ref} has no {artifact} artifact")
+        try:
+            check_tenant_key(key, tenant)  # a record from before the tenant-bounded layout
+        except InvalidKey as e:
+            raise FailedPrecondition(f"{mv.ref}: {e}") from None
         if self.artifacts is None:
             raise FailedPrecondition("this registry is not connected to the artifact store")
         store, prefix = self.artifacts, key.rstrip("/") + "/"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from llmstudio.bus import Bus
+from llmstudio.bus import Bus, refuse_foreign_keys
 from llmstudio.events import (
     DatasetRejected,
     DatasetValidated,
@@ -83,6 +83,7 @@ class Handlers:
 
     # -- dataset service ----------------------------------------------------------------------
     async def on_validated(self, env: Envelope, data: DatasetValidated) -> None:
+        refuse_foreign_keys(env.tenant, *data.artifacts.values())
         await self.reports.dataset_validated(
             env.tenant, data.job_id, dataset_id=data.dataset_id, sha256=data.sha256,
             artifacts=dict(data.artifacts),
@@ -105,6 +106,9 @@ class Handlers:
             self.worker_freed()
 
     async def on_job_event(self, env: Envelope, data: EventData) -> None:
+        # A worker names only keys of the job's tenant (the use cases check the job is theirs).
+        refuse_foreign_keys(env.tenant, getattr(data, "checkpoint_key", ""),
+                            getattr(data, "adapter_key", ""))
         await self._on_job[type(data)](env, data)
 
     async def on_report(

@@ -36,6 +36,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from llmstudio import telemetry
+from llmstudio.artifactkeys import check_tenant_key
 from llmstudio.bus import Bus
 from llmstudio.config import Settings
 from llmstudio.events import (
@@ -261,7 +262,8 @@ class Worker:
                                                       "job.attempt": item.attempt}):
             try:
                 stored = await asyncio.to_thread(
-                    checkpoint.download_latest_checkpoint, self.store, item.job_id, work_dir)
+                    checkpoint.download_latest_checkpoint, self.store, job.tenant, item.job_id,
+                    work_dir)
                 if stored is not None:
                     job.checkpoint_key = stored.prefix
                 await self._report(job, JobStarted(
@@ -293,7 +295,8 @@ class Worker:
         except ValidationError as e:
             raise ValueError(f"invalid job spec: {format_validation_error(e)}") from None
         check_local_model_dir(spec.base_model)
-        key = train_split_key(item.dataset_artifacts)
+        key = check_tenant_key(train_split_key(item.dataset_artifacts), job.tenant,
+                               "the dataset's train split")
         rows = parse_jsonl(self.store.get_bytes(key), self.store.uri(key))
 
         def call(coro: Coroutine):
@@ -328,19 +331,19 @@ class Worker:
             # Only while the job is ours: a fenced attempt must not write over the next one's.
             if not call(self.holds(job)):
                 return
-            prefix = checkpoint.store_prefix(item.job_id, step)
+            prefix = checkpoint.store_prefix(job.tenant, item.job_id, step)
             self.store.put_dir(prefix, path)
             call(self._report(job, JobCheckpointed(job_id=item.job_id, step=step,
                                                    checkpoint_key=prefix, attempt=item.attempt)))
             job.checkpoint_key = prefix
             checkpoint.prune_stored_checkpoints(
-                self.store, item.job_id, spec.hyperparameters.keep_last_checkpoints
+                self.store, job.tenant, item.job_id, spec.hyperparameters.keep_last_checkpoints
             )
 
         hp = spec.hyperparameters
         eval_rows = None
         if hp.eval_every or hp.early_stopping:
-            eval_rows = self._split_rows(item.dataset_artifacts, VALIDATION_SPLIT, "eval_every")
+            eval_rows = self._split_rows(job, VALIDATION_SPLIT, "eval_every")
         try:
             return train_distributed(TrainRequest(  # the objective's recipe, in 1..N processes
                 spec, rows, work_dir, eval_rows=eval_rows, on_metrics=on_metrics,
@@ -351,13 +354,15 @@ class Worker:
             settle_metrics()  # the last sample is out before the outcome is reported
 
     # -- inputs ----------------------------------------------------------------------------------
-    def _split_rows(self, artifacts: dict[str, str], split: str, why: str) -> list[dict]:
+    def _split_rows(self, job: Job, split: str, why: str) -> list[dict]:
+        artifacts = job.item.dataset_artifacts
         key = artifacts.get(split)
         if not key:
             raise ValueError(
                 f"hyperparameters.{why} needs a '{split}' split in the dataset "
                 f"(splits: {sorted(artifacts) or 'none'})"
             )
+        check_tenant_key(key, job.tenant, f"the dataset's {split} split")
         return parse_jsonl(self.store.get_bytes(key), self.store.uri(key))
 
     def _outcome(self, job: Job, result: TrainResult) -> EventData:

@@ -125,10 +125,12 @@ async def test_create_get_list_with_stable_sha_and_deterministic_split(settings,
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     assert artifacts.get_bytes(first.artifacts["raw"]) == jsonl(ROWS)
     assert artifacts.get_bytes(first.artifacts["rows"]) == canonical_jsonl(ROWS)
-    assert first.artifacts["rows"] == f"datasets/{sha}/rows.jsonl"
+    assert first.artifacts["rows"] == f"tenants/acme/datasets/{sha}/rows.jsonl"
+    assert first.artifacts["raw"].startswith("tenants/acme/datasets/raw/")
+    assert first.artifacts["report"] == f"tenants/acme/datasets/reports/{first.id}.json"
     stored = []
     for split in ("train", "validation"):
-        assert first.artifacts[split] == f"datasets/{sha}/seed0-val0.1/{split}.jsonl"
+        assert first.artifacts[split] == f"tenants/acme/datasets/{sha}/seed0-val0.1/{split}.jsonl"
         stored += artifacts.get_bytes(first.artifacts[split]).decode().splitlines()
     assert sorted(stored) == sorted(canonical_jsonl(ROWS).decode().splitlines())
 

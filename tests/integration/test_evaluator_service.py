@@ -104,8 +104,8 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
     spec, adapter_dir = trained
     settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port())
     store = LocalArtifactStore(tmp_path / "artifacts")
-    ckpt = store.put_dir("jobs/job-1/checkpoint-8", adapter_dir).rstrip("/")
-    val = store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode())
+    ckpt = store.put_dir(store_prefix("acme", "job-1", 8), adapter_dir).rstrip("/")
+    val = store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode(), "tenants/acme/datasets")
     artifacts = {"train": val, "validation": val}
     acme = await put_api_key(nats_server.url, "viewer", "acme")
     other = await put_api_key(nats_server.url, "viewer", "other")
@@ -118,7 +118,7 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
     unannounced = completed(
         evaluation_for_job(job_completed("job-9", spec, artifacts, ckpt), tenant="acme",
                            actor="bob", traceparent=tp),
-        {"eval_loss": 2.0}, {"eval_loss": 1.0}, "evaluations/ev-9/report.json")
+        {"eval_loss": 2.0}, {"eval_loss": 1.0}, "tenants/acme/evaluations/ev-9/report.json")
     leave_behind(settings, left, announce=[unannounced])
 
     events, traces = [], {}
@@ -152,7 +152,7 @@ async def test_evaluates_base_vs_tuned_over_the_bus_and_grpc(nats_server, tmp_pa
             assert ev.tuned_metrics["eval_loss"] < ev.base_metrics["eval_loss"]
 
             report = json.loads(store.get_bytes(ev.report_key))
-            assert ev.report_key == f"evaluations/{ev.evaluation_id}/report.json"
+            assert ev.report_key == f"tenants/acme/evaluations/{ev.evaluation_id}/report.json"
             assert report["tuned"]["metrics"] == ev.tuned_metrics and report["samples"] == 4
             assert report["base"]["examples"] and "prediction" in report["tuned"]["examples"][0]
             assert not (tmp_path / "eval-cache" / ev.evaluation_id).exists()
@@ -221,8 +221,8 @@ async def test_a_full_fine_tune_is_evaluated_and_registered(nats_server, tmp_pat
     checkpoint = trained_checkpoint(spec, tmp_path / "run")
     assert checkpoint_kind(checkpoint) == "full"
     store = LocalArtifactStore(tmp_path / "artifacts")
-    ckpt = store.put_dir(store_prefix("job-full", 2), checkpoint).rstrip("/")
-    val = store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode())
+    ckpt = store.put_dir(store_prefix("acme", "job-full", 2), checkpoint).rstrip("/")
+    val = store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode(), "tenants/acme/datasets")
     job = job_completed("job-full", spec, {"train": val, "validation": val}, ckpt,
                         model_name="tiny-full")
     developer = await put_api_key(nats_server.url, "developer", "acme")

@@ -40,11 +40,17 @@ SPEC = {
 }
 
 
-def job_completed(job_id: str, model_name: str = "smol-lora") -> JobSucceeded:
+ACME = "tenants/acme"  # most events here are acme's: its keys live under acme's prefix
+
+
+def job_completed(job_id: str, model_name: str = "smol-lora",
+                  tenant: str = "acme") -> JobSucceeded:
+    own = f"tenants/{tenant}"
     return JobSucceeded(
         job_id=job_id, worker_id="w1", model_name=model_name, spec=SPEC, dataset_id="ds-1",
-        dataset_sha256=SHA, dataset_artifacts={"train": "datasets/ds-1/train.jsonl"},
-        checkpoint_key=f"checkpoints/{job_id}/80", adapter_key=f"adapters/{job_id}",
+        dataset_sha256=SHA, dataset_artifacts={"train": f"{own}/datasets/{SHA}/train.jsonl"},
+        checkpoint_key=f"{own}/jobs/{job_id}/checkpoint-80",
+        adapter_key=f"{own}/jobs/{job_id}/checkpoint-80",
         steps=80, final_loss=0.125,
     )
 
@@ -53,7 +59,8 @@ def eval_completed(job_id: str) -> EvalCompleted:
     return EvalCompleted(
         evaluation_id=f"ev-{job_id}", job_id=job_id, model_name="smol-lora",
         base_metrics={"exact_match": 0.0, "perplexity": 40.5},
-        tuned_metrics={"exact_match": 0.95, "perplexity": 1.5}, report_key=f"reports/{job_id}.json",
+        tuned_metrics={"exact_match": 0.95, "perplexity": 1.5},
+        report_key=f"{ACME}/evaluations/ev-{job_id}/report.json",
     )
 
 
@@ -154,8 +161,8 @@ async def test_registry_end_to_end(settings, observer):
             hp = dict(lin.hyperparameters)
             assert hp["method"] == "lora" and hp["max_steps"] == 80 and hp["batch_size"] == 8
             assert dict(hp["lora"])["r"] == 8
-            assert dict(v1.artifacts) == {"checkpoint": "checkpoints/job-1/80",
-                                          "adapter": "adapters/job-1"}
+            assert dict(v1.artifacts) == {"checkpoint": f"{ACME}/jobs/job-1/checkpoint-80",
+                                          "adapter": f"{ACME}/jobs/job-1/checkpoint-80"}
             assert dict(v1.metrics) == {"final_loss": 0.125, "steps": 80.0}
             assert v1.created_at.endswith("Z") and v1.created_at == v1.updated_at
 
@@ -190,7 +197,7 @@ async def test_registry_end_to_end(settings, observer):
             assert v1.metrics["base_exact_match"] == 0.0 and v1.metrics["tuned_exact_match"] == 0.95
             assert v1.metrics["tuned_perplexity"] == 1.5 and v1.metrics["final_loss"] == 0.125
             assert v1.lineage.evaluation_id == "ev-job-1"
-            assert v1.artifacts["eval_report"] == "reports/job-1.json"
+            assert v1.artifacts["eval_report"] == f"{ACME}/evaluations/ev-job-1/report.json"
 
             # Stage lifecycle: v1 development -> staging -> production.
             assert (await set_stage(1, pb.STAGE_STAGING)).stage == pb.STAGE_STAGING
@@ -282,7 +289,8 @@ async def test_evaluation_before_its_version_is_retried_until_the_job_registers(
             await observer.bus.publish(eval_completed("job-7"), tenant="acme", actor="evaluator")
             await asyncio.sleep(0.8)  # the registry has seen it by now, and could not attach it
             # The same job id in another tenant is another tenant's version: not a match.
-            await observer.bus.publish(job_completed("job-7", "other"), tenant="globex")
+            await observer.bus.publish(job_completed("job-7", "other", "globex"),
+                                       tenant="globex")
             await asyncio.sleep(0.5)
             await observer.bus.publish(job_completed("job-7"), tenant="acme")
             v = await eventually(lambda: _with_metric(
@@ -294,6 +302,27 @@ async def test_evaluation_before_its_version_is_retried_until_the_job_registers(
             assert observer.dead == []
             listed = await reg.ListModels(pb.ListModelsRequest(), metadata=md(key))
             assert [m.name for m in listed.models] == ["smol-lora"]
+
+
+async def test_events_naming_another_tenants_artifacts_are_parked_as_security_events(
+    settings, observer
+):
+    """globex's success naming acme's checkpoint, and globex's evaluation naming acme's report:
+    parked at once (no retries), no version registered or changed."""
+    key = await put_api_key(settings.nats_url, "viewer", "globex")
+    async with running("registry", build, settings) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            reg = stub(ch)
+            await observer.bus.publish(job_completed("job-8"), tenant="globex")
+            await observer.bus.publish(eval_completed("job-8"), tenant="globex")
+            await eventually(lambda: len(observer.dead) == 2 or None)
+            for dead in observer.dead:
+                assert dead.reason.startswith("security: ") and dead.deliveries == 1
+                assert "not under tenant 'globex'" in dead.reason
+            assert {d.consumer for d in observer.dead} == {
+                "registry-job-succeeded", "registry-eval-completed"}
+            listed = await reg.ListModels(pb.ListModelsRequest(), metadata=md(key))
+            assert list(listed.models) == []
 
 
 # -- store and outbox -------------------------------------------------------------------------

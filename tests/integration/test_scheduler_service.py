@@ -53,7 +53,16 @@ from tests.support.harness import put_api_key, running
 
 TENANT = "acme"
 SHA = "ab" * 32
-ARTIFACTS = {"train": "datasets/ds-1/train.jsonl", "validation": "datasets/ds-1/validation.jsonl"}
+
+
+def artifacts(tenant: str) -> dict[str, str]:
+    return {split: f"tenants/{tenant}/datasets/{SHA}/{split}.jsonl"
+            for split in ("train", "validation")}
+
+
+ARTIFACTS = artifacts(TENANT)
+CK3 = f"tenants/{TENANT}/jobs/x/checkpoint-3"
+CK9 = f"tenants/{TENANT}/jobs/x/checkpoint-9"
 
 
 # -- test-side peers: a bus tap, a publisher for the other services, heartbeating workers -------
@@ -223,7 +232,7 @@ async def watching(stub, key: str, job_id: str) -> tuple[asyncio.Task, list[pb.J
 
 async def validate(peers: Peers, job_id: str, tenant: str = TENANT) -> None:
     await peers.publish(DatasetValidated(job_id=job_id, dataset_id="ds-1", sha256=SHA,
-                                         artifacts=ARTIFACTS), tenant=tenant)
+                                         artifacts=artifacts(tenant)), tenant=tenant)
 
 
 # -- the job flow -------------------------------------------------------------------------------
@@ -270,11 +279,11 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     for step, loss in [(1, 2.5), (2, 2.0), (3, 1.5)]:
         await peers.publish(JobMetrics(job_id=job.id, step=step, max_steps=3, loss=loss,
                                        learning_rate=1e-3, tokens_per_s=100.0))
-    await peers.publish(JobCheckpointed(job_id=job.id, step=3, checkpoint_key="ck/3"))
+    await peers.publish(JobCheckpointed(job_id=job.id, step=3, checkpoint_key=CK3))
 
     async def latest_step():
         j = await stub.GetJob(pb.GetJobRequest(id=job.id), metadata=md(dev))
-        return j.metrics.get("step") == 3 and j.artifacts.get("checkpoint") == "ck/3"
+        return j.metrics.get("step") == 3 and j.artifacts.get("checkpoint") == CK3
 
     await eventually(latest_step)
     # Samples ride their own stream and may be handled out of order: wait for all three before
@@ -283,7 +292,7 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     await peers.publish(JobCompleted(
         job_id=job.id, worker_id="w-1", model_name="tiny-model-lora", spec=work.data.spec,
         dataset_id="ds-1", dataset_sha256=SHA, dataset_artifacts=ARTIFACTS,
-        checkpoint_key="ck/3", adapter_key="adapters/x", steps=3, final_loss=1.5,
+        checkpoint_key=CK3, adapter_key=f"tenants/{TENANT}/jobs/x/adapter", steps=3, final_loss=1.5,
     ))
     await asyncio.wait_for(watcher, 10)  # the stream ends after the terminal status
 
@@ -295,7 +304,7 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     by_step = sorted((u.step, u.metrics["loss"]) for u in metrics)
     assert by_step == [(1, 2.5), (2, 2.0), (3, 1.5)]
     checkpoints = [u for u in updates if u.kind == "checkpoint"]
-    assert [(u.step, u.message) for u in checkpoints] == [(3, "ck/3")]
+    assert [(u.step, u.message) for u in checkpoints] == [(3, CK3)]
     running_at = next(i for i, u in enumerate(updates) if u.job.status == pb.JOB_STATUS_RUNNING)
     assert all(i > running_at for i, u in enumerate(updates) if u.kind == "metrics")
 
@@ -303,10 +312,11 @@ async def test_job_flows_from_submit_to_success_in_one_trace(env, model_dir):
     assert done.status == pb.JOB_STATUS_SUCCEEDED
     # the accepted completion is announced once, in the job's trace, as its submitter's
     succeeded = await peers.wait_for(JobSucceeded, job_id=job.id)
-    assert succeeded.trace_id == job.trace_id and succeeded.data.checkpoint_key == "ck/3"
+    assert succeeded.trace_id == job.trace_id and succeeded.data.checkpoint_key == CK3
     assert peers.count(JobSucceeded, job_id=job.id) == 1
     assert [(a.attempt, a.worker_id, a.reason) for a in done.attempts] == [(1, "w-1", "completed")]
-    assert dict(done.artifacts) == {"checkpoint": "ck/3", "adapter": "adapters/x"}
+    assert dict(done.artifacts) == {"checkpoint": CK3,
+                                    "adapter": f"tenants/{TENANT}/jobs/x/adapter"}
     assert done.metrics["final_loss"] == 1.5 and done.metrics["steps"] == 3
     assert done.metrics["tokens_per_s"] == 100.0
 
@@ -534,7 +544,8 @@ async def test_a_released_job_resumes_elsewhere_and_only_its_current_attempt_suc
     assert await status_of(stub, dev, job.id) == pb.JOB_STATUS_RUNNING
     del peers.workers["w-1"]
     await peers.publish(JobReleased(job_id=job.id, worker_id="w-1", attempt=1, step=4,
-                                    checkpoint_key="ck/4", reason="worker w-1 shutting down"))
+                                    checkpoint_key=f"tenants/{TENANT}/jobs/x/checkpoint-4",
+                                    reason="worker w-1 shutting down"))
     await peers.wait_for(JobRequeued, job_id=job.id, attempt=2)
     peers.workers["w-2"] = "idle"
     await peers.wait_for(WorkItem, job_id=job.id, worker_id="w-2", attempt=2)
@@ -546,7 +557,7 @@ async def test_a_released_job_resumes_elsewhere_and_only_its_current_attempt_suc
     # the old attempt's completion is refused: no success is announced for it
     completion = {"job_id": job.id, "model_name": "tiny-model-lora", "spec": first.data.spec,
                   "dataset_id": "ds-1", "dataset_sha256": SHA, "dataset_artifacts": ARTIFACTS,
-                  "adapter_key": "ck/9", "checkpoint_key": "ck/9", "steps": 9,
+                  "adapter_key": CK9, "checkpoint_key": CK9, "steps": 9,
                   "final_loss": 1.0}
     await peers.publish(JobCompleted(worker_id="w-1", attempt=1, **completion))
     await asyncio.sleep(0.5)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from llmstudio.artifactkeys import InvalidKey
 from llmstudio.config import Settings
 from llmstudio.storage import (
     ArtifactNotFound,
     CorruptArtifact,
     IncompleteArtifact,
-    InvalidKey,
     LocalArtifactStore,
     S3ArtifactStore,
     artifact_store_from_settings,

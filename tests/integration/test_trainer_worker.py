@@ -35,6 +35,7 @@ from llmstudio.storage import LocalArtifactStore  # noqa: E402
 from services.trainer.app import build  # noqa: E402
 from services.trainer.store import TrainerStore  # noqa: E402
 from tests.support.harness import running  # noqa: E402
+from tests.support.models import config_only_model  # noqa: E402
 
 WORKER = "w-test"
 ROWS = [{"prompt": f"say {w} twice:", "completion": f" {w} {w}"}
@@ -78,7 +79,8 @@ class Harness:
             await asyncio.sleep(0.05)
 
     def work_item(self, job_id: str, model_dir: str, **hp) -> WorkItem:
-        key = self.store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode())
+        key = self.store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode(),
+                                  "tenants/acme/datasets")
         hyper = {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-2, "log_every": 2,
                  "checkpoint_every": 4, "seed": 3}
         hyper.update(hp)
@@ -137,7 +139,7 @@ async def test_job_runs_to_completion_with_metrics_checkpoints_and_heartbeats(ha
 
     done = h.of(JobCompleted, "job-1")[0]
     assert done.steps == 8 and done.worker_id == WORKER and done.model_name == "tiny-lora"
-    assert done.adapter_key == done.checkpoint_key == "jobs/job-1/checkpoint-8"
+    assert done.adapter_key == done.checkpoint_key == "tenants/acme/jobs/job-1/checkpoint-8"
     assert done.dataset_artifacts["train"] and done.spec["hyperparameters"]["max_steps"] == 8
     assert done.final_loss > 0
 
@@ -164,6 +166,19 @@ async def test_missing_model_dir_fails_with_the_path(harness, tmp_path):
     failed = h.of(JobFailed, "job-2")[0]
     assert missing in failed.reason and failed.worker_id == WORKER
     assert not h.of(JobCompleted, "job-2")
+
+
+async def test_a_work_item_naming_another_tenants_dataset_fails_before_reading_it(
+        harness, tmp_path):
+    """Work for tenant globex that names acme's train split: failed with the reason, nothing
+    stored for globex (its key check comes before any read)."""
+    h = harness
+    model = config_only_model(tmp_path / "model")
+    await h.bus.publish(h.work_item("job-7", str(model)), tenant="globex")
+    await h.wait(lambda: h.of(JobFailed, "job-7"), what="JobFailed")
+    reason = h.of(JobFailed, "job-7")[0].reason
+    assert "tenants/acme/datasets/" in reason and "not under tenant 'globex'" in reason
+    assert not h.of(JobCheckpointed, "job-7") and not h.store.list("tenants/globex/")
 
 
 async def test_an_attempt_that_ended_here_is_not_run_again_after_a_restart(harness, tmp_path):
@@ -244,8 +259,9 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
         JobSpec.model_validate(item.spec), ROWS, tmp_path / "earlier", should_stop=stop_after_4,
     ))
     assert first.steps == 4
-    h.store.put_dir("jobs/job-5/checkpoint-4", first.adapter_dir)
-    h.store.put_bytes("jobs/job-5/checkpoint-6/adapter_model.safetensors", b"partial upload")
+    h.store.put_dir("tenants/acme/jobs/job-5/checkpoint-4", first.adapter_dir)
+    h.store.put_bytes("tenants/acme/jobs/job-5/checkpoint-6/adapter_model.safetensors",
+                      b"partial upload")
 
     await h.bus.publish(item, tenant="acme")
     await h.wait(lambda: h.of(JobCompleted, "job-5") or h.of(JobFailed, "job-5"), what="the end")
@@ -255,11 +271,12 @@ async def test_job_restarted_elsewhere_resumes_from_its_newest_stored_checkpoint
     assert h.of(JobStarted, "job-5")[0].resumed_from_step == 4
     assert [c.step for c in h.of(JobCheckpointed, "job-5")] == [8]
     done = h.of(JobCompleted, "job-5")[0]
-    assert done.steps == 8 and done.checkpoint_key == "jobs/job-5/checkpoint-8"
+    assert done.steps == 8 and done.checkpoint_key == "tenants/acme/jobs/job-5/checkpoint-8"
     # keep_last_checkpoints=1 in the store too: checkpoint-4 is gone, manifest and all
-    manifests = [k for k in h.store.list("jobs/job-5/") if k.endswith("manifest.json")]
-    assert manifests == ["jobs/job-5/checkpoint-8/manifest.json"]
-    assert not h.store.list("jobs/job-5/checkpoint-4/")
+    manifests = [k for k in h.store.list("tenants/acme/jobs/job-5/")
+                 if k.endswith("manifest.json")]
+    assert manifests == ["tenants/acme/jobs/job-5/checkpoint-8/manifest.json"]
+    assert not h.store.list("tenants/acme/jobs/job-5/checkpoint-4/")
 
 
 @pytest.mark.slow
@@ -279,7 +296,7 @@ async def test_a_job_requeued_elsewhere_stops_here_and_uploads_and_reports_nothi
     n = len(h.heartbeats)
     await h.wait(lambda: len(h.heartbeats) > n and h.heartbeats[-1].state == "idle",
                  what="the worker to stop the job")
-    uploaded = {k.split("/")[2] for k in h.store.list("jobs/job-6/")}
+    uploaded = {k.split("/")[4] for k in h.store.list("tenants/acme/jobs/job-6/")}
     reported = len(h.of(JobCheckpointed, "job-6"))
     await asyncio.sleep(1.0)
     # nothing after the fence: no outcome, no new checkpoint announced or uploaded (the stop's
@@ -287,8 +304,8 @@ async def test_a_job_requeued_elsewhere_stops_here_and_uploads_and_reports_nothi
     for cls in (JobCompleted, JobFailed, JobReleased, JobCancelled):
         assert not h.of(cls, "job-6"), cls
     assert len(h.of(JobCheckpointed, "job-6")) == reported
-    assert {k.split("/")[2] for k in h.store.list("jobs/job-6/")} == uploaded
-    assert {c.checkpoint_key.split("/")[2] for c in h.of(JobCheckpointed, "job-6")} == uploaded
+    assert {k.split("/")[4] for k in h.store.list("tenants/acme/jobs/job-6/")} == uploaded
+    assert {c.checkpoint_key.split("/")[4] for c in h.of(JobCheckpointed, "job-6")} == uploaded
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from llmstudio.v1 import registry_pb2_grpc
 from services.registry.app import build
 from tests.support.harness import put_api_key, running
 
-CHECKPOINT = "checkpoints/job-1/80/"
-ADAPTER = "adapters/job-1/"
+CHECKPOINT = "tenants/acme/jobs/job-1/checkpoint-80/"
+ADAPTER = "tenants/acme/jobs/job-1/adapter/"
 
 
 def sha256(path: Path) -> str:

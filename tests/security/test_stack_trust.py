@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from llmstudio import local
-from llmstudio.events import JobCompleted, make_envelope
-from llmstudio.signing import SIGNATURE_HEADER, SigningKey
+from llmstudio.events import JobCompleted, JobSucceeded, make_envelope
+from llmstudio.signing import SIGNATURE_HEADER, SigningKey, key_path
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -54,3 +54,43 @@ def test_a_forged_completion_registers_nothing_and_is_audited(deployed):
     audited = client.governance.query_audit("llmstudio.job.completed")
     assert all(r.event_id != env.id for r in audited)
     assert all(m.name != "stolen" for m in client.models.list())
+
+
+def test_a_success_naming_another_tenants_artifacts_is_refused_by_every_consumer(deployed):
+    """A JobSucceeded genuinely signed (the scheduler's own key: a compromised service) for
+    tenant default whose checkpoint is tenant other's: the registry and the evaluator park it as
+    a security event; no version is registered, nothing is evaluated."""
+    data_dir, client = deployed
+    state = local.running_stack(data_dir)
+    foreign = "tenants/other/jobs/job-x/checkpoint-8"
+    succeeded = JobSucceeded(
+        job_id="job-crossing", worker_id="local-worker-1", model_name="crossing",
+        spec={"base_model": "/models/m", "dataset": "ds-x"}, dataset_id="ds-x",
+        dataset_sha256="ab" * 32,
+        dataset_artifacts={"validation": "tenants/default/datasets/ab/v.jsonl"},
+        checkpoint_key=foreign, adapter_key=foreign, steps=1, final_loss=0.1)
+    env = make_envelope(succeeded, source="scheduler", tenant="default", actor="scheduler")
+    subject, payload = succeeded.subject(), env.model_dump_json().encode()
+    scheduler_key = SigningKey.load("scheduler", key_path(data_dir / "keys", "scheduler"))
+
+    async def publish() -> None:
+        nc = await nats.connect(state.operator_url)
+        await nc.jetstream().publish(
+            subject, payload, headers={SIGNATURE_HEADER: scheduler_key.sign(subject, payload)})
+        await nc.close()
+
+    asyncio.run(publish())
+
+    def parked():
+        records = client.governance.query_audit("llmstudio.deadletter.")
+        found = {p["consumer"]: p["reason"] for r in records
+                 if (p := json.loads(r.data_json))["original_subject"] == subject}
+        return found if {"registry-job-succeeded", "evaluator-job-succeeded"} <= set(found) \
+            else None
+
+    found = wait_for(parked, 60, "both consumers to park the crossing success")
+    for reason in found.values():
+        assert reason.startswith("security: ") and foreign in reason, reason
+        assert "not under tenant 'default'" in reason
+    assert all(m.name != "crossing" for m in client.models.list())
+    assert not client.evaluations.list(job_id="job-crossing")

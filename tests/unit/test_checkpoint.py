@@ -38,7 +38,7 @@ def _write(out: Path, step: int, weights: bytes = b"w") -> Path:
 def test_names_and_store_keys():
     assert C.checkpoint_name(7) == "checkpoint-7" and C.checkpoint_step("a/checkpoint-7") == 7
     assert C.checkpoint_step("checkpoint-x") is None and C.checkpoint_step("ckpt-7") is None
-    assert C.store_prefix("job-1", 8) == "jobs/job-1/checkpoint-8"
+    assert C.store_prefix("acme", "job-1", 8) == "tenants/acme/jobs/job-1/checkpoint-8"
 
 
 def test_write_lists_every_file_in_the_manifest_written_last(tmp_path):
@@ -111,23 +111,28 @@ def test_trainer_state_reads_the_flat_layout_of_older_checkpoints(tmp_path):
 
 def test_store_lists_prunes_and_downloads_only_complete_checkpoints(tmp_path):
     store = LocalArtifactStore(tmp_path / "store")
+    j = "tenants/t/jobs/j"
     for step in (4, 10):
-        store.put_dir(C.store_prefix("j", step), _write(tmp_path / "local", step))
-    store.put_bytes("jobs/j/checkpoint-12/adapter_model.safetensors", b"partial upload")
-    store.put_dir("jobs/j-other/checkpoint-99", _write(tmp_path / "other", 99))
-    assert C.stored_checkpoints(store, "j") == [(4, "jobs/j/checkpoint-4"),
-                                               (10, "jobs/j/checkpoint-10")]
+        store.put_dir(C.store_prefix("t", "j", step), _write(tmp_path / "local", step))
+    store.put_bytes(f"{j}/checkpoint-12/adapter_model.safetensors", b"partial upload")
+    store.put_dir("tenants/t/jobs/j-other/checkpoint-99", _write(tmp_path / "other", 99))
+    # the same job id in another tenant is another job
+    store.put_dir("tenants/u/jobs/j/checkpoint-50", _write(tmp_path / "u", 50))
+    assert C.stored_checkpoints(store, "t", "j") == [(4, f"{j}/checkpoint-4"),
+                                                    (10, f"{j}/checkpoint-10")]
 
     # the newest one is corrupt in the store: the download falls back to the older one
-    store.put_bytes("jobs/j/checkpoint-10/adapter_model.safetensors", b"bit rot")
-    stored = C.download_latest_checkpoint(store, "j", tmp_path / "work")
+    store.put_bytes(f"{j}/checkpoint-10/adapter_model.safetensors", b"bit rot")
+    stored = C.download_latest_checkpoint(store, "t", "j", tmp_path / "work")
     assert stored == C.StoredCheckpoint(
-        "jobs/j/checkpoint-4", tmp_path / "work" / "checkpoint-4", 4)
+        f"{j}/checkpoint-4", tmp_path / "work" / "checkpoint-4", 4)
     C.verify_checkpoint(stored.local)
     assert not (tmp_path / "work" / "checkpoint-10").exists()
-    assert C.download_latest_checkpoint(store, "nobody", tmp_path / "work") is None
+    assert C.download_latest_checkpoint(store, "t", "nobody", tmp_path / "work") is None
 
-    C.prune_stored_checkpoints(store, "j", 1)
-    assert C.stored_checkpoints(store, "j") == [(10, "jobs/j/checkpoint-10")]
-    assert not store.list("jobs/j/checkpoint-4/")
-    assert C.stored_checkpoints(store, "j-other") == [(99, "jobs/j-other/checkpoint-99")]
+    C.prune_stored_checkpoints(store, "t", "j", 1)
+    assert C.stored_checkpoints(store, "t", "j") == [(10, f"{j}/checkpoint-10")]
+    assert not store.list(f"{j}/checkpoint-4/")
+    assert C.stored_checkpoints(store, "t", "j-other") == [
+        (99, "tenants/t/jobs/j-other/checkpoint-99")]
+    assert C.stored_checkpoints(store, "u", "j") == [(50, "tenants/u/jobs/j/checkpoint-50")]

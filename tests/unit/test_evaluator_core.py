@@ -8,6 +8,7 @@ import sys
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from llmstudio.artifactkeys import InvalidKey
 from llmstudio.events import EvalCompleted, EvalFailed, JobCompleted
 from services.evaluator.core import (
     COMPLETED,
@@ -25,6 +26,9 @@ from services.evaluator.core import (
 )
 from services.evaluator.store import EvaluationStore
 
+ACME = "tenants/acme"
+CKPT = f"{ACME}/jobs/job-1/checkpoint-8"
+
 
 def job(**over) -> JobCompleted:
     fields = dict(
@@ -33,8 +37,8 @@ def job(**over) -> JobCompleted:
               "hyperparameters": {"max_seq_length": 128},
               "eval": {"max_samples": 4, "max_new_tokens": 8}},
         dataset_id="ds-1", dataset_sha256="ab" * 32,
-        dataset_artifacts={"train": "blobs/sha256/t", "validation": "blobs/sha256/v"},
-        checkpoint_key="jobs/job-1/checkpoint-8", adapter_key="jobs/job-1/checkpoint-8",
+        dataset_artifacts={"train": f"{ACME}/datasets/t", "validation": f"{ACME}/datasets/v"},
+        checkpoint_key=CKPT, adapter_key=CKPT,
         steps=8, final_loss=1.25,
     )
     fields.update(over)
@@ -54,23 +58,36 @@ def result(loss=2.0, em=0.25):
 def test_ids_and_keys():
     a, b = new_evaluation_id(), new_evaluation_id()
     assert a != b and a.startswith("ev-") and len(a) == 15 and int(a[3:], 16) >= 0
-    assert report_key(a) == f"evaluations/{a}/report.json"
+    assert report_key("acme", a) == f"{ACME}/evaluations/{a}/report.json"
 
 
 def test_plan_reads_limits_from_the_spec():
-    p = plan(job())
+    p = plan(job(), "acme")
     assert (p.base_model, p.validation_key, p.checkpoint_key) == (
-        "/models/tiny", "blobs/sha256/v", "jobs/job-1/checkpoint-8")
+        "/models/tiny", f"{ACME}/datasets/v", CKPT)
     assert (p.max_samples, p.max_new_tokens, p.max_seq_length) == (4, 8, 128)
 
 
 def test_plan_errors_name_what_is_missing():
     with pytest.raises(ValueError, match=r"no 'validation' split \(splits: \['train'\]\)"):
-        plan(job(dataset_artifacts={"train": "t"}))
+        plan(job(dataset_artifacts={"train": "t"}), "acme")
     with pytest.raises(ValueError, match=r"invalid spec: hyperparameters.max_steps"):
-        plan(job(spec={"base_model": "m", "dataset": "d", "hyperparameters": {"max_steps": 0}}))
+        plan(job(spec={"base_model": "m", "dataset": "d", "hyperparameters": {"max_steps": 0}}),
+             "acme")
     with pytest.raises(ValueError, match="checkpoint_key"):
-        plan(job(checkpoint_key=""))
+        plan(job(checkpoint_key=""), "acme")
+
+
+def test_plan_refuses_keys_outside_the_tenant():
+    with pytest.raises(InvalidKey, match=r"checkpoint 'tenants/acme/jobs/job-1/checkpoint-8' is "
+                                         r"not under tenant 'other'"):
+        plan(job(dataset_artifacts={"validation": "tenants/other/v"}), "other")
+    with pytest.raises(InvalidKey, match="validation split"):
+        plan(job(), "other")
+    with pytest.raises(InvalidKey, match="validation split"):
+        plan(job(dataset_artifacts={"validation": "datasets/legacy/v"}), "acme")
+    with pytest.raises(InvalidKey, match=r"'\.\.' segment"):
+        plan(job(dataset_artifacts={"validation": "tenants/acme/../other/v"}), "acme")
 
 
 def test_headline_metrics_are_finite():
@@ -83,7 +100,7 @@ def test_headline_metrics_are_finite():
 
 def test_report_compares_base_and_tuned():
     ev = new(traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01")
-    report = build_report(ev, plan(job()), result(3.0, 0.0), result(1.0, 0.75))
+    report = build_report(ev, plan(job(), "acme"), result(3.0, 0.0), result(1.0, 0.75))
     assert report["evaluation_id"] == ev.id and report["model_name"] == "tiny-lora"
     assert report["base"]["metrics"]["eval_loss"] == 3.0
     assert report["tuned"]["metrics"]["exact_match"] == 0.75
@@ -123,7 +140,7 @@ def test_store_is_idempotent_per_job_and_tenant_scoped(tmp_path):
         assert u.of_tenant("acme", job_id="other") == []
         assert u.get(first.id, "other-tenant") is None and u.of_tenant("other-tenant") == []
         got = u.get(first.id, "acme")
-        assert got.job["checkpoint_key"] == "jobs/job-1/checkpoint-8" and got.traceparent == "tp"
+        assert got.job["checkpoint_key"] == CKPT and got.traceparent == "tp"
         assert got.created_at.tzinfo is not None
         assert [e.id for e in u.running()] == [first.id]
         u.save(completed(got, {"eval_loss": 1.0}, {"eval_loss": 0.5}, "evaluations/x/report.json"))

@@ -267,7 +267,8 @@ async def test_cli_downloads_the_checkpoint_and_exports(ckpt, nats_server, tmp_p
     settings = Settings(nats_url=nats_server.url, data_dir=tmp_path / "registry",
                         grpc_port=free_port(), artifact_store="file",
                         artifact_root=tmp_path / "artifacts")
-    key = artifact_store_from_settings(settings).put_dir("jobs/j1/checkpoint-12/", ckpt)
+    store = artifact_store_from_settings(settings)
+    key = store.put_dir("tenants/acme/jobs/j1/checkpoint-12/", ckpt)
     viewer = await put_api_key(nats_server.url, "viewer", "acme")
     monkeypatch.setenv("LLMSTUDIO_ARTIFACT_ROOT", str(tmp_path / "nowhere"))  # not used
     common = ["--api-key", viewer, "--data-dir", str(tmp_path / "client")]
@@ -287,7 +288,8 @@ async def test_cli_downloads_the_checkpoint_and_exports(ckpt, nats_server, tmp_p
 
         # a version whose checkpoint never finished uploading: a clear error, nothing written
         await register_version(settings, port, viewer, "j2", "tiny-lora",
-                               "jobs/j2/checkpoint-99", "jobs/j2/checkpoint-99", 2)
+                               "tenants/acme/jobs/j2/checkpoint-99",
+                               "tenants/acme/jobs/j2/checkpoint-99", 2)
         rc = await asyncio.to_thread(cli.main, [
             "models", "export", "tiny-lora@2", "--out", str(tmp_path / "x"), *common])
         assert rc == 1 and "incomplete" in capsys.readouterr().err

@@ -74,9 +74,16 @@ def checkpoint_step(path: str | Path) -> int | None:
     return int(tail) if Path(path).name.startswith(PREFIX) and tail.isdigit() else None
 
 
-def store_prefix(job_id: str, step: int) -> str:
+def job_root(tenant: str, job_id: str) -> str:
+    """Artifact store folder of a job's checkpoints, under its tenant's prefix."""
+    from llmstudio.artifactkeys import tenant_key
+
+    return tenant_key(tenant, "jobs", job_id) + "/"
+
+
+def store_prefix(tenant: str, job_id: str, step: int) -> str:
     """Artifact store prefix of a job's checkpoint (the registered adapter is its files)."""
-    return f"jobs/{job_id}/{checkpoint_name(step)}"
+    return job_root(tenant, job_id) + checkpoint_name(step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,24 +466,26 @@ def load_training_state(
 # a job's checkpoints in the artifact store
 
 
-def stored_checkpoints(store: ArtifactStore, job_id: str) -> list[tuple[int, str]]:
+def stored_checkpoints(store: ArtifactStore, tenant: str,
+                       job_id: str) -> list[tuple[int, str]]:
     """(step, prefix) of the job's complete checkpoints in `store` (those with a manifest),
     oldest first."""
-    root = f"jobs/{job_id}/"
+    root = job_root(tenant, job_id)
     found = []
     for key in store.list(root):
         name, _, rest = key[len(root):].partition("/")
         step = checkpoint_step(name)
         if step is not None and rest == MANIFEST:
-            found.append((step, store_prefix(job_id, step)))
+            found.append((step, root + name))
     return sorted(found)
 
 
-def prune_stored_checkpoints(store: ArtifactStore, job_id: str, keep: int) -> None:
+def prune_stored_checkpoints(store: ArtifactStore, tenant: str, job_id: str,
+                             keep: int) -> None:
     """Keep the job's newest `keep` stored checkpoints (0: all); delete each manifest first."""
     if not keep:
         return
-    for _step, prefix in stored_checkpoints(store, job_id)[:-keep]:
+    for _step, prefix in stored_checkpoints(store, tenant, job_id)[:-keep]:
         store.delete_prefix(f"{prefix}/{MANIFEST}")
         store.delete_prefix(f"{prefix}/")
 
@@ -489,13 +498,13 @@ class StoredCheckpoint:
 
 
 def download_latest_checkpoint(
-    store: ArtifactStore, job_id: str, dest: Path
+    store: ArtifactStore, tenant: str, job_id: str, dest: Path
 ) -> StoredCheckpoint | None:
     """Download the job's newest complete checkpoint into dest/checkpoint-<step>, falling back
     to older ones when a download fails its hashes, or None when the job stored none."""
     from llmstudio.storage import CorruptArtifact, IncompleteArtifact
 
-    for step, prefix in reversed(stored_checkpoints(store, job_id)):
+    for step, prefix in reversed(stored_checkpoints(store, tenant, job_id)):
         local = Path(dest) / checkpoint_name(step)
         try:
             store.get_dir(prefix, local)
