@@ -13,6 +13,11 @@ letter), never retried.
 | subject | the RPC it stands for |
 |---|---|
 | llmstudio.cmd.jobs.create | JobService.CreateJob |
+| llmstudio.cmd.jobs.cancel | JobService.CancelJob |
+| llmstudio.cmd.jobs.pause | JobService.PauseJob |
+| llmstudio.cmd.jobs.resume | JobService.ResumeJob |
+| llmstudio.cmd.datasets.import | DatasetService.ImportDataset (a dataset pushed by URI) |
+| llmstudio.cmd.datasets.derive | DatasetService.DeriveDataset |
 """
 
 from __future__ import annotations

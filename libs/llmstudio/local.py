@@ -167,6 +167,8 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
     })
     # a job's base model comes from the stack's model folder, nowhere else (llmstudio.modelroots)
     env.setdefault("LLMSTUDIO_MODEL_ROOTS", str((data_dir / "models").resolve()))
+    # files ImportDataset (and its command) may read: the stack's imports folder
+    env.setdefault("LLMSTUDIO_DATASET_IMPORT_ROOTS", str((data_dir / "imports").resolve()))
     # every service is a NATS user of its own (llmstudio.natsauth)
     env["LLMSTUDIO_NATS_USER"] = service_module(name)
     env["LLMSTUDIO_NATS_PASSWORD_FILE"] = str(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+from llmstudio.commands import Command, serve_commands
 from llmstudio.grpcutil import Registration
 from llmstudio.ml.allocator import return_freed_tensors_to_os
 from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
-from llmstudio.v1 import datasets_pb2_grpc
+from llmstudio.v1 import datasets_pb2, datasets_pb2_grpc
 
 from .api import DatasetApi
 from .handlers import DatasetHandlers
@@ -35,10 +36,16 @@ async def build(rt: Runtime) -> list[Registration]:
 
     rt.background.append(outbox.run)  # also publishes what a crash left in the outbox
     rt.on_stop.append(close)
+    api = DatasetApi(datasets)
+    # external automation's commands: the same use cases, authorized as the RPCs
+    serve_commands(rt.bus, rt.keys, "datasets", api, {
+        "import": Command("ImportDataset", datasets_pb2.ImportDatasetRequest),
+        "derive": Command("DeriveDataset", datasets_pb2.DeriveDatasetRequest),
+    })
     return [
         Registration(
             add=datasets_pb2_grpc.add_DatasetServiceServicer_to_server,
-            servicer=DatasetApi(datasets),
+            servicer=api,
             full_name="llmstudio.v1.DatasetService",
         )
     ]

@@ -51,6 +51,9 @@ async def build(rt: Runtime) -> list[Registration]:
     # external automation's commands: the same use cases, authorized as the RPCs
     serve_commands(rt.bus, rt.keys, "jobs", api, {
         "create": Command("CreateJob", jobs_pb2.CreateJobRequest),
+        "cancel": Command("CancelJob", jobs_pb2.CancelJobRequest),
+        "pause": Command("PauseJob", jobs_pb2.PauseJobRequest),
+        "resume": Command("ResumeJob", jobs_pb2.ResumeJobRequest),
     })
     return [
         Registration(

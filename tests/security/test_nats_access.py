@@ -17,6 +17,7 @@ from llmstudio.bus import inbox_prefix
 from llmstudio.commands import API_KEY_HEADER
 from llmstudio.events import JobCompleted, WorkerHeartbeat, WorkItem, make_envelope
 from llmstudio.natsauth import APIKEY_BUCKET, AUTOMATION, OPERATOR, password_path
+from llmstudio.v1 import jobs_pb2
 from tests.support.models import config_only_model
 from tests.support.waiting import wait_for
 
@@ -202,6 +203,51 @@ def test_a_command_creates_a_job_with_a_developer_key_and_is_refused_with_a_view
                                            "may not write")
     assert API_KEY_HEADER not in refusals[0]["payload"] and viewer.secret not in str(refusals)
     assert not _named(client, "by-viewer")
+
+
+def test_automation_pushes_a_dataset_by_uri_and_its_other_commands_reach_their_rpcs(deployed):
+    """The other verbs go the same way: llmstudio.cmd.datasets.import reads a file under the
+    stack's import root into a version of the caller's tenant, and a file outside the import
+    roots is refused and parked; llmstudio.cmd.jobs.cancel reaches CancelJob (a job that has
+    already failed cannot be cancelled: refused with the RPC's own status)."""
+    data_dir, client = deployed
+    state = local.running_stack(data_dir)
+    rows = data_dir / "imports" / "cmd-rows.jsonl"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                            for i in range(20)))
+    model = config_only_model(data_dir / "models" / "config-only")
+    developer = client.governance.create_key("developer", name="automation-push")
+    wait_for(lambda: _known(data_dir, developer.secret), 15, "the new key to propagate")
+    job = client.jobs.create({"name": "doomed", "base_model": str(model),
+                              "dataset": "no-such-dataset"})
+    wait_for(lambda: client.jobs.get(job.id).status == jobs_pb2.JOB_STATUS_FAILED, 30,
+             "the job to fail (no such dataset)")
+
+    def importing(name: str, path: str) -> bytes:
+        return json.dumps({"options": {"name": name}, "source_uri": f"file://{path}"}).encode()
+
+    async def send() -> None:
+        async with Session(state, AUTOMATION) as s:
+            for subject, body in (
+                    ("llmstudio.cmd.datasets.import", importing("pushed", str(rows))),
+                    ("llmstudio.cmd.datasets.import", importing("stolen", "/etc/hostname")),
+                    ("llmstudio.cmd.jobs.cancel", json.dumps({"id": job.id}).encode())):
+                await s.js.publish(subject, body, headers={API_KEY_HEADER: developer.secret})
+
+    asyncio.run(send())
+    pushed = wait_for(lambda: client.datasets.list(name="pushed"), 60, "the pushed dataset")
+    assert pushed[0].num_rows == 20 and pushed[0].created_by == developer.key_id
+
+    def refused(method: str, marker: str) -> list[dict]:
+        return [p for r in client.governance.query_audit("llmstudio.deadletter.")
+                if method in (p := json.loads(r.data_json))["reason"] and marker in p["payload"]]
+
+    stolen = wait_for(lambda: refused("ImportDataset", "stolen"), 30, "the refused import")
+    assert "PERMISSION_DENIED" in stolen[0]["reason"]
+    assert not client.datasets.list(name="stolen")
+    cancel = wait_for(lambda: refused("CancelJob", job.id), 30, "the cancel's refusal")
+    assert "FAILED_PRECONDITION" in cancel[0]["reason"]
 
 
 def _named(client, name: str) -> list:
