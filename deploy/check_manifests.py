@@ -12,6 +12,14 @@ Usage (deploy/compose-check.sh calls it):
   TLS CA, and one with a gRPC API serves TLS with its own certificate and key (and has no probe
   or healthcheck that speaks plaintext to it); nats-server's config has a tls block whose
   certificate and key are mounted.
+- Both, least privilege: every service connects to PostgreSQL as its own role
+  (llmstudio_<service>, never the superuser) to its own database, with the password from its
+  own secret file (none in the URL); every service that uses the artifact store (it calls
+  `artifact_store()` in services/<service>/app.py) is its own MinIO user (llmstudio-<service>,
+  never the root user) with its secret key from its own secret file (never in the environment);
+  the others get no S3 credentials at all. Compose: minio-init and postgres-init get each
+  service's secret to create its user (with its policy: only its bucket, no wildcard action) and
+  role.
 - OpenTelemetry collector config (--otel): parses; every component a pipeline uses is defined.
 - Compose (--compose-json: the output of `docker compose config --format json`, i.e. the
   resolved model): build contexts, Dockerfiles and build targets exist; bind-mount sources
@@ -27,6 +35,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -68,7 +77,7 @@ def _secret_files(module: str, serves_grpc: bool) -> dict[str, tuple[str, str]]:
 
 
 def _k8s_credentials(where: str, container: dict, volumes: dict,
-                     config_env: dict[str, str]) -> list[str]:
+                     config_env: dict[str, str], secret_value=lambda name, key: None) -> list[str]:
     """An LLM Studio service's container has its own NATS user, its own password and signing
     key, the TLS CA and (with a gRPC API) its own certificate and key mounted where the
     configuration (its env and envFrom ConfigMaps: `config_env`) says."""
@@ -86,6 +95,13 @@ def _k8s_credentials(where: str, container: dict, volumes: dict,
         if mount else None
     items = {i.get("path"): i.get("key") for src in sources or []
              for i in (src.get("secret") or {}).get("items") or []}
+    owned = {i.get("path"): ((src.get("secret") or {}).get("name"), i.get("key"))
+             for src in sources or [] for i in (src.get("secret") or {}).get("items") or []}
+    for e in container.get("env") or []:  # a URL from a Secret: its value here, if defined
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if ref and e.get("name") == "LLMSTUDIO_DATABASE_URL":
+            env[e["name"]] = secret_value(ref.get("name"), ref.get("key"))
+    errors += _least_privilege(where, module, env, owned, "k8s")
     serves_grpc = "LLMSTUDIO_GRPC_PORT" in env
     for var, (path, key) in _secret_files(module, serves_grpc).items():
         if env.get(var) != f"/run/secrets/{path}":
@@ -202,6 +218,10 @@ def check_k8s(directory: Path) -> list[str]:
             return None
         return set((c.get("data") or {}).keys()) | set((c.get("binaryData") or {}).keys())
 
+    def secret_data(name: str) -> dict[str, str]:
+        s = by_kind.get("Secret", {}).get(name) or {}
+        return {**(s.get("data") or {}), **(s.get("stringData") or {})}
+
     def configmap_data(name: str) -> dict[str, str]:
         return (by_kind.get("ConfigMap", {}).get(name) or {}).get("data") or {}
 
@@ -284,7 +304,10 @@ def check_k8s(directory: Path) -> list[str]:
                             )
             config_env = {k: v for ref in c.get("envFrom") or [] if "configMapRef" in ref
                           for k, v in configmap_data(ref["configMapRef"].get("name")).items()}
-            errors += _k8s_credentials(cwhere, c, volumes, config_env)
+            config_env.update({k: v for ref in c.get("envFrom") or [] if "secretRef" in ref
+                               for k, v in secret_data(ref["secretRef"].get("name")).items()})
+            errors += _k8s_credentials(cwhere, c, volumes, config_env,
+                                       lambda n, k: secret_data(n).get(k))
             errors += _k8s_nats_tls(cwhere, c, volumes, configmap_data)
             for m in c.get("volumeMounts") or []:
                 if m.get("name") not in volumes:
@@ -415,7 +438,166 @@ TLS_SERVER_FILES: dict[str, tuple[str, str]] = {
 }
 
 
-def _compose_credentials(name: str, svc: dict, secrets: dict) -> list[str]:
+# Least privilege in the stores (libs/llmstudio/credentials.py): env var -> (the file under
+# /run/secrets, the k8s Secret and its key <service><suffix>, the compose secret's prefix).
+DATABASE_PASSWORD = ("LLMSTUDIO_DATABASE_PASSWORD_FILE", "database-password",
+                     "llmstudio-postgres", ".password", "database-password-")
+S3_SECRET_KEY = ("LLMSTUDIO_S3_SECRET_KEY_FILE", "s3-secret-key", "llmstudio-s3", ".secret",
+                 "s3-secret-key-")
+S3_CREDENTIALS = ("LLMSTUDIO_S3_ACCESS_KEY", "LLMSTUDIO_S3_SECRET_KEY",
+                  "LLMSTUDIO_S3_SECRET_KEY_FILE")
+# what only the stores themselves and their one-shot init jobs may have
+ROOT_ENV = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY",
+            "POSTGRES_PASSWORD", "PGPASSWORD")
+
+
+def store_users(root: Path = ROOT) -> set[str]:
+    """The services that use the artifact store: those whose app.py calls artifact_store()."""
+    return {p.parent.name for p in (root / "services").glob("*/app.py")
+            if "artifact_store()" in p.read_text()}
+
+
+def _least_privilege(where: str, module: str, env: dict, mounted: dict, flavour: str,
+                     roots: dict | None = None) -> list[str]:
+    """`module`'s own PostgreSQL role and database, and its own MinIO user or none.
+    `mounted`: file under /run/secrets -> (k8s Secret or compose secret, key or None).
+    `roots`: the stores' root credentials (compose: MINIO_ROOT_USER, POSTGRES_USER, ...)."""
+    roots = roots or {}
+    errors = []
+    role, own_key = f"llmstudio_{module}", f"llmstudio-{module}"
+    for var in ROOT_ENV:
+        if var in env:
+            errors.append(f"{where}: {var} is the stores' root credential: only MinIO, "
+                          "PostgreSQL and their init jobs may have it")
+    url = env.get("LLMSTUDIO_DATABASE_URL") or ""
+    parts = urlsplit(url)
+    if not url:
+        errors.append(f"{where}: no LLMSTUDIO_DATABASE_URL")
+    elif parts.username in (roots.get("POSTGRES_USER"), "postgres"):
+        errors.append(f"{where}: LLMSTUDIO_DATABASE_URL connects as the PostgreSQL superuser "
+                      f"{parts.username!r}, not its own role {role!r}")
+    elif parts.username != role:
+        errors.append(f"{where}: LLMSTUDIO_DATABASE_URL must connect as its own role {role!r}, "
+                      f"not {parts.username!r}")
+    if url and parts.path.lstrip("/") != role:
+        errors.append(f"{where}: LLMSTUDIO_DATABASE_URL must name its own database {role!r}")
+    if parts.password:
+        errors.append(f"{where}: LLMSTUDIO_DATABASE_URL has a password: its own comes from "
+                      "LLMSTUDIO_DATABASE_PASSWORD_FILE")
+    files = [DATABASE_PASSWORD]
+    uses_store = module in store_users()
+    if uses_store:
+        files.append(S3_SECRET_KEY)
+        access_key = env.get("LLMSTUDIO_S3_ACCESS_KEY")
+        if access_key is not None and access_key == roots.get("MINIO_ROOT_USER"):
+            errors.append(f"{where}: LLMSTUDIO_S3_ACCESS_KEY is the MinIO root user, not its own "
+                          f"{own_key!r}")
+        elif access_key != own_key:
+            errors.append(f"{where}: LLMSTUDIO_S3_ACCESS_KEY must be its own MinIO user "
+                          f"{own_key!r}, not {access_key!r}")
+        if "LLMSTUDIO_S3_SECRET_KEY" in env:
+            root = env["LLMSTUDIO_S3_SECRET_KEY"] == roots.get("MINIO_ROOT_PASSWORD")
+            errors.append(f"{where}: LLMSTUDIO_S3_SECRET_KEY is set"
+                          f"{' to the MinIO root password' if root else ''}: its own secret key "
+                          "comes from LLMSTUDIO_S3_SECRET_KEY_FILE")
+    else:
+        given = [v for v in S3_CREDENTIALS if v in env] + \
+            [f"/run/secrets/{S3_SECRET_KEY[1]}" for _ in [0] if S3_SECRET_KEY[1] in mounted]
+        if given:
+            errors.append(f"{where}: {module} does not use the artifact store and gets no S3 "
+                          f"credentials, but has {', '.join(given)}")
+    for var, target, k8s_secret, suffix, compose_prefix in files:
+        if env.get(var) != f"/run/secrets/{target}":
+            errors.append(f"{where}: {var} must be /run/secrets/{target}")
+        source, key = mounted.get(target, (None, None))
+        if flavour == "k8s":
+            want = (k8s_secret, f"{module}{suffix}")
+            if (source, key) != want:
+                errors.append(f"{where}: /run/secrets/{target} must be the key {want[1]!r} of "
+                              f"Secret {want[0]!r}, not {key!r} of {source!r}")
+        elif source is None:
+            errors.append(f"{where}: no secret mounted as {target}")
+        elif source != f"{compose_prefix}{module}":
+            errors.append(f"{where}: secret {target} comes from {source}, not "
+                          f"{compose_prefix}{module} ({module}'s own)")
+    return errors
+
+
+def _compose_stores(services: dict, secrets: dict) -> list[str]:
+    """minio-init creates a MinIO user per store-using service from its secret, with a policy
+    file that confines it to the bucket; postgres-init a role per service."""
+    errors = []
+    modules = {m for svc in services.values() for m in [_module(svc)] if m}
+    users = store_users()
+
+    def mounted(target: str) -> list[tuple[str, dict]]:
+        return [(n, s) for n, s in services.items()
+                if any(x.get("target") == target for x in s.get("secrets") or [])]
+
+    for module in sorted(modules):
+        for prefix, target, what in (("database-password-", f"{module}.password",
+                                      "postgres-init (its PostgreSQL role)"),
+                                     ("s3-secret-key-", f"{module}.secret",
+                                      "minio-init (its MinIO user)")):
+            if prefix.startswith("s3") and module not in users:
+                continue
+            holders = [n for n, s in mounted(target)
+                       if any(x.get("target") == target and x.get("source") == prefix + module
+                              for x in s.get("secrets") or [])]
+            if not holders:
+                errors.append(f"compose: no service is given {prefix}{module} as {target}: "
+                              f"{what} cannot be made")
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        policies = env.get("LLMSTUDIO_S3_POLICIES_DIR")
+        if not policies:
+            continue
+        mounts = {v.get("target"): v.get("source") for v in svc.get("volumes") or []}
+        if policies not in mounts:
+            errors.append(f"compose: {name}: LLMSTUDIO_S3_POLICIES_DIR {policies} is not mounted")
+            continue
+        bucket = env.get("LLMSTUDIO_S3_BUCKET", "llmstudio")
+        for module in sorted(users & modules):
+            path = Path(mounts[policies]) / f"{module}.json"
+            if not path.is_file():
+                errors.append(f"compose: {name}: no MinIO policy {path} for {module}")
+                continue
+            errors += [f"compose: {name}: {path}: {e}" for e in _policy_problems(
+                json.loads(path.read_text()), bucket)]
+    return errors
+
+
+def _policy_problems(policy: dict, bucket: str) -> list[str]:
+    """An allow of a wildcard action, or of a resource outside `bucket` (but read-only
+    import buckets), or a listing without a prefix condition."""
+    problems = []
+    for st in policy.get("Statement") or []:
+        if st.get("Effect") != "Allow":
+            continue
+        actions = st.get("Action") or []
+        actions = [actions] if isinstance(actions, str) else actions
+        resources = st.get("Resource") or []
+        resources = [resources] if isinstance(resources, str) else resources
+        if any("*" in a or a.startswith("admin:") for a in actions):
+            problems.append(f"{st.get('Sid')}: wildcard or admin action {actions}")
+        own = [r for r in resources if r == f"arn:aws:s3:::{bucket}"
+               or r.startswith(f"arn:aws:s3:::{bucket}/")]
+        if set(resources) - set(own) and set(actions) != {"s3:GetObject"}:
+            problems.append(f"{st.get('Sid')}: {actions} outside bucket {bucket!r}")
+        if any(r in ("*", "arn:aws:s3:::*", f"arn:aws:s3:::{bucket}/*") for r in resources):
+            problems.append(f"{st.get('Sid')}: the whole bucket or store {resources}")
+        if "s3:ListBucket" in actions and "s3:prefix" not in json.dumps(st.get("Condition")):
+            problems.append(f"{st.get('Sid')}: s3:ListBucket without an s3:prefix condition")
+    return problems
+
+
+def _module(svc: dict) -> str | None:
+    return next((c.split(".", 1)[1] for c in svc.get("command") or []
+                 if c.startswith("services.")), None)
+
+
+def _compose_credentials(name: str, svc: dict, secrets: dict,
+                         roots: dict | None = None) -> list[str]:
     command = svc.get("command") or []
     module = next((c.split(".", 1)[1] for c in command if c.startswith("services.")), None)
     if module is None:
@@ -441,6 +623,13 @@ def _compose_credentials(name: str, svc: dict, secrets: dict) -> list[str]:
         if not file or not Path(file).is_file():
             errors.append(f"compose: {name}: secret {source}: file {file or '?'} does not exist "
                           "(run `llmstudio credentials` and `llmstudio certs`)")
+    errors += _least_privilege(f"compose: {name}", module, env,
+                               {t: (s, None) for t, s in mounted.items()}, "compose", roots)
+    for target in (DATABASE_PASSWORD[1], S3_SECRET_KEY[1]):
+        file = (secrets.get(mounted.get(target)) or {}).get("file", "")
+        if target in mounted and not Path(file).is_file():
+            errors.append(f"compose: {name}: secret {mounted[target]}: file {file or '?'} does "
+                          "not exist (run `llmstudio credentials`)")
     if serves_grpc and "insecure_channel" in " ".join((svc.get("healthcheck") or {}).get("test")
                                                       or []):
         errors.append(f"compose: {name}: its healthcheck speaks plaintext to a TLS-only port")
@@ -468,6 +657,11 @@ def _compose_nats_tls(name: str, svc: dict) -> list[str]:
 def check_compose(model: dict) -> list[str]:
     errors: list[str] = []
     services = model.get("services") or {}
+    roots = {k: v for svc in services.values() for k, v in (svc.get("environment") or {}).items()
+             if k in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "POSTGRES_USER",
+                      "POSTGRES_PASSWORD") and _module(svc) is None and "PGHOST" not in
+             (svc.get("environment") or {})}
+    errors += _compose_stores(services, model.get("secrets") or {})
     for name, svc in services.items():
         build = svc.get("build")
         if build:
@@ -486,7 +680,7 @@ def check_compose(model: dict) -> list[str]:
                 errors.append(
                     f"compose: {name}: bind-mount source {vol.get('source')} does not exist"
                 )
-        errors += _compose_credentials(name, svc, model.get("secrets") or {})
+        errors += _compose_credentials(name, svc, model.get("secrets") or {}, roots)
         errors += _compose_nats_tls(name, svc)
         for dep, cond in (svc.get("depends_on") or {}).items():
             if (cond or {}).get("condition") == "service_healthy":

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Default gRPC ports of the services; the embedded stack picks free ports instead.
@@ -44,12 +45,18 @@ class Settings(BaseSettings):
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "minioadmin"
     s3_secret_key: str = "minioadmin"
+    # the secret key in a file instead (compose and k8s: the service's own, /run/secrets);
+    # read at start and overrides s3_secret_key
+    s3_secret_key_file: Path | None = None
     s3_bucket: str = "llmstudio"
     s3_secure: bool = False
     s3_region: str | None = None
 
     # Metadata: one database per service. Empty -> sqlite under data_dir.
     database_url: str = ""
+    # the password of database_url's user in a file (compose and k8s: the service's own role's,
+    # /run/secrets); it goes into the URL's password part, quoted, replacing any there
+    database_password_file: Path | None = None
 
     # gRPC: the port this service listens on (0 = its default), and where clients find each one.
     grpc_host: str = "127.0.0.1"
@@ -120,9 +127,18 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @model_validator(mode="after")
+    def _read_s3_secret_key_file(self):
+        if self.s3_secret_key_file is not None:
+            self.s3_secret_key = self.s3_secret_key_file.read_text().strip()
+        return self
+
     def db_url(self, service: str) -> str:
         if self.database_url:
-            return self.database_url
+            if self.database_password_file is None:
+                return self.database_url
+            return url_with_password(self.database_url,
+                                     self.database_password_file.read_text().strip())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
 
@@ -131,6 +147,17 @@ class Settings(BaseSettings):
 
     def listen_port(self, service: str) -> int:
         return self.grpc_port or DEFAULT_PORTS[service]
+
+
+def url_with_password(url: str, password: str) -> str:
+    """`url` with `password` as its password (percent-quoted, so any character is safe),
+    replacing the one it has; its user stays as it is."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    if not at or not user:
+        raise ValueError("LLMSTUDIO_DATABASE_URL needs a user for LLMSTUDIO_DATABASE_PASSWORD_FILE")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
 
 
 def get_settings(**overrides) -> Settings:

@@ -29,7 +29,7 @@ CHECK_SCRIPT = ROOT / "deploy" / "compose-check.sh"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 K8S_DIR = ROOT / "deploy" / "k8s"
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
-PG_INIT = ROOT / "deploy" / "docker" / "postgres-init.sql"
+PG_INIT = ROOT / "deploy" / "postgres" / "init.sh"
 
 SERVICES = ("dataset", "scheduler", "trainer", "evaluator", "registry", "governance")
 # gRPC ports (trainer has none); cross-checked against libs/llmstudio/config.py below.
@@ -171,10 +171,12 @@ def test_compose_declares_all_services(model):
         env = svc["environment"]
         assert env["LLMSTUDIO_NATS_URL"] == "tls://nats:4222"
         assert env["LLMSTUDIO_TLS_CA_FILE"] == "/run/secrets/ca.crt"
-        assert env["LLMSTUDIO_ARTIFACT_STORE"] == "s3"
-        assert env["LLMSTUDIO_S3_ENDPOINT"] == "minio:9000"
-        assert env["LLMSTUDIO_S3_BUCKET"] == "llmstudio"
-        assert env["LLMSTUDIO_S3_ACCESS_KEY"] and env["LLMSTUDIO_S3_SECRET_KEY"]
+        if name != "scheduler":  # the scheduler has no artifact store (test_deploy_credentials)
+            assert env["LLMSTUDIO_ARTIFACT_STORE"] == "s3"
+            assert env["LLMSTUDIO_S3_ENDPOINT"] == "minio:9000"
+            assert env["LLMSTUDIO_S3_BUCKET"] == "llmstudio"
+            assert env["LLMSTUDIO_S3_ACCESS_KEY"] == f"llmstudio-{name}"
+            assert env["LLMSTUDIO_S3_SECRET_KEY_FILE"] == "/run/secrets/s3-secret-key"
         assert env["LLMSTUDIO_OTEL_EXPORTER"] == "otlp"
         assert env["LLMSTUDIO_OTEL_ENDPOINT"] == "http://otel-collector:4317"
         assert env["LLMSTUDIO_DATA_DIR"] == "/data"
@@ -186,11 +188,10 @@ def test_compose_declares_all_services(model):
         )
     for infra in ("nats", "minio", "postgres", "otel-collector", "jaeger"):
         assert infra in services
-    # the S3 credentials the services use are MinIO's root credentials
-    assert (
-        services["dataset"]["environment"]["LLMSTUDIO_S3_SECRET_KEY"]
-        == (services["minio"]["environment"]["MINIO_ROOT_PASSWORD"])
-    )
+    # the services' S3 users are their own, not MinIO's root user
+    assert "LLMSTUDIO_S3_SECRET_KEY" not in services["dataset"]["environment"]
+    assert services["dataset"]["environment"]["LLMSTUDIO_S3_ACCESS_KEY"] != (
+        services["minio"]["environment"]["MINIO_ROOT_USER"])
     assert "LLMSTUDIO_BOOTSTRAP_ADMIN_KEY" in services["governance"]["environment"]
 
 
@@ -221,12 +222,17 @@ def test_grpc_services_ports_and_healthchecks(model):
 
 
 def test_postgres_init_creates_every_service_database(model):
-    sql = PG_INIT.read_text()
-    mounts = {v["target"]: v["source"] for v in model["services"]["postgres"]["volumes"]}
-    assert Path(mounts["/docker-entrypoint-initdb.d/10-llmstudio.sql"]) == PG_INIT
+    """postgres-init runs deploy/postgres/init.sh with every service's password: a role and a
+    database per service (run against a real server in test_deploy_credentials)."""
+    init = model["services"]["postgres-init"]
+    mounts = {v["target"]: v["source"] for v in init["volumes"]}
+    assert Path(mounts["/etc/llmstudio/postgres"]) == PG_INIT.parent
+    assert init["entrypoint"] == ["/bin/sh", "/etc/llmstudio/postgres/init.sh"]
+    given = {s["target"] for s in init["secrets"]}
     for name in SERVICES:
         db = model["services"][name]["environment"]["LLMSTUDIO_DATABASE_URL"].rsplit("/", 1)[1]
-        assert f"'{db}'" in sql, db
+        assert db == f"llmstudio_{name}"
+        assert f"{name}.password" in given, name
 
 
 def test_nats_jetstream_file_storage_sync_always(model):
@@ -557,7 +563,8 @@ def test_k8s_manifests():
     js = jetstream_block(objs[("ConfigMap", "nats-config")]["data"]["nats.conf"])
     assert re.search(r"^\s*sync_interval:\s*always\s*$", js, re.M)
     readme = (K8S_DIR / "README.md").read_text()
-    assert "postgres-init.sql" in readme and "LLMSTUDIO_S3_ENDPOINT" in readme
+    assert "deploy/postgres/init.sh" in readme and "LLMSTUDIO_S3_ENDPOINT" in readme
+    assert "deploy/minio/init.sh" in readme
 
 
 def test_check_fails_on_broken_k8s_manifests(tmp_path):
@@ -693,7 +700,9 @@ def test_check_fails_on_a_service_without_its_tls(compose_bin, tmp_path):
             "  - {source: tls-key-governance, target: tls.key}\n", "",
             "governance: no secret mounted as tls.key"),
         "the trainer without the CA": (
-            "  - {source: tls-ca, target: ca.crt}\n\n# grpc.health.v1", "\n# grpc.health.v1",
+            "  - {source: tls-ca, target: ca.crt}\n"
+            "  - {source: database-password-trainer, target: database-password}\n",
+            "  - {source: database-password-trainer, target: database-password}\n",
             "trainer: no secret mounted as ca.crt"),
         "a plaintext healthcheck": (
             "grpc.secure_channel('127.0.0.1:'+os.environ['LLMSTUDIO_GRPC_PORT'],c)",
