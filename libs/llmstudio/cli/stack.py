@@ -77,8 +77,10 @@ def cmd_credentials(args):
 
     made = write_credentials(Path(args.dir))
     output(args, {k: str(v) for k, v in made.items()},
-           f"wrote the NATS users' passwords and authorization file to {made['nats_auth']} and "
-           f"the services' signing keys and trust file to {made['keys']}\n"
+           f"wrote the NATS users' passwords and authorization file to {made['nats_auth']}, "
+           f"the services' signing keys and trust file to {made['keys']}, their MinIO users' "
+           f"secret keys and policies to {made['s3']} and their PostgreSQL roles' passwords to "
+           f"{made['postgres']}\n"
            "(owner-only files: mount them as secrets; see the README's deployment section)")
 
 
@@ -103,6 +105,8 @@ def register(sub) -> None:
     c = add_command(sub, "credentials", cmd_credentials,
                     "make a deployment's secrets (compose, k8s): a NATS password per service, "
                     "the nats-server authorization file, a signing key per service and the "
-                    "trust file of their public keys; existing ones are kept")
+                    "trust file of their public keys, a MinIO user (secret key, policy) and a "
+                    "PostgreSQL role password per service; existing ones are kept")
     c.add_argument("dir", nargs="?", default="deploy/secrets",
-                   help="where (default deploy/secrets: nats-auth/ and keys/ under it)")
+                   help="where (default deploy/secrets: nats-auth/, keys/, s3/ and postgres/ "
+                   "under it)")
