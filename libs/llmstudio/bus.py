@@ -126,6 +126,7 @@ STREAMS: dict[str, StreamSpec] = {
     "JOBS": StreamSpec(["llmstudio.job.>"]),
     "EVALS": StreamSpec(["llmstudio.eval.>"]),
     "MODELS": StreamSpec(["llmstudio.model.>"]),
+    "SERVING": StreamSpec(["llmstudio.serving.>"]),
     "GOVERNANCE": StreamSpec(["llmstudio.governance.>", "llmstudio.policy.>"]),
     "DEADLETTER": StreamSpec(["llmstudio.deadletter.>"]),
     "METRICS": StreamSpec(["llmstudio.metrics.>"], max_age_s=7 * 86400, audited=False),

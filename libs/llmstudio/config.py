@@ -20,6 +20,7 @@ DEFAULT_PORTS = {
     "registry": 50053,
     "evaluator": 50054,
     "governance": 50055,
+    "serving": 50056,
 }
 GRPC_SERVICES = tuple(DEFAULT_PORTS)
 
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
     registry_addr: str = f"127.0.0.1:{DEFAULT_PORTS['registry']}"
     evaluator_addr: str = f"127.0.0.1:{DEFAULT_PORTS['evaluator']}"
     governance_addr: str = f"127.0.0.1:{DEFAULT_PORTS['governance']}"
+    serving_addr: str = f"127.0.0.1:{DEFAULT_PORTS['serving']}"
 
     # Identity: the key a client sends; the admin key governance creates on first start.
     api_key: str = ""
@@ -110,6 +112,14 @@ class Settings(BaseSettings):
     # per tenant: uploads being received at once, and the bytes they may hold in the spool
     dataset_max_uploads_per_tenant: int = 2
     dataset_tenant_spool_bytes: int = 64 << 30
+    # Serving: the OpenAI-compatible HTTP API's port (on grpc_host; 0: none), where a client
+    # finds it, and the generation engines' limits (per loaded base model)
+    serving_http_port: int = 8000
+    serving_http_url: str = "http://127.0.0.1:8000"
+    serving_max_batch_size: int = 8
+    serving_max_queue: int = 64  # waiting requests per model; more get 429 / RESOURCE_EXHAUSTED
+    serving_adapter_memory_mb: int = 512  # LoRA adapters kept loaded per base model (LRU)
+    serving_max_models: int = 2  # base models loaded at once (least recently used unloaded)
     # Where base_model (token stats, previews) may point; empty = any local dir or hub id.
     dataset_model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 

@@ -35,6 +35,7 @@ STORE_ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "trainer": {"read": (DATASETS,), "write": (JOBS,), "delete": (JOBS,)},
     "evaluator": {"read": (DATASETS, JOBS), "write": (EVALUATIONS,)},
     "registry": {"read": (DATASETS, JOBS, EVALUATIONS)},
+    "serving": {"read": (JOBS,)},  # the checkpoints it serves
     # append-only anchor of the audit chain: put, get, list; deleting is explicitly denied
     "governance": {"write": (AUDIT,), "deny_delete": (AUDIT,)},
 }

@@ -33,7 +33,7 @@ from .secretfiles import secret_file
 from .signing import key_path, trust_path
 
 # gRPC services in start order; the trainer workers (`trainer-1` ...) follow them.
-SERVICES = ("governance", "dataset", "scheduler", "registry", "evaluator")
+SERVICES = ("governance", "dataset", "scheduler", "registry", "evaluator", "serving")
 WORKER_PREFIX = "trainer-"
 SCHEDULER_REPLICA_PREFIX = "scheduler-"  # scheduler replicas 2..M (`up --schedulers M`)
 STATE_FILE = "stack.json"
@@ -47,6 +47,7 @@ class ServiceProc:
     pid: int
     port: int = 0
     restarts: int = 0
+    http_port: int = 0  # serving's OpenAI-compatible API
 
     @property
     def addr(self) -> str:
@@ -71,6 +72,12 @@ class StackState:
         if len(replicas) == 1:
             return replicas[0].addr
         return "ipv4:" + ",".join(s.addr for s in replicas)
+
+    @property
+    def serving_http_url(self) -> str:
+        """Where the OpenAI-compatible API listens ("" without a serving service)."""
+        serving = self.services.get("serving")
+        return f"http://127.0.0.1:{serving.http_port}" if serving else ""
 
     @property
     def nats_port(self) -> int:
@@ -165,6 +172,9 @@ def service_env(state: StackState, name: str, base: dict[str, str]) -> dict[str,
         **{f"LLMSTUDIO_{svc.upper()}_ADDR": state.addr(svc)
            for svc in GRPC_SERVICES if svc in state.services},
     })
+    if "serving" in state.services:  # its HTTP API (the OpenAI-compatible one)
+        env["LLMSTUDIO_SERVING_HTTP_PORT"] = str(state.services["serving"].http_port)
+        env["LLMSTUDIO_SERVING_HTTP_URL"] = state.serving_http_url
     # a job's base model comes from the stack's model folder, nowhere else (llmstudio.modelroots)
     env.setdefault("LLMSTUDIO_MODEL_ROOTS", str((data_dir / "models").resolve()))
     # files ImportDataset (and its command) may read: the stack's imports folder
@@ -274,7 +284,8 @@ def up(
     names = [*SERVICES, *replicas, *(f"{WORKER_PREFIX}{i}" for i in range(1, (workers or 1) + 1))]
     state = StackState(
         str(data_dir), f"nats://127.0.0.1:{free_port()}", 0,
-        services={n: ServiceProc(0, free_port() if service_module(n) in GRPC_SERVICES else 0)
+        services={n: ServiceProc(0, free_port() if service_module(n) in GRPC_SERVICES else 0,
+                                 http_port=free_port() if n == "serving" else 0)
                   for n in names},
         otel_exporter=otel_exporter or f"file:{data_dir / 'traces.jsonl'}",
     )

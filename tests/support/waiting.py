@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 
@@ -19,10 +20,13 @@ def wait_for(fetch, timeout: float, what: str, interval: float = 0.2):
 
 
 async def wait_for_async(fetch, timeout: float, what: str, interval: float = 0.05):
-    """`wait_for` inside a test's event loop: sleeps without blocking it."""
+    """`wait_for` inside a test's event loop: sleeps without blocking it (`fetch` may be a
+    coroutine function)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = fetch()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         await asyncio.sleep(interval)

@@ -1,6 +1,6 @@
 """Event contracts: a CloudEvents envelope around one pydantic model per event type."""
 
-from . import datasets, evaluation, governance, jobs, registry  # noqa: F401  (registers types)
+from . import datasets, evaluation, governance, jobs, registry, serving  # noqa: F401  (registers)
 from .base import EVENT_TYPES, Envelope, EventData, InvalidEvent, decode, make_envelope
 from .datasets import DatasetRegistered, DatasetRejected, DatasetValidated
 from .emitters import EMITTERS, may_emit
@@ -35,6 +35,7 @@ from .jobs import (
     WorkItem,
 )
 from .registry import ModelStageChanged, ModelVersionRegistered
+from .serving import DeploymentCreated, DeploymentDeleted, DeploymentSwitched
 
 __all__ = [
     "EMITTERS", "EVENT_TYPES", "Envelope", "EventData", "InvalidEvent", "decode", "make_envelope",
@@ -47,4 +48,5 @@ __all__ = [
     "JobRequeued", "JobResumed", "JobStarted",
     "JobSubmitted", "JobSucceeded", "JobUpdated", "QuotaChanged", "WorkerHeartbeat", "WorkItem",
     "ModelStageChanged", "ModelVersionRegistered",
+    "DeploymentCreated", "DeploymentDeleted", "DeploymentSwitched",
 ]

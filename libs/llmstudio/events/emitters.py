@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from . import datasets, evaluation, governance, jobs, registry
+from . import datasets, evaluation, governance, jobs, registry, serving
 from .base import EventData
 
-ANY_SERVICE = frozenset({"dataset", "scheduler", "trainer", "evaluator", "registry", "governance"})
+ANY_SERVICE = frozenset({"dataset", "scheduler", "trainer", "evaluator", "registry", "governance",
+                         "serving"})
 
 EMITTERS: dict[type[EventData], frozenset[str]] = {
     **dict.fromkeys((datasets.DatasetRegistered, datasets.DatasetValidated,
@@ -27,6 +28,8 @@ EMITTERS: dict[type[EventData], frozenset[str]] = {
     **dict.fromkeys((jobs.JobFailed, jobs.JobCancelled), frozenset({"scheduler", "trainer"})),
     **dict.fromkeys((registry.ModelVersionRegistered, registry.ModelStageChanged),
                     frozenset({"registry"})),
+    **dict.fromkeys((serving.DeploymentCreated, serving.DeploymentSwitched,
+                     serving.DeploymentDeleted), frozenset({"serving"})),
 }
 _BY_TYPE = {cls.TYPE: services for cls, services in EMITTERS.items()}
 

@@ -1,0 +1,5 @@
+from llmstudio.service import main
+
+from .app import build
+
+main("serving", build)

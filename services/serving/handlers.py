@@ -1,0 +1,31 @@
+"""Bus handlers: serving's view of the registry. A succeeded job says where its checkpoint is and
+which base model it tuned; the registry's events say which version it became and its stage
+(one consumer for both, so a version's stage changes come after its registration)."""
+
+from __future__ import annotations
+
+from llmstudio.bus import Bus, refuse_foreign_keys
+from llmstudio.events import Envelope, JobSucceeded, ModelStageChanged, ModelVersionRegistered
+
+from .usecases import Serving
+
+
+class ServingHandlers:
+    def __init__(self, serving: Serving):
+        self.serving = serving
+
+    def subscribe(self, bus: Bus) -> None:
+        bus.subscribe(JobSucceeded, durable="job-succeeded", handler=self.on_job_succeeded)
+        bus.subscribe((ModelVersionRegistered, ModelStageChanged), durable="models",
+                      handler=self.on_model_event)
+
+    async def on_job_succeeded(self, env: Envelope, data: JobSucceeded) -> None:
+        refuse_foreign_keys(env.tenant, data.checkpoint_key)
+        await self.serving.job_succeeded(env.tenant, data)
+
+    async def on_model_event(self, env: Envelope,
+                             data: ModelVersionRegistered | ModelStageChanged) -> None:
+        if isinstance(data, ModelVersionRegistered):
+            await self.serving.version_registered(env.tenant, data)
+        else:
+            await self.serving.stage_changed(env.tenant, data, env.actor)

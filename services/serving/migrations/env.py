@@ -1,0 +1,3 @@
+from llmstudio.migrations import run_env
+
+run_env()
