@@ -21,7 +21,10 @@ async def build(rt: Runtime) -> list[Registration]:
     await asyncio.to_thread(store.migrate)
     # the outcome is committed whether or not NATS takes its event now: run() publishes it later
     outbox = Outbox(store, rt.bus, defer_failures=True)
-    runner = EvaluationRunner(store, outbox, rt.artifact_store(), rt.settings.data_dir)
+    settings = rt.settings
+    runner = EvaluationRunner(
+        store, outbox, rt.artifact_store(), settings.data_dir, model_roots=settings.model_roots,
+        task_roots=[*settings.model_roots, *settings.dataset_import_roots])
     EvaluatorHandlers(runner).subscribe(rt.bus)
     rt.on_started.append(runner.resume)
     rt.background.append(outbox.run)  # publishes what a failed flush or a crash left behind
@@ -34,7 +37,7 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server,
-            servicer=EvaluationServicer(Evaluations(store)),
+            servicer=EvaluationServicer(Evaluations(store), runner),
             full_name="llmstudio.v1.EvaluationService",
         )
     ]

@@ -277,3 +277,158 @@ async def test_a_full_fine_tune_is_evaluated_and_registered(nats_server, tmp_pat
             assert version.metrics["base_eval_loss"] == pytest.approx(ev.base_metrics["eval_loss"])
         finally:
             await client.stop()
+
+
+async def test_create_evaluation_on_demand_with_suites_tasks_and_intervals(
+        nats_server, tmp_path, trained, base_model):
+    """CreateEvaluation over real gRPC: a registry version (known from its events) on a dataset
+    version's test split, the generation suite plus a multiple-choice file (a server path under
+    the import roots) and a custom task (an artifact of the tenant); every metric comes back with
+    its paired bootstrap interval. Idempotent by key; another tenant gets NOT_FOUND; a viewer
+    cannot create; keys and paths outside the tenant or the roots are refused; a base model is
+    evaluated alone. The automatic evaluation of the job reports intervals too."""
+    from llmstudio.events import DatasetRegistered, ModelVersionRegistered
+
+    spec, adapter_dir = trained
+    roots = tmp_path / "imports"
+    roots.mkdir()
+    mc_path = roots / "mc.jsonl"
+    mc_path.write_text("\n".join(json.dumps(r) for r in [
+        {"query": f"say {w} twice:", "choices": [f"{w} {w}", "no"], "gold": 0}
+        for w in ("apple", "river", "stone")]))
+    (tmp_path / "outside.jsonl").write_text(mc_path.read_text())
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port(),
+                        dataset_import_roots=[roots])
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    ckpt = store.put_dir(store_prefix("acme", "job-1", 8), adapter_dir).rstrip("/")
+    val = store.put_blob("\n".join(json.dumps(r) for r in ROWS).encode(), "tenants/acme/datasets")
+    qa = store.put_blob(json.dumps({"input": "say cat twice:", "expected": "cat"}).encode(),
+                        "tenants/acme/datasets")
+    artifacts = {"train": val, "validation": val, "test": val}
+    developer = (("x-api-key", await put_api_key(nats_server.url, "developer", "acme")),)
+    viewer = (("x-api-key", await put_api_key(nats_server.url, "viewer", "acme")),)
+    other = (("x-api-key", await put_api_key(nats_server.url, "developer", "other")),)
+    evals = []
+    client = Bus(settings, "test")
+
+    async def record(env, data):
+        evals.append(data)
+
+    client.subscribe_subject("evals", "llmstudio.eval.>", record)
+
+    async with running("evaluator", build, settings) as port:
+        await client.start()
+        try:
+            await client.publish(DatasetRegistered(
+                dataset_id="ds-1", name="words", sha256="ab" * 32, format="jsonl",
+                num_rows=16, train_rows=16, validation_rows=16, artifacts=artifacts),
+                tenant="acme")
+            await client.publish(job_completed("job-1", spec, artifacts, ckpt), tenant="acme")
+            await client.publish(ModelVersionRegistered(
+                ref="tiny-lora-v1", model_name="tiny-lora", version=1, job_id="job-1",
+                dataset_sha256="ab" * 32), tenant="acme")
+            await _wait(lambda: evals, what="the job's evaluation")
+            assert isinstance(evals[0], EvalCompleted), evals[0]
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = evaluation_pb2_grpc.EvaluationServiceStub(ch)
+                auto = await stub.GetEvaluation(evaluation_pb2.GetEvaluationRequest(
+                    id=evals[0].evaluation_id), metadata=developer)
+                assert {c.name for c in auto.comparisons} == {
+                    "eval_loss", "perplexity", "exact_match"}
+                loss = next(c for c in auto.comparisons if c.name == "eval_loss")
+                assert loss.diff == pytest.approx(auto.tuned_metrics["eval_loss"]
+                                                  - auto.base_metrics["eval_loss"])
+                assert loss.tuned_better == (loss.ci_high < 0) and not loss.higher_is_better
+
+                tasks = [evaluation_pb2.TaskFile(name="mc", path=str(mc_path)),
+                         evaluation_pb2.TaskFile(name="qa", key=qa, scoring="contains")]
+                req = evaluation_pb2.CreateEvaluationRequest(
+                    model_name="tiny-lora", version=1, dataset_id="ds-1", split="test",
+                    suite="generation", tasks=tasks, max_samples=6, max_new_tokens=6,
+                    bootstrap_samples=200, seed=5, idempotency_key="k1")
+
+                async def create(r=req, md=developer):
+                    deadline = asyncio.get_running_loop().time() + 30
+                    while True:  # the version's event may still be on its way
+                        try:
+                            return await stub.CreateEvaluation(r, metadata=md)
+                        except grpc.aio.AioRpcError as e:
+                            if (e.code() != grpc.StatusCode.NOT_FOUND
+                                    or asyncio.get_running_loop().time() > deadline):
+                                raise
+                            await asyncio.sleep(0.2)
+
+                ev = await create()
+                assert ev.status == "running" and ev.split == "test" and ev.version == 1
+                assert (await create()).id == ev.id  # same idempotency key: same evaluation
+
+                async def finished(eid, md=developer):
+                    deadline = asyncio.get_running_loop().time() + 120
+                    while True:
+                        got = await stub.GetEvaluation(
+                            evaluation_pb2.GetEvaluationRequest(id=eid), metadata=md)
+                        if got.status != "running":
+                            return got
+                        assert asyncio.get_running_loop().time() < deadline, "not finished"
+                        await asyncio.sleep(0.2)
+
+                done = await finished(ev.id)
+                assert done.status == "completed", done.error
+                names = {c.name for c in done.comparisons}
+                assert names == {"eval_loss", "perplexity", "exact_match", "token_f1", "bleu",
+                                 "chrf", "rouge_l", "mc/acc", "mc/acc_norm", "qa/score"}
+                for c in done.comparisons:
+                    assert c.ci_low <= c.ci_high and c.samples > 0
+                    assert c.diff == pytest.approx(c.tuned - c.base)
+                    assert c.tuned == pytest.approx(done.tuned_metrics[c.name])
+                    assert c.tuned_better == (c.ci_low > 0 if c.higher_is_better
+                                              else c.ci_high < 0)
+                assert next(c for c in done.comparisons if c.name == "mc/acc").samples == 3
+                report = json.loads(store.get_bytes(done.report_key))
+                assert report["split"] == "test" and report["bootstrap"]["resamples"] == 200
+                assert len(evals) == 1  # a requested evaluation is not announced
+
+                # another tenant: neither the evaluation nor the version nor the dataset
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetEvaluation(evaluation_pb2.GetEvaluationRequest(id=ev.id),
+                                             metadata=other)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                for r in (evaluation_pb2.CreateEvaluationRequest(
+                              model_name="tiny-lora", version=1, dataset_id="ds-1"),
+                          evaluation_pb2.CreateEvaluationRequest(
+                              base_model=base_model, dataset_id="ds-1")):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.CreateEvaluation(r, metadata=other)
+                    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                # a viewer reads, never creates
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.CreateEvaluation(req, metadata=viewer)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                # task files outside the tenant or the roots
+                for bad in (evaluation_pb2.TaskFile(name="x", key="tenants/other/datasets/q"),
+                            evaluation_pb2.TaskFile(name="x", path=str(tmp_path / "outside.jsonl")),
+                            evaluation_pb2.TaskFile(name="x", path=str(roots / "missing.jsonl"))):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.CreateEvaluation(evaluation_pb2.CreateEvaluationRequest(
+                            model_name="tiny-lora", version=1, dataset_id="ds-1",
+                            tasks=[bad]), metadata=developer)
+                    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, bad
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.CreateEvaluation(evaluation_pb2.CreateEvaluationRequest(
+                        model_name="tiny-lora", version=1, dataset_id="ds-1", suite="nope"),
+                        metadata=developer)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+                # a base model alone: its metrics, no comparison
+                alone = await create(evaluation_pb2.CreateEvaluationRequest(
+                    base_model=base_model, dataset_id="ds-1", split="validation",
+                    max_samples=2, max_new_tokens=4))
+                alone = await finished(alone.id)
+                assert alone.status == "completed", alone.error
+                assert set(alone.base_metrics) == {"eval_loss", "perplexity", "exact_match"}
+                assert not alone.comparisons and not alone.tuned_metrics
+                assert alone.base_metrics["eval_loss"] == pytest.approx(
+                    done.base_metrics["eval_loss"], rel=1e-6)  # same rows, same base
+        finally:
+            await client.stop()

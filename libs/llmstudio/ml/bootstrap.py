@@ -68,3 +68,24 @@ def paired_bootstrap(
     low, high = (float(v) for v in np.nanquantile(diffs, [alpha, 1.0 - alpha]))
     better = low > 0 if higher_is_better else high < 0
     return Comparison(name, base, tuned, diff, low, high, bool(better), higher_is_better, n)
+
+
+def compare(
+    base: dict[str, np.ndarray],
+    tuned: dict[str, np.ndarray],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[Comparison]:
+    """A paired comparison of every metric both sides measured (per-sample statistics from
+    llmstudio.ml.metrics.result_stats), in base's order."""
+    from llmstudio.ml.metrics import metric_for
+
+    out = []
+    for name, rows in base.items():
+        if name in tuned:
+            m = metric_for(name)
+            out.append(paired_bootstrap(name, rows, tuned[name], m.score,
+                                        higher_is_better=m.higher_is_better,
+                                        resamples=resamples, seed=seed))
+    return out

@@ -222,3 +222,33 @@ def sample_stats(names: Sequence[str], out: Outputs) -> dict[str, np.ndarray]:
     loss rows, text metrics at least one prediction (rows without a reference have none)."""
     have = {"loss": bool(len(out.loss_sums)), "text": bool(len(out.predictions))}
     return {n: METRICS[n].stats(out) for n in names if have[METRICS[n].needs]}
+
+
+def task_metric(name: str) -> Metric:
+    """A task file's metric (`<task>/score`, `<task>/acc`, `<task>/acc_norm`): the mean of its
+    per-sample 0/1 scores, higher is better."""
+    return Metric(name, "task", True, _no_stats, _mean, "task file score")
+
+
+def _no_stats(out: Outputs) -> np.ndarray:
+    raise ValueError("task metrics are scored by llmstudio.ml.evaluation, per task file")
+
+
+def metric_for(name: str) -> Metric:
+    return METRICS.get(name) or task_metric(name)
+
+
+def result_stats(names: Sequence[str], result: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-sample statistics of an `evaluate_model` result: the metrics of `names` it can
+    measure (from its "outputs") and every task metric (its "task_scores")."""
+    stats: dict[str, np.ndarray] = {}
+    if "outputs" in result:
+        stats.update(sample_stats(names, Outputs(**result["outputs"])))
+    for name, scores in result.get("task_scores", {}).items():
+        stats[name] = _column(list(scores))
+    return stats
+
+
+def scores(stats: dict[str, np.ndarray]) -> dict[str, float]:
+    """The corpus score of each metric from its per-sample statistics."""
+    return {name: metric_for(name).score(rows) for name, rows in stats.items()}
