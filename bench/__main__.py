@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = [
     "bench.bus_publish", "bench.packing", "bench.peft_memory", "bench.train_overhead",
     "bench.bf16", "bench.job_overhead", "bench.dataset_ingest", "bench.scheduler_load",
+    "bench.serving",
 ]
 
 

@@ -37,6 +37,8 @@ from .v1 import (
     jobs_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    serving_pb2,
+    serving_pb2_grpc,
 )
 
 TERMINAL_JOB_STATUSES = {
@@ -371,6 +373,48 @@ class Evaluations(_Api):
                                         timeout=self._timeout)
 
 
+class Serving(_Api):
+    def deploy(self, model: str, name: str = "") -> serving_pb2.Deployment:
+        """Deploy `NAME@VERSION` (that version) or `NAME@STAGE` (whichever version is in the
+        stage, followed as it changes) as `name` (default: the model's name)."""
+        return self._stub.CreateDeployment(
+            serving_pb2.CreateDeploymentRequest(model=model, name=name), timeout=self._timeout)
+
+    def get(self, name: str) -> serving_pb2.Deployment:
+        return self._stub.GetDeployment(serving_pb2.GetDeploymentRequest(name=name),
+                                        timeout=self._timeout)
+
+    def list(self, limit: int = 0) -> list[serving_pb2.Deployment]:
+        return _every_page(self._stub.ListDeployments, serving_pb2.ListDeploymentsRequest(),
+                           "deployments", limit, self._timeout)
+
+    def delete(self, name: str) -> serving_pb2.Deployment:
+        return self._stub.DeleteDeployment(serving_pb2.DeleteDeploymentRequest(name=name),
+                                           timeout=self._timeout)
+
+    def generate(self, deployment: str, prompt: str = "", *,
+                 messages: list[dict[str, str]] | None = None, max_tokens: int = 0,
+                 temperature: float | None = None, top_p: float | None = None,
+                 stop: tuple[str, ...] = (), seed: int | None = None,
+                 ) -> Iterator[serving_pb2.GenerateChunk]:
+        """The deployment's answer as it is generated (chunks; the last has finish_reason and
+        the usage counts): to `prompt`, or to chat `messages` through the chat template."""
+        request = serving_pb2.GenerateRequest(
+            deployment=deployment, prompt=prompt, max_tokens=max_tokens, stop=list(stop),
+            messages=[serving_pb2.ChatMessage(**m) for m in messages or []])
+        for field, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+            if value is not None:
+                setattr(request, field, value)
+        return self._stub.Generate(request, timeout=None)
+
+    @property
+    def openai_base_url(self) -> str:
+        """The OpenAI-compatible API's base URL, for `openai.OpenAI(base_url=..., api_key=...)`."""
+        stack = self._client.stack
+        url = stack.serving_http_url if stack and "serving" in stack.services else ""
+        return (url or self._client.settings.serving_http_url).rstrip("/") + "/v1"
+
+
 class Governance(_Api):
     def create_key(self, role: str, tenant: str = "", name: str = ""):
         return self._stub.CreateApiKey(governance_pb2.CreateApiKeyRequest(
@@ -417,6 +461,7 @@ class Client:
         self.evaluations = Evaluations(
             self, "evaluator", evaluation_pb2_grpc.EvaluationServiceStub)
         self.governance = Governance(self, "governance", governance_pb2_grpc.GovernanceServiceStub)
+        self.serving = Serving(self, "serving", serving_pb2_grpc.ServingServiceStub)
 
     def addr(self, service: str) -> str:
         if self.stack and service in self.stack.services:

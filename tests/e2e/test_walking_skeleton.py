@@ -116,6 +116,31 @@ def test_evaluation_and_registered_version_with_lineage(stack, finished_job):
     assert promoted.stage == 2
 
 
+def test_the_registered_version_answers_through_the_openai_api(stack, finished_job):
+    """Deployed on the embedded stack, the tuned version answers the official openai client
+    (the stack's serving service learned the version from the bus) and gRPC Generate alike."""
+    openai = pytest.importorskip("openai")
+    _, _, client = stack
+
+    def deployed():
+        try:
+            return client.serving.deploy("tiny-reverse@1", name="reverse")
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS):
+                return None
+            raise
+
+    d = wait_for(deployed, 60, "a deployment of the registered version")
+    assert (d.model_name, d.version, d.status) == ("tiny-reverse", 1, "ready")
+    prompt = word_reversal_rows(1, seed=3)[0]["prompt"]
+    api = openai.OpenAI(base_url=client.serving.openai_base_url, api_key=client.api_key)
+    assert "reverse" in [m.id for m in api.models.list().data]
+    answer = api.completions.create(model="reverse", prompt=prompt, max_tokens=6, temperature=0)
+    chunks = list(client.serving.generate("reverse", prompt, max_tokens=6, temperature=0.0))
+    assert answer.choices[0].text == "".join(c.text for c in chunks)
+    assert answer.usage.completion_tokens == chunks[-1].completion_tokens > 0
+
+
 def test_one_trace_links_every_service_of_the_job(stack, finished_job):
     data_dir, _, client = stack
     _, job, _ = finished_job

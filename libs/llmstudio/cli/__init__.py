@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import audit, certs, datasets, evals, jobs, keys, models, quotas, stack
+from . import audit, certs, datasets, evals, jobs, keys, models, quotas, serving, stack
 from .common import COMMON_FLAGS, CliError
 
 EPILOG = """examples:
@@ -22,11 +22,12 @@ EPILOG = """examples:
   llmstudio datasets push data.jsonl --name support-v1
   llmstudio jobs create -f job.yaml            then: llmstudio jobs watch <job id>
   llmstudio models stage my-model@1 production
+  llmstudio deploy my-model@production         then: llmstudio chat my-model "Hello"
   llmstudio audit verify
 """
 
 # In the order `llmstudio --help` lists their commands.
-COMMAND_MODULES = (stack, datasets, jobs, quotas, models, evals, audit, keys, certs)
+COMMAND_MODULES = (stack, datasets, jobs, quotas, models, serving, evals, audit, keys, certs)
 
 
 def build_parser() -> argparse.ArgumentParser:
