@@ -16,7 +16,7 @@ import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -372,6 +372,22 @@ class Evaluations(_Api):
         return self._stub.GetEvaluation(evaluation_pb2.GetEvaluationRequest(id=evaluation_id),
                                         timeout=self._timeout)
 
+    def create(self, *, dataset_id: str, model_name: str = "", version: int = 0,
+               base_model: str = "", split: str = "", suite: str = "",
+               metrics: Sequence[str] = (), tasks: Sequence[dict] = (), max_samples: int = 0,
+               max_new_tokens: int = 0, bootstrap_samples: int = 0, seed: int = 0,
+               idempotency_key: str = "") -> evaluation_pb2.Evaluation:
+        """Evaluate `model_name@version` (its base vs its fine-tune) or `base_model` alone on a
+        dataset version's split with a suite, extra metrics and task files; it runs in the
+        background (status running until done: poll `get`). A retry with the same
+        `idempotency_key` returns the same evaluation (one is made when not given)."""
+        return self._stub.CreateEvaluation(evaluation_pb2.CreateEvaluationRequest(
+            model_name=model_name, version=version, base_model=base_model,
+            dataset_id=dataset_id, split=split, suite=suite, metrics=list(metrics),
+            tasks=[evaluation_pb2.TaskFile(**t) for t in tasks], max_samples=max_samples,
+            max_new_tokens=max_new_tokens, bootstrap_samples=bootstrap_samples, seed=seed,
+            idempotency_key=idempotency_key or uuid.uuid4().hex), timeout=self._timeout)
+
 
 class Serving(_Api):
     def deploy(self, model: str, name: str = "") -> serving_pb2.Deployment:
@@ -393,7 +409,7 @@ class Serving(_Api):
                                            timeout=self._timeout)
 
     def generate(self, deployment: str, prompt: str = "", *,
-                 messages: list[dict[str, str]] | None = None, max_tokens: int = 0,
+                 messages: Sequence[dict[str, str]] = (), max_tokens: int = 0,
                  temperature: float | None = None, top_p: float | None = None,
                  stop: tuple[str, ...] = (), seed: int | None = None,
                  ) -> Iterator[serving_pb2.GenerateChunk]:
@@ -401,7 +417,7 @@ class Serving(_Api):
         the usage counts): to `prompt`, or to chat `messages` through the chat template."""
         request = serving_pb2.GenerateRequest(
             deployment=deployment, prompt=prompt, max_tokens=max_tokens, stop=list(stop),
-            messages=[serving_pb2.ChatMessage(**m) for m in messages or []])
+            messages=[serving_pb2.ChatMessage(**m) for m in messages])
         for field, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
             if value is not None:
                 setattr(request, field, value)

@@ -7,7 +7,6 @@ evaluation on demand (CreateEvaluation); `--base-model PATH` evaluates a base mo
 from __future__ import annotations
 
 import time
-import uuid
 
 from .common import CliError, add_command, add_group, connect, output
 
@@ -43,24 +42,6 @@ def parse_task(spec: str) -> dict[str, str]:
     return {"name": name, TASK_SOURCES[kind]: source, "scoring": scoring}
 
 
-def create_evaluation(evaluations, *, model: str = "", base_model: str = "",
-                      dataset_id: str, split: str = "", suite: str = "",
-                      metrics: list[str] | None = None, tasks: list[dict] | None = None,
-                      max_samples: int = 0, max_new_tokens: int = 0,
-                      bootstrap_samples: int = 0, seed: int = 0, idempotency_key: str = ""):
-    """CreateEvaluation through the SDK's EvaluationService stub (`Client.evaluations`)."""
-    from ..v1 import evaluation_pb2
-
-    name, version = parse_model(model) if model else ("", 0)
-    request = evaluation_pb2.CreateEvaluationRequest(
-        model_name=name, version=version, base_model=base_model, dataset_id=dataset_id,
-        split=split, suite=suite, metrics=list(metrics or []),
-        tasks=[evaluation_pb2.TaskFile(**t) for t in tasks or []], max_samples=max_samples,
-        max_new_tokens=max_new_tokens, bootstrap_samples=bootstrap_samples, seed=seed,
-        idempotency_key=idempotency_key or uuid.uuid4().hex)
-    return evaluations._stub.CreateEvaluation(request, timeout=evaluations._timeout)
-
-
 def wait_for(evaluations, evaluation_id: str, timeout_s: float, poll_s: float = 1.0):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -94,9 +75,10 @@ def cmd_run(args):
     if bool(args.model) == bool(args.base_model):
         raise CliError("give MODEL@VERSION or --base-model PATH (one of them)")
     api = connect(args).evaluations
-    ev = create_evaluation(
-        api, model=args.model or "", base_model=args.base_model or "", dataset_id=args.dataset,
-        split=args.split, suite=args.suite, metrics=args.metric,
+    name, version = parse_model(args.model) if args.model else ("", 0)
+    ev = api.create(
+        model_name=name, version=version, base_model=args.base_model or "",
+        dataset_id=args.dataset, split=args.split, suite=args.suite, metrics=args.metric,
         tasks=[parse_task(t) for t in args.task], max_samples=args.max_samples,
         max_new_tokens=args.max_new_tokens, bootstrap_samples=args.bootstrap, seed=args.seed)
     if args.wait:
