@@ -58,7 +58,8 @@ class ModelPool:
             local = await asyncio.to_thread(self._checkpoint, v.checkpoint_key)
         full = checkpoint_kind(local) == "full"
         key = f"full:{v.checkpoint_key}" if full else f"base:{v.base_model}"
-        loaded = await self._load(key, local if full else Path(self._base_model(v)), full)
+        base = self._base_model(v)  # a full fine-tune's tokenizer too: training never changes it
+        loaded = await self._load(key, local if full else Path(base), full, base)
         loaded.running += 1
         try:
             with contextlib.ExitStack() as held:
@@ -88,7 +89,7 @@ class ModelPool:
             (dest / ".complete").touch()
         return dest
 
-    async def _load(self, key: str, path: Path, full: bool) -> _Loaded:
+    async def _load(self, key: str, path: Path, full: bool, tokenizer_dir: str) -> _Loaded:
         async with self._loading:
             if (loaded := self._engines.get(key)) is not None:
                 self._engines.move_to_end(key)
@@ -97,7 +98,8 @@ class ModelPool:
             s = self.settings
             options = {"max_batch_size": s.serving_max_batch_size,
                        "max_queue": s.serving_max_queue,
-                       "adapter_memory_bytes": s.serving_adapter_memory_mb << 20}
+                       "adapter_memory_bytes": s.serving_adapter_memory_mb << 20,
+                       "tokenizer_dir": tokenizer_dir}
             log.info("loading %s", key)
             load: Callable[..., Engine] = Engine.for_full_model if full else Engine
             engine = await asyncio.to_thread(load, str(path), **options)

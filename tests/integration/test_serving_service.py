@@ -292,3 +292,45 @@ async def test_overload_is_429_and_resource_exhausted_never_a_long_queue(stack):
     # batch 4 + queue 8 = 12 at most at once: 40 at once must see refusals, and some answers
     outcomes = await asyncio.gather(*(one() for _ in range(40)))
     assert "429" in outcomes and "ok" in outcomes, outcomes
+
+
+async def test_a_full_fine_tune_serves_as_its_own_model(nats_server, tmp_path, models):
+    """A `method: full` version: its checkpoint is every weight, loaded as a model of its own;
+    greedy tokens equal transformers generate on the checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, base, _ = models
+    spec = JobSpec(base_model=base, dataset="ds-1", method="full",
+                   hyperparameters={"max_steps": 2, "batch_size": 4, "learning_rate": 3e-3,
+                                    "seed": 1})
+    full = train(TrainRequest(spec, ROWS, tmp_path / "full-run")).adapter_dir
+    settings = Settings(nats_url=nats_server.url, data_dir=tmp_path, grpc_port=free_port(),
+                        serving_http_port=free_port(), model_roots=[root])
+    key = LocalArtifactStore(tmp_path / "artifacts").put_dir(
+        store_prefix("acme", "job-full", 2), full).rstrip("/")
+    developer = await put_api_key(nats_server.url, "developer", "acme")
+    bus = Bus(settings, "test")
+    await bus.start()
+    try:
+        await bus.publish(JobSucceeded(
+            job_id="job-full", worker_id="w1", model_name="tiny-full",
+            spec={"base_model": base, "dataset": "ds-1", "method": "full"}, dataset_id="ds-1",
+            dataset_sha256="ab" * 32, dataset_artifacts={}, checkpoint_key=key, adapter_key=key,
+            steps=2, final_loss=1.0), tenant="acme")
+        await bus.publish(ModelVersionRegistered(
+            ref="tiny-full-v1", model_name="tiny-full", version=1, job_id="job-full",
+            dataset_sha256="ab" * 32), tenant="acme")
+        async with running("serving", build, settings) as port:
+            await deploy(port, developer, "tiny-full@1", "full")
+            chunks = await generate(port, developer, deployment="full",
+                                    prompt="say apple twice:", max_tokens=8, temperature=0.0)
+    finally:
+        await bus.stop()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer("say apple twice:").input_ids
+    model = AutoModelForCausalLM.from_pretrained(str(full), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
+                             pad_token_id=0)
+    assert [t for c in chunks for t in c.token_ids] == out[0, len(ids):].tolist()
