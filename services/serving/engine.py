@@ -5,7 +5,11 @@
   `batch_window_s` of the first) into one batch, left-padded, and runs it in a worker thread:
   a prefill, then one token per step for every row with the KV cache. Each row stops on its own
   (EOS, a stop string, max_tokens), streams its chunks as they come, and leaves the batch (its
-  cache rows dropped); the batch ends when its last row does.
+  cache rows dropped); the batch ends when its last row does. Continuous batching: requests
+  that arrive while a batch runs join it between two steps when it has room (their prompts
+  prefilled together, then their caches left-padded and concatenated to the batch's), so a
+  long generation does not hold a short one back; models whose cache cannot be merged so
+  (sliding windows, recurrent state) run each batch to its end instead.
 - Adapters: one peft model over the base. A batch whose rows all use the same adapter (or none)
   runs the plain LoRA forward with that adapter active (or the adapters disabled); a batch of
   mixed adapters runs peft's mixed-batch forward (`adapter_names=[...]`, "__base__" for rows
@@ -138,7 +142,7 @@ class Engine:
     def __init__(self, base_model_dir: str, *, max_batch_size: int = 8, max_queue: int = 64,
                  adapter_memory_bytes: int = 512 * 2**20, device: str | None = None,
                  tokenizer_dir: str | None = None, batch_window_s: float = 0.002,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, continuous_batching: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if max_batch_size < 1 or max_queue < 0:
@@ -167,8 +171,22 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        self.continuous_batching = continuous_batching
+        self._cache_mergeable = self._check_cache_mergeable()
         self.batches_run = 0  # how many batches ran, and their sizes (observability, tests)
         self.batch_sizes: list[int] = []
+        self.joined = 0  # requests admitted into a running batch
+        self.peak_rows = 0  # the most rows one model call ran
+
+    def _check_cache_mergeable(self) -> bool:
+        """Continuous batching pads and concatenates KV caches: only plain dynamic layers (no
+        sliding window, no linear attention state) can be merged that way."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        layers = getattr(cache, "layers", None) or []
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
     @classmethod
     def for_full_model(cls, model_dir: str, **kw: Any) -> Engine:
@@ -401,6 +419,7 @@ class Engine:
 
     def _forward(self, adapters: list[str | None], **inputs: Any) -> torch.Tensor:
         """Last-position logits (fp32) of one model call, with each row's adapter."""
+        self.peak_rows = max(self.peak_rows, len(adapters))
         with self._model_lock:
             model = self.model
             if self.peft is not None:
@@ -430,11 +449,38 @@ class Engine:
         self._mode = internal
 
     def _decode(self, batch: list[_Request]) -> None:
+        """Run `batch` to its end. `batch` is the running list: requests admitted between steps
+        (continuous batching) are appended to it, so every one is released at the end."""
+        state = self._prefill(list(batch))
+        while True:
+            tokens = self._advance(state)
+            if self.continuous_batching and len(state.reqs) < self.max_batch_size:
+                joining = self._take_pending(self.max_batch_size - len(state.reqs))
+                if joining:
+                    batch.extend(joining)
+                    self.joined += len(joining)
+                    new = self._prefill(joining)
+                    new_tokens = self._advance(new)
+                    if not state.reqs:  # every row was done: the joining rows go on alone
+                        state, tokens = new, new_tokens
+                    elif new.reqs:
+                        tokens = self._merge(state, tokens, new, new_tokens)
+            if not state.reqs:
+                return
+            step_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)
+            state.mask = torch.cat([state.mask, state.mask.new_ones((len(tokens), 1))], dim=-1)
+            state.last_pos = state.last_pos + 1
+            state.logits = self._forward([r.internal for r in state.reqs], input_ids=step_ids,
+                                         attention_mask=state.mask, position_ids=state.last_pos,
+                                         past_key_values=state.cache)
+
+    def _prefill(self, reqs: list[_Request]) -> _BatchState:
+        """Left-pad the prompts of `reqs` into one batch and run it: its cache and the logits
+        of every row's first new token."""
         from transformers import DynamicCache
 
         rows = [RowState.create(self.tokenizer, r.prompt_ids, r.params, self._eos_ids,
-                                r.max_new, self.device) for r in batch]
-        reqs = list(batch)
+                                r.max_new, self.device) for r in reqs]
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((len(reqs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
@@ -447,32 +493,78 @@ class Engine:
         cache = DynamicCache(config=self.model.config)
         logits = self._forward([r.internal for r in reqs], input_ids=ids, attention_mask=mask,
                                position_ids=positions, past_key_values=cache)
-        last_pos = positions[:, -1:]
-        while True:
-            tokens = next_tokens(logits, rows)
-            keep: list[int] = []
-            for i, (req, row, tok) in enumerate(zip(reqs, rows, tokens, strict=True)):
-                if req.cancelled:
-                    continue
-                chunk = row.advance(tok)
-                if chunk is None or chunk.finish_reason is None:
-                    keep.append(i)
-                else:
-                    self._release(req)  # first: its adapter may go as the caller reads this
-                if chunk is not None:
-                    req.emit(chunk)
-            if not keep:
-                return
-            step_ids = torch.tensor([[tokens[i]] for i in keep], dtype=torch.long,
-                                    device=self.device)
-            if len(keep) < len(reqs):
-                index = torch.tensor(keep, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(index)
-                mask, last_pos = mask[index], last_pos[index]
-                reqs = [reqs[i] for i in keep]
-                rows = [rows[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones((len(keep), 1))], dim=-1)
-            last_pos = last_pos + 1
-            logits = self._forward([r.internal for r in reqs], input_ids=step_ids,
-                                   attention_mask=mask, position_ids=last_pos,
-                                   past_key_values=cache)
+        return _BatchState(reqs, rows, cache, mask, positions[:, -1:], logits)
+
+    def _advance(self, state: _BatchState) -> list[int]:
+        """Pick every row's next token, stream what it gives, drop the rows that are done (or
+        cancelled) from the state; return the kept rows' tokens, to feed next."""
+        tokens = next_tokens(state.logits, state.rows)
+        keep: list[int] = []
+        for i, (req, row, tok) in enumerate(zip(state.reqs, state.rows, tokens, strict=True)):
+            if req.cancelled:
+                self._release(req)
+                continue
+            chunk = row.advance(tok)
+            if chunk is None or chunk.finish_reason is None:
+                keep.append(i)
+            else:
+                self._release(req)  # first: its adapter may go as the caller reads this
+            if chunk is not None:
+                req.emit(chunk)
+        if len(keep) < len(state.reqs):
+            state.select(keep)
+        return [tokens[i] for i in keep]
+
+    def _take_pending(self, room: int) -> list[_Request]:
+        if not self._pending or not self._cache_mergeable:
+            return []
+        out: list[_Request] = []
+        while len(out) < room:
+            try:
+                req = self._pending.popleft()
+            except IndexError:
+                break
+            if req.cancelled:
+                self._release(req)
+            else:
+                out.append(req)
+        return out
+
+    def _merge(self, state: _BatchState, tokens: list[int], new: _BatchState,
+               new_tokens: list[int]) -> list[int]:
+        """Append the rows of `new` to `state`: caches and masks left-padded to one length."""
+        old_len, new_len = state.mask.shape[1], new.mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(state.cache.layers, new.cache.layers, strict=True):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
+                a = torch.nn.functional.pad(a, (0, 0, width - old_len, 0))
+                b = torch.nn.functional.pad(b, (0, 0, width - new_len, 0))
+                setattr(old_layer, attr, torch.cat([a, b], dim=0))
+        state.mask = torch.cat([
+            torch.nn.functional.pad(state.mask, (width - old_len, 0)),
+            torch.nn.functional.pad(new.mask, (width - new_len, 0)),
+        ])
+        state.last_pos = torch.cat([state.last_pos, new.last_pos])
+        state.reqs += new.reqs
+        state.rows += new.rows
+        return tokens + new_tokens
+
+
+class _BatchState:
+    """A running batch in the worker: its requests and rows, KV cache, attention mask, and each
+    row's last position; `logits` are the rows' next-token logits."""
+
+    def __init__(self, reqs: list[_Request], rows: list[RowState], cache: Any,
+                 mask: torch.Tensor, last_pos: torch.Tensor, logits: torch.Tensor):
+        self.reqs, self.rows, self.cache = reqs, rows, cache
+        self.mask, self.last_pos, self.logits = mask, last_pos, logits
+
+    def select(self, keep: list[int]) -> None:
+        self.reqs = [self.reqs[i] for i in keep]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.last_pos = self.mask[index], self.last_pos[index]

@@ -21,6 +21,7 @@ from services.serving.engine import Engine, NoChatTemplate, Overloaded, Sampling
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the engine's, and the reference's
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [
     "Hello! How are you?",
@@ -60,7 +61,7 @@ def models(tmp_path_factory):
 @pytest.fixture
 async def engine(models):
     base, a1, a2, _ = models
-    eng = Engine(str(base), max_batch_size=8, batch_window_s=0.01)
+    eng = Engine(str(base), max_batch_size=8, batch_window_s=0.01, device=DEVICE)
     eng.add_adapter("tuned.v1", a1)
     eng.add_adapter("tuned.v2", a2)
     await eng.start()
@@ -78,25 +79,29 @@ def greedy(n: int = 24, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, **kw)
 
 
-def hf_generate(base: Path, adapter: Path | None, prompt_ids: list[int], n: int) -> list[int]:
+def hf_generate(engine: Engine, adapter: Path | None, prompt_ids: list[int],
+                n: int) -> list[int]:
+    """transformers' greedy generate on the engine's model dir, device and dtype."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype)
+    model = model.to(engine.device).eval()
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
+        model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False).eval()
+    out = model.generate(torch.tensor([prompt_ids], device=engine.device), max_new_tokens=n,
+                         do_sample=False)
     return out[0, len(prompt_ids):].tolist()
 
 
 async def test_greedy_equals_transformers_generate(engine, models):
-    base, a1, a2, _ = models
+    _, a1, a2, _ = models
     outputs = {}
     for adapter, path in [(None, None), ("tuned.v1", a1), ("tuned.v2", a2)]:
         for prompt in PROMPTS[:3]:
             ids = engine.encode(prompt)
             got, text, chunks = await collect(engine.generate(ids, greedy(), adapter))
-            assert got == hf_generate(base, path, ids, 24), (adapter, prompt)
+            assert got == hf_generate(engine, path, ids, 24), (adapter, prompt)
             assert text == engine.decode(got)
             last = chunks[-1]
             assert last.finish_reason in ("stop", "length")
@@ -113,7 +118,7 @@ async def test_concurrent_mixed_adapters_equal_alone_and_batch(engine):
     t0 = time.perf_counter()
     alone = [await collect(engine.generate(ids, greedy(32), a)) for ids, a in jobs]
     sequential_s = time.perf_counter() - t0
-    engine.batch_sizes.clear()
+    engine.peak_rows = 0
     t0 = time.perf_counter()
     together = await asyncio.gather(*(collect(engine.generate(ids, greedy(32), a))
                                       for ids, a in jobs))
@@ -122,28 +127,51 @@ async def test_concurrent_mixed_adapters_equal_alone_and_batch(engine):
                                                                        strict=True):
         assert ids_batch == ids_alone
         assert text_batch == text_alone
-    assert engine.batch_sizes == [8]  # one batch, left padded, three adapters in it
+    assert engine.peak_rows == 8  # one batch, left padded, three adapters in it
     tokens = sum(len(ids) for ids, _, _ in together)
     print(f"\n8 streams, {tokens} tokens: sequential {tokens / sequential_s:.0f} tok/s, "
           f"concurrent {tokens / concurrent_s:.0f} tok/s "
           f"({sequential_s / concurrent_s:.2f}x)")
 
 
-async def test_requests_arriving_during_a_batch_join_the_next(engine):
-    ids = engine.encode(PROMPTS[0])
-    engine.batch_sizes.clear()
-    first = asyncio.ensure_future(collect(engine.generate(ids, greedy(40))))
-    while engine.batches_run == 0 and not engine._running:
-        await asyncio.sleep(0.001)
-    later = [engine.generate(engine.encode(p), greedy(8), "tuned.v1") for p in PROMPTS[1:4]]
-    outs = await asyncio.gather(first, *(collect(s) for s in later))
-    assert all(o[2][-1].finish_reason for o in outs)
-    assert engine.batch_sizes == [1, 3]
+async def test_requests_arriving_during_a_batch_join_it(engine):
+    """Continuous batching: requests arriving while a long generation runs join its batch
+    between two steps (prefilled, caches merged) and give what they give alone; so does it."""
+    long_ids = engine.encode(PROMPTS[6])
+    jobs = [(engine.encode(p), a) for p, a in
+            [(PROMPTS[1], "tuned.v1"), (PROMPTS[2], None), (PROMPTS[0], "tuned.v2")]]
+    long_alone = await collect(engine.generate(long_ids, greedy(60)))
+    alone = [await collect(engine.generate(ids, greedy(12), a)) for ids, a in jobs]
+    engine.peak_rows, joined = 0, engine.joined
+    long_stream = engine.generate(long_ids, greedy(60))
+    first = await long_stream.__anext__()  # the long one runs, alone in its batch
+    late = [engine.generate(ids, greedy(12), a) for ids, a in jobs]
+    outs = await asyncio.gather(collect(long_stream), *(collect(s) for s in late))
+    assert list(first.token_ids) + outs[0][0] == long_alone[0]
+    for (ids_alone, text_alone, _), (ids_late, text_late, _) in zip(alone, outs[1:],
+                                                                     strict=True):
+        assert (ids_late, text_late) == (ids_alone, text_alone)
+    assert engine.peak_rows == 4 and engine.joined - joined >= 3
+
+
+async def test_without_continuous_batching_they_form_the_next_batch(models):
+    eng = Engine(str(models[0]), batch_window_s=0, continuous_batching=False, device=DEVICE)
+    await eng.start()
+    try:
+        first = asyncio.ensure_future(collect(eng.generate(eng.encode(PROMPTS[0]), greedy(40))))
+        while not eng._running:
+            await asyncio.sleep(0.001)
+        later = [eng.generate(eng.encode(p), greedy(8)) for p in PROMPTS[1:4]]
+        outs = await asyncio.gather(first, *(collect(s) for s in later))
+        assert all(o[2][-1].finish_reason for o in outs)
+        assert eng.batch_sizes == [1, 3]
+    finally:
+        await eng.close()
 
 
 async def test_queue_is_bounded(models):
     base = models[0]
-    eng = Engine(str(base), max_batch_size=1, max_queue=2, batch_window_s=0)
+    eng = Engine(str(base), max_batch_size=1, max_queue=2, batch_window_s=0, device=DEVICE)
     await eng.start()
     try:
         ids = eng.encode(PROMPTS[0])
@@ -223,10 +251,11 @@ async def test_chat_prompt_uses_the_template(engine):
 
 async def test_adapter_lru_evicts_least_recently_used_never_one_in_use(models):
     base, a1, a2, a3 = models
-    eng = Engine(str(base), batch_window_s=0)
+    eng = Engine(str(base), batch_window_s=0, device=DEVICE)
     eng.add_adapter("one", a1)
     size = eng.memory_bytes()["adapters"]["one"]
-    assert size == sum(p.numel() * 4 for n, p in eng.peft.named_parameters() if "lora_" in n)
+    assert size == sum(p.numel() * p.element_size()
+                       for n, p in eng.peft.named_parameters() if "lora_" in n)
     eng._adapters.budget_bytes = 2 * size  # a1 and a3 are the same size: room for two
     eng.add_adapter("three", a3)
     await eng.start()
@@ -254,7 +283,7 @@ async def test_adapter_lru_evicts_least_recently_used_never_one_in_use(models):
         assert len(eng._adapters.loaded_internals()) == 1
         eng.remove_adapter("two")
         base_ids, _, _ = await collect(eng.generate(ids, greedy()))
-        assert base_ids == hf_generate(base, None, ids, 24)  # no adapter left: the base again
+        assert base_ids == hf_generate(eng, None, ids, 24)  # no adapter left: the base again
     finally:
         await eng.close()
 
@@ -270,7 +299,7 @@ proc = psutil.Process()
 def rss():
     release_free_memory()
     return proc.memory_info().rss
-engine = Engine(base)
+engine = Engine(base, device="cpu")
 engine.add_adapter("one", a1)  # the first also imports and wraps (peft)
 before = rss()
 engine.add_adapter("two", a2)
