@@ -20,6 +20,9 @@ Usage (deploy/compose-check.sh calls it):
   the others get no S3 credentials at all. Compose: minio-init and postgres-init get each
   service's secret to create its user (with its policy: only its bucket, no wildcard action) and
   role.
+- Both: every LLM Studio service (a package with __main__.py under services/) is deployed, and
+  every one with a gRPC API is where the others look for it: each service's environment has
+  LLMSTUDIO_<SERVICE>_ADDR = <service>:<its LLMSTUDIO_GRPC_PORT> (compose DNS / k8s Service).
 - OpenTelemetry collector config (--otel): parses; every component a pipeline uses is defined.
 - Compose (--compose-json: the output of `docker compose config --format json`, i.e. the
   resolved model): build contexts, Dockerfiles and build targets exist; bind-mount sources
@@ -154,6 +157,34 @@ def _k8s_nats_tls(where: str, container: dict, volumes: dict, configmap) -> list
             if f not in projected]
 
 
+def llmstudio_services(root: Path = ROOT) -> set[str]:
+    """Every LLM Studio service: the packages under services/ run with `python -m`."""
+    return {p.parent.name for p in (root / "services").glob("*/__main__.py")}
+
+
+def _grpc_ports(deployed: list[tuple[str, str, dict]]) -> dict[str, int]:
+    """module -> the gRPC port it listens on (LLMSTUDIO_GRPC_PORT), for those with one."""
+    ports = {}
+    for _, module, env in deployed:
+        port = str(env.get("LLMSTUDIO_GRPC_PORT") or "")
+        if port.isdigit():
+            ports[module] = int(port)
+    return ports
+
+
+def _deployed_and_reachable(where: str, deployed: list[tuple[str, str, dict]]) -> list[str]:
+    """Every LLM Studio service runs here, and each finds every gRPC API at <service>:<port>.
+    `deployed`: (where, module, its resolved environment) per container / compose service."""
+    errors = [f"{where}: nothing runs services.{m} (every LLM Studio service is deployed)"
+              for m in sorted(llmstudio_services() - {m for _, m, _ in deployed})]
+    for module, port in sorted(_grpc_ports(deployed).items()):
+        var, want = f"LLMSTUDIO_{module.upper()}_ADDR", f"{module}:{port}"
+        for who, _, env in deployed:
+            if env.get(var) != want:
+                errors.append(f"{who}: {var} must be {want!r}, not {env.get(var)!r}")
+    return errors
+
+
 def check_k8s(directory: Path) -> list[str]:
     errors: list[str] = []
     if not directory.is_dir():
@@ -226,6 +257,7 @@ def check_k8s(directory: Path) -> list[str]:
         return (by_kind.get("ConfigMap", {}).get(name) or {}).get("data") or {}
 
     workloads: list[tuple[Path, dict]] = [(p, o) for p, o in objects if o["kind"] in WORKLOAD_KINDS]
+    deployed: list[tuple[str, str, dict]] = []  # (where, module, its environment)
     for path, obj in workloads:
         where = f"{path.name}: {obj['kind']}/{obj['metadata']['name']}"
         spec = obj.get("spec") or {}
@@ -306,6 +338,11 @@ def check_k8s(directory: Path) -> list[str]:
                           for k, v in configmap_data(ref["configMapRef"].get("name")).items()}
             config_env.update({k: v for ref in c.get("envFrom") or [] if "secretRef" in ref
                                for k, v in secret_data(ref["secretRef"].get("name")).items()})
+            module = next((a.split(".", 1)[1] for a in c.get("args") or []
+                           if a.startswith("services.")), None)
+            if module:
+                deployed.append((cwhere, module, {
+                    **config_env, **{e.get("name"): e.get("value") for e in c.get("env") or []}}))
             errors += _k8s_credentials(cwhere, c, volumes, config_env,
                                        lambda n, k: secret_data(n).get(k))
             errors += _k8s_nats_tls(cwhere, c, volumes, configmap_data)
@@ -376,6 +413,13 @@ def check_k8s(directory: Path) -> list[str]:
                 errors.append(f"{where}: targetPort {tp!r} is not a named container port")
             if isinstance(tp, int) and tp not in numbers:
                 errors.append(f"{where}: targetPort {tp} is not a container port")
+    errors += _deployed_and_reachable("k8s", deployed)
+    for module, port in _grpc_ports(deployed).items():
+        svc = by_kind.get("Service", {}).get(module)
+        if svc is None or port not in {p.get("port") for p in (svc.get("spec") or {}).get(
+                "ports") or []}:
+            errors.append(f"k8s: no Service {module!r} with port {port} "
+                          f"(LLMSTUDIO_{module.upper()}_ADDR)")
     return errors
 
 
@@ -662,6 +706,14 @@ def check_compose(model: dict) -> list[str]:
                       "POSTGRES_PASSWORD") and _module(svc) is None and "PGHOST" not in
              (svc.get("environment") or {})}
     errors += _compose_stores(services, model.get("secrets") or {})
+    errors += _deployed_and_reachable("compose", [
+        (f"compose: {name}", module, svc.get("environment") or {})
+        for name, svc in services.items() for module in [_module(svc)] if module])
+    for module in sorted(_grpc_ports([("", m, s.get("environment") or {})
+                                      for s in services.values() for m in [_module(s)] if m])):
+        if module not in services:  # the compose DNS name the others reach it by
+            errors.append(f"compose: no service named {module!r} (LLMSTUDIO_"
+                          f"{module.upper()}_ADDR points there)")
     for name, svc in services.items():
         build = svc.get("build")
         if build:

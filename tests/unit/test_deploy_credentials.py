@@ -22,7 +22,7 @@ from llmstudio.credentials import STORE_ACCESS, STORE_USERS, store_policy, write
 
 from .test_deploy import COMPOSE_FILE, K8S_DIR, ROOT, _compose_bin, run_check
 
-SERVICES = ("dataset", "scheduler", "trainer", "evaluator", "registry", "governance")
+SERVICES = ("dataset", "scheduler", "trainer", "evaluator", "registry", "governance", "serving")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -72,12 +72,13 @@ WRITES = {"datasets": {"dataset"}, "jobs": {"trainer"}, "evaluations": {"evaluat
           "audit": {"governance"}}
 DELETES = {"jobs": {"trainer"}}
 READS = {"datasets": {"dataset", "trainer", "evaluator", "registry"},
-         "jobs": {"trainer", "evaluator", "registry"},
+         "jobs": {"trainer", "evaluator", "registry", "serving"},  # serving: the checkpoints
          "evaluations": {"evaluator", "registry"}, "audit": {"governance"}}
 
 
 def test_each_service_reaches_only_its_own_prefixes():
-    assert set(STORE_USERS) == {"dataset", "trainer", "evaluator", "registry", "governance"}
+    assert set(STORE_USERS) == {"dataset", "trainer", "evaluator", "registry", "governance",
+                                "serving"}
     for service in STORE_USERS:
         policy = store_policy(service)
         for area, key in AREAS.items():
@@ -306,7 +307,7 @@ def test_compose_gives_each_service_its_own_credentials(compose_bin):
     model = resolved_model(compose_bin, all_profiles=True)
     services = model["services"]
     root_user = services["minio"]["environment"]["MINIO_ROOT_USER"]
-    for name in (*SERVICES, "trainer-cpu"):
+    for name in (*SERVICES, "trainer-cpu", "serving-cpu"):
         module = name.split("-")[0]
         env = services[name]["environment"]
         assert env["LLMSTUDIO_DATABASE_URL"] == (
@@ -324,7 +325,7 @@ def test_compose_gives_each_service_its_own_credentials(compose_bin):
                if {"MINIO_ROOT_PASSWORD", "POSTGRES_PASSWORD", "PGPASSWORD"}
                & set(s.get("environment") or {})}
     assert holders == {"minio", "minio-init", "postgres", "postgres-init"}
-    for name in SERVICES:
+    for name in (*SERVICES, "serving-cpu"):
         assert services[name]["depends_on"]["postgres-init"]["condition"] == \
             "service_completed_successfully"
         assert services[name]["depends_on"]["minio-init"]["condition"] == \
@@ -378,6 +379,20 @@ def test_compose_check_fails_on_root_or_borrowed_store_credentials(compose_bin, 
         "no-minio-user": (
             [("      - {source: s3-secret-key-trainer, target: trainer.secret}\n", "")],
             "no service is given s3-secret-key-trainer as trainer.secret"),
+        "no-minio-user-for-serving": (
+            [("      - {source: s3-secret-key-serving, target: serving.secret}\n", "")],
+            "no service is given s3-secret-key-serving as serving.secret"),
+        "no-postgres-role-for-serving": (
+            [("      - {source: database-password-serving, target: serving.password}\n", "")],
+            "no service is given database-password-serving as serving.password"),
+        "serving-as-the-superuser": (
+            [("postgresql+psycopg://llmstudio_serving@postgres",
+              "postgresql+psycopg://llmstudio:${POSTGRES_PASSWORD:-llmstudio}@postgres")],
+            "serving: LLMSTUDIO_DATABASE_URL connects as the PostgreSQL superuser"),
+        "serving-with-the-trainers-s3-key": (
+            [("  - {source: s3-secret-key-serving, target: s3-secret-key}\n",
+              "  - {source: s3-secret-key-trainer, target: s3-secret-key}\n")],
+            "serving: secret s3-secret-key comes from s3-secret-key-trainer"),
         "no-postgres-role": (
             [("      - {source: database-password-scheduler, target: scheduler.password}\n",
               "")],
@@ -424,6 +439,14 @@ def test_k8s_check_fails_on_root_or_borrowed_store_credentials(tmp_path):
         "another MinIO user": (
             "evaluator.yaml", "value: llmstudio-evaluator", "value: llmstudio-registry",
             "LLMSTUDIO_S3_ACCESS_KEY must be its own MinIO user 'llmstudio-evaluator'", ""),
+        "serving as the evaluator's MinIO user": (
+            "serving.yaml", "value: llmstudio-serving", "value: llmstudio-evaluator",
+            "LLMSTUDIO_S3_ACCESS_KEY must be its own MinIO user 'llmstudio-serving'", ""),
+        "serving with the registry's database password": (
+            "serving.yaml", "{key: serving.password, path: database-password}",
+            "{key: registry.password, path: database-password}",
+            "/run/secrets/database-password must be the key 'serving.password' of Secret "
+            "'llmstudio-postgres'", ""),
         "no database password file": (
             "configmap.yaml",
             "  LLMSTUDIO_DATABASE_PASSWORD_FILE: /run/secrets/database-password\n", "",
