@@ -40,6 +40,11 @@ class AdapterCache:
         with self._lock:
             return name in self._by_name
 
+    def path_of(self, name: str) -> str | None:
+        with self._lock:
+            entry = self._by_name.get(name)
+            return entry.path if entry is not None else None
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._by_name)

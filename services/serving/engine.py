@@ -227,15 +227,19 @@ class Engine:
 
     def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
         """Load a peft LoRA adapter (adapter_config.json + adapter_model.safetensors) on the
-        base, then evict least recently used adapters beyond the memory budget (never one in
-        use). Blocking (disk + at most one decode step): from a loop, use asyncio.to_thread."""
+        base (a no-op when `name` is loaded from the same dir already), then evict the least
+        recently used adapters beyond the memory budget (never one in use). Blocking (disk + at
+        most one decode step): from a loop, use asyncio.to_thread."""
         from peft import PeftModel
 
-        if name in self._adapters:
-            raise ValueError(f"adapter {name!r} is already loaded")
-        internal = self._adapters.new_internal_name()
         path = str(adapter_dir)
         with self._model_lock:
+            loaded = self._adapters.path_of(name)
+            if loaded == path:
+                return  # two callers raced to load it: the first did
+            if loaded is not None:
+                raise ValueError(f"adapter {name!r} is already loaded from {loaded}")
+            internal = self._adapters.new_internal_name()
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(
                     self.model, path, adapter_name=internal, is_trainable=False,

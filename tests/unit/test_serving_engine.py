@@ -258,6 +258,9 @@ async def test_adapter_lru_evicts_least_recently_used_never_one_in_use(models):
                        for n, p in eng.peft.named_parameters() if "lora_" in n)
     eng._adapters.budget_bytes = 2 * size  # a1 and a3 are the same size: room for two
     eng.add_adapter("three", a3)
+    eng.add_adapter("three", a3)  # already loaded from there: nothing to do
+    with pytest.raises(ValueError, match="already loaded"):
+        eng.add_adapter("three", a2)
     await eng.start()
     try:
         ids = eng.encode(PROMPTS[0])
