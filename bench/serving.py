@@ -5,14 +5,21 @@ In one process, greedy, the same chat prompt for both (so both generate the same
   (time to first token of the baseline: `generate(max_new_tokens=1)`); target ratio >= 0.9;
 - 8 concurrent streams (one dynamic batch) vs the same 8 one after another on the engine:
   aggregate tokens/s; target >= 2x.
-Each figure is the median of REPEATS runs after a warm-up. value = engine single-stream
-tokens/s, baseline = transformers tokens/s. Writes bench/results/serving.json.
+Each side runs in a fresh process of its own (`python -m bench.serving --one baseline|engine`):
+torch's intra-op thread pools are per thread, and a pool left by one side's generate slows the
+other's (measured: the engine at 14 instead of 25 tokens/s after a baseline run in the same
+process), which a serving process, where only the engine computes, never sees. Each figure is
+the median of REPEATS runs after a warm-up. value = engine single-stream tokens/s, baseline =
+transformers tokens/s. Writes bench/results/serving.json.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -77,22 +84,44 @@ async def _engine_figures(model_dir: str, prompts: list[list[int]]) -> dict:
     }
 
 
-def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _prompts(model_dir: str) -> list[list[int]]:
+    from transformers import AutoTokenizer
 
-    model_dir = str(smollm2())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
-                                             add_generation_prompt=True, tokenize=True,
-                                             return_dict=False) for q in QUESTIONS]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                          add_generation_prompt=True, tokenize=True,
+                                          return_dict=False) for q in QUESTIONS]
+
+
+def _baseline_figures(model_dir: str, prompts: list[list[int]]) -> dict:
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         _transformers_run(model, prompts[0])  # warm-up
-        base = [_transformers_run(model, prompts[0]) for _ in range(REPEATS)]
-    del model
-    engine = asyncio.run(_engine_figures(model_dir, prompts))
-    base_tps = statistics.median(r[2] / r[1] for r in base)
-    base_ttft = statistics.median(r[0] for r in base)
+        runs = [_transformers_run(model, prompts[0]) for _ in range(REPEATS)]
+    return {"ttft_s": statistics.median(r[0] for r in runs),
+            "tokens_per_s": statistics.median(r[2] / r[1] for r in runs), "tokens": runs[0][2]}
+
+
+def _one(side: str) -> None:
+    model_dir = str(smollm2())
+    prompts = _prompts(model_dir)
+    figures = (_baseline_figures(model_dir, prompts) if side == "baseline"
+               else asyncio.run(_engine_figures(model_dir, prompts)))
+    print(json.dumps(figures))
+
+
+def _measure(side: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.serving", "--one", side], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    smollm2()  # converted once, before either side runs
+    base, engine = _measure("baseline"), _measure("engine")
+    base_tps, base_ttft = base["tokens_per_s"], base["ttft_s"]
     batching = engine["concurrent_tokens_per_s"] / engine["sequential_tokens_per_s"]
     rows = [
         ("single-stream tokens/s", engine["tokens_per_s"], base_tps, ">= 0.9x"),
@@ -106,7 +135,7 @@ def main() -> None:
     write_result(
         "serving", value=engine["tokens_per_s"], baseline=base_tps, unit="tokens/s",
         target_ratio=0.9, new_tokens=NEW_TOKENS, engine_tokens=engine["tokens"],
-        baseline_tokens=base[0][2], ttft_s=engine["ttft_s"], baseline_ttft_s=base_ttft,
+        baseline_tokens=base["tokens"], ttft_s=engine["ttft_s"], baseline_ttft_s=base_ttft,
         ttft_ratio=engine["ttft_s"] / base_ttft,
         concurrent_tokens_per_s=engine["concurrent_tokens_per_s"],
         sequential_tokens_per_s=engine["sequential_tokens_per_s"],
@@ -116,4 +145,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--one"]:
+        _one(sys.argv[2])
+    else:
+        main()

@@ -118,8 +118,11 @@ class Serving:
                 stream = engine.generate(ids, params, adapter)
             except ValueError as e:  # bad sampling parameters, a prompt too long for the model
                 raise InvalidArgument("", str(e)) from None
-            async for chunk in stream:
-                yield chunk, version.version
+            try:
+                async for chunk in stream:
+                    yield chunk, version.version
+            finally:  # a caller gone mid-stream frees its batch row at once
+                await stream.aclose()
 
     # -- serving's view of the registry (events) -------------------------------------------------
     async def job_succeeded(self, tenant: str, job: JobCompleted) -> None:
