@@ -407,6 +407,19 @@ def _broken(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
+def _each_refused(cases: dict[str, tuple[str, str, str]], tmp_path: Path) -> None:
+    """Each case's compose file (`old` -> `new`, `old` found once) fails the check, with
+    `message` on stderr."""
+    text = COMPOSE_FILE.read_text()
+    for label, (old, new, message) in cases.items():
+        assert text.count(old) == 1, (label, old)
+        broken = tmp_path / f"{label.replace(' ', '-')}.yml"
+        broken.write_text(text.replace(old, new))
+        res = run_check(str(broken), SKIP_KUSTOMIZE="1")
+        assert res.returncode == 1, (label, res.stdout + res.stderr)
+        assert message in res.stderr, (label, res.stderr)
+
+
 def test_check_fails_on_a_broken_compose_file(compose_bin, tmp_path):
     # control: an unmodified copy outside the repo validates (paths resolve against the repo)
     copy = tmp_path / "docker-compose.yml"
@@ -819,17 +832,10 @@ def test_check_fails_on_serving_missing_or_unreachable(compose_bin, tmp_path):
             "  LLMSTUDIO_NATS_USER: serving\n", "  LLMSTUDIO_NATS_USER: registry\n",
             "serving: LLMSTUDIO_NATS_USER must be its own user 'serving'"),
     }
-    for label, (old, new, message) in cases.items():
-        assert text.count(old) == 1, (label, old)
-        broken = tmp_path / f"{label.replace(' ', '-')}.yml"
-        broken.write_text(text.replace(old, new))
-        res = run_check(str(broken), SKIP_KUSTOMIZE="1")
-        assert res.returncode == 1, (label, res.stdout + res.stderr)
-        assert message in res.stderr, (label, res.stderr)
+    _each_refused(cases, tmp_path)
 
 
 def test_check_fails_on_a_service_without_its_tls(compose_bin, tmp_path):
-    text = COMPOSE_FILE.read_text()
     plaintext_conf = tmp_path / "nats-plaintext.conf"
     plaintext_conf.write_text(re.sub(r"^tls \{.*?^\}\n", "", NATS_CONF.read_text(),
                                      flags=re.S | re.M))
@@ -860,11 +866,5 @@ def test_check_fails_on_a_service_without_its_tls(compose_bin, tmp_path):
             "/etc/nats/tls/server.key:ro\n", "",
             "tls file /etc/nats/tls/server.key is not mounted"),
     }
-    for label, (old, new, message) in cases.items():
-        assert text.count(old) == 1, (label, old)
-        broken = tmp_path / f"{label.replace(' ', '-')}.yml"
-        broken.write_text(text.replace(old, new))
-        res = run_check(str(broken), SKIP_KUSTOMIZE="1")
-        assert res.returncode == 1, (label, res.stdout + res.stderr)
-        assert message in res.stderr, (label, res.stderr)
+    _each_refused(cases, tmp_path)
 
