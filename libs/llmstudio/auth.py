@@ -21,12 +21,15 @@ KEY_PREFIX = "lls_"
 # An admin of this tenant is a platform admin: it administers every tenant (keys, quotas,
 # audit); an admin of any other tenant administers that tenant only.
 PLATFORM_TENANT = "default"
-ROLES = ("admin", "developer", "viewer")
-# What each role may do. "read": get/list/watch; "write": create/cancel/stage; "admin": keys, audit.
+ROLES = ("admin", "developer", "reviewer", "viewer")
+# What each role may do. "read": get/list/watch; "write": create/cancel/stage and request
+# promotions; "approve": approve or reject promotion requests (never one's own); "admin": keys,
+# policies, audit.
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "viewer": frozenset({"read"}),
     "developer": frozenset({"read", "write"}),
-    "admin": frozenset({"read", "write", "admin"}),
+    "reviewer": frozenset({"read", "approve"}),
+    "admin": frozenset({"read", "write", "approve", "admin"}),
 }
 
 

@@ -6,7 +6,8 @@ from llmstudio.auth import Principal, current_principal
 from llmstudio.v1 import common_pb2, governance_pb2, governance_pb2_grpc
 
 from .core import ApiKey, AuditRecord
-from .usecases import AuditLog, KeyManager
+from .policy import Policy
+from .usecases import AuditLog, KeyManager, Promotions, PromotionView
 
 
 class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
@@ -18,11 +19,20 @@ class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
         "WhoAmI": "read",
         "QueryAudit": "admin",
         "VerifyAudit": "admin",
+        "SetPolicy": "admin",
+        "GetPolicy": "read",
+        "PolicyHistory": "read",
+        "ListPromotionRequests": "read",
+        "GetPromotionRequest": "read",
+        # let in with "read": the use case refuses a key that may not approve, and audits it
+        "Approve": "read",
+        "Reject": "read",
     }
 
-    def __init__(self, keys: KeyManager, audit: AuditLog):
+    def __init__(self, keys: KeyManager, audit: AuditLog, promotions: Promotions):
         self.keys = keys
         self.audit = audit
+        self.promotions = promotions
 
     async def CreateApiKey(self, request, context):
         key, secret = await self.keys.create(
@@ -55,6 +65,61 @@ class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
             reason=result.reason, head_hash=result.head_hash,
             checkpoint_seq=result.checkpoint_seq, anchored_records=result.anchored_records,
             checkpoint_time=result.checkpoint_time)
+
+
+    async def SetPolicy(self, request, context):
+        caller = current_principal()
+        policy = await self.promotions.set_policy(caller, request.tenant, request.yaml)
+        return _policy(request.tenant or caller.tenant, policy)
+
+    async def GetPolicy(self, request, context):
+        caller = current_principal()
+        policy = await self.promotions.get_policy(caller, request.tenant, request.version)
+        return _policy(request.tenant or caller.tenant, policy)
+
+    async def PolicyHistory(self, request, context):
+        caller = current_principal()
+        policies = await self.promotions.history(caller, request.tenant)
+        return governance_pb2.PolicyHistoryResponse(
+            policies=[_policy(request.tenant or caller.tenant, p) for p in policies])
+
+    async def ListPromotionRequests(self, request, context):
+        views = await self.promotions.list_requests(
+            current_principal(), request.status, request.tenant, request.limit)
+        return governance_pb2.ListPromotionRequestsResponse(requests=[_request(v) for v in views])
+
+    async def GetPromotionRequest(self, request, context):
+        return _request(await self.promotions.get(current_principal(), request.request_id))
+
+    async def Approve(self, request, context):
+        return _request(await self.promotions.approve(
+            current_principal(), request.request_id, request.comment))
+
+    async def Reject(self, request, context):
+        return _request(await self.promotions.reject(
+            current_principal(), request.request_id, request.reason))
+
+
+def _policy(tenant: str, p: Policy) -> governance_pb2.Policy:
+    return governance_pb2.Policy(
+        tenant=tenant, version=p.version, yaml=p.yaml, sha256=p.sha256, author=p.author,
+        created_at=p.created_at, gated_stages=p.gated_stages)
+
+
+def _request(v: PromotionView) -> governance_pb2.PromotionRequest:
+    r = v.row
+    return governance_pb2.PromotionRequest(
+        request_id=r.request_id, tenant=r.tenant, model_name=r.facts.get("model_name", ""),
+        version=int(r.facts.get("version", 0)), stage=r.stage, requester=r.requester,
+        justification=r.facts.get("justification", ""), status=r.status,
+        policy_version=r.policy_version,
+        verdicts=[governance_pb2.RuleVerdict(rule=str(d["rule"]), ok=bool(d["ok"]),
+                                             message=str(d["message"])) for d in r.verdicts],
+        approvals=[governance_pb2.PromotionApproval(
+            approver=a.approver, roles=list(a.roles), time=a.time, comment=a.comment)
+            for a in v.approvals],
+        reason=r.reason, created_at=r.created_at, expires_at=r.expires_at,
+        updated_at=r.updated_at)
 
 
 def _principal(p: Principal) -> common_pb2.Principal:

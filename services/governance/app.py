@@ -12,10 +12,10 @@ from llmstudio.v1 import governance_pb2_grpc
 
 from .anchor import CheckpointStore, load_or_create_signing_key
 from .api import GovernanceApi
-from .config import AuditAnchorSettings
-from .handlers import AuditHandlers
+from .config import AuditAnchorSettings, PromotionSettings
+from .handlers import AuditHandlers, PromotionHandlers
 from .store import GovernanceStore
-from .usecases import AuditLog, Checkpointer, KeyManager
+from .usecases import AuditLog, Checkpointer, KeyManager, Promotions
 
 BOOTSTRAP_BANNER = "Bootstrap admin API key (shown once, store it now): "
 
@@ -36,7 +36,9 @@ async def build(rt: Runtime) -> list[Registration]:
     audit = AuditLog(store, checkpointer)
     keys = KeyManager(store, outbox, rt.bus, rt.keys)
     AuditHandlers(audit).subscribe(rt.bus)
-    rt.background.extend([outbox.run, checkpointer.run])
+    promotions = Promotions(store, outbox, PromotionSettings())
+    PromotionHandlers(promotions).subscribe(rt.bus)
+    rt.background.extend([outbox.run, checkpointer.run, promotions.sweep])
 
     async def provision_keys() -> None:
         generated = await keys.bootstrap(rt.settings.bootstrap_admin_key)
@@ -53,7 +55,7 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=governance_pb2_grpc.add_GovernanceServiceServicer_to_server,
-            servicer=GovernanceApi(keys, audit),
+            servicer=GovernanceApi(keys, audit, promotions),
             full_name="llmstudio.v1.GovernanceService",
         )
     ]

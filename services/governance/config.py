@@ -23,3 +23,13 @@ class AuditAnchorSettings(BaseSettings):
 
     def key_path(self, data_dir: Path) -> Path:
         return self.signing_key_file or Path(data_dir) / "governance" / "audit-signing-key.pem"
+
+
+class PromotionSettings(BaseSettings):
+    """`LLMSTUDIO_PROMOTION_*`: how long a promotion request waits for its approvals, and how
+    often open requests are swept for expiry (they are also checked whenever touched)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMSTUDIO_PROMOTION_", extra="ignore")
+
+    request_ttl_s: Annotated[float, Field(gt=0)] = 7 * 86400.0
+    sweep_every_s: Annotated[float, Field(gt=0)] = 60.0

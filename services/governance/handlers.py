@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from llmstudio import telemetry
 from llmstudio.bus import AUDITED_STREAMS, STREAMS, Bus, delivered_subject
-from llmstudio.events import Envelope, EventData
+from llmstudio.events import Envelope, EventData, ModelPromotionRequested
 
 from .core import AuditEvent, audit_consumers, canonical_json, iso_utc
-from .usecases import AuditLog
+from .usecases import AuditLog, Promotions
 
 
 class AuditHandlers:
@@ -39,3 +39,17 @@ def audit_event(env: Envelope, data: EventData) -> AuditEvent:
         data_json=canonical_json(env.data),
         trace_id=telemetry.current_trace_id(),
     )
+
+
+class PromotionHandlers:
+    """The registry's promotion requests: decided under the tenant's policy (idempotent)."""
+
+    def __init__(self, promotions: Promotions):
+        self.promotions = promotions
+
+    def subscribe(self, bus: Bus) -> None:
+        bus.subscribe(ModelPromotionRequested, durable="promotion-requested",
+                      handler=self.on_requested)
+
+    async def on_requested(self, env: Envelope, data: ModelPromotionRequested) -> None:
+        await self.promotions.on_requested(env.tenant, data)

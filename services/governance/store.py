@@ -9,13 +9,14 @@ were `audit_log` and `api_keys`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Integer,
     MetaData,
     String,
     Table,
@@ -30,6 +31,7 @@ from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 
 from .core import ApiKey, AuditEvent, AuditRecord, chain
+from .policy import OPEN_STATUSES, Approval, Policy, parse_policy
 
 metadata = MetaData()
 
@@ -64,6 +66,47 @@ api_keys = Table(
     Column("created_at", String(40), nullable=False),
     Column("created_by", String(255), nullable=False),
     Column("revoked_at", String(40)),
+)
+
+# Promotion policies: every version of each tenant's policy, as set (YAML text).
+policies = Table(
+    "governance_policies",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("yaml", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("author", String(255), nullable=False),
+    Column("created_at", String(40), nullable=False),
+)
+
+# Promotion requests as the registry announced them, and governance's decision on each.
+promotions = Table(
+    "governance_promotions",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("ref", String(300), nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("requester", String(255), nullable=False),
+    Column("facts", JSON, nullable=False),
+    Column("status", String(24), nullable=False),
+    Column("policy_version", Integer, nullable=False),
+    Column("verdicts", JSON, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", String(40), nullable=False),
+    Column("expires_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+)
+
+approvals = Table(
+    "governance_approvals",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("approver", String(255), primary_key=True),
+    Column("roles", JSON, nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("time", String(40), nullable=False),
 )
 
 outbox = outbox_table(metadata, "governance")
@@ -154,6 +197,81 @@ class Unit(OutboxUnit):
         return result.rowcount == 1
 
 
+    # -- policies ----------------------------------------------------------------------------
+    def policy(self, tenant: str, version: int = 0) -> Policy | None:
+        """The tenant's policy `version` (0: the newest); None when it has none."""
+        q = select(policies).where(policies.c.tenant == tenant)
+        if version:
+            q = q.where(policies.c.version == version)
+        row = self.conn.execute(q.order_by(policies.c.version.desc()).limit(1)).first()
+        return _policy(row) if row else None
+
+    def policy_history(self, tenant: str) -> list[Policy]:
+        rows = self.conn.execute(
+            select(policies).where(policies.c.tenant == tenant).order_by(policies.c.version))
+        return [_policy(r) for r in rows]
+
+    def add_policy(self, tenant: str, policy: Policy) -> None:
+        self.conn.execute(insert(policies).values(
+            tenant=tenant, version=policy.version, yaml=policy.yaml, sha256=policy.sha256,
+            author=policy.author, created_at=policy.created_at))
+
+    # -- promotion requests ----------------------------------------------------------------------
+    def promotion(self, request_id: str) -> PromotionRow | None:
+        row = self.conn.execute(
+            select(promotions).where(promotions.c.request_id == request_id)).first()
+        return PromotionRow(**row._mapping) if row else None
+
+    def promotions(self, tenant: str | None, statuses: tuple[str, ...] = (),
+                   limit: int = 1000) -> list[PromotionRow]:
+        q = select(promotions)
+        if tenant is not None:
+            q = q.where(promotions.c.tenant == tenant)
+        if statuses:
+            q = q.where(promotions.c.status.in_(statuses))
+        rows = self.conn.execute(q.order_by(promotions.c.created_at).limit(limit))
+        return [PromotionRow(**r._mapping) for r in rows]
+
+    def open_promotions(self, tenant: str | None = None) -> list[PromotionRow]:
+        return self.promotions(tenant, OPEN_STATUSES, limit=100_000)
+
+    def add_promotion(self, row: PromotionRow) -> None:
+        self.conn.execute(insert(promotions).values(**asdict(row)))
+
+    def save_promotion(self, row: PromotionRow) -> None:
+        values = asdict(row)
+        del values["request_id"]
+        self.conn.execute(update(promotions).where(
+            promotions.c.request_id == row.request_id).values(**values))
+
+    def approvals(self, request_id: str) -> tuple[Approval, ...]:
+        rows = self.conn.execute(select(approvals).where(approvals.c.request_id == request_id)
+                                 .order_by(approvals.c.time, approvals.c.approver))
+        return tuple(Approval(r.approver, tuple(r.roles), r.time, r.comment) for r in rows)
+
+    def add_approval(self, request_id: str, approval: Approval) -> None:
+        self.conn.execute(insert(approvals).values(
+            request_id=request_id, approver=approval.approver, roles=list(approval.roles),
+            comment=approval.comment, time=approval.time))
+
+
+@dataclass
+class PromotionRow:
+    request_id: str
+    tenant: str
+    ref: str
+    stage: str
+    requester: str
+    facts: dict
+    status: str
+    policy_version: int
+    verdicts: list
+    reason: str
+    created_at: str
+    expires_at: str
+    updated_at: str
+
+
 class GovernanceStore(UnitOfWorkStore[Unit]):
     """Each use case runs in one transaction: `await store.in_unit(fn)`."""
 
@@ -162,6 +280,10 @@ class GovernanceStore(UnitOfWorkStore[Unit]):
     unit_class = Unit
     migrations = Path(__file__).parent / "migrations"
     legacy_tables = frozenset({"audit_log", "api_keys"})
+
+
+def _policy(row) -> Policy:
+    return parse_policy(row.yaml, row.version, row.author, row.created_at)
 
 
 def _api_key(row) -> ApiKey:

@@ -17,19 +17,30 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js.errors import NoKeysError
 
 from llmstudio.auth import PLATFORM_TENANT, KeyDirectory, Principal, hash_secret, new_secret
 from llmstudio.bus import APIKEY_BUCKET, Bus
-from llmstudio.errors import NotFound
-from llmstudio.events import ApiKeyCreated, ApiKeyRevoked, AuditCheckpointed
+from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from llmstudio.events import (
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    ApprovalRefused,
+    AuditCheckpointed,
+    ModelPromotionRequested,
+    PolicyChanged,
+    PolicyDecided,
+    PromotionApproved,
+    PromotionRejected,
+)
 from llmstudio.outbox import Outbox
 
 from .anchor import CheckpointStore
-from .config import AuditAnchorSettings
+from .config import AuditAnchorSettings, PromotionSettings
 from .core import (
     ApiKey,
     AuditEvent,
@@ -50,7 +61,22 @@ from .core import (
     query_limit,
     verify_chain,
 )
-from .store import GovernanceStore, Unit
+from .policy import (
+    DEFAULT_POLICY,
+    EXPIRED,
+    OPEN_STATUSES,
+    REJECTED,
+    Approval,
+    Decision,
+    Facts,
+    Policy,
+    Verdict,
+    decide,
+    may_approve,
+    parse_policy,
+    policy_id,
+)
+from .store import GovernanceStore, PromotionRow, Unit
 
 log = logging.getLogger(__name__)
 
@@ -298,3 +324,276 @@ def _verify(u: Unit, checkpoints, public_key, newest_written: int, tenant: str |
 
 def _now() -> str:
     return iso_utc(datetime.now(UTC))
+
+
+# -- promotion policies and requests ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromotionView:
+    """A promotion request as governance decided it, with its approvals."""
+
+    row: PromotionRow
+    approvals: tuple[Approval, ...]
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """An approval or rejection refused: its ApprovalRefused is committed, then `error`
+    raised."""
+
+    error: Exception
+
+
+class Promotions:
+    """Tenant policies (versioned, each change announced: PolicyChanged) and the decisions on
+    promotion requests (PolicyDecided): from the registry's ModelPromotionRequested, on each
+    approval or rejection, on expiry, and again for every open request when the policy
+    changes or the version's evaluation does."""
+
+    def __init__(self, store: GovernanceStore, outbox: Outbox,
+                 settings: PromotionSettings | None = None):
+        self.store = store
+        self.outbox = outbox
+        self.settings = settings or PromotionSettings()
+
+    # -- policies --------------------------------------------------------------------------
+    async def set_policy(self, caller: Principal, tenant: str, text: str) -> Policy:
+        tenant = administered_tenant(caller, tenant)
+        parse_policy(text)  # InvalidArgument before anything is written
+        return await self.outbox.transact(self._set_policy, caller, tenant, text, _now())
+
+    def _set_policy(self, u: Unit, caller: Principal, tenant: str, text: str, now: str
+                    ) -> Policy:
+        newest = u.policy(tenant)
+        policy = parse_policy(text, (newest.version if newest else 0) + 1, caller.key_id, now)
+        u.add_policy(tenant, policy)
+        self.outbox.add(u, PolicyChanged(
+            policy_id=policy_id(tenant, policy.version), tenant=tenant, version=policy.version,
+            author=caller.key_id, sha256=policy.sha256, yaml=policy.yaml,
+            gated_stages=policy.gated_stages), tenant=tenant, actor=caller.key_id)
+        for row in u.open_promotions(tenant):
+            self._reevaluate(u, row, policy, now, f"policy v{policy.version}")
+        log.info("policy v%d of tenant %s set by %s", policy.version, tenant, caller.key_id)
+        return policy
+
+    async def get_policy(self, caller: Principal, tenant: str = "", version: int = 0) -> Policy:
+        """The tenant's policy `version` (0: the one in force; the built-in default when the
+        tenant has set none). Any role of the tenant may read it; another tenant's needs its
+        admin."""
+        tenant = self._readable_tenant(caller, tenant)
+        policy = await self.store.in_unit(Unit.policy, tenant, version)
+        if policy is None:
+            if version:
+                raise NotFound(f"tenant {tenant} has no policy version {version}")
+            return DEFAULT_POLICY
+        return policy
+
+    async def history(self, caller: Principal, tenant: str = "") -> list[Policy]:
+        return await self.store.in_unit(
+            Unit.policy_history, self._readable_tenant(caller, tenant))
+
+    @staticmethod
+    def _readable_tenant(caller: Principal, tenant: str) -> str:
+        if not tenant or tenant == caller.tenant:
+            return caller.tenant
+        return administered_tenant(caller, tenant)
+
+    # -- requests --------------------------------------------------------------------------
+    async def on_requested(self, tenant: str, data: ModelPromotionRequested) -> None:
+        """Decide a new request; a known one with new evidence (reason "evaluated") is
+        re-evaluated while open; a redelivered one changes nothing."""
+        await self.outbox.transact(self._on_requested, tenant, data, _now())
+
+    def _on_requested(self, u: Unit, tenant: str, data: ModelPromotionRequested, now: str
+                      ) -> None:
+        known = u.promotion(data.request_id)
+        if known is not None:
+            if known.tenant != tenant:
+                log.warning("promotion request %s of tenant %s named again by tenant %s: "
+                            "ignored", data.request_id, known.tenant, tenant)
+                return
+            if data.reason == "evaluated" and known.status in OPEN_STATUSES:
+                known.facts = data.model_dump(mode="json")
+                self._reevaluate(u, known, self._policy(u, tenant), now, "new evaluation")
+            return
+        policy = self._policy(u, tenant)
+        expires = iso_utc(datetime.fromisoformat(now) + timedelta(
+            seconds=self.settings.request_ttl_s))
+        row = PromotionRow(
+            request_id=data.request_id, tenant=tenant, ref=data.ref, stage=data.to_stage,
+            requester=data.requester, facts=data.model_dump(mode="json"), status="",
+            policy_version=policy.version, verdicts=[], reason="", created_at=now,
+            expires_at=expires, updated_at=now)
+        decision = decide(policy, row.stage, Facts(row.facts))
+        self._record(u, row, policy, decision, (), now, "requested", new=True)
+
+    async def list_requests(self, caller: Principal, status: str = "", tenant: str = "",
+                            limit: int = 0) -> list[PromotionView]:
+        tenant = self._readable_tenant(caller, tenant)
+        await self.expire_due()
+        return await self.store.in_unit(self._list, tenant, status, query_limit(limit))
+
+    @staticmethod
+    def _list(u: Unit, tenant: str, status: str, limit: int) -> list[PromotionView]:
+        rows = u.promotions(tenant, (status,) if status else (), limit)
+        return [PromotionView(r, u.approvals(r.request_id)) for r in rows]
+
+    async def get(self, caller: Principal, request_id: str) -> PromotionView:
+        await self.expire_due()
+        view = await self.store.in_unit(self._get, request_id)
+        if view is None or (view.row.tenant != caller.tenant
+                            and not caller.administers(view.row.tenant)):
+            raise NotFound(f"promotion request {request_id!r} not found")
+        return view
+
+    @staticmethod
+    def _get(u: Unit, request_id: str) -> PromotionView | None:
+        row = u.promotion(request_id)
+        return PromotionView(row, u.approvals(request_id)) if row else None
+
+    async def approve(self, caller: Principal, request_id: str, comment: str = ""
+                      ) -> PromotionView:
+        """Record `caller`'s approval and decide again. Refused (and the refusal audited):
+        a key that may not approve, the requester's own key, a request that expired or is
+        closed."""
+        return await self._review(caller, request_id, "approve", comment)
+
+    async def reject(self, caller: Principal, request_id: str, reason: str) -> PromotionView:
+        if not reason.strip():
+            raise InvalidArgument("reason", "required: say why the request is rejected")
+        return await self._review(caller, request_id, "reject", reason)
+
+    async def _review(self, caller: Principal, request_id: str, action: str, text: str
+                      ) -> PromotionView:
+        if not request_id.strip():
+            raise InvalidArgument("request_id", "required")
+        result = await self.outbox.transact(self._review_in_unit, caller, request_id, action,
+                                            text, _now())
+        if isinstance(result, _Refused):
+            raise result.error
+        return result
+
+    def _review_in_unit(self, u: Unit, caller: Principal, request_id: str, action: str,
+                        text: str, now: str) -> PromotionView | _Refused:
+        row = u.promotion(request_id)
+        if row is None or (row.tenant != caller.tenant and not caller.administers(row.tenant)):
+            raise NotFound(f"promotion request {request_id!r} not found")
+        policy = self._policy(u, row.tenant, row.policy_version)
+
+        def refuse(error: Exception) -> _Refused:
+            self.outbox.add(u, ApprovalRefused(
+                request_id=request_id, caller=caller.key_id, action=action, reason=str(error)),
+                tenant=row.tenant, actor=caller.key_id)
+            log.info("%s of %s by %s refused: %s", action, request_id, caller.key_id, error)
+            return _Refused(error)
+
+        if row.status in OPEN_STATUSES and row.expires_at <= now:
+            self._expire(u, row, now)
+        if caller.key_id == row.requester:
+            return refuse(PermissionDenied(
+                f"{action}: key {caller.key_id} requested {row.ref} -> {row.stage} itself: "
+                "someone other than the requester must review it"))
+        if not caller.can("approve") or not may_approve(policy, row.stage, caller.roles):
+            return refuse(PermissionDenied(
+                f"{action}: key {caller.key_id} (roles {', '.join(caller.roles) or 'none'}) may "
+                f"not review promotions to {row.stage}; a {_approver_role(policy, row.stage)} "
+                "or an admin may"))
+        if row.status == EXPIRED:
+            return refuse(FailedPrecondition(
+                f"{action}: request {request_id} expired at {row.expires_at}; request the "
+                "promotion again"))
+        if row.status not in OPEN_STATUSES:
+            return refuse(FailedPrecondition(
+                f"{action}: request {request_id} is {row.status}, not awaiting approval"))
+        approvals = u.approvals(request_id)
+        if action == "reject":
+            self.outbox.add(u, PromotionRejected(
+                request_id=request_id, ref=row.ref, reviewer=caller.key_id, reason=text),
+                tenant=row.tenant, actor=caller.key_id)
+            self._record(u, row, policy, Decision(REJECTED, _verdicts(row)), approvals, now,
+                         f"rejected by {caller.key_id}: {text}")
+            return PromotionView(row, approvals)
+        if any(a.approver == caller.key_id for a in approvals):
+            return PromotionView(row, approvals)  # a retried approval
+        approval = Approval(caller.key_id, tuple(caller.roles), now, text)
+        u.add_approval(request_id, approval)
+        self.outbox.add(u, PromotionApproved(
+            request_id=request_id, ref=row.ref, approver=caller.key_id,
+            role=",".join(caller.roles), comment=text), tenant=row.tenant, actor=caller.key_id)
+        approvals = (*approvals, approval)
+        self._record(u, row, policy, decide(policy, row.stage, Facts(row.facts, approvals)),
+                     approvals, now, f"approved by {caller.key_id}")
+        return PromotionView(row, approvals)
+
+    # -- expiry ----------------------------------------------------------------------------
+    async def expire_due(self) -> int:
+        """Expire every open request past its time (announced); how many."""
+        return await self.outbox.transact(self._expire_due, _now())
+
+    def _expire_due(self, u: Unit, now: str) -> int:
+        due = [r for r in u.open_promotions() if r.expires_at <= now]
+        for row in due:
+            self._expire(u, row, now)
+        return len(due)
+
+    def _expire(self, u: Unit, row: PromotionRow, now: str) -> None:
+        policy = self._policy(u, row.tenant, row.policy_version)
+        self._record(u, row, policy, Decision(EXPIRED, _verdicts(row)),
+                     u.approvals(row.request_id), now, f"expired at {row.expires_at}")
+
+    async def sweep(self) -> None:
+        """Background: expire due requests every `sweep_every_s`."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_every_s)
+            try:
+                expired = await self.expire_due()
+                if expired:
+                    log.info("expired %d promotion request(s)", expired)
+            except Exception:  # noqa: BLE001 - sweep again next round
+                log.exception("promotion expiry sweep failed")
+
+    # -- shared ----------------------------------------------------------------------------
+    @staticmethod
+    def _policy(u: Unit, tenant: str, version: int | None = None) -> Policy:
+        """The tenant's policy `version` (None: the one in force; 0: the built-in default)."""
+        if version == 0:
+            return DEFAULT_POLICY
+        return u.policy(tenant, version or 0) or DEFAULT_POLICY
+
+    def _reevaluate(self, u: Unit, row: PromotionRow, policy: Policy, now: str, why: str
+                    ) -> None:
+        approvals = u.approvals(row.request_id)
+        decision = decide(policy, row.stage, Facts(row.facts, approvals))
+        self._record(u, row, policy, decision, approvals, now, f"re-evaluated: {why}")
+
+    def _record(self, u: Unit, row: PromotionRow, policy: Policy, decision: Decision,
+                approvals: tuple[Approval, ...], now: str, reason: str, new: bool = False
+                ) -> None:
+        """Store the decision and announce it (PolicyDecided) when it is new or changed."""
+        verdicts = [v.as_dict() for v in decision.verdicts]
+        changed = new or (row.status, row.verdicts, row.policy_version) != (
+            decision.status, verdicts, policy.version)
+        row.status, row.verdicts, row.policy_version = decision.status, verdicts, policy.version
+        row.reason, row.updated_at = reason, now
+        if new:
+            u.add_promotion(row)
+        else:
+            u.save_promotion(row)
+        if not changed:
+            return
+        self.outbox.add(u, PolicyDecided(
+            request_id=row.request_id, ref=row.ref, model_name=row.facts.get("model_name", ""),
+            version=int(row.facts.get("version", 0)), stage=row.stage, status=decision.status,
+            policy_version=policy.version, verdicts=verdicts,
+            approvals=[a.approver for a in approvals], requester=row.requester, reason=reason,
+        ), tenant=row.tenant, actor="governance")
+
+
+def _verdicts(row: PromotionRow) -> tuple[Verdict, ...]:
+    return tuple(Verdict(str(v["rule"]), bool(v["ok"]), str(v["message"])) for v in row.verdicts)
+
+
+def _approver_role(policy: Policy, stage: str) -> str:
+    rule = policy.approvals_rule(stage)
+    return rule.role if rule else "reviewer"

@@ -25,6 +25,8 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "GetVersion": "read",
         "SetStage": "write",
         "DownloadArtifact": "read",
+        "RequestPromotion": "write",
+        "GetPromotion": "read",
     }
 
     def __init__(self, registry: Registry):
@@ -48,8 +50,23 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         principal = current_principal()
         asked = core.StageRequest(request.model_name, request.version, stage_from_pb(request.stage))
         moved = await self.registry.set_stage(
-            principal.tenant, principal.name or principal.key_id, asked, request.idempotency_key)
+            principal.tenant, principal.name or principal.key_id, asked, request.idempotency_key,
+            requester=principal.key_id)
         return version_to_pb(moved)
+
+    async def RequestPromotion(self, request: pb.RequestPromotionRequest,
+                               context) -> pb.PromotionRecord:
+        principal = current_principal()
+        asked = core.StageRequest(request.model_name, request.version, stage_from_pb(request.stage))
+        promotion = await self.registry.request_promotion(
+            principal.tenant, principal.key_id, principal.name or principal.key_id, asked,
+            request.justification, request.idempotency_key)
+        return promotion_to_pb(promotion)
+
+    async def GetPromotion(self, request: pb.GetPromotionRecordRequest,
+                           context) -> pb.PromotionRecord:
+        return promotion_to_pb(await self.registry.get_promotion(
+            current_principal().tenant, request.request_id))
 
     async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
         chunks = self.registry.download_artifact(
@@ -100,6 +117,14 @@ def version_to_pb(v: core.ModelVersion) -> pb.ModelVersion:
         created_at=v.created_at,
         updated_at=v.updated_at,
     )
+
+
+def promotion_to_pb(p: core.Promotion) -> pb.PromotionRecord:
+    return pb.PromotionRecord(
+        request_id=p.request_id, model_name=p.model_name, version=p.version,
+        stage=stage_to_pb(p.stage), justification=p.justification,
+        requester=p.requester, status=p.status, unmet=list(p.unmet),
+        policy_version=p.policy_version, created_at=p.created_at, updated_at=p.updated_at)
 
 
 def chunk_to_pb(chunk: ArtifactChunk) -> pb.ArtifactChunk:

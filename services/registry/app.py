@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llmstudio.events import EvalCompleted, JobSucceeded
+from llmstudio.events import EvalCompleted, JobSucceeded, PolicyChanged, PolicyDecided
 from llmstudio.grpcutil import Registration
 from llmstudio.outbox import Outbox
 from llmstudio.service import Runtime
@@ -27,6 +27,8 @@ async def build(rt: Runtime) -> list[Registration]:
     rt.bus.subscribe(JobSucceeded, durable="job-succeeded", handler=handlers.on_job_succeeded)
     rt.bus.subscribe(EvalCompleted, durable="eval-completed",
                      handler=handlers.on_eval_completed)
+    rt.bus.subscribe(PolicyDecided, durable="policy-decided", handler=handlers.on_policy_decided)
+    rt.bus.subscribe(PolicyChanged, durable="policy-changed", handler=handlers.on_policy_changed)
     rt.background.append(outbox.run)
 
     async def dispose() -> None:

@@ -129,6 +129,8 @@ def version_from_job(
             },
             "trace_id": trace_id,
             "evaluation_id": "",
+            # the dataset's report (PII found in its rows): evidence for promotion policies
+            "dataset_report_key": job.dataset_artifacts.get("report", ""),
         },
         metrics={"final_loss": float(job.final_loss), "steps": float(job.steps)},
         artifacts={"checkpoint": job.checkpoint_key, "adapter": job.adapter_key},
@@ -187,3 +189,89 @@ def plan_stage_change(
     moved = replace(target, stage=to_stage, updated_at=now)
     changes.append(StageChange(moved, target.stage, to_stage))
     return moved, changes
+
+
+# -- promotion requests ---------------------------------------------------------------------------
+
+# The stages a tenant's policy gates while governance has announced none for it: those of
+# governance's built-in default policy (staging: evaluated; production: staging first, tuned >=
+# base, one approval). A tenant's PolicyChanged replaces them.
+DEFAULT_GATED_STAGES: tuple[str, ...] = ("staging", "production")
+# A request's status as the registry knows it: "pending" until governance decides, then
+# governance's (pending_approval, rejected, approved, expired), "applied" once moved.
+PENDING, PENDING_APPROVAL, APPROVED, APPLIED = "pending", "pending_approval", "approved", "applied"
+OPEN = (PENDING, PENDING_APPROVAL)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    request_id: str
+    tenant: str
+    model_name: str
+    version: int
+    stage: Stage
+    from_stage: Stage
+    justification: str
+    requester: str  # key id
+    status: str
+    unmet: tuple[str, ...] = ()
+    policy_version: int = 0
+    created_at: str = ""
+    updated_at: str = ""
+
+    @property
+    def ref(self) -> str:
+        return ref(self.model_name, self.version)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a version's artifacts add to a request: the evaluation's suite and intervals, and
+    the training dataset's PII report (read from the store before the transaction)."""
+
+    evaluation_suites: tuple[str, ...] = ()
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)
+    dataset_report: bool = False
+    dataset_pii_rows: int = 0
+    dataset_pii_counts: dict[str, int] = field(default_factory=dict)
+
+
+def evidence_from_reports(eval_report: dict[str, Any] | None,
+                          dataset_report: dict[str, Any] | None, evaluated: bool) -> Evidence:
+    """The evidence two stored reports give (None: not readable). A job's own evaluation runs
+    the default suite, so an evaluated version without a readable report has that one."""
+    suites: tuple[str, ...] = ("default",) if evaluated else ()
+    intervals: dict[str, dict[str, float]] = {}
+    if eval_report is not None:
+        suites = (str(eval_report.get("suite") or "default"),)
+        for c in eval_report.get("comparisons", []) or []:
+            try:
+                intervals[str(c["name"])] = {"ci_low": float(c["ci_low"]),
+                                             "ci_high": float(c["ci_high"])}
+            except (KeyError, TypeError, ValueError):
+                continue
+    if dataset_report is None:
+        return Evidence(suites, intervals)
+    counts = {str(k): int(v) for k, v in (dataset_report.get("pii_counts") or {}).items()}
+    return Evidence(suites, intervals, True, int(dataset_report.get("pii_rows") or 0), counts)
+
+
+def check_promotable(versions: list[ModelVersion], version: int, to_stage: Stage) -> ModelVersion:
+    """The version a request names, if the lifecycle lets it move to `to_stage`."""
+    target = next((v for v in versions if v.version == version), None)
+    if target is None:
+        name = versions[0].model_name if versions else "?"
+        raise NotFound(f"model {name} has no version {version}")
+    if target.stage == to_stage:
+        raise FailedPrecondition(f"{target.ref} is already in {to_stage}")
+    check_transition(target.stage, to_stage)
+    return target
+
+
+def refusal(p: Promotion) -> str:
+    """Why SetStage cannot move a version through request `p` (not approved)."""
+    head = f"{p.ref} -> {p.stage} needs an approved promotion request; request {p.request_id} " \
+        f"is {p.status}"
+    if p.status == PENDING:
+        return head + " (governance has not decided yet)"
+    return head + (": unmet: " + "; ".join(p.unmet) if p.unmet else "")

@@ -14,10 +14,12 @@ from pathlib import Path
 from sqlalchemy import (
     JSON,
     Column,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     func,
     select,
@@ -27,7 +29,7 @@ from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 from llmstudio.paging import Listing, Page, Paged
 
-from .core import Model, ModelVersion, Stage, StageRequest
+from .core import DEFAULT_GATED_STAGES, OPEN, Model, ModelVersion, Promotion, Stage, StageRequest
 
 metadata = MetaData()
 
@@ -69,6 +71,37 @@ stage_requests = Table(
     Column("version", Integer, nullable=False),
     Column("stage", String(16), nullable=False),
     Column("created_at", String(40), nullable=False),
+)
+
+# Promotion requests this registry filed, with governance's last decision on each.
+promotions = Table(
+    "registry_promotions",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("tenant", String(128), nullable=False),
+    Column("model_name", String(256), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("stage", String(16), nullable=False),
+    Column("from_stage", String(16), nullable=False),
+    Column("justification", Text, nullable=False),
+    Column("requester", String(255), nullable=False),
+    Column("status", String(24), nullable=False),
+    Column("unmet", JSON, nullable=False),
+    Column("policy_version", Integer, nullable=False),
+    Column("idempotency_key", String(256), nullable=False),
+    Column("created_at", String(40), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+    Index("ix_registry_promotions_version", "tenant", "model_name", "version"),
+)
+
+# The stages each tenant's policy gates, as governance last announced (PolicyChanged).
+policy_gates = Table(
+    "registry_policy_gates",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("policy_version", Integer, nullable=False),
+    Column("gated_stages", JSON, nullable=False),
+    Column("updated_at", String(40), nullable=False),
 )
 
 outbox = outbox_table(metadata, "registry")
@@ -178,6 +211,65 @@ class Unit(OutboxUnit):
         )
 
 
+    # -- promotion requests ------------------------------------------------------------------
+    def promotion(self, tenant: str, request_id: str) -> Promotion | None:
+        row = self.conn.execute(select(promotions).where(
+            promotions.c.tenant == tenant, promotions.c.request_id == request_id)).first()
+        return _promotion(row) if row else None
+
+    def promotion_by_key(self, tenant: str, key: str) -> Promotion | None:
+        row = self.conn.execute(select(promotions).where(
+            promotions.c.tenant == tenant, promotions.c.idempotency_key == key)).first()
+        return _promotion(row) if row else None
+
+    def promotions_of(self, tenant: str, model_name: str, version: int,
+                      statuses: tuple[str, ...] = ()) -> list[Promotion]:
+        """The version's requests, newest first (of `statuses` when given)."""
+        q = select(promotions).where(
+            promotions.c.tenant == tenant, promotions.c.model_name == model_name,
+            promotions.c.version == version)
+        if statuses:
+            q = q.where(promotions.c.status.in_(statuses))
+        rows = self.conn.execute(q.order_by(promotions.c.created_at.desc()))
+        return [_promotion(r) for r in rows]
+
+    def open_promotions_of(self, tenant: str, model_name: str, version: int) -> list[Promotion]:
+        return self.promotions_of(tenant, model_name, version, OPEN)
+
+    def add_promotion(self, p: Promotion, idempotency_key: str) -> None:
+        self.conn.execute(promotions.insert().values(
+            **_promotion_row(p), idempotency_key=idempotency_key))
+
+    def save_promotion(self, p: Promotion) -> None:
+        row = _promotion_row(p)
+        self.conn.execute(promotions.update().where(
+            promotions.c.request_id == p.request_id).values(
+            **{k: row[k] for k in ("status", "unmet", "policy_version", "updated_at")}))
+
+    # -- policy gates ------------------------------------------------------------------------
+    def gated_stages(self, tenant: str) -> tuple[str, ...]:
+        row = self.conn.execute(
+            select(policy_gates).where(policy_gates.c.tenant == tenant)).first()
+        return tuple(row.gated_stages) if row else DEFAULT_GATED_STAGES
+
+    def set_gated_stages(self, tenant: str, policy_version: int, stages: list[str],
+                         now: str) -> bool:
+        """Keep the gates of the newest policy version (an older one arriving late is
+        ignored); False when ignored."""
+        row = self.conn.execute(
+            select(policy_gates).where(policy_gates.c.tenant == tenant)).first()
+        if row is None:
+            self.conn.execute(policy_gates.insert().values(
+                tenant=tenant, policy_version=policy_version, gated_stages=stages,
+                updated_at=now))
+            return True
+        if row.policy_version >= policy_version:
+            return False
+        self.conn.execute(policy_gates.update().where(policy_gates.c.tenant == tenant).values(
+            policy_version=policy_version, gated_stages=stages, updated_at=now))
+        return True
+
+
 class RegistryStore(UnitOfWorkStore[Unit]):
     """Each use case runs in one transaction: `await store.in_unit(fn)`."""
 
@@ -215,3 +307,22 @@ def _version(row) -> ModelVersion:
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
+
+
+def _promotion_row(p: Promotion) -> dict:
+    return {
+        "request_id": p.request_id, "tenant": p.tenant, "model_name": p.model_name,
+        "version": p.version, "stage": p.stage.value, "from_stage": p.from_stage.value,
+        "justification": p.justification, "requester": p.requester, "status": p.status,
+        "unmet": list(p.unmet), "policy_version": p.policy_version,
+        "created_at": p.created_at, "updated_at": p.updated_at,
+    }
+
+
+def _promotion(row) -> Promotion:
+    return Promotion(
+        request_id=row.request_id, tenant=row.tenant, model_name=row.model_name,
+        version=row.version, stage=Stage(row.stage), from_stage=Stage(row.from_stage),
+        justification=row.justification, requester=row.requester, status=row.status,
+        unmet=tuple(row.unmet), policy_version=row.policy_version, created_at=row.created_at,
+        updated_at=row.updated_at)

@@ -13,13 +13,24 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections.abc import AsyncGenerator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from llmstudio import telemetry
 from llmstudio.artifactkeys import InvalidKey, check_tenant_key, validate_key
 from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
-from llmstudio.events import EvalCompleted, JobCompleted, ModelStageChanged, ModelVersionRegistered
+from llmstudio.events import (
+    EvalCompleted,
+    JobCompleted,
+    ModelPromotionRequested,
+    ModelStageChanged,
+    ModelVersionRegistered,
+    PolicyChanged,
+    PolicyDecided,
+)
 from llmstudio.outbox import Outbox
 from llmstudio.paging import Paged
 from llmstudio.storage import (
@@ -31,7 +42,7 @@ from llmstudio.storage import (
 )
 
 from . import core
-from .core import Model, ModelVersion, StageRequest
+from .core import Evidence, Model, ModelVersion, Promotion, Stage, StageRequest
 from .store import MODELS, RegistryStore, Unit
 
 log = logging.getLogger(__name__)
@@ -58,12 +69,22 @@ class ArtifactChunk:
     file: ArtifactFile | None = None  # set on a file's first chunk
 
 
+class _Gated(Exception):
+    """SetStage asked for a gated stage with no approved request: the open request to wait on
+    (None: file one)."""
+
+    def __init__(self, promotion: Promotion | None):
+        self.promotion = promotion
+
+
 class Registry:
     def __init__(self, store: RegistryStore, outbox: Outbox,
-                 artifacts: ArtifactStore | None = None):
+                 artifacts: ArtifactStore | None = None, decision_wait_s: float = 10.0):
         self.store = store
         self.outbox = outbox
         self.artifacts = artifacts
+        # How long SetStage to a gated stage waits for governance to decide the request it filed.
+        self.decision_wait_s = decision_wait_s
 
     # -- reads -------------------------------------------------------------------------------
     async def list_models(self, tenant: str, page_size: int = 0,
@@ -121,19 +142,37 @@ class Registry:
 
     # -- SetStage ----------------------------------------------------------------------------
     async def set_stage(
-        self, tenant: str, actor: str, asked: StageRequest, idempotency_key: str = ""
+        self, tenant: str, actor: str, asked: StageRequest, idempotency_key: str = "",
+        requester: str = "",
     ) -> ModelVersion:
         """Move a version to a stage (see `core` for the lifecycle).
 
         The version must be named (>= 1): a stage change is a deliberate act on one version, and
         "latest" may change under the caller. A retry with the same idempotency key returns the
         version without applying the request again, even if its stage moved on since; reusing a
-        key for another request is INVALID_ARGUMENT."""
+        key for another request is INVALID_ARGUMENT.
+
+        A stage the tenant's policy gates is reached only through an approved promotion
+        request: one approved but not applied is applied here; else the open request for it
+        (or one filed now, by `requester`) is awaited for `decision_wait_s`, and unless
+        governance approves it, FAILED_PRECONDITION names the unmet rules."""
         _required("model_name", asked.model_name)
         if asked.version < 1:
             raise InvalidArgument("version", "must be >= 1 (name the version to move)")
-        return await self.outbox.transact(
-            self._set_stage, tenant, actor, asked, idempotency_key, core.now_iso())
+        try:
+            return await self.outbox.transact(
+                self._set_stage, tenant, actor, asked, idempotency_key, core.now_iso())
+        except _Gated as gated:
+            promotion = gated.promotion
+        # A gated stage: through a promotion request (the open one, or one filed now), applied
+        # by the decision handler once governance approves it.
+        if promotion is None:
+            promotion = await self.request_promotion(
+                tenant, requester or actor, actor, asked, "SetStage")
+        decided = await self._await_decision(tenant, promotion)
+        if decided.status != core.APPLIED:
+            raise FailedPrecondition(core.refusal(decided))
+        return await self.get_version(tenant, asked.model_name, asked.version)
 
     def _set_stage(
         self, u: Unit, tenant: str, actor: str, asked: StageRequest, key: str, now: str
@@ -147,6 +186,23 @@ class Registry:
         versions = u.versions_of(tenant, asked.model_name)
         if not versions:
             raise NotFound(f"model {asked.model_name} not found")
+        current = next((v for v in versions if v.version == asked.version), None)
+        if current is not None and current.stage != asked.stage and \
+                asked.stage.value in u.gated_stages(tenant):
+            core.check_transition(current.stage, asked.stage)
+            requests = [p for p in u.promotions_of(tenant, asked.model_name, asked.version)
+                        if p.stage == asked.stage]
+            approved = next((p for p in requests if p.status == core.APPROVED), None)
+            if approved is None:
+                raise _Gated(next((p for p in requests if p.status in core.OPEN), None))
+            u.save_promotion(replace(approved, status=core.APPLIED, updated_at=now))
+        moved = self._move(u, tenant, actor, versions, asked, now)
+        if key:
+            u.add_stage_request(tenant, key, asked, now)
+        return moved
+
+    def _move(self, u: Unit, tenant: str, actor: str, versions: list[ModelVersion],
+              asked: StageRequest, now: str) -> ModelVersion:
         moved, changes = core.plan_stage_change(versions, asked.version, asked.stage, now)
         for change in changes:
             u.save_version(change.version)
@@ -159,9 +215,146 @@ class Registry:
                 ),
                 tenant=tenant, actor=actor,
             )
-        if key:
-            u.add_stage_request(tenant, key, asked, now)
         return moved
+
+    async def _await_decision(self, tenant: str, promotion: Promotion) -> Promotion:
+        """The request once governance decided it (or as it is after `decision_wait_s`)."""
+        deadline = time.monotonic() + self.decision_wait_s
+        while True:
+            now = await self.store.in_unit(Unit.promotion, tenant, promotion.request_id)
+            promotion = now or promotion
+            if promotion.status != core.PENDING or time.monotonic() >= deadline:
+                return promotion
+            await asyncio.sleep(0.1)
+
+    # -- RequestPromotion ----------------------------------------------------------------------
+    async def request_promotion(
+        self, tenant: str, requester: str, actor: str, asked: StageRequest,
+        justification: str = "", idempotency_key: str = "",
+    ) -> Promotion:
+        """File a request to move a version to a stage under the tenant's policy
+        (ModelPromotionRequested, with the evidence governance checks). While one for the same
+        version and stage is open, that one is returned; a retry with the same idempotency key
+        returns its request."""
+        _required("model_name", asked.model_name)
+        if asked.version < 1:
+            raise InvalidArgument("version", "must be >= 1 (name the version to promote)")
+        if len(justification) > 4000:
+            raise InvalidArgument("justification", "at most 4000 characters")
+        mv = await self.get_version(tenant, asked.model_name, asked.version)
+        evidence = await self._evidence(tenant, mv)
+        return await self.outbox.transact(
+            self._request_promotion, tenant, requester, actor, asked, justification,
+            idempotency_key, evidence, core.now_iso())
+
+    def _request_promotion(
+        self, u: Unit, tenant: str, requester: str, actor: str, asked: StageRequest,
+        justification: str, key: str, evidence: Evidence, now: str,
+    ) -> Promotion:
+        earlier = u.promotion_by_key(tenant, key) if key else None
+        if earlier is not None:
+            core.check_same_request(
+                StageRequest(earlier.model_name, earlier.version, earlier.stage), asked)
+            return earlier
+        versions = u.versions_of(tenant, asked.model_name)
+        if not versions:
+            raise NotFound(f"model {asked.model_name} not found")
+        target = core.check_promotable(versions, asked.version, asked.stage)
+        open_ = [p for p in u.open_promotions_of(tenant, asked.model_name, asked.version)
+                 if p.stage == asked.stage]
+        if open_:
+            return open_[0]
+        promotion = Promotion(
+            request_id=f"pr-{uuid.uuid4().hex[:16]}", tenant=tenant, model_name=asked.model_name,
+            version=asked.version, stage=asked.stage, from_stage=target.stage,
+            justification=justification, requester=requester, status=core.PENDING,
+            created_at=now, updated_at=now)
+        u.add_promotion(promotion, key)
+        production = next((v for v in versions if v.stage == Stage.PRODUCTION), None)
+        self.outbox.add(u, _requested(promotion, target, evidence, production, "requested"),
+                        tenant=tenant, actor=actor)
+        log.info("promotion %s: %s -> %s requested by %s", promotion.request_id, target.ref,
+                 asked.stage, requester)
+        return promotion
+
+    async def get_promotion(self, tenant: str, request_id: str) -> Promotion:
+        p = await self.store.in_unit(Unit.promotion, tenant, _required("request_id", request_id))
+        if p is None:
+            raise NotFound(f"promotion request {request_id!r} not found")
+        return p
+
+    async def _evidence(self, tenant: str, mv: ModelVersion) -> Evidence:
+        """The evaluation's suite and intervals and the dataset's PII report, from the store."""
+        eval_report = await self._read_json(tenant, mv.artifacts.get("eval_report", ""))
+        dataset_report = await self._read_json(tenant, mv.lineage.get("dataset_report_key", ""))
+        return core.evidence_from_reports(eval_report, dataset_report,
+                                          bool(mv.lineage.get("evaluation_id")))
+
+    async def _read_json(self, tenant: str, key: str) -> dict[str, Any] | None:
+        if not key or self.artifacts is None:
+            return None
+        try:
+            check_tenant_key(key, tenant)
+            doc = json.loads(await asyncio.to_thread(self.artifacts.get_bytes, key))
+        except (ArtifactNotFound, InvalidKey, ValueError, OSError) as e:
+            log.warning("promotion evidence: cannot read %s: %s", key, e)
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    # -- governance's decisions ----------------------------------------------------------------
+    async def apply_decision(self, tenant: str, decision: PolicyDecided) -> Promotion | None:
+        """Record governance's decision on a request; an approved one moves the version (as
+        SetStage does: ModelStageChanged). Idempotent."""
+        return await self.outbox.transact(self._apply_decision, tenant, decision,
+                                          core.now_iso())
+
+    def _apply_decision(self, u: Unit, tenant: str, d: PolicyDecided, now: str
+                        ) -> Promotion | None:
+        p = u.promotion(tenant, d.request_id)
+        if p is None:
+            log.warning("decision on unknown promotion request %s (tenant %s)", d.request_id,
+                        tenant)
+            return None
+        if p.status == core.APPLIED:
+            return p
+        unmet = tuple(str(v.get("message", "")) for v in d.verdicts if not v.get("ok"))
+        status = d.status
+        if status == core.APPROVED:
+            versions = u.versions_of(tenant, p.model_name)
+            try:
+                self._move(u, tenant, p.requester, versions,
+                           StageRequest(p.model_name, p.version, p.stage), now)
+                status = core.APPLIED
+            except (FailedPrecondition, NotFound) as e:
+                log.warning("approved %s cannot be applied now: %s", p.request_id, e)
+        decided = replace(p, status=status, unmet=unmet, policy_version=d.policy_version,
+                          updated_at=now)
+        u.save_promotion(decided)
+        return decided
+
+    async def apply_policy_change(self, tenant: str, change: PolicyChanged) -> None:
+        await self.store.in_unit(Unit.set_gated_stages, tenant, change.version,
+                                 list(change.gated_stages), core.now_iso())
+
+    async def refresh_open_requests(self, tenant: str, mv: ModelVersion) -> int:
+        """The version's evaluation changed: send governance the new evidence of each of its
+        open requests (same request id, reason "evaluated"); how many."""
+        open_ = await self.store.in_unit(Unit.open_promotions_of, tenant, mv.model_name,
+                                         mv.version)
+        if not open_:
+            return 0
+        evidence = await self._evidence(tenant, mv)
+        return await self.outbox.transact(self._refresh, tenant, mv, evidence)
+
+    def _refresh(self, u: Unit, tenant: str, mv: ModelVersion, evidence: Evidence) -> int:
+        versions = u.versions_of(tenant, mv.model_name)
+        current = next(v for v in versions if v.version == mv.version)
+        production = next((v for v in versions if v.stage == Stage.PRODUCTION), None)
+        open_ = u.open_promotions_of(tenant, mv.model_name, mv.version)
+        for p in open_:
+            self.outbox.add(u, _requested(p, current, evidence, production, "evaluated"),
+                            tenant=tenant, actor=p.requester)
+        return len(open_)
 
     # -- from events -------------------------------------------------------------------------
     async def register_job(self, tenant: str, actor: str, job: JobCompleted) -> ModelVersion:
@@ -195,6 +388,7 @@ class Registry:
         VersionNotRegisteredYet while the job's version is not there."""
         mv = await self.store.in_unit(self._attach_evaluation, tenant, ev, core.now_iso())
         log.info("attached evaluation %s to %s", ev.evaluation_id, mv.ref)
+        await self.refresh_open_requests(tenant, mv)  # governance re-evaluates open requests
         return mv
 
     @staticmethod
@@ -206,6 +400,22 @@ class Registry:
         evaluated = core.with_evaluation(mv, ev, now)
         u.save_version(evaluated)
         return evaluated
+
+
+def _requested(p: Promotion, mv: ModelVersion, evidence: Evidence,
+               production: ModelVersion | None, reason: str) -> ModelPromotionRequested:
+    return ModelPromotionRequested(
+        request_id=p.request_id, ref=mv.ref, model_name=mv.model_name, version=mv.version,
+        from_stage=p.from_stage.value, to_stage=p.stage.value, justification=p.justification,
+        requester=p.requester, metrics=mv.metrics,
+        evaluation_id=mv.lineage.get("evaluation_id", ""),
+        evaluation_suites=list(evidence.evaluation_suites), intervals=evidence.intervals,
+        dataset_id=mv.lineage.get("dataset_id", ""),
+        dataset_sha256=mv.lineage.get("dataset_sha256", ""),
+        dataset_report=evidence.dataset_report, dataset_pii_rows=evidence.dataset_pii_rows,
+        dataset_pii_counts=evidence.dataset_pii_counts,
+        production_version=production.version if production else 0,
+        production_metrics=production.metrics if production else {}, reason=reason)
 
 
 def manifest_files(raw: bytes, uri: str) -> list[ArtifactFile]:

@@ -11,7 +11,7 @@ from llmstudio.bus import Bus
 from llmstudio.events import ModelStageChanged, make_envelope
 from llmstudio.outbox import Outbox
 from services.registry.core import Stage, StageRequest
-from services.registry.store import RegistryStore, metadata
+from services.registry.store import RegistryStore, Unit, metadata
 from services.registry.usecases import Registry
 from tests.support.migrations import (
     LEGACY_DATABASES,
@@ -120,7 +120,8 @@ async def assert_legacy_rows_read_through_use_cases(store: RegistryStore, bus: B
     sent = await published(bus.settings.nats_url, "llmstudio.model.>", 1)
     assert [(env.id, subject) for env, subject in sent] == [
         (PENDING.id, "llmstudio.model.stage_changed.smol-v1")]
-    # New versions number on from the stored ones.
+    # New versions number on from the stored ones (under a policy that gates no stage).
+    await store.in_unit(Unit.set_gated_stages, "acme", 1, [], "2030-01-04T00:00:00.000Z")
     moved = await registry.set_stage("acme", "alice", StageRequest("smol", 2, Stage.STAGING))
     sent = await published(bus.settings.nats_url, "llmstudio.model.>", 2)
     assert moved.stage == Stage.STAGING and len(sent) == 2

@@ -18,6 +18,7 @@ from llmstudio.events import (
     JobSucceeded,
     ModelStageChanged,
     ModelVersionRegistered,
+    PolicyChanged,
 )
 from llmstudio.natsserver import free_port
 from llmstudio.outbox import Outbox
@@ -26,7 +27,7 @@ from llmstudio.v1 import registry_pb2_grpc
 from services.registry import core
 from services.registry.app import build
 from services.registry.core import Stage, StageRequest
-from services.registry.store import RegistryStore
+from services.registry.store import RegistryStore, Unit
 from services.registry.usecases import Registry, VersionNotRegisteredYet
 from tests.support.harness import put_api_key, running
 
@@ -129,6 +130,16 @@ def md(key: str):
     return (("x-api-key", key),)
 
 
+async def ungate(observer: Observer, tenant: str) -> None:
+    """Announce a policy of `tenant` that gates no stage (as governance would), and wait until
+    the registry took it: SetStage then moves versions without promotion requests (the gated
+    path: tests/integration/test_promotion.py)."""
+    await observer.bus.publish(PolicyChanged(
+        policy_id=f"ungated-{tenant}", tenant=tenant, version=1, author="key-admin",
+        sha256="0" * 64, yaml="stages: {}\n", gated_stages=[]), tenant=tenant, actor="key-admin")
+    await eventually(lambda: observer.settled("GOVERNANCE", "registry-policy-changed", 1))
+
+
 async def test_registry_end_to_end(settings, observer):
     dev = await put_api_key(settings.nats_url, "developer", "acme")
     viewer = await put_api_key(settings.nats_url, "viewer", "acme")
@@ -136,6 +147,7 @@ async def test_registry_end_to_end(settings, observer):
     async with running("registry", build, settings) as port:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             reg = stub(ch)
+            await ungate(observer, "acme")
 
             async def get(version: int, key: str = dev) -> pb.ModelVersion:
                 return await reg.GetVersion(
@@ -393,6 +405,7 @@ async def test_use_cases_commit_while_nats_is_down_and_publish_later_with_stable
     bus = FlakyBus()
     outbox = Outbox(store, bus, defer_failures=True)
     registry = Registry(store, outbox)
+    await store.in_unit(Unit.set_gated_stages, "acme", 1, [], core.now_iso())  # ungated
     # NATS is down: each change is still made and answered; its events wait in the outbox.
     registered = await registry.register_job("acme", "alice", job_completed("job-1"))
     assert (registered.ref, registered.stage) == ("smol-lora-v1", Stage.DEVELOPMENT)

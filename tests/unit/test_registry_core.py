@@ -56,6 +56,7 @@ def test_version_from_job_records_full_lineage_artifacts_and_metrics():
         },
         "trace_id": "t" * 32,
         "evaluation_id": "",
+        "dataset_report_key": "",
     }
     assert v.artifacts == {"checkpoint": "ckpt/job-1/80", "adapter": "adapters/job-1"}
     assert v.metrics == {"final_loss": 0.42, "steps": 80.0}

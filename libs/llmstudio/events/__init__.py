@@ -8,9 +8,14 @@ from .evaluation import EvalCompleted, EvalFailed
 from .governance import (
     ApiKeyCreated,
     ApiKeyRevoked,
+    ApprovalRefused,
     AuditCheckpointed,
     AuthenticationFailed,
     DeadLettered,
+    PolicyChanged,
+    PolicyDecided,
+    PromotionApproved,
+    PromotionRejected,
 )
 from .jobs import (
     JobAssigned,
@@ -34,7 +39,7 @@ from .jobs import (
     WorkerHeartbeat,
     WorkItem,
 )
-from .registry import ModelStageChanged, ModelVersionRegistered
+from .registry import ModelPromotionRequested, ModelStageChanged, ModelVersionRegistered
 from .serving import DeploymentCreated, DeploymentDeleted, DeploymentSwitched
 
 __all__ = [
@@ -43,10 +48,11 @@ __all__ = [
     "DatasetRegistered", "DatasetRejected", "DatasetValidated",
     "EvalCompleted", "EvalFailed",
     "ApiKeyCreated", "ApiKeyRevoked", "AuditCheckpointed", "AuthenticationFailed", "DeadLettered",
+    "PolicyChanged", "PolicyDecided", "PromotionApproved", "PromotionRejected", "ApprovalRefused",
     "JobAssigned", "JobCancelled", "JobCancelRequested", "JobCheckpointed", "JobCompleted",
     "JobFailed", "JobMetrics", "JobPaused", "JobQueued", "JobReleased", "JobReleaseRequested",
     "JobRequeued", "JobResumed", "JobStarted",
     "JobSubmitted", "JobSucceeded", "JobUpdated", "QuotaChanged", "WorkerHeartbeat", "WorkItem",
-    "ModelStageChanged", "ModelVersionRegistered",
+    "ModelStageChanged", "ModelVersionRegistered", "ModelPromotionRequested",
     "DeploymentCreated", "DeploymentDeleted", "DeploymentSwitched",
 ]

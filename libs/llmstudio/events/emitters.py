@@ -14,7 +14,10 @@ EMITTERS: dict[type[EventData], frozenset[str]] = {
                      datasets.DatasetRejected), frozenset({"dataset"})),
     **dict.fromkeys((evaluation.EvalCompleted, evaluation.EvalFailed), frozenset({"evaluator"})),
     **dict.fromkeys((governance.ApiKeyCreated, governance.ApiKeyRevoked,
-                     governance.AuditCheckpointed), frozenset({"governance"})),
+                     governance.AuditCheckpointed, governance.PolicyChanged,
+                     governance.PolicyDecided, governance.PromotionApproved,
+                     governance.PromotionRejected, governance.ApprovalRefused),
+                    frozenset({"governance"})),
     governance.DeadLettered: ANY_SERVICE,  # whichever consumer parked the message
     governance.AuthenticationFailed: ANY_SERVICE,  # whichever service refused the call
     **dict.fromkeys((jobs.JobSubmitted, jobs.JobQueued, jobs.JobAssigned, jobs.JobSucceeded,
@@ -26,8 +29,8 @@ EMITTERS: dict[type[EventData], frozenset[str]] = {
                     frozenset({"trainer"})),
     # the scheduler ends jobs no worker runs (cancelled while queued, out of attempts)
     **dict.fromkeys((jobs.JobFailed, jobs.JobCancelled), frozenset({"scheduler", "trainer"})),
-    **dict.fromkeys((registry.ModelVersionRegistered, registry.ModelStageChanged),
-                    frozenset({"registry"})),
+    **dict.fromkeys((registry.ModelVersionRegistered, registry.ModelStageChanged,
+                     registry.ModelPromotionRequested), frozenset({"registry"})),
     **dict.fromkeys((serving.DeploymentCreated, serving.DeploymentSwitched,
                      serving.DeploymentDeleted), frozenset({"serving"})),
 }

@@ -74,3 +74,88 @@ class AuditCheckpointed(EventData):
     head_hash: str
     object_key: str
     key_id: str  # the signing key's fingerprint (audit/keys/<key_id>.pem)
+
+
+@register
+class PolicyChanged(EventData):
+    """A tenant admin set a new version of the tenant's promotion policy (stream GOVERNANCE)."""
+
+    TYPE = "llmstudio.policy.changed.v1"
+    SUBJECT = "llmstudio.policy.changed"
+    ENTITY = "policy_id"
+
+    policy_id: str  # a hash of tenant and version: subject-safe (tenant names may hold dots)
+    tenant: str
+    version: int
+    author: str  # the author's key id
+    sha256: str  # of the YAML text as stored
+    yaml: str
+    gated_stages: list[str]  # the stages a promotion request must pass to reach
+
+
+@register
+class PolicyDecided(EventData):
+    """Governance's decision on a promotion request: every rule's verdict and the status; sent
+    again whenever it changes (an approval, a rejection, expiry, a policy change or a new
+    evaluation re-evaluated it)."""
+
+    TYPE = "llmstudio.policy.decided.v1"
+    SUBJECT = "llmstudio.policy.decided"
+    ENTITY = "request_id"
+
+    request_id: str
+    ref: str
+    model_name: str
+    version: int
+    stage: str
+    status: str  # pending_approval | rejected | approved | expired
+    policy_version: int  # 0: the built-in default policy
+    # [{"rule": kind, "ok": bool, "message": "... threshold and measured value ..."}]
+    verdicts: list[dict[str, object]]
+    approvals: list[str] = []  # the approvers' key ids
+    requester: str = ""
+    reason: str = ""  # why the status changed (a rejection's reason, "expired", ...)
+
+
+@register
+class PromotionApproved(EventData):
+    """A reviewer approved a promotion request (one record per approval)."""
+
+    TYPE = "llmstudio.policy.approved.v1"
+    SUBJECT = "llmstudio.policy.approved"
+    ENTITY = "request_id"
+
+    request_id: str
+    ref: str
+    approver: str  # key id
+    role: str
+    comment: str = ""
+
+
+@register
+class PromotionRejected(EventData):
+    """A reviewer rejected a promotion request."""
+
+    TYPE = "llmstudio.policy.rejected.v1"
+    SUBJECT = "llmstudio.policy.rejected"
+    ENTITY = "request_id"
+
+    request_id: str
+    ref: str
+    reviewer: str  # key id
+    reason: str
+
+
+@register
+class ApprovalRefused(EventData):
+    """An approval or rejection governance refused (self-approval, a role that may not approve,
+    an expired or closed request): kept in the audit log like the approvals themselves."""
+
+    TYPE = "llmstudio.policy.approval_refused.v1"
+    SUBJECT = "llmstudio.policy.approval_refused"
+    ENTITY = "request_id"
+
+    request_id: str
+    caller: str  # key id
+    action: str  # approve | reject
+    reason: str

@@ -29,3 +29,40 @@ class ModelStageChanged(EventData):
     version: int
     from_stage: str
     to_stage: str
+
+
+@register
+class ModelPromotionRequested(EventData):
+    """A developer asked to move a version to a gated stage: everything governance needs to
+    evaluate the tenant's policy, so it needs no lookup (the version's metrics and evaluation,
+    its training dataset and that dataset's PII report, the current production version)."""
+
+    TYPE = "llmstudio.model.promotion_requested.v1"
+    SUBJECT = "llmstudio.model.promotion_requested"
+    ENTITY = "request_id"
+
+    request_id: str
+    ref: str
+    model_name: str
+    version: int
+    from_stage: str
+    to_stage: str
+    justification: str = ""
+    requester: str  # the requesting key's id (never its approver)
+    metrics: dict[str, float] = {}
+    evaluation_id: str = ""
+    evaluation_suites: list[str] = []
+    # per metric, the evaluation's 95% interval of tuned - base: {"ci_low": .., "ci_high": ..}
+    intervals: dict[str, dict[str, float]] = {}
+    dataset_id: str = ""
+    dataset_sha256: str = ""
+    # PII the dataset's report found in the version's rows (rows, occurrences per kind);
+    # dataset_report False: no report could be read (PII status unknown)
+    dataset_report: bool = False
+    dataset_pii_rows: int = 0
+    dataset_pii_counts: dict[str, int] = {}
+    production_version: int = 0  # the model's current production version (0: none)
+    production_metrics: dict[str, float] = {}
+    # "requested", or "evaluated": the version's evaluation changed while the request was open
+    # (same request_id: governance re-evaluates it)
+    reason: str = "requested"
