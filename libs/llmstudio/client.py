@@ -331,6 +331,20 @@ class Models(_Api):
             model_name=name, version=version, stage=parse_stage(stage)),  # type: ignore[arg-type]
             timeout=self._timeout)
 
+    def request_promotion(self, name: str, version: int, stage: str, justification: str = "",
+                          idempotency_key: str = "") -> registry_pb2.PromotionRecord:
+        """Ask to move a version to `stage` under the tenant's policy; governance decides
+        (`client.governance.promotion_request(id)`), a reviewer approves, the registry moves it."""
+        return self._stub.RequestPromotion(registry_pb2.RequestPromotionRequest(
+            model_name=name, version=version, stage=parse_stage(stage),  # type: ignore[arg-type]
+            justification=justification, idempotency_key=idempotency_key),
+            timeout=self._timeout)
+
+    def promotion(self, request_id: str) -> registry_pb2.PromotionRecord:
+        """The registry's record of a request: "applied" once it moved the version."""
+        return self._stub.GetPromotion(registry_pb2.GetPromotionRecordRequest(
+            request_id=request_id), timeout=self._timeout)
+
     def download(self, name: str, version: int, dest_dir: str | Path,
                  artifact: str = "checkpoint") -> Path:
         """Write the files of a version's artifact ("checkpoint" or "adapter") under
@@ -451,6 +465,41 @@ class Governance(_Api):
 
     def verify_audit(self) -> governance_pb2.VerifyAuditResponse:
         return self._stub.VerifyAudit(governance_pb2.VerifyAuditRequest(), timeout=self._timeout)
+
+    # -- promotion policies and requests --------------------------------------------------------
+    def set_policy(self, yaml_text: str, tenant: str = "") -> governance_pb2.Policy:
+        """A new version of the tenant's promotion policy (admin)."""
+        return self._stub.SetPolicy(governance_pb2.SetPolicyRequest(yaml=yaml_text,
+                                                                    tenant=tenant),
+                                    timeout=self._timeout)
+
+    def get_policy(self, version: int = 0, tenant: str = "") -> governance_pb2.Policy:
+        """The policy in force (or `version`); version 0 is the built-in default."""
+        return self._stub.GetPolicy(governance_pb2.GetPolicyRequest(version=version,
+                                                                    tenant=tenant),
+                                    timeout=self._timeout)
+
+    def policy_history(self, tenant: str = "") -> list[governance_pb2.Policy]:
+        return list(self._stub.PolicyHistory(governance_pb2.PolicyHistoryRequest(tenant=tenant),
+                                             timeout=self._timeout).policies)
+
+    def promotion_requests(self, status: str = "", tenant: str = "",
+                           limit: int = 0) -> list[governance_pb2.PromotionRequest]:
+        return list(self._stub.ListPromotionRequests(governance_pb2.ListPromotionRequestsRequest(
+            status=status, tenant=tenant, limit=limit), timeout=self._timeout).requests)
+
+    def promotion_request(self, request_id: str) -> governance_pb2.PromotionRequest:
+        return self._stub.GetPromotionRequest(governance_pb2.GetPromotionRequestRequest(
+            request_id=request_id), timeout=self._timeout)
+
+    def approve(self, request_id: str, comment: str = "") -> governance_pb2.PromotionRequest:
+        """Approve a promotion request (a reviewer or admin other than its requester)."""
+        return self._stub.Approve(governance_pb2.ApproveRequest(
+            request_id=request_id, comment=comment), timeout=self._timeout)
+
+    def reject(self, request_id: str, reason: str) -> governance_pb2.PromotionRequest:
+        return self._stub.Reject(governance_pb2.RejectRequest(
+            request_id=request_id, reason=reason), timeout=self._timeout)
 
 
 class Client:

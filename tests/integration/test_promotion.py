@@ -75,8 +75,9 @@ class Stack:
     """Governance and the registry, their stubs, the test's bus and the tenant's keys."""
 
     def __init__(self, gov_port: int, reg_port: int, bus: Bus, store: LocalArtifactStore):
-        self.gch = grpc.aio.insecure_channel(f"127.0.0.1:{gov_port}")
-        self.rch = grpc.aio.insecure_channel(f"127.0.0.1:{reg_port}")
+        self.gov_addr, self.reg_addr = f"127.0.0.1:{gov_port}", f"127.0.0.1:{reg_port}"
+        self.gch = grpc.aio.insecure_channel(self.gov_addr)
+        self.rch = grpc.aio.insecure_channel(self.reg_addr)
         self.gov = governance_pb2_grpc.GovernanceServiceStub(self.gch)
         self.reg = registry_pb2_grpc.RegistryServiceStub(self.rch)
         self.bus = bus
@@ -382,3 +383,45 @@ async def _staged(s: Stack, key: str):
 
 async def _whoami(s: Stack):
     return await s.gov.WhoAmI(gpb.WhoAmIRequest(), metadata=md(ADMIN))
+
+
+async def test_cli_sets_policies_promotes_and_approves(stack, tmp_path, monkeypatch, capsys):
+    from llmstudio.cli import main
+
+    s = stack
+    monkeypatch.setenv("LLMSTUDIO_GOVERNANCE_ADDR", s.gov_addr)
+    monkeypatch.setenv("LLMSTUDIO_REGISTRY_ADDR", s.reg_addr)
+    empty = tmp_path / "no-stack"
+    empty.mkdir()
+
+    async def cli(key: str, *argv: str) -> tuple[int, str]:
+        code = await asyncio.to_thread(main, [*argv, "--data-dir", str(empty), "--api-key", key])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    dev, reviewer, admin = (s.keys[k].secret for k in ("dev", "reviewer", "acme-admin"))
+    code, out = await cli(dev, "policies", "get")
+    assert code == 0 and out.startswith("# built-in default policy")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("stages:\n  production:\n    - approvals: {count: 1}\n")
+    code, out = await cli(dev, "policies", "set", str(policy))
+    assert code == 1 and out.startswith("error: PERMISSION_DENIED")
+    code, out = await cli(admin, "policies", "set", str(policy))
+    assert (code, out) == (0, "policy v1 of acme set (gates: production)\n")
+    code, out = await cli(dev, "policies", "history")
+    assert code == 0 and out.startswith("v1  ") and s.keys["acme-admin"].key_id in out
+
+    await s.version_with("job-5", "ds-5", pii_rows=0, base=0.2, tuned=0.9, number=1)
+    await eventually(lambda: _staged(s, dev))
+    code, out = await cli(dev, "models", "promote", f"{MODEL}@1", "production",
+                          "--justification", "better than base")
+    assert code == 0 and ": pending_approval" in out
+    assert "unmet: approvals: 0 of 1 approval(s)" in out
+    request_id = out.split()[0]
+    code, out = await cli(reviewer, "models", "requests", "--status", "pending_approval")
+    assert code == 0 and out.startswith(f"{request_id}  {MODEL}@1 -> production")
+    code, out = await cli(dev, "models", "approve", request_id)
+    assert code == 1 and "itself" in out
+    code, out = await cli(reviewer, "models", "approve", request_id, "--comment", "ok")
+    assert code == 0 and " approved " in out and s.keys["reviewer"].key_id in out
+    await eventually(lambda: _equals(s.stage_of(1), rpb.STAGE_PRODUCTION))

@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import audit, certs, datasets, evals, jobs, keys, models, quotas, serving, stack
+from . import audit, certs, datasets, evals, jobs, keys, models, policies, quotas, serving, stack
 from .common import COMMON_FLAGS, CliError
 
 EPILOG = """examples:
@@ -21,13 +21,15 @@ EPILOG = """examples:
   llmstudio demo --base tiny                   the whole path on a tiny local model, in seconds
   llmstudio datasets push data.jsonl --name support-v1
   llmstudio jobs create -f job.yaml            then: llmstudio jobs watch <job id>
-  llmstudio models stage my-model@1 production
+  llmstudio models promote my-model@1 production --justification "beats v0"
+  llmstudio models approve <request id>        (a reviewer; then the registry promotes it)
   llmstudio deploy my-model@production         then: llmstudio chat my-model "Hello"
   llmstudio audit verify
 """
 
 # In the order `llmstudio --help` lists their commands.
-COMMAND_MODULES = (stack, datasets, jobs, quotas, models, serving, evals, audit, keys, certs)
+COMMAND_MODULES = (stack, datasets, jobs, quotas, models, policies, serving, evals, audit, keys,
+                   certs)
 
 
 def build_parser() -> argparse.ArgumentParser:

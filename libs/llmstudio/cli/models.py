@@ -1,4 +1,5 @@
-"""`llmstudio models ...`: list, show, stage, download, export."""
+"""`llmstudio models ...`: list, show, stage, promote, requests, approve, reject, download,
+export."""
 
 from __future__ import annotations
 
@@ -53,6 +54,59 @@ def cmd_stage(args):
         raise CliError("give the version to move: NAME@VERSION")
     v = connect(args).models.set_stage(name, version, args.stage)
     output(args, to_dict(v), _version_line(v))
+
+
+def request_line(r) -> str:
+    """One line of a governance promotion request, with its unmet rules below it."""
+    approvals = ", ".join(a.approver for a in r.approvals) or "none"
+    lines = [f"{r.request_id}  {r.model_name}@{r.version} -> {r.stage:<10} {r.status:<16} "
+             f"by {r.requester}  approvals: {approvals}  policy v{r.policy_version}"]
+    lines += [f"    unmet: {v.message}" for v in r.verdicts if not v.ok]
+    return "\n".join(lines)
+
+
+def cmd_promote(args):
+    """File a promotion request and show governance's first decision on it."""
+    import time
+
+    from ..client import to_dict
+
+    name, version = parse_model_ref(args.ref)
+    if not version:
+        raise CliError("give the version to promote: NAME@VERSION")
+    c = connect(args)
+    record = c.models.request_promotion(name, version, args.stage, args.justification)
+    deadline = time.monotonic() + args.wait
+    while record.status == "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        record = c.models.promotion(record.request_id)
+    text = f"{record.request_id}  {name}@{version} -> {args.stage}: {record.status}"
+    text += "".join(f"\n    unmet: {u}" for u in record.unmet)
+    if record.status == "pending_approval":
+        text += f"\n  a reviewer approves it: llmstudio models approve {record.request_id}"
+    output(args, to_dict(record), text)
+
+
+def cmd_requests(args):
+    from ..client import to_dict
+
+    requests = connect(args).governance.promotion_requests(args.status or "", limit=args.limit)
+    output(args, [to_dict(r) for r in requests],
+           "\n".join(request_line(r) for r in requests) or "no promotion requests")
+
+
+def cmd_approve(args):
+    from ..client import to_dict
+
+    r = connect(args).governance.approve(args.request_id, args.comment or "")
+    output(args, to_dict(r), request_line(r))
+
+
+def cmd_reject(args):
+    from ..client import to_dict
+
+    r = connect(args).governance.reject(args.request_id, args.reason)
+    output(args, to_dict(r), request_line(r))
 
 
 def cmd_export(args):
@@ -110,6 +164,23 @@ def register(sub) -> None:
     sp = add_command(ms, "stage", cmd_stage, "move a version to a stage")
     sp.add_argument("ref", help="NAME@VERSION")
     sp.add_argument("stage", choices=["development", "staging", "production", "archived"])
+    sp = add_command(ms, "promote", cmd_promote, "request a promotion through the tenant's "
+                     "policy (a reviewer approves it: models approve)")
+    sp.add_argument("ref", help="NAME@VERSION")
+    sp.add_argument("stage", choices=["staging", "production"])
+    sp.add_argument("--justification", default="", help="why (shown to the reviewers)")
+    sp.add_argument("--wait", type=float, default=10.0,
+                    help="seconds to wait for governance's first decision (default 10)")
+    sp = add_command(ms, "requests", cmd_requests, "promotion requests and their decisions")
+    sp.add_argument("--status", choices=["pending_approval", "approved", "rejected", "expired"])
+    sp.add_argument("--limit", type=int, default=0, help="default 1000")
+    sp = add_command(ms, "approve", cmd_approve,
+                     "approve a promotion request (a reviewer other than the requester)")
+    sp.add_argument("request_id")
+    sp.add_argument("--comment", default="")
+    sp = add_command(ms, "reject", cmd_reject, "reject a promotion request")
+    sp.add_argument("request_id")
+    sp.add_argument("--reason", required=True)
     sp = add_command(ms, "download", cmd_download,
                      "download a version's checkpoint (or --artifact adapter) files")
     sp.add_argument("ref", help="NAME@VERSION (NAME alone: the latest version)")
