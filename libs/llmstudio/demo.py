@@ -133,8 +133,13 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
                      if v.lineage.job_id == job.id and "tuned_exact_match" in v.metrics), None)
 
     version = _wait("Registering the version", registered_version, 120, quiet)
+    # Staging needs an evaluation (the default policy): SetStage files the request and
+    # governance approves it at once.
     client.models.set_stage(model_name, version.version, "staging")
-    version = client.models.set_stage(model_name, version.version, "production")
+    promotion = _promote(client, data_dir, model_name, version.version, ev, quiet)
+    if promotion.get("error"):
+        return {"ok": False, "job": to_dict(last), "error": promotion["error"]}
+    version = client.models.get_version(model_name, version.version)
     answer = _ask_deployed(client, model_name, quiet)
     audit = client.governance.verify_audit()
 
@@ -151,12 +156,49 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
         "job": {"id": job.id, "final_loss": last.metrics.get("loss")},
         "evaluation": {"id": ev.id, "base": base_m, "tuned": tuned_m},
         "version": to_dict(version),
+        "promotion": promotion,
         "audit": to_dict(audit),
         "served": answer,
     }
     if not quiet:
         _print_report(report, version, audit)
     return report
+
+
+def _promote(client: Client, data_dir: Path, model_name: str, version: int, ev,
+             quiet: bool) -> dict:
+    """Production through the tenant's policy: request the promotion, let governance check the
+    rules (by default: from staging, tuned >= base, one reviewer's approval), approve it with a
+    reviewer key made for the demo, and wait for the registry to move the version."""
+    base, tuned = ev.base_metrics.get("exact_match", 0.0), ev.tuned_metrics.get("exact_match", 0.0)
+    asked = client.models.request_promotion(
+        model_name, version, "production",
+        justification=f"demo: exact match {tuned:.1%} tuned vs {base:.1%} base")
+
+    def decided():
+        record = client.models.promotion(asked.request_id)
+        return record if record.status != "pending" else None
+
+    record = _wait(f"Requesting production ({asked.request_id})", decided, 60, quiet)
+    if record.status not in ("pending_approval", "approved", "applied"):
+        return {"request_id": asked.request_id, "error": f"promotion {record.status}: "
+                + "; ".join(record.unmet)}
+    reviewer_key = client.governance.create_key("reviewer", name="demo-reviewer")
+    approver = reviewer_key.key_id
+    if record.status == "pending_approval":
+        with Client(api_key=reviewer_key.secret, data_dir=data_dir) as reviewer:
+            reviewer.governance.approve(asked.request_id, comment="demo: reviewed the evaluation")
+        _say(quiet, f"Approved by reviewer key {approver}")
+
+    def promoted():
+        v = client.models.get_version(model_name, version)
+        return v if stage_name(v.stage) == "production" else None
+
+    _wait("Promoting to production", promoted, 60, quiet)
+    decision = client.governance.promotion_request(asked.request_id)
+    return {"request_id": asked.request_id, "status": decision.status, "approver": approver,
+            "approvals": [a.approver for a in decision.approvals],
+            "verdicts": [f"{'ok' if v.ok else 'unmet'}: {v.message}" for v in decision.verdicts]}
 
 
 def _ask_deployed(client: Client, model_name: str, quiet: bool) -> dict:
@@ -198,6 +240,11 @@ def _print_report(report: dict, version, audit) -> None:
     print(f"           base model {lin.base_model}")
     print(f"           job {lin.job_id}, evaluation {lin.evaluation_id}, trace {lin.trace_id}")
     print(f"  artifacts: {dict(version.artifacts)}")
+    promotion = report["promotion"]
+    print(f"Promoted through request {promotion['request_id']} ({promotion['status']}), "
+          f"approved by {', '.join(promotion['approvals'])}:")
+    for verdict in promotion["verdicts"]:
+        print(f"  {verdict}")
     state = "verified" if audit.ok else f"BROKEN at {audit.first_bad_sequence}: {audit.reason}"
     print(f"Audit chain {state}: {audit.records} records, head {audit.head_hash[:16]}")
     served = report["served"]
