@@ -325,6 +325,30 @@ stages:
     assert [r.actor for r in changes] == [s.keys["acme-admin"].key_id, (await _whoami(s)).key_id]
 
 
+async def test_a_new_evaluation_reevaluates_a_pending_request(stack):
+    s = stack
+    dev, admin = s.keys["dev"].secret, s.keys["acme-admin"].secret
+    await s.gov.SetPolicy(gpb.SetPolicyRequest(yaml="""
+stages:
+  production:
+    - metric: {name: exact_match, min: 0.5}
+    - approvals: {count: 1}
+"""), metadata=md(admin))
+    await s.version_with("job-6", "ds-6", pii_rows=0, base=0.2, tuned=0.9, number=1)
+    await eventually(lambda: _staged(s, dev))
+    pending = await s.request(1, rpb.STAGE_PRODUCTION, dev)
+    await s.decided(pending.request_id, "pending_approval")
+    # The version is evaluated again (worse): governance decides the open request again.
+    again = evaluation("job-6", base=0.2, tuned=0.3).model_copy(
+        update={"evaluation_id": "ev-job-6-b"})
+    await s.bus.publish(again, tenant="acme", actor="evaluator")
+    rejected = await s.decided(pending.request_id, "rejected")
+    assert rejected.reason == "re-evaluated: new evaluation"
+    assert [v.message for v in rejected.verdicts if not v.ok][0] == (
+        "metric exact_match: tuned 0.3 must be >= 0.5 (below the minimum 0.5)")
+    await eventually(lambda: _status(s, pending.request_id, dev, "rejected"))
+
+
 @pytest.mark.parametrize("stack", [2], indirect=True)
 async def test_an_expired_request_cannot_be_approved_and_the_refusal_is_audited(stack):
     s = stack
