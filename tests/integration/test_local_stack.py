@@ -110,7 +110,8 @@ def test_each_worker_has_its_own_id_log_and_heartbeat(stack):
     assert {name: p["state"] for name, p in status.items()} == {
         "supervisor": "RUNNING", "nats": "RUNNING", "governance": "SERVING",
         "dataset": "SERVING", "scheduler": "SERVING", "registry": "SERVING",
-        "evaluator": "SERVING", "trainer-1": "RUNNING", "trainer-2": "RUNNING"}
+        "evaluator": "SERVING", "serving": "SERVING", "trainer-1": "RUNNING",
+        "trainer-2": "RUNNING"}
     for name in state.workers:
         assert (stack / "logs" / f"{name}.log").stat().st_size > 0
         pid = int(local.ready_file(state, name).read_text().split()[0])
