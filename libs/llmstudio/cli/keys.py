@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..auth import ROLES
 from .common import add_command, add_group, connect, output
 
 
@@ -23,7 +24,9 @@ def cmd_whoami(args):
 def register(sub) -> None:
     ks = add_group(sub, "keys", "API keys")
     sp = add_command(ks, "create", cmd_create, "create an API key (admin)")
-    sp.add_argument("--role", required=True, choices=["admin", "developer", "viewer"])
+    sp.add_argument("--role", required=True, choices=ROLES,
+                    help="viewer: read; developer: write, request promotions; reviewer: read, "
+                    "approve promotions; admin: keys, quotas, policies and audit of the tenant")
     sp.add_argument("--tenant", help="default: your tenant")
     sp.add_argument("--name")
     add_command(ks, "whoami", cmd_whoami, "the principal of the key in use")
