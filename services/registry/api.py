@@ -27,6 +27,8 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "DownloadArtifact": "read",
         "RequestPromotion": "write",
         "GetPromotion": "read",
+        "SetAlias": "write",
+        "DeleteAlias": "write",
     }
 
     def __init__(self, registry: Registry):
@@ -44,7 +46,19 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetVersion(self, request: pb.GetVersionRequest, context) -> pb.ModelVersion:
         return version_to_pb(await self.registry.get_version(
-            current_principal().tenant, request.model_name, request.version))
+            current_principal().tenant, request.model_name, request.version, request.alias))
+
+    async def SetAlias(self, request: pb.SetAliasRequest, context) -> pb.Model:
+        principal = current_principal()
+        return model_to_pb(await self.registry.set_alias(
+            principal.tenant, principal.name or principal.key_id, request.model_name,
+            request.alias, request.version))
+
+    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.Model:
+        principal = current_principal()
+        return model_to_pb(await self.registry.delete_alias(
+            principal.tenant, principal.name or principal.key_id, request.model_name,
+            request.alias))
 
     async def SetStage(self, request: pb.SetStageRequest, context) -> pb.ModelVersion:
         principal = current_principal()
@@ -116,6 +130,7 @@ def version_to_pb(v: core.ModelVersion) -> pb.ModelVersion:
         artifacts=v.artifacts,
         created_at=v.created_at,
         updated_at=v.updated_at,
+        aliases=list(v.aliases),
     )
 
 
@@ -140,4 +155,5 @@ def model_to_pb(m: core.Model) -> pb.Model:
         tenant=m.tenant,
         versions=[version_to_pb(v) for v in m.versions],
         created_at=m.created_at,
+        aliases=m.aliases,
     )

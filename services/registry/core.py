@@ -24,6 +24,7 @@ from typing import Any
 
 from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import EvalCompleted, JobCompleted
+from llmstudio.names import name_error
 
 
 class Stage(enum.StrEnum):
@@ -53,6 +54,10 @@ class ModelVersion:
     artifacts: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     updated_at: str = ""
+    aliases: tuple[str, ...] = ()  # the model's aliases naming this version (read, not stored)
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    deleted_at: str = ""  # set: deleted (hidden from reads and lists; row kept)
 
     @property
     def ref(self) -> str:
@@ -65,6 +70,9 @@ class Model:
     name: str
     created_at: str
     versions: list[ModelVersion] = field(default_factory=list)
+    aliases: dict[str, int] = field(default_factory=dict)  # alias -> version
+    tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -275,3 +283,25 @@ def refusal(p: Promotion) -> str:
     if p.status == PENDING:
         return head + " (governance has not decided yet)"
     return head + (": unmet: " + "; ".join(p.unmet) if p.unmet else "")
+
+
+# -- aliases --------------------------------------------------------------------------------------
+
+def check_alias(alias: str) -> str:
+    """An alias is a name (`llmstudio.names`: it appears in NAME@ALIAS and in subjects) that is
+    neither a stage's name nor a number, so NAME@X is never ambiguous."""
+    if why := name_error(alias):
+        raise InvalidArgument("alias", f"alias {why}")
+    if alias.isdigit():
+        raise InvalidArgument("alias", f"{alias!r} is a number (NAME@{alias} names a version)")
+    if alias in {s.value for s in Stage} or alias == "latest":
+        raise InvalidArgument("alias", f"{alias!r} is reserved (a stage, or the latest version)")
+    return alias
+
+
+def with_aliases(versions: list[ModelVersion], aliases: dict[str, int]) -> list[ModelVersion]:
+    """`versions`, each with the aliases that name it (sorted)."""
+    by_version: dict[int, list[str]] = {}
+    for alias, number in aliases.items():
+        by_version.setdefault(number, []).append(alias)
+    return [replace(v, aliases=tuple(sorted(by_version.get(v.version, ())))) for v in versions]

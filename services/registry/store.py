@@ -29,6 +29,7 @@ from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 from llmstudio.paging import Listing, Page, Paged
 
+from . import core
 from .core import DEFAULT_GATED_STAGES, OPEN, Model, ModelVersion, Promotion, Stage, StageRequest
 
 metadata = MetaData()
@@ -104,6 +105,18 @@ policy_gates = Table(
     Column("updated_at", String(40), nullable=False),
 )
 
+# Each model's aliases (champion, candidate, ...): the version each names now.
+aliases = Table(
+    "registry_aliases",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("model_name", String(256), primary_key=True),
+    Column("alias", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_by", String(256), nullable=False),
+    Column("updated_at", String(40), nullable=False),
+)
+
 outbox = outbox_table(metadata, "registry")
 
 
@@ -125,7 +138,10 @@ class Unit(OutboxUnit):
         if version:
             q = q.where(versions.c.version == version)
         row = self.conn.execute(q.order_by(versions.c.version.desc()).limit(1)).first()
-        return _version(row) if row else None
+        if row is None:
+            return None
+        [v] = core.with_aliases([_version(row)], self.aliases_of(tenant, model_name))
+        return v
 
     def versions_of(self, tenant: str, model_name: str) -> list[ModelVersion]:
         rows = self.conn.execute(
@@ -172,7 +188,9 @@ class Unit(OutboxUnit):
         ).first()
         if row is None:
             return None
-        return Model(tenant, name, row.created_at, self.versions_of(tenant, name))
+        named = self.aliases_of(tenant, name)
+        return Model(tenant, name, row.created_at,
+                     core.with_aliases(self.versions_of(tenant, name), named), named)
 
     def models(self, tenant: str, page: Page | None = None) -> Paged[Model]:
         """The tenant's models by name, each with all its versions; `page` of them (None:
@@ -190,8 +208,31 @@ class Unit(OutboxUnit):
             .order_by(versions.c.version)
         ):
             by_model[r.model_name].append(_version(r))
+        named: dict[str, dict[str, int]] = {name: {} for name in by_model}
+        for r in self.conn.execute(select(aliases).where(
+                aliases.c.tenant == tenant, aliases.c.model_name.in_(list(by_model)))):
+            named[r.model_name][r.alias] = r.version
         return MODELS.paged(
-            [Model(tenant, r.name, r.created_at, by_model[r.name]) for r in rows], page)
+            [Model(tenant, r.name, r.created_at,
+                   core.with_aliases(by_model[r.name], named[r.name]), named[r.name])
+             for r in rows], page)
+
+    # -- aliases -------------------------------------------------------------------------------
+    def aliases_of(self, tenant: str, model_name: str) -> dict[str, int]:
+        rows = self.conn.execute(select(aliases.c.alias, aliases.c.version).where(
+            aliases.c.tenant == tenant, aliases.c.model_name == model_name))
+        return {r.alias: r.version for r in rows}
+
+    def set_alias(self, tenant: str, model_name: str, alias: str, version: int, actor: str,
+                  now: str) -> None:
+        """Point `alias` at `version` (0: remove it)."""
+        where = (aliases.c.tenant == tenant, aliases.c.model_name == model_name,
+                 aliases.c.alias == alias)
+        self.conn.execute(aliases.delete().where(*where))
+        if version:
+            self.conn.execute(aliases.insert().values(
+                tenant=tenant, model_name=model_name, alias=alias, version=version,
+                updated_by=actor, updated_at=now))
 
     # -- idempotency keys -----------------------------------------------------------------------
     def stage_request(self, tenant: str, key: str) -> StageRequest | None:

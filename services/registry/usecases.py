@@ -25,6 +25,7 @@ from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import (
     EvalCompleted,
     JobCompleted,
+    ModelAliasMoved,
     ModelPromotionRequested,
     ModelStageChanged,
     ModelVersionRegistered,
@@ -98,16 +99,68 @@ class Registry:
             raise NotFound(f"model {name} not found")
         return model
 
-    async def get_version(self, tenant: str, model_name: str, version: int) -> ModelVersion:
-        """`version` 0 is the latest."""
+    async def get_version(self, tenant: str, model_name: str, version: int,
+                          alias: str = "") -> ModelVersion:
+        """`version` 0 is the latest; `alias` (instead of a version): the one it names."""
         _required("model_name", model_name)
         if version < 0:
             raise InvalidArgument("version", "must be >= 1, or 0 for the latest")
-        mv = await self.store.in_unit(Unit.get_version, tenant, model_name, version)
+        if alias and version:
+            raise InvalidArgument("alias", "give a version or an alias, not both")
+
+        def read(u: Unit) -> ModelVersion | None:
+            number = version
+            if alias:
+                number = u.aliases_of(tenant, model_name).get(alias, 0)
+                if not number:
+                    raise NotFound(f"model {model_name} has no alias {alias!r}")
+            return u.get_version(tenant, model_name, number)
+
+        mv = await self.store.in_unit(read)
         if mv is None:
             what = f"version {version}" if version else "any version"
             raise NotFound(f"model {model_name} has no {what}")
         return mv
+
+    # -- aliases -------------------------------------------------------------------------------
+    async def set_alias(self, tenant: str, actor: str, model_name: str, alias: str,
+                        version: int) -> Model:
+        """Point `alias` at `version` (ModelAliasMoved when it moves; setting it where it is
+        changes and announces nothing)."""
+        _required("model_name", model_name)
+        core.check_alias(alias)
+        if version < 1:
+            raise InvalidArgument("version", "must be >= 1 (name the version the alias names)")
+        return await self.outbox.transact(self._move_alias, tenant, actor, model_name, alias,
+                                          version, core.now_iso())
+
+    async def delete_alias(self, tenant: str, actor: str, model_name: str, alias: str) -> Model:
+        _required("model_name", model_name)
+        _required("alias", alias)
+        return await self.outbox.transact(self._move_alias, tenant, actor, model_name, alias, 0,
+                                          core.now_iso())
+
+    def _move_alias(self, u: Unit, tenant: str, actor: str, model_name: str, alias: str,
+                    version: int, now: str) -> Model:
+        model = u.model(tenant, model_name)
+        if model is None:
+            raise NotFound(f"model {model_name} not found")
+        previous = model.aliases.get(alias, 0)
+        if not version and not previous:
+            raise NotFound(f"model {model_name} has no alias {alias!r}")
+        if version and not any(v.version == version for v in model.versions):
+            raise NotFound(f"model {model_name} has no version {version}")
+        if previous == version:
+            return model
+        u.set_alias(tenant, model_name, alias, version, actor, now)
+        self.outbox.add(u, ModelAliasMoved(model_name=model_name, alias=alias, version=version,
+                                           previous_version=previous),
+                        tenant=tenant, actor=actor)
+        log.info("alias %s@%s: v%d -> v%d (tenant %s, by %s)", model_name, alias, previous,
+                 version, tenant, actor)
+        moved = u.model(tenant, model_name)
+        assert moved is not None
+        return moved
 
     # -- DownloadArtifact ----------------------------------------------------------------------
     async def download_artifact(self, tenant: str, model_name: str, version: int,

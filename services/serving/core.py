@@ -1,10 +1,11 @@
 """Serving domain logic, pure: what a deployment serves, and what it serves next.
 
-A deployment names a model's version (`NAME@3`: that one, for good) or a stage (`NAME@production`:
-whichever version is in it; switched when the registry moves another there). What a version is
-made of — its base model and checkpoint — the service learns from the events that made it
-(`job.succeeded` then `model.version_registered`, joined on the job id), so serving needs no
-call to the registry and knows only what its tenant's events said.
+A deployment names a model's version (`NAME@3`: that one, for good), a stage (`NAME@production`:
+whichever version is in it; switched when the registry moves another there) or an alias
+(`NAME@champion`: the version the alias names; switched when the registry moves the alias).
+What a version is made of — its base model and checkpoint — the service learns from the events
+that made it (`job.succeeded` then `model.version_registered`, joined on the job id), so serving
+needs no call to the registry and knows only what its tenant's events said.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ READY, WAITING = "ready", "waiting"
 
 @dataclass(frozen=True)
 class Target:
-    """What `NAME@VERSION` or `NAME@STAGE` asks for."""
+    """What `NAME@VERSION`, `NAME@STAGE` or `NAME@ALIAS` asks for."""
 
     model_name: str
     version: int = 0  # a fixed version, or
-    follows: str = ""  # a stage
+    follows: str = ""  # a stage or an alias
 
 
 def parse_target(model: str) -> Target:
-    """`NAME@VERSION` | `NAME@STAGE` -> Target; InvalidArgument naming what is wrong."""
+    """`NAME@VERSION` | `NAME@STAGE` | `NAME@ALIAS` -> Target; InvalidArgument naming what is
+    wrong. An alias is any other name (the registry refuses aliases named like stages or
+    numbers), so a deployment of one may wait until the alias is set."""
     name, sep, which = model.partition("@")
     if not sep or not name or not which:
         raise InvalidArgument("model", f"{model!r}: expected NAME@VERSION or NAME@STAGE "
@@ -39,8 +42,15 @@ def parse_target(model: str) -> Target:
         return Target(name, version=int(which))
     if which in STAGES:
         return Target(name, follows=which)
-    raise InvalidArgument("model", f"{model!r}: {which!r} is neither a version (1, 2, ...) nor "
-                                   f"a stage ({', '.join(STAGES)})")
+    if which not in ("archived", "latest") and not which.isdigit() and name_error(which) is None:
+        return Target(name, follows=which)  # an alias (the registry's SetAlias)
+    raise InvalidArgument("model", f"{model!r}: {which!r} is neither a version (1, 2, ...), "
+                                   f"a stage ({', '.join(STAGES)}) nor an alias")
+
+
+def follows_alias(follows: str) -> bool:
+    """Does a deployment following `follows` follow an alias (not a stage)?"""
+    return bool(follows) and follows not in STAGES
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,11 @@ def new_deployment(tenant: str, name: str, target: Target, current: ServedVersio
 
 def switched(d: Deployment, model_name: str, version: int, to_stage: str,
              now: str) -> Deployment | None:
-    """`d` moved to `version`, which just entered `to_stage`, if `d` follows that stage of that
-    model and serves another version; else None."""
+    """`d` moved to `version`, which just entered `to_stage` (or which the alias `to_stage` now
+    names), if `d` follows that stage (alias) of that model and serves another version; else
+    None. An alias removed (version 0) leaves its deployments on the version they serve."""
+    if not version:
+        return None
     if d.model_name != model_name or not d.follows or d.follows != to_stage \
             or d.version == version:
         return None

@@ -1,7 +1,8 @@
 """Serving persistence (SQLAlchemy 2 Core; SQLite or PostgreSQL).
 
-`serving_jobs` and `serving_versions` are serving's own view of the registry, built from events
-(what a job produced; which version it became and its stage); `serving_deployments` are the
+`serving_jobs`, `serving_versions` and `serving_aliases` are serving's own view of the registry,
+built from events (what a job produced; which version it became, its stage, the aliases naming
+it); `serving_deployments` are the
 deployments. Each use case runs in one transaction with its events in `serving_outbox`.
 """
 
@@ -15,7 +16,7 @@ from llmstudio.db import UnitOfWorkStore
 from llmstudio.outbox import OutboxUnit, outbox_table
 from llmstudio.paging import Listing, Page, Paged
 
-from .core import Deployment, ServedVersion
+from .core import Deployment, ServedVersion, follows_alias
 
 metadata = MetaData()
 
@@ -45,10 +46,20 @@ deployments = Table(
     Column("name", String(128), primary_key=True),
     Column("model_name", String(256), nullable=False),
     Column("version", Integer, nullable=False),
-    Column("follows", String(16), nullable=False),
+    Column("follows", String(64), nullable=False),  # a stage or an alias
     Column("created_by", String(256), nullable=False),
     Column("created_at", String(40), nullable=False),
     Column("updated_at", String(40), nullable=False),
+)
+
+# The registry's aliases, as its events said: the version each names.
+aliases = Table(
+    "serving_aliases",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("model_name", String(256), primary_key=True),
+    Column("alias", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
 )
 
 outbox = outbox_table(metadata, "serving")
@@ -78,10 +89,25 @@ class Unit(OutboxUnit):
             versions.c.tenant == tenant, versions.c.model_name == model_name,
             versions.c.version == version).values(stage=stage))
 
+    def set_alias(self, tenant: str, model_name: str, alias: str, version: int) -> None:
+        """Record that `alias` names `version` (0: removed)."""
+        self.conn.execute(aliases.delete().where(
+            aliases.c.tenant == tenant, aliases.c.model_name == model_name,
+            aliases.c.alias == alias))
+        if version:
+            self.conn.execute(aliases.insert().values(
+                tenant=tenant, model_name=model_name, alias=alias, version=version))
+
     def version(self, tenant: str, model_name: str, version: int = 0,
                 stage: str = "") -> ServedVersion | None:
         """A version whose job's outputs are known: the one numbered `version`, or the newest in
-        `stage`."""
+        `stage`, or the one the alias `stage` names."""
+        if not version and follows_alias(stage):
+            version = self.conn.execute(select(aliases.c.version).where(
+                aliases.c.tenant == tenant, aliases.c.model_name == model_name,
+                aliases.c.alias == stage)).scalar() or 0
+            if not version:
+                return None
         q = select(versions, jobs.c.base_model, jobs.c.checkpoint_key).join(
             jobs, (jobs.c.tenant == versions.c.tenant) & (jobs.c.job_id == versions.c.job_id)
         ).where(versions.c.tenant == tenant, versions.c.model_name == model_name)

@@ -19,6 +19,7 @@ from llmstudio.events import (
     DeploymentDeleted,
     DeploymentSwitched,
     JobCompleted,
+    ModelAliasMoved,
     ModelStageChanged,
     ModelVersionRegistered,
 )
@@ -138,19 +139,34 @@ class Serving:
         (one transaction, each switch announced)."""
         def apply(u: Unit) -> None:
             u.set_stage(tenant, e.model_name, e.version, e.to_stage)
-            now = now_iso()
-            for d in u.following(tenant, e.model_name):
-                moved = core.switched(d, e.model_name, e.version, e.to_stage, now)
-                if moved is None:
-                    continue
-                u.save_deployment(moved)
-                self.outbox.add(u, DeploymentSwitched(
-                    name=d.name, model_name=d.model_name, from_version=d.version,
-                    to_version=moved.version), tenant=tenant, actor=actor)
-                log.info("deployment %s (tenant %s): %s v%d -> v%d", d.name, tenant,
-                         d.model_name, d.version, moved.version)
+            self._switch(u, tenant, e.model_name, e.version, e.to_stage, actor)
 
         await self.outbox.transact(apply)
+
+    async def alias_moved(self, tenant: str, e: ModelAliasMoved, actor: str) -> None:
+        """Record the alias; switch the deployments that follow it to the version it names now
+        (an alias removed leaves them on the version they serve)."""
+        def apply(u: Unit) -> None:
+            u.set_alias(tenant, e.model_name, e.alias, e.version)
+            self._switch(u, tenant, e.model_name, e.version, e.alias, actor)
+
+        await self.outbox.transact(apply)
+
+    def _switch(self, u: Unit, tenant: str, model_name: str, version: int, follows: str,
+                actor: str) -> None:
+        """Switch the deployments of `model_name` that follow `follows` (a stage or an alias) to
+        `version`, each switch announced."""
+        now = now_iso()
+        for d in u.following(tenant, model_name):
+            moved = core.switched(d, model_name, version, follows, now)
+            if moved is None:
+                continue
+            u.save_deployment(moved)
+            self.outbox.add(u, DeploymentSwitched(
+                name=d.name, model_name=d.model_name, from_version=d.version,
+                to_version=moved.version), tenant=tenant, actor=actor)
+            log.info("deployment %s (tenant %s): %s v%d -> v%d", d.name, tenant,
+                     d.model_name, d.version, moved.version)
 
 
 def _served(u: Unit, tenant: str, name: str) -> Served:

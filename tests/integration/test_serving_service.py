@@ -19,6 +19,7 @@ from llmstudio.bus import Bus  # noqa: E402
 from llmstudio.config import Settings  # noqa: E402
 from llmstudio.events import (  # noqa: E402
     JobSucceeded,
+    ModelAliasMoved,
     ModelStageChanged,
     ModelVersionRegistered,
 )
@@ -274,6 +275,36 @@ async def test_promotion_switches_a_following_deployment_and_a_running_stream_co
     after = await client(settings, keys["viewer"]).completions.create(
         model="prod", prompt="say moon twice:", max_tokens=4, temperature=0)
     assert after.system_fingerprint == "v2"
+
+
+async def test_a_deployment_following_an_alias_switches_when_the_alias_moves(stack):
+    settings, port, keys, publish = stack
+    await publish(ModelAliasMoved(model_name="tiny-lora", alias="champion", version=1))
+    deployed = await deploy(port, keys["developer"], "tiny-lora@champion", "champ")
+    assert (deployed.version, deployed.follows) == (1, "champion")
+    # the registry moves the alias to v2: the deployment follows; removing it leaves v2 served
+    await publish(ModelAliasMoved(model_name="tiny-lora", alias="champion", version=2,
+                                  previous_version=1))
+    channel, svc = stub(port)
+    async with channel:
+        async def switched():
+            d = await svc.GetDeployment(pb.GetDeploymentRequest(name="champ"),
+                                        metadata=md(keys["viewer"]))
+            return d if d.version == 2 else None
+
+        await wait_for_async(switched, 30, "the deployment to follow champion to v2")
+        await publish(ModelAliasMoved(model_name="tiny-lora", alias="champion", version=0,
+                                      previous_version=2))
+        await publish(ModelStageChanged(ref="tiny-lora-v2", model_name="tiny-lora", version=2,
+                                        from_stage="staging", to_stage="production"))
+        # (the stage change after it is handled: the removal was handled before it)
+        await asyncio.sleep(1.0)
+        d = await svc.GetDeployment(pb.GetDeploymentRequest(name="champ"),
+                                    metadata=md(keys["viewer"]))
+        assert (d.version, d.follows, d.status) == (2, "champion", "ready")
+    chunks = await generate(port, keys["viewer"], deployment="champ", prompt="say",
+                            max_tokens=2, temperature=0.0)
+    assert {c.version for c in chunks} == {2}
 
 
 async def test_overload_is_429_and_resource_exhausted_never_a_long_queue(stack):

@@ -39,7 +39,13 @@ from .jobs import (
     WorkerHeartbeat,
     WorkItem,
 )
-from .registry import ModelPromotionRequested, ModelStageChanged, ModelVersionRegistered
+from .registry import (
+    ModelAliasMoved,
+    ModelPromotionRequested,
+    ModelStageChanged,
+    ModelVersionDeleted,
+    ModelVersionRegistered,
+)
 from .serving import DeploymentCreated, DeploymentDeleted, DeploymentSwitched
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "JobFailed", "JobMetrics", "JobPaused", "JobQueued", "JobReleased", "JobReleaseRequested",
     "JobRequeued", "JobResumed", "JobStarted",
     "JobSubmitted", "JobSucceeded", "JobUpdated", "QuotaChanged", "WorkerHeartbeat", "WorkItem",
-    "ModelStageChanged", "ModelVersionRegistered", "ModelPromotionRequested",
+    "ModelStageChanged", "ModelVersionRegistered", "ModelPromotionRequested", "ModelAliasMoved",
+    "ModelVersionDeleted",
     "DeploymentCreated", "DeploymentDeleted", "DeploymentSwitched",
 ]

@@ -30,7 +30,8 @@ EMITTERS: dict[type[EventData], frozenset[str]] = {
     # the scheduler ends jobs no worker runs (cancelled while queued, out of attempts)
     **dict.fromkeys((jobs.JobFailed, jobs.JobCancelled), frozenset({"scheduler", "trainer"})),
     **dict.fromkeys((registry.ModelVersionRegistered, registry.ModelStageChanged,
-                     registry.ModelPromotionRequested), frozenset({"registry"})),
+                     registry.ModelPromotionRequested, registry.ModelAliasMoved,
+                     registry.ModelVersionDeleted), frozenset({"registry"})),
     **dict.fromkeys((serving.DeploymentCreated, serving.DeploymentSwitched,
                      serving.DeploymentDeleted), frozenset({"serving"})),
 }

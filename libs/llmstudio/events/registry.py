@@ -66,3 +66,34 @@ class ModelPromotionRequested(EventData):
     # "requested", or "evaluated": the version's evaluation changed while the request was open
     # (same request_id: governance re-evaluates it)
     reason: str = "requested"
+
+
+@register
+class ModelAliasMoved(EventData):
+    """An alias of a model (`champion`, `candidate`, ...) now names another version (set or
+    moved), or none (removed: version 0). Deployments of NAME@ALIAS follow it."""
+
+    TYPE = "llmstudio.model.alias_moved.v1"
+    SUBJECT = "llmstudio.model.alias_moved"
+    ENTITY = "model_name"
+
+    model_name: str
+    alias: str
+    version: int  # the version it names now (0: removed)
+    previous_version: int = 0  # the one it named before (0: none)
+
+
+@register
+class ModelVersionDeleted(EventData):
+    """A version was deleted: hidden from lists and reads, its row and its audit kept
+    (retention); its number is never reused."""
+
+    TYPE = "llmstudio.model.version_deleted.v1"
+    SUBJECT = "llmstudio.model.version_deleted"
+    ENTITY = "ref"
+
+    ref: str
+    model_name: str
+    version: int
+    stage: str  # the stage it was in
+    reason: str = ""

@@ -1,0 +1,126 @@
+"""Registry depth end to end: the registry and governance in-process against a real nats-server,
+over real gRPC, the registry reading and writing a real artifact store. Aliases (moving one is
+announced and audited once), tags and descriptions, CompareVersions (metric deltas with the
+evaluation's intervals, hyperparameter and dataset diffs), model cards stored as artifacts, and
+DeleteVersion with retention."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from llmstudio.events import EvalCompleted, JobSucceeded
+from llmstudio.v1 import governance_pb2 as gpb
+from llmstudio.v1 import registry_pb2 as rpb
+from tests.integration import test_promotion as promotion
+from tests.integration.test_promotion import ADMIN, SHA, Stack, eventually, md, report_key
+
+stack = promotion.stack  # governance + the registry, the tenant's keys (dev, reviewer, ...)
+MODEL = promotion.MODEL
+
+
+def job(job_id: str, dataset: str, hyperparameters: dict, sha: str = SHA) -> JobSucceeded:
+    own = "tenants/acme"
+    return JobSucceeded(
+        job_id=job_id, worker_id="w1", model_name=MODEL,
+        spec={"base_model": "/models/base", "method": "lora",
+              "lora": {"r": 8, "alpha": 16}, "hyperparameters": hyperparameters},
+        dataset_id=dataset, dataset_sha256=sha,
+        dataset_artifacts={"train": f"{own}/datasets/{dataset}/train.jsonl",
+                           "report": report_key(dataset)},
+        checkpoint_key=f"{own}/jobs/{job_id}/ckpt", adapter_key=f"{own}/jobs/{job_id}/ckpt",
+        steps=10, final_loss=0.5)
+
+
+def evaluation(job_id: str, base: float, tuned: float, loss: float) -> EvalCompleted:
+    return EvalCompleted(
+        evaluation_id=f"ev-{job_id}", job_id=job_id, model_name=MODEL,
+        base_metrics={"exact_match": base, "eval_loss": 2.0},
+        tuned_metrics={"exact_match": tuned, "eval_loss": loss},
+        report_key=f"tenants/acme/evaluations/ev-{job_id}/report.json")
+
+
+async def two_versions(s: Stack) -> None:
+    """v1 and v2 of MODEL, evaluated, trained with different hyperparameters on different
+    dataset versions; v2's evaluation report carries intervals."""
+    s.store.put_bytes(report_key("ds-1"), json.dumps(
+        {"rows_read": 100, "pii_rows": 0, "pii_counts": {}}).encode())
+    s.store.put_bytes(report_key("ds-2"), json.dumps(
+        {"rows_read": 120, "pii_rows": 3, "pii_counts": {"email": 3}}).encode())
+    s.store.put_bytes("tenants/acme/evaluations/ev-job-2/report.json", json.dumps(
+        {"suite": "default", "comparisons": [
+            {"name": "exact_match", "base": 0.1, "tuned": 0.8, "diff": 0.7, "ci_low": 0.55,
+             "ci_high": 0.85}]}).encode())
+    await s.bus.publish(job("job-1", "ds-1", {"max_steps": 80, "learning_rate": 2e-4}),
+                        tenant="acme", actor="alice")
+    await s.bus.publish(evaluation("job-1", 0.1, 0.5, 1.5), tenant="acme", actor="evaluator")
+    await s.bus.publish(job("job-2", "ds-2", {"max_steps": 120, "learning_rate": 2e-4},
+                            sha="6f" * 32), tenant="acme", actor="alice")
+    await s.bus.publish(evaluation("job-2", 0.1, 0.8, 1.0), tenant="acme", actor="evaluator")
+    dev = s.keys["dev"].secret
+    for number in (1, 2):
+        async def evaluated(number=number):
+            v = await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, version=number),
+                                       metadata=md(dev))
+            return v if v.lineage.evaluation_id else None
+
+        await eventually(evaluated)
+
+
+async def test_aliases_move_are_audited_once_and_name_versions(stack):
+    s = stack
+    dev, viewer = s.keys["dev"].secret, s.keys["viewer"].secret
+    await two_versions(s)
+
+    async def set_alias(alias: str, version: int, key: str = dev) -> rpb.Model:
+        return await s.reg.SetAlias(rpb.SetAliasRequest(model_name=MODEL, alias=alias,
+                                                        version=version), metadata=md(key))
+
+    model = await set_alias("champion", 1)
+    assert dict(model.aliases) == {"champion": 1}
+    assert [list(v.aliases) for v in model.versions] == [["champion"], []]
+    await set_alias("candidate", 2)
+    await set_alias("champion", 1)  # where it is: nothing moves, nothing is announced
+    model = await set_alias("champion", 2)
+    assert dict(model.aliases) == {"champion": 2, "candidate": 2}
+    assert [list(v.aliases) for v in model.versions] == [[], ["candidate", "champion"]]
+
+    # GetVersion by alias
+    got = await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, alias="champion"),
+                                 metadata=md(viewer))
+    assert (got.version, list(got.aliases)) == (2, ["candidate", "champion"])
+
+    # refused: a stage's name, a number, a bad name, a missing version, a viewer, no such alias
+    for alias, version, key, code in (
+            ("production", 1, dev, grpc.StatusCode.INVALID_ARGUMENT),
+            ("7", 1, dev, grpc.StatusCode.INVALID_ARGUMENT),
+            ("two words", 1, dev, grpc.StatusCode.INVALID_ARGUMENT),
+            ("champion", 9, dev, grpc.StatusCode.NOT_FOUND),
+            ("champion", 1, viewer, grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await set_alias(alias, version, key)
+        assert err.value.code() == code, (alias, err.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, alias="nope"),
+                               metadata=md(viewer))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no alias 'nope'" in err.value.details()
+
+    model = await s.reg.DeleteAlias(rpb.DeleteAliasRequest(model_name=MODEL, alias="candidate"),
+                                    metadata=md(dev))
+    assert dict(model.aliases) == {"champion": 2}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.reg.DeleteAlias(rpb.DeleteAliasRequest(model_name=MODEL, alias="candidate"),
+                                metadata=md(dev))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Each move appears once in the audit log (the no-op set does not), which verifies.
+    moves = await eventually(lambda: promotion._n(s.audit("llmstudio.model.alias_moved"), 4))
+    assert [(d["alias"], d["previous_version"], d["version"])
+            for d in (json.loads(r.data_json) for r in moves)] == [
+        ("champion", 0, 1), ("candidate", 0, 2), ("champion", 1, 2), ("candidate", 2, 0)]
+    assert {r.actor for r in moves} == {"dev"}
+    verified = await s.gov.VerifyAudit(gpb.VerifyAuditRequest(), metadata=md(ADMIN))
+    assert verified.ok, verified.reason
