@@ -29,6 +29,8 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "GetPromotion": "read",
         "SetAlias": "write",
         "DeleteAlias": "write",
+        "UpdateModel": "write",
+        "UpdateVersion": "write",
     }
 
     def __init__(self, registry: Registry):
@@ -53,6 +55,18 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         return model_to_pb(await self.registry.set_alias(
             principal.tenant, principal.name or principal.key_id, request.model_name,
             request.alias, request.version))
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context) -> pb.Model:
+        return model_to_pb(await self.registry.update_model(
+            current_principal().tenant, request.name,
+            request.description if request.HasField("description") else None,
+            dict(request.set_tags), list(request.remove_tags)))
+
+    async def UpdateVersion(self, request: pb.UpdateVersionRequest, context) -> pb.ModelVersion:
+        return version_to_pb(await self.registry.update_version(
+            current_principal().tenant, request.model_name, request.version,
+            request.description if request.HasField("description") else None,
+            dict(request.set_tags), list(request.remove_tags)))
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.Model:
         principal = current_principal()
@@ -131,6 +145,8 @@ def version_to_pb(v: core.ModelVersion) -> pb.ModelVersion:
         created_at=v.created_at,
         updated_at=v.updated_at,
         aliases=list(v.aliases),
+        tags=v.tags,
+        description=v.description,
     )
 
 
@@ -156,4 +172,6 @@ def model_to_pb(m: core.Model) -> pb.Model:
         versions=[version_to_pb(v) for v in m.versions],
         created_at=m.created_at,
         aliases=m.aliases,
+        tags=m.tags,
+        description=m.description,
     )

@@ -18,6 +18,7 @@ promoting one archives the previous production version.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -305,3 +306,32 @@ def with_aliases(versions: list[ModelVersion], aliases: dict[str, int]) -> list[
     for alias, number in aliases.items():
         by_version.setdefault(number, []).append(alias)
     return [replace(v, aliases=tuple(sorted(by_version.get(v.version, ())))) for v in versions]
+
+
+# -- tags and descriptions ------------------------------------------------------------------------
+
+TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+MAX_TAG_VALUE, MAX_TAGS, MAX_DESCRIPTION = 256, 50, 4000
+
+
+def updated_tags(tags: dict[str, str], set_tags: dict[str, str],
+                 remove: list[str]) -> dict[str, str]:
+    """`tags` with `set_tags` set and `remove` removed (a key in both: refused)."""
+    if both := sorted(set(set_tags) & set(remove)):
+        raise InvalidArgument("remove_tags", f"{', '.join(both)} also set")
+    for key, value in set_tags.items():
+        if not TAG_KEY.fullmatch(key):
+            raise InvalidArgument("set_tags", f"tag key {key!r} must match {TAG_KEY.pattern}")
+        if len(value) > MAX_TAG_VALUE:
+            raise InvalidArgument("set_tags", f"tag {key}: at most {MAX_TAG_VALUE} characters")
+    out = {k: v for k, v in tags.items() if k not in remove}
+    out.update(set_tags)
+    if len(out) > MAX_TAGS:
+        raise InvalidArgument("set_tags", f"at most {MAX_TAGS} tags")
+    return dict(sorted(out.items()))
+
+
+def check_description(description: str | None) -> str | None:
+    if description is not None and len(description) > MAX_DESCRIPTION:
+        raise InvalidArgument("description", f"at most {MAX_DESCRIPTION} characters")
+    return description

@@ -40,6 +40,8 @@ models = Table(
     Column("tenant", String(128), primary_key=True),
     Column("name", String(256), primary_key=True),
     Column("created_at", String(40), nullable=False),
+    Column("tags", JSON, nullable=False, server_default="{}"),
+    Column("description", Text, nullable=False, server_default=""),
 )
 
 versions = Table(
@@ -55,6 +57,11 @@ versions = Table(
     Column("artifacts", JSON, nullable=False),
     Column("created_at", String(40), nullable=False),
     Column("updated_at", String(40), nullable=False),
+    Column("tags", JSON, nullable=False, server_default="{}"),
+    Column("description", Text, nullable=False, server_default=""),
+    # deleted (DeleteVersion): hidden from reads and lists, the row kept ("": not deleted)
+    Column("deleted_at", String(40), nullable=False, server_default=""),
+    Column("deleted_by", String(256), nullable=False, server_default=""),
     # One version per job: a redelivered JobCompleted finds the version it registered.
     UniqueConstraint("tenant", "job_id", name="registry_versions_job"),
 )
@@ -179,7 +186,8 @@ class Unit(OutboxUnit):
                 versions.c.version == v.version,
             )
             .values(**{k: row[k]
-                       for k in ("stage", "lineage", "metrics", "artifacts", "updated_at")})
+                       for k in ("stage", "lineage", "metrics", "artifacts", "updated_at",
+                                 "tags", "description")})
         )
 
     def model(self, tenant: str, name: str) -> Model | None:
@@ -190,7 +198,14 @@ class Unit(OutboxUnit):
             return None
         named = self.aliases_of(tenant, name)
         return Model(tenant, name, row.created_at,
-                     core.with_aliases(self.versions_of(tenant, name), named), named)
+                     core.with_aliases(self.versions_of(tenant, name), named), named,
+                     dict(row.tags or {}), row.description or "")
+
+    def save_model(self, m: Model) -> None:
+        """A model's tags and description."""
+        self.conn.execute(models.update().where(
+            models.c.tenant == m.tenant, models.c.name == m.name).values(
+            tags=m.tags, description=m.description))
 
     def models(self, tenant: str, page: Page | None = None) -> Paged[Model]:
         """The tenant's models by name, each with all its versions; `page` of them (None:
@@ -214,7 +229,8 @@ class Unit(OutboxUnit):
             named[r.model_name][r.alias] = r.version
         return MODELS.paged(
             [Model(tenant, r.name, r.created_at,
-                   core.with_aliases(by_model[r.name], named[r.name]), named[r.name])
+                   core.with_aliases(by_model[r.name], named[r.name]), named[r.name],
+                   dict(r.tags or {}), r.description or "")
              for r in rows], page)
 
     # -- aliases -------------------------------------------------------------------------------
@@ -332,6 +348,8 @@ def _version_row(v: ModelVersion) -> dict:
         "artifacts": v.artifacts,
         "created_at": v.created_at,
         "updated_at": v.updated_at,
+        "tags": v.tags,
+        "description": v.description,
     }
 
 
@@ -347,6 +365,9 @@ def _version(row) -> ModelVersion:
         artifacts=dict(row.artifacts),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        tags=dict(row.tags or {}),
+        description=row.description or "",
+        deleted_at=row.deleted_at or "",
     )
 
 

@@ -122,6 +122,49 @@ class Registry:
             raise NotFound(f"model {model_name} has no {what}")
         return mv
 
+    # -- tags and descriptions -----------------------------------------------------------------
+    async def update_model(self, tenant: str, name: str, description: str | None = None,
+                           set_tags: dict[str, str] | None = None,
+                           remove_tags: list[str] | None = None) -> Model:
+        """Set a model's description (None: unchanged) and tags; remove the tags named."""
+        _required("name", name)
+        core.check_description(description)
+
+        def update(u: Unit) -> Model:
+            model = u.model(tenant, name)
+            if model is None:
+                raise NotFound(f"model {name} not found")
+            changed = replace(
+                model, tags=core.updated_tags(model.tags, set_tags or {}, remove_tags or []),
+                description=model.description if description is None else description)
+            u.save_model(changed)
+            return changed
+
+        return await self.store.in_unit(update)
+
+    async def update_version(self, tenant: str, model_name: str, version: int,
+                             description: str | None = None,
+                             set_tags: dict[str, str] | None = None,
+                             remove_tags: list[str] | None = None) -> ModelVersion:
+        """Set a version's description (None: unchanged) and tags; remove the tags named."""
+        _required("model_name", model_name)
+        if version < 1:
+            raise InvalidArgument("version", "must be >= 1 (name the version)")
+        core.check_description(description)
+
+        def update(u: Unit, now: str) -> ModelVersion:
+            mv = u.get_version(tenant, model_name, version)
+            if mv is None:
+                raise NotFound(f"model {model_name} has no version {version}")
+            changed = replace(
+                mv, tags=core.updated_tags(mv.tags, set_tags or {}, remove_tags or []),
+                description=mv.description if description is None else description,
+                updated_at=now)
+            u.save_version(changed)
+            return changed
+
+        return await self.store.in_unit(update, core.now_iso())
+
     # -- aliases -------------------------------------------------------------------------------
     async def set_alias(self, tenant: str, actor: str, model_name: str, alias: str,
                         version: int) -> Model:

@@ -124,3 +124,46 @@ async def test_aliases_move_are_audited_once_and_name_versions(stack):
     assert {r.actor for r in moves} == {"dev"}
     verified = await s.gov.VerifyAudit(gpb.VerifyAuditRequest(), metadata=md(ADMIN))
     assert verified.ok, verified.reason
+
+
+async def test_tags_and_descriptions_on_models_and_versions(stack):
+    s = stack
+    dev, viewer = s.keys["dev"].secret, s.keys["viewer"].secret
+    await two_versions(s)
+    model = await s.reg.UpdateModel(rpb.UpdateModelRequest(
+        name=MODEL, description="support replies", set_tags={"team": "nlp", "task": "qa"}),
+        metadata=md(dev))
+    assert (model.description, dict(model.tags)) == ("support replies", {"team": "nlp",
+                                                                         "task": "qa"})
+    # description unset: unchanged; a tag removed, another set
+    model = await s.reg.UpdateModel(rpb.UpdateModelRequest(
+        name=MODEL, set_tags={"owner": "alice"}, remove_tags=["task"]), metadata=md(dev))
+    assert (model.description, dict(model.tags)) == ("support replies", {"team": "nlp",
+                                                                         "owner": "alice"})
+    v2 = await s.reg.UpdateVersion(rpb.UpdateVersionRequest(
+        model_name=MODEL, version=2, description="longer run", set_tags={"reviewed": "yes"}),
+        metadata=md(dev))
+    assert (v2.description, dict(v2.tags)) == ("longer run", {"reviewed": "yes"})
+    # read back, by anyone of the tenant
+    listed = await s.reg.ListModels(rpb.ListModelsRequest(), metadata=md(viewer))
+    [m] = listed.models
+    assert (m.description, dict(m.tags)) == ("support replies", {"team": "nlp", "owner": "alice"})
+    assert [(v.description, dict(v.tags)) for v in m.versions] == [
+        ("", {}), ("longer run", {"reviewed": "yes"})]
+    assert (await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, version=2),
+                                   metadata=md(viewer))).tags["reviewed"] == "yes"
+    for request, key, code in (
+            (rpb.UpdateModelRequest(name=MODEL, set_tags={"bad key": "x"}), dev,
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (rpb.UpdateModelRequest(name=MODEL, description="x" * 4001), dev,
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (rpb.UpdateModelRequest(name="nope"), dev, grpc.StatusCode.NOT_FOUND),
+            (rpb.UpdateModelRequest(name=MODEL, description="mine"), viewer,
+             grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.reg.UpdateModel(request, metadata=md(key))
+        assert err.value.code() == code
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.reg.UpdateVersion(rpb.UpdateVersionRequest(model_name=MODEL, version=9,
+                                                           description="x"), metadata=md(dev))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

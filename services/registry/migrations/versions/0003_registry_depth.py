@@ -1,4 +1,5 @@
-"""Registry depth: each model's aliases (the version each names).
+"""Registry depth: each model's aliases (the version each names); tags and descriptions on
+models and versions; versions deleted with retention (marked, not erased).
 
 Revision ID: 0003
 Revises: 0002
@@ -27,5 +28,21 @@ def upgrade() -> None:
     )
 
 
+    for table in ("registry_models", "registry_versions"):
+        op.add_column(table, sa.Column("tags", sa.JSON, nullable=False, server_default="{}"))
+        op.add_column(table, sa.Column("description", sa.Text, nullable=False,
+                                       server_default=""))
+    op.add_column("registry_versions", sa.Column("deleted_at", sa.String(40), nullable=False,
+                                                 server_default=""))
+    op.add_column("registry_versions", sa.Column("deleted_by", sa.String(256), nullable=False,
+                                                 server_default=""))
+
+
 def downgrade() -> None:
+    with op.batch_alter_table("registry_versions") as batch:
+        for column in ("deleted_by", "deleted_at", "description", "tags"):
+            batch.drop_column(column)
+    with op.batch_alter_table("registry_models") as batch:
+        for column in ("description", "tags"):
+            batch.drop_column(column)
     op.drop_table("registry_aliases")
