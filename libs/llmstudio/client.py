@@ -501,6 +501,16 @@ class Governance(_Api):
         return self._stub.Reject(governance_pb2.RejectRequest(
             request_id=request_id, reason=reason), timeout=self._timeout)
 
+    # -- lineage ---------------------------------------------------------------------------------
+    def lineage(self, model_name: str, version: int, tenant: str = "",
+                prov: bool = False) -> governance_pb2.LineageGraph:
+        """The version's lineage graph (datasets -> job, attempts -> checkpoints -> evaluations
+        -> version -> promotion requests, approvals, stage changes), from the audit log; with
+        `prov`, also as W3C PROV-JSON (`.prov_json`)."""
+        return self._stub.GetLineage(governance_pb2.GetLineageRequest(
+            model_name=model_name, version=version, tenant=tenant, prov=prov),
+            timeout=self._timeout)
+
 
 class Client:
     """Connects to each service; addresses from the running embedded stack or from Settings."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 from llmstudio.auth import Principal, current_principal
 from llmstudio.v1 import common_pb2, governance_pb2, governance_pb2_grpc
 
-from .core import ApiKey, AuditRecord
+from .core import ApiKey, AuditRecord, canonical_json
+from .lineage import Lineage, to_prov
 from .policy import Policy
-from .usecases import AuditLog, KeyManager, Promotions, PromotionView
+from .usecases import AuditLog, KeyManager, Lineages, Promotions, PromotionView
 
 
 class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
@@ -27,12 +28,15 @@ class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
         # let in with "read": the use case refuses a key that may not approve, and audits it
         "Approve": "read",
         "Reject": "read",
+        "GetLineage": "read",
     }
 
-    def __init__(self, keys: KeyManager, audit: AuditLog, promotions: Promotions):
+    def __init__(self, keys: KeyManager, audit: AuditLog, promotions: Promotions,
+                 lineages: Lineages):
         self.keys = keys
         self.audit = audit
         self.promotions = promotions
+        self.lineages = lineages
 
     async def CreateApiKey(self, request, context):
         key, secret = await self.keys.create(
@@ -98,6 +102,26 @@ class GovernanceApi(governance_pb2_grpc.GovernanceServiceServicer):
     async def Reject(self, request, context):
         return _request(await self.promotions.reject(
             current_principal(), request.request_id, request.reason))
+
+    async def GetLineage(self, request, context):
+        lineage = await self.lineages.get(
+            current_principal(), request.model_name, request.version, request.tenant)
+        return _lineage(lineage, request.prov)
+
+
+def _lineage(g: Lineage, prov: bool) -> governance_pb2.LineageGraph:
+    return governance_pb2.LineageGraph(
+        tenant=g.tenant, model_name=g.model_name, version=g.version, root=g.root,
+        nodes=[governance_pb2.LineageNode(
+            id=n.id, kind=n.kind, label=n.label, time=n.time, hashes=n.hashes,
+            attributes=n.attributes, actors=n.actors, trace_ids=n.trace_ids,
+            events=[governance_pb2.LineageEvent(
+                sequence=e.sequence, event_id=e.event_id, event_type=e.event_type, time=e.time,
+                actor=e.actor, trace_id=e.trace_id) for e in n.events])
+            for n in g.nodes],
+        edges=[governance_pb2.LineageEdge(source=e.source, target=e.target, relation=e.relation)
+               for e in g.edges],
+        prov_json=canonical_json(to_prov(g)) if prov else "")
 
 
 def _policy(tenant: str, p: Policy) -> governance_pb2.Policy:

@@ -15,7 +15,7 @@ from .api import GovernanceApi
 from .config import AuditAnchorSettings, PromotionSettings
 from .handlers import AuditHandlers, PromotionHandlers
 from .store import GovernanceStore
-from .usecases import AuditLog, Checkpointer, KeyManager, Promotions
+from .usecases import AuditLog, Checkpointer, KeyManager, Lineages, Promotions
 
 BOOTSTRAP_BANNER = "Bootstrap admin API key (shown once, store it now): "
 
@@ -55,7 +55,7 @@ async def build(rt: Runtime) -> list[Registration]:
     return [
         Registration(
             add=governance_pb2_grpc.add_GovernanceServiceServicer_to_server,
-            servicer=GovernanceApi(keys, audit, promotions),
+            servicer=GovernanceApi(keys, audit, promotions, Lineages(store)),
             full_name="llmstudio.v1.GovernanceService",
         )
     ]

@@ -8,7 +8,7 @@ were `audit_log` and `api_keys`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,6 +152,21 @@ class Unit(OutboxUnit):
             stmt = stmt.where(audit_log.c.entity == entity)
         if tenant is not None:
             stmt = stmt.where(audit_log.c.tenant == tenant)
+        stmt = stmt.order_by(audit_log.c.sequence).limit(limit)
+        return [AuditRecord(**row._mapping) for row in self.conn.execute(stmt)]
+
+    def matching(self, tenant: str, *, entities: Collection[str] = (),
+                 event_type_prefix: str = "", data_contains: str = "",
+                 limit: int = 100_000) -> list[AuditRecord]:
+        """`tenant`'s records about one of `entities` (when given), of a type under
+        `event_type_prefix`, whose data JSON holds `data_contains`, in order (the lineage's)."""
+        stmt = select(audit_log).where(audit_log.c.tenant == tenant)
+        if entities:
+            stmt = stmt.where(audit_log.c.entity.in_(sorted(entities)))
+        if event_type_prefix:
+            stmt = stmt.where(audit_log.c.event_type.startswith(event_type_prefix, autoescape=True))
+        if data_contains:
+            stmt = stmt.where(audit_log.c.data_json.contains(data_contains, autoescape=True))
         stmt = stmt.order_by(audit_log.c.sequence).limit(limit)
         return [AuditRecord(**row._mapping) for row in self.conn.execute(stmt)]
 

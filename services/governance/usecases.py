@@ -61,6 +61,7 @@ from .core import (
     query_limit,
     verify_chain,
 )
+from .lineage import Lineage, build_lineage, data_fragment, references
 from .policy import (
     DEFAULT_POLICY,
     EXPIRED,
@@ -597,3 +598,53 @@ def _verdicts(row: PromotionRow) -> tuple[Verdict, ...]:
 def _approver_role(policy: Policy, stage: str) -> str:
     rule = policy.approvals_rule(stage)
     return rule.role if rule else "reviewer"
+
+
+# -- lineage ----------------------------------------------------------------------------------
+
+MAX_LINEAGE_ROUNDS = 20  # fetches of referenced entities (a dataset's parents add one each)
+
+
+class Lineages:
+    """The lineage graph of a model version, read from the audit log (lineage.build_lineage).
+    Any key of the tenant may read it (viewers too); another tenant's needs its admin."""
+
+    def __init__(self, store: GovernanceStore):
+        self.store = store
+
+    async def get(self, caller: Principal, model_name: str, version: int, tenant: str = ""
+                  ) -> Lineage:
+        if not model_name.strip():
+            raise InvalidArgument("model_name", "required")
+        if version < 1:
+            raise InvalidArgument("version", "must be >= 1")
+        tenant = Promotions._readable_tenant(caller, tenant)
+        lineage = await self.store.in_unit(_lineage, tenant, model_name, version)
+        if lineage is None:
+            raise NotFound(f"model version {model_name}@{version} not found")
+        return lineage
+
+
+def _lineage(u: Unit, tenant: str, model_name: str, version: int) -> Lineage | None:
+    """Fetch the version's records (its model's events), then the
+    entities they reference (job, datasets and parents, requests) and the job's evaluations,
+    until nothing new is referenced; build the graph."""
+    name = data_fragment("model_name", model_name)
+    records = {r.sequence: r for r in u.matching(
+        tenant, event_type_prefix="llmstudio.model.", data_contains=name)}
+    fetched: set[str] = set()
+    evaluated: set[str] = set()
+    for _ in range(MAX_LINEAGE_ROUNDS):
+        entities, jobs = references(records.values(), model_name, version, tenant)
+        new_entities, new_jobs = entities - fetched, jobs - evaluated
+        if not new_entities and not new_jobs:
+            break
+        if new_entities:
+            records.update((r.sequence, r) for r in u.matching(tenant, entities=new_entities))
+        for job_id in new_jobs:
+            records.update((r.sequence, r) for r in u.matching(
+                tenant, event_type_prefix="llmstudio.eval.",
+                data_contains=data_fragment("job_id", job_id)))
+        fetched |= new_entities
+        evaluated |= new_jobs
+    return build_lineage(records.values(), model_name, version, tenant)

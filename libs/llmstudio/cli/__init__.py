@@ -13,7 +13,20 @@ import sys
 
 import grpc
 
-from . import audit, certs, datasets, evals, jobs, keys, models, policies, quotas, serving, stack
+from . import (
+    audit,
+    certs,
+    datasets,
+    evals,
+    jobs,
+    keys,
+    lineage,
+    models,
+    policies,
+    quotas,
+    serving,
+    stack,
+)
 from .common import COMMON_FLAGS, CliError
 
 EPILOG = """examples:
@@ -23,13 +36,14 @@ EPILOG = """examples:
   llmstudio jobs create -f job.yaml            then: llmstudio jobs watch <job id>
   llmstudio models promote my-model@1 production --justification "beats v0"
   llmstudio models approve <request id>        (a reviewer; then the registry promotes it)
+  llmstudio lineage my-model@1                 datasets -> job -> checkpoints -> approvals
   llmstudio deploy my-model@production         then: llmstudio chat my-model "Hello"
   llmstudio audit verify
 """
 
 # In the order `llmstudio --help` lists their commands.
-COMMAND_MODULES = (stack, datasets, jobs, quotas, models, policies, serving, evals, audit, keys,
-                   certs)
+COMMAND_MODULES = (stack, datasets, jobs, quotas, models, policies, lineage, serving, evals, audit,
+                   keys, certs)
 
 
 def build_parser() -> argparse.ArgumentParser:
