@@ -3,6 +3,7 @@ caller's tenant (another tenant's model is NOT_FOUND)."""
 
 from __future__ import annotations
 
+import json
 from contextlib import aclosing
 
 import grpc
@@ -31,6 +32,7 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "DeleteAlias": "write",
         "UpdateModel": "write",
         "UpdateVersion": "write",
+        "CompareVersions": "read",
     }
 
     def __init__(self, registry: Registry):
@@ -67,6 +69,11 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
             current_principal().tenant, request.model_name, request.version,
             request.description if request.HasField("description") else None,
             dict(request.set_tags), list(request.remove_tags)))
+
+    async def CompareVersions(self, request: pb.CompareVersionsRequest,
+                              context) -> pb.VersionComparison:
+        return comparison_to_pb(await self.registry.compare_versions(
+            current_principal().tenant, request.model_name, request.a, request.b))
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.Model:
         principal = current_principal()
@@ -175,3 +182,24 @@ def model_to_pb(m: core.Model) -> pb.Model:
         tags=m.tags,
         description=m.description,
     )
+
+
+def comparison_to_pb(c: core.Comparison) -> pb.VersionComparison:
+    def interval(ci: tuple[float, float] | None) -> pb.Interval | None:
+        return pb.Interval(low=ci[0], high=ci[1]) if ci else None
+
+    def value_diff(d: core.ValueDiff) -> pb.ValueDiff:
+        return pb.ValueDiff(key=d.key, a=_json(d.a) if d.has_a else "",
+                            b=_json(d.b) if d.has_b else "", same=d.same)
+
+    return pb.VersionComparison(
+        a=version_to_pb(c.a), b=version_to_pb(c.b),
+        metrics=[pb.MetricDelta(name=m.name, a=m.a, b=m.b, delta=m.delta,
+                                a_interval=interval(m.a_interval),
+                                b_interval=interval(m.b_interval)) for m in c.metrics],
+        hyperparameters=[value_diff(d) for d in c.hyperparameters],
+        dataset=[value_diff(d) for d in c.dataset])
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)

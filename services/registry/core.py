@@ -335,3 +335,83 @@ def check_description(description: str | None) -> str | None:
     if description is not None and len(description) > MAX_DESCRIPTION:
         raise InvalidArgument("description", f"at most {MAX_DESCRIPTION} characters")
     return description
+
+
+# -- CompareVersions ------------------------------------------------------------------------------
+
+_MISSING = object()
+DATASET_FIELDS = ("dataset_id", "dataset_sha256", "base_model", "method")
+
+
+@dataclass(frozen=True)
+class MetricDelta:
+    name: str
+    a: float | None
+    b: float | None
+    delta: float | None  # b - a, when both have it
+    a_interval: tuple[float, float] | None = None  # the evaluation's 95% interval of tuned - base
+    b_interval: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ValueDiff:
+    key: str
+    a: Any  # _MISSING: the version has none (`has_a`)
+    b: Any
+
+    @property
+    def same(self) -> bool:
+        return self.a == self.b
+
+    @property
+    def has_a(self) -> bool:
+        return self.a is not _MISSING
+
+    @property
+    def has_b(self) -> bool:
+        return self.b is not _MISSING
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: ModelVersion
+    b: ModelVersion
+    metrics: list[MetricDelta]
+    hyperparameters: list[ValueDiff]  # only those that differ
+    dataset: list[ValueDiff]  # every DATASET_FIELDS field
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _interval(intervals: dict[str, dict[str, float]], metric: str) -> tuple[float, float] | None:
+    if not metric.startswith("tuned_"):
+        return None
+    ci = intervals.get(metric.removeprefix("tuned_"))
+    return (ci["ci_low"], ci["ci_high"]) if ci else None
+
+
+def compare_versions(a: ModelVersion, b: ModelVersion,
+                     a_intervals: dict[str, dict[str, float]] | None = None,
+                     b_intervals: dict[str, dict[str, float]] | None = None) -> Comparison:
+    """`a` and `b` side by side (intervals: each version's evaluation's, by metric name)."""
+    metrics = []
+    for name in sorted(set(a.metrics) | set(b.metrics)):
+        x, y = a.metrics.get(name), b.metrics.get(name)
+        metrics.append(MetricDelta(
+            name, x, y, None if x is None or y is None else y - x,
+            _interval(a_intervals or {}, name), _interval(b_intervals or {}, name)))
+    hp_a = flatten(a.lineage.get("hyperparameters") or {})
+    hp_b = flatten(b.lineage.get("hyperparameters") or {})
+    hyperparameters = [d for d in (ValueDiff(k, hp_a.get(k, _MISSING), hp_b.get(k, _MISSING))
+                                   for k in sorted(set(hp_a) | set(hp_b))) if not d.same]
+    dataset = [ValueDiff(k, a.lineage.get(k, ""), b.lineage.get(k, "")) for k in DATASET_FIELDS]
+    return Comparison(a, b, metrics, hyperparameters, dataset)

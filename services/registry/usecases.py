@@ -122,6 +122,19 @@ class Registry:
             raise NotFound(f"model {model_name} has no {what}")
         return mv
 
+    # -- CompareVersions -----------------------------------------------------------------------
+    async def compare_versions(self, tenant: str, model_name: str, a: int,
+                               b: int) -> core.Comparison:
+        """Versions `a` and `b` of a model side by side (`core.compare_versions`), with each
+        one's evaluation intervals when its report is readable."""
+        for field, number in (("a", a), ("b", b)):
+            if number < 1:
+                raise InvalidArgument(field, "must be a version number (>= 1)")
+        va = await self.get_version(tenant, model_name, a)
+        vb = await self.get_version(tenant, model_name, b)
+        ea, eb = await self._evidence(tenant, va), await self._evidence(tenant, vb)
+        return core.compare_versions(va, vb, ea.intervals, eb.intervals)
+
     # -- tags and descriptions -----------------------------------------------------------------
     async def update_model(self, tenant: str, name: str, description: str | None = None,
                            set_tags: dict[str, str] | None = None,

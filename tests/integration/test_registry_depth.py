@@ -167,3 +167,36 @@ async def test_tags_and_descriptions_on_models_and_versions(stack):
         await s.reg.UpdateVersion(rpb.UpdateVersionRequest(model_name=MODEL, version=9,
                                                            description="x"), metadata=md(dev))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_compare_versions_shows_metric_deltas_intervals_and_differing_hyperparameters(
+        stack):
+    s = stack
+    viewer = s.keys["viewer"].secret
+    await two_versions(s)
+    c = await s.reg.CompareVersions(rpb.CompareVersionsRequest(model_name=MODEL, a=1, b=2),
+                                    metadata=md(viewer))
+    assert (c.a.version, c.b.version) == (1, 2)
+    metrics = {m.name: m for m in c.metrics}
+    em = metrics["tuned_exact_match"]
+    assert (em.a, em.b) == (0.5, 0.8) and em.delta == pytest.approx(0.3)
+    # v2's evaluation report gives the interval of tuned - base; v1's report is not there
+    assert not em.HasField("a_interval")
+    assert (em.b_interval.low, em.b_interval.high) == (0.55, 0.85)
+    loss = metrics["tuned_eval_loss"]
+    assert (loss.a, loss.b, loss.delta) == (1.5, 1.0, -0.5)
+    assert metrics["base_exact_match"].delta == 0.0
+    # only the hyperparameters that differ, dotted, JSON-encoded
+    assert [(d.key, d.a, d.b, d.same) for d in c.hyperparameters] == [
+        ("max_steps", "80", "120", False)]
+    dataset = {d.key: d for d in c.dataset}
+    assert (dataset["dataset_id"].a, dataset["dataset_id"].b) == ('"ds-1"', '"ds-2"')
+    assert not dataset["dataset_sha256"].same and dataset["base_model"].same
+    assert json.loads(dataset["dataset_sha256"].b) == "6f" * 32
+    for request, code in ((rpb.CompareVersionsRequest(model_name=MODEL, a=1, b=9),
+                           grpc.StatusCode.NOT_FOUND),
+                          (rpb.CompareVersionsRequest(model_name=MODEL, a=0, b=2),
+                           grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.reg.CompareVersions(request, metadata=md(viewer))
+        assert err.value.code() == code
