@@ -33,6 +33,7 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "UpdateModel": "write",
         "UpdateVersion": "write",
         "CompareVersions": "read",
+        "GetModelCard": "read",
     }
 
     def __init__(self, registry: Registry):
@@ -74,6 +75,13 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
                               context) -> pb.VersionComparison:
         return comparison_to_pb(await self.registry.compare_versions(
             current_principal().tenant, request.model_name, request.a, request.b))
+
+    async def GetModelCard(self, request: pb.GetModelCardRequest, context) -> pb.ModelCard:
+        card = await self.registry.model_card(current_principal().tenant, request.model_name,
+                                              request.version)
+        return pb.ModelCard(model_name=card.model_name, version=card.version,
+                            markdown=card.markdown, artifact_key=card.artifact_key,
+                            sha256=card.sha256)
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.Model:
         principal = current_principal()

@@ -18,6 +18,7 @@ promoting one archives the previous production version.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -415,3 +416,79 @@ def compare_versions(a: ModelVersion, b: ModelVersion,
                                    for k in sorted(set(hp_a) | set(hp_b))) if not d.same]
     dataset = [ValueDiff(k, a.lineage.get(k, ""), b.lineage.get(k, "")) for k in DATASET_FIELDS]
     return Comparison(a, b, metrics, hyperparameters, dataset)
+
+
+# -- model cards ----------------------------------------------------------------------------------
+
+MODEL_CARD = "MODEL_CARD.md"
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) else _cell(x)
+
+
+def model_card(mv: ModelVersion, model_description: str = "",
+               dataset_report: dict[str, Any] | None = None,
+               eval_report: dict[str, Any] | None = None) -> str:
+    """A version's model card, Markdown: what it is (description, stage, aliases, tags), its
+    lineage and hyperparameters, its training dataset's report summary (None: not readable)
+    and its evaluation (the metrics, and the report's comparisons with their intervals).
+    Deterministic: the same facts give the same bytes."""
+    lin = mv.lineage
+    lines = ["---", "library_name: peft" if lin.get("method") != "full"
+             else "library_name: transformers",
+             f"base_model: {json.dumps(lin.get('base_model') or 'unknown')}",
+             "tags:", "  - llm-studio", f"  - {lin.get('method') or 'fine-tuned'}",
+             *(f"  - {json.dumps(f'{k}={v}')}" for k, v in sorted(mv.tags.items())), "---", "",
+             f"# {mv.model_name} v{mv.version}", ""]
+    for text in (model_description, mv.description):
+        if text:
+            lines += [text, ""]
+    facts = [("stage", mv.stage.value), ("aliases", ", ".join(mv.aliases)),
+             ("registered", mv.created_at), ("base model", lin.get("base_model")),
+             ("method", lin.get("method")), ("job", lin.get("job_id") or mv.job_id),
+             ("dataset", lin.get("dataset_id")), ("dataset sha256", lin.get("dataset_sha256")),
+             ("evaluation", lin.get("evaluation_id")), ("trace", lin.get("trace_id"))]
+    lines += ["## Lineage", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in facts if v not in (None, "")]
+    hp = flatten(lin.get("hyperparameters") or {})
+    lines += ["", "## Hyperparameters", ""]
+    if hp:
+        lines += ["| | |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in sorted(hp.items()))]
+    else:
+        lines.append("None recorded.")
+    lines += ["", "## Training data", ""]
+    if dataset_report is None:
+        lines.append("The dataset's report is not readable here.")
+    else:
+        keys = ("status", "rows_read", "invalid_rows", "exact_duplicates", "near_duplicates",
+                "pii_rows", "length_outliers", "truncated_rows")
+        rows = [(k.replace("_", " "), dataset_report[k]) for k in keys if k in dataset_report]
+        counts = dataset_report.get("pii_counts") or {}
+        if counts:
+            rows.append(("pii by kind", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))))
+        lines += ["| | |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows)]
+        if dataset_report.get("pii_rows"):
+            lines += ["", f"**{dataset_report['pii_rows']} training row(s) hold unredacted PII.**"]
+    lines += ["", "## Evaluation", ""]
+    if mv.metrics:
+        lines += ["| metric | value |", "|---|---|",
+                  *(f"| {k} | {_num(v)} |" for k, v in sorted(mv.metrics.items()))]
+    comparisons = (eval_report or {}).get("comparisons") or []
+    if comparisons:
+        suite = (eval_report or {}).get("suite") or "default"
+        lines += ["", f"Base vs tuned (suite {suite}; 95% bootstrap interval of tuned - base):",
+                  "", "| metric | base | tuned | tuned - base | 95% interval |",
+                  "|---|---|---|---|---|"]
+        for c in comparisons:
+            lines.append(f"| {_cell(c.get('name', ''))} | {_num(c.get('base'))} | "
+                         f"{_num(c.get('tuned'))} | {_num(c.get('diff'))} | "
+                         f"[{_num(c.get('ci_low'))}, {_num(c.get('ci_high'))}] |")
+    if not mv.metrics and not comparisons:
+        lines.append("Not evaluated yet.")
+    return "\n".join(lines) + "\n"

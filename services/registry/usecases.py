@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from llmstudio import telemetry
-from llmstudio.artifactkeys import InvalidKey, check_tenant_key, validate_key
+from llmstudio.artifactkeys import InvalidKey, check_tenant_key, tenant_key, validate_key
 from llmstudio.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmstudio.events import (
     EvalCompleted,
@@ -134,6 +134,28 @@ class Registry:
         vb = await self.get_version(tenant, model_name, b)
         ea, eb = await self._evidence(tenant, va), await self._evidence(tenant, vb)
         return core.compare_versions(va, vb, ea.intervals, eb.intervals)
+
+    # -- model cards ---------------------------------------------------------------------------
+    async def model_card(self, tenant: str, model_name: str, version: int) -> ModelCardFile:
+        """The version's model card (`core.model_card`) from what the registry holds now,
+        stored as an artifact under the tenant's prefix (rewritten when it changed) and named in
+        the version's artifacts as "model_card"."""
+        mv = await self.get_version(tenant, model_name, version)
+        model = await self.get_model(tenant, model_name)
+        markdown = core.model_card(
+            mv, model.description,
+            await self._read_json(tenant, mv.lineage.get("dataset_report_key", "")),
+            await self._read_json(tenant, mv.artifacts.get("eval_report", "")))
+        data = markdown.encode()
+        sha256 = hashlib.sha256(data).hexdigest()
+        if self.artifacts is None:
+            return ModelCardFile(mv.model_name, mv.version, markdown, "", sha256)
+        key = tenant_key(tenant, "models", mv.model_name, f"v{mv.version}", core.MODEL_CARD)
+        if not await asyncio.to_thread(_same_bytes, self.artifacts, key, sha256):
+            await asyncio.to_thread(self.artifacts.put_bytes, key, data, "text/markdown")
+        if mv.artifacts.get("model_card") != key:
+            await self.store.in_unit(_name_artifact, tenant, mv, "model_card", key)
+        return ModelCardFile(mv.model_name, mv.version, markdown, key, sha256)
 
     # -- tags and descriptions -----------------------------------------------------------------
     async def update_model(self, tenant: str, name: str, description: str | None = None,
@@ -525,6 +547,29 @@ def _requested(p: Promotion, mv: ModelVersion, evidence: Evidence,
         dataset_pii_counts=evidence.dataset_pii_counts,
         production_version=production.version if production else 0,
         production_metrics=production.metrics if production else {}, reason=reason)
+
+
+@dataclass(frozen=True)
+class ModelCardFile:
+    model_name: str
+    version: int
+    markdown: str
+    artifact_key: str
+    sha256: str
+
+
+def _same_bytes(store: ArtifactStore, key: str, sha256: str) -> bool:
+    try:
+        return hashlib.sha256(store.get_bytes(key)).hexdigest() == sha256
+    except ArtifactNotFound:
+        return False
+
+
+def _name_artifact(u: Unit, tenant: str, mv: ModelVersion, name: str, key: str) -> None:
+    """Record `key` as the version's artifact `name` (its other fields as stored now)."""
+    current = u.get_version(tenant, mv.model_name, mv.version)
+    if current is not None:
+        u.save_version(replace(current, artifacts={**current.artifacts, name: key}))
 
 
 def manifest_files(raw: bytes, uri: str) -> list[ArtifactFile]:

@@ -200,3 +200,48 @@ async def test_compare_versions_shows_metric_deltas_intervals_and_differing_hype
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.reg.CompareVersions(request, metadata=md(viewer))
         assert err.value.code() == code
+
+
+async def test_model_card_is_generated_from_lineage_dataset_report_and_evaluation_and_stored(
+        stack):
+    import hashlib
+
+    s = stack
+    dev, viewer = s.keys["dev"].secret, s.keys["viewer"].secret
+    await two_versions(s)
+    await s.reg.SetAlias(rpb.SetAliasRequest(model_name=MODEL, alias="candidate", version=2),
+                         metadata=md(dev))
+    await s.reg.UpdateVersion(rpb.UpdateVersionRequest(
+        model_name=MODEL, version=2, description="Longer run on ds-2.",
+        set_tags={"owner": "alice"}), metadata=md(dev))
+    card = await s.reg.GetModelCard(rpb.GetModelCardRequest(model_name=MODEL, version=2),
+                                    metadata=md(viewer))
+    text = card.markdown
+    assert card.artifact_key == f"tenants/acme/models/{MODEL}/v2/MODEL_CARD.md"
+    assert text.startswith("---\n") and f"# {MODEL} v2" in text
+    assert "Longer run on ds-2." in text and '"owner=alice"' in text
+    assert "| aliases | candidate |" in text and "| stage | development |" in text
+    assert f"| dataset sha256 | {'6f' * 32} |" in text and "| dataset | ds-2 |" in text
+    assert "| max_steps | 120 |" in text and "| lora.r | 8 |" in text
+    assert "| pii rows | 3 |" in text and "| pii by kind | email 3 |" in text
+    assert "**3 training row(s) hold unredacted PII.**" in text
+    assert "| exact_match | 0.1 | 0.8 | 0.7 | [0.55, 0.85] |" in text
+    assert "| tuned_eval_loss | 1 |" in text
+    # stored as an artifact of the tenant, named in the version's artifacts
+    stored = s.store.get_bytes(card.artifact_key)
+    assert stored == text.encode() and hashlib.sha256(stored).hexdigest() == card.sha256
+    v2 = await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, version=2),
+                                metadata=md(viewer))
+    assert v2.artifacts["model_card"] == card.artifact_key
+    # v1: no evaluation report readable, a clean dataset
+    v1_card = (await s.reg.GetModelCard(rpb.GetModelCardRequest(model_name=MODEL, version=1),
+                                        metadata=md(viewer))).markdown
+    assert "| pii rows | 0 |" in v1_card and "Base vs tuned" not in v1_card
+    assert "| max_steps | 80 |" in v1_card
+    # the card follows the registry: moving the alias rewrites it
+    await s.reg.SetAlias(rpb.SetAliasRequest(model_name=MODEL, alias="candidate", version=1),
+                         metadata=md(dev))
+    again = await s.reg.GetModelCard(rpb.GetModelCardRequest(model_name=MODEL, version=2),
+                                     metadata=md(viewer))
+    assert "| aliases |" not in again.markdown and again.sha256 != card.sha256
+    assert s.store.get_bytes(card.artifact_key) == again.markdown.encode()
