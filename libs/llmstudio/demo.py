@@ -142,6 +142,8 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
     version = client.models.get_version(model_name, version.version)
     answer = _ask_deployed(client, model_name, quiet)
     audit = client.governance.verify_audit()
+    lineage = _wait("Reading the lineage", lambda: _promoted_lineage(
+        client, model_name, version.version), 60, quiet)
 
     base_m, tuned_m = dict(ev.base_metrics), dict(ev.tuned_metrics)
     # A tiny random model only learns the format's token statistics in 30 steps, never the
@@ -159,10 +161,20 @@ def _demo(data_dir: Path, base: str, quiet: bool, steps: int) -> dict:
         "promotion": promotion,
         "audit": to_dict(audit),
         "served": answer,
+        "lineage": to_dict(lineage),
     }
     if not quiet:
-        _print_report(report, version, audit)
+        _print_report(report, version, audit, lineage)
     return report
+
+
+def _promoted_lineage(client: Client, model_name: str, version: int):
+    """The version's lineage graph once governance's audit log holds its move to production
+    (the audit consumer may trail the registry by a moment); None before."""
+    graph = client.governance.lineage(model_name, version)
+    moved = any(n.kind == "stage_change" and n.attributes.get("to_stage") == "production"
+                for n in graph.nodes)
+    return graph if moved else None
 
 
 def _promote(client: Client, data_dir: Path, model_name: str, version: int, ev,
@@ -226,7 +238,9 @@ def _ask_deployed(client: Client, model_name: str, quiet: bool) -> dict:
             "answer": body["choices"][0]["text"], "version": body.get("system_fingerprint")}
 
 
-def _print_report(report: dict, version, audit) -> None:
+def _print_report(report: dict, version, audit, lineage) -> None:
+    from .cli.lineage import render_tree
+
     base, tuned = report["evaluation"]["base"], report["evaluation"]["tuned"]
     lin = version.lineage
     print()
@@ -251,3 +265,5 @@ def _print_report(report: dict, version, audit) -> None:
     print(f"Served ({served['version']}) at {served['endpoint']} as model {served['model']!r}:")
     print(f"  {served['prompt']!r} -> {served['answer'].strip()!r}")
     print("Tuned beats base." if report["ok"] else "Tuned did NOT beat base.")
+    print()
+    print(render_tree(lineage))
