@@ -34,6 +34,7 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         "UpdateVersion": "write",
         "CompareVersions": "read",
         "GetModelCard": "read",
+        "DeleteVersion": "write",
     }
 
     def __init__(self, registry: Registry):
@@ -82,6 +83,12 @@ class RegistryApi(registry_pb2_grpc.RegistryServiceServicer):
         return pb.ModelCard(model_name=card.model_name, version=card.version,
                             markdown=card.markdown, artifact_key=card.artifact_key,
                             sha256=card.sha256)
+
+    async def DeleteVersion(self, request: pb.DeleteVersionRequest, context) -> pb.ModelVersion:
+        principal = current_principal()
+        return version_to_pb(await self.registry.delete_version(
+            principal.tenant, principal.name or principal.key_id, request.model_name,
+            request.version, request.reason))
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.Model:
         principal = current_principal()
@@ -162,6 +169,7 @@ def version_to_pb(v: core.ModelVersion) -> pb.ModelVersion:
         aliases=list(v.aliases),
         tags=v.tags,
         description=v.description,
+        deleted_at=v.deleted_at,
     )
 
 

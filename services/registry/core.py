@@ -492,3 +492,16 @@ def model_card(mv: ModelVersion, model_description: str = "",
     if not mv.metrics and not comparisons:
         lines.append("Not evaluated yet.")
     return "\n".join(lines) + "\n"
+
+
+# -- DeleteVersion --------------------------------------------------------------------------------
+
+def check_deletable(v: ModelVersion, aliases: dict[str, int]) -> None:
+    """A version may be deleted unless it serves production or an alias names it."""
+    if v.stage == Stage.PRODUCTION:
+        raise FailedPrecondition(f"{v.ref} is in production: promote another version (which "
+                                 "archives it) before deleting it")
+    named = sorted(a for a, number in aliases.items() if number == v.version)
+    if named:
+        raise FailedPrecondition(f"{v.ref} is named by alias(es) {', '.join(named)}: move or "
+                                 "delete them first")

@@ -141,7 +141,8 @@ class Unit(OutboxUnit):
 
     def get_version(self, tenant: str, model_name: str, version: int) -> ModelVersion | None:
         """`version` 0 is the latest."""
-        q = select(versions).where(versions.c.tenant == tenant, versions.c.model_name == model_name)
+        q = select(versions).where(versions.c.tenant == tenant, versions.c.model_name == model_name,
+                                   versions.c.deleted_at == "")
         if version:
             q = q.where(versions.c.version == version)
         row = self.conn.execute(q.order_by(versions.c.version.desc()).limit(1)).first()
@@ -153,10 +154,17 @@ class Unit(OutboxUnit):
     def versions_of(self, tenant: str, model_name: str) -> list[ModelVersion]:
         rows = self.conn.execute(
             select(versions)
-            .where(versions.c.tenant == tenant, versions.c.model_name == model_name)
+            .where(versions.c.tenant == tenant, versions.c.model_name == model_name,
+                   versions.c.deleted_at == "")
             .order_by(versions.c.version)
         )
         return [_version(r) for r in rows]
+
+    def delete_version(self, v: ModelVersion, actor: str, now: str) -> None:
+        """Mark `v` deleted (its row kept: retention)."""
+        self.conn.execute(versions.update().where(
+            versions.c.tenant == v.tenant, versions.c.model_name == v.model_name,
+            versions.c.version == v.version).values(deleted_at=now, deleted_by=actor))
 
     def next_version(self, tenant: str, model_name: str) -> int:
         top = self.conn.execute(
@@ -219,7 +227,8 @@ class Unit(OutboxUnit):
         by_model: dict[str, list[ModelVersion]] = {r.name: [] for r in rows}
         for r in self.conn.execute(
             select(versions)
-            .where(versions.c.tenant == tenant, versions.c.model_name.in_(list(by_model)))
+            .where(versions.c.tenant == tenant, versions.c.model_name.in_(list(by_model)),
+                   versions.c.deleted_at == "")
             .order_by(versions.c.version)
         ):
             by_model[r.model_name].append(_version(r))

@@ -28,6 +28,7 @@ from llmstudio.events import (
     ModelAliasMoved,
     ModelPromotionRequested,
     ModelStageChanged,
+    ModelVersionDeleted,
     ModelVersionRegistered,
     PolicyChanged,
     PolicyDecided,
@@ -156,6 +157,32 @@ class Registry:
         if mv.artifacts.get("model_card") != key:
             await self.store.in_unit(_name_artifact, tenant, mv, "model_card", key)
         return ModelCardFile(mv.model_name, mv.version, markdown, key, sha256)
+
+    # -- DeleteVersion -------------------------------------------------------------------------
+    async def delete_version(self, tenant: str, actor: str, model_name: str, version: int,
+                             reason: str = "") -> ModelVersion:
+        """Mark a version deleted (`core.check_deletable`): hidden from reads and lists, its row,
+        artifacts and number kept; announced as ModelVersionDeleted (the audit keeps it)."""
+        _required("model_name", model_name)
+        if version < 1:
+            raise InvalidArgument("version", "must be >= 1 (name the version to delete)")
+        if len(reason) > 4000:
+            raise InvalidArgument("reason", "at most 4000 characters")
+        return await self.outbox.transact(self._delete_version, tenant, actor, model_name,
+                                          version, reason, core.now_iso())
+
+    def _delete_version(self, u: Unit, tenant: str, actor: str, model_name: str, version: int,
+                        reason: str, now: str) -> ModelVersion:
+        mv = u.get_version(tenant, model_name, version)
+        if mv is None:
+            raise NotFound(f"model {model_name} has no version {version}")
+        core.check_deletable(mv, u.aliases_of(tenant, model_name))
+        u.delete_version(mv, actor, now)
+        self.outbox.add(u, ModelVersionDeleted(ref=mv.ref, model_name=model_name,
+                                               version=version, stage=mv.stage.value,
+                                               reason=reason), tenant=tenant, actor=actor)
+        log.info("deleted %s (tenant %s, by %s)", mv.ref, tenant, actor)
+        return replace(mv, deleted_at=now)
 
     # -- tags and descriptions -----------------------------------------------------------------
     async def update_model(self, tenant: str, name: str, description: str | None = None,

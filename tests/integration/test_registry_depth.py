@@ -245,3 +245,94 @@ async def test_model_card_is_generated_from_lineage_dataset_report_and_evaluatio
                                      metadata=md(viewer))
     assert "| aliases |" not in again.markdown and again.sha256 != card.sha256
     assert s.store.get_bytes(card.artifact_key) == again.markdown.encode()
+
+
+async def test_delete_refuses_production_and_aliased_versions_and_keeps_the_audit(stack):
+    s = stack
+    dev, reviewer = s.keys["dev"].secret, s.keys["reviewer"].secret
+    await two_versions(s)
+    # v1 to production through the default policy (staging, then a reviewer's approval)
+    await s.set_stage(1, rpb.STAGE_STAGING, dev)
+    pending = await s.request(1, rpb.STAGE_PRODUCTION, dev)
+    await s.decided(pending.request_id, "pending_approval")
+    await s.gov.Approve(gpb.ApproveRequest(request_id=pending.request_id), metadata=md(reviewer))
+    await eventually(lambda: promotion._equals(s.stage_of(1), rpb.STAGE_PRODUCTION))
+    await s.reg.SetAlias(rpb.SetAliasRequest(model_name=MODEL, alias="candidate", version=2),
+                         metadata=md(dev))
+
+    async def delete(version: int, key: str = dev) -> rpb.ModelVersion:
+        return await s.reg.DeleteVersion(rpb.DeleteVersionRequest(
+            model_name=MODEL, version=version, reason="superseded"), metadata=md(key))
+
+    for version, key, code, words in (
+            (1, dev, grpc.StatusCode.FAILED_PRECONDITION, "is in production"),
+            (2, dev, grpc.StatusCode.FAILED_PRECONDITION, "alias(es) candidate"),
+            (2, s.keys["viewer"].secret, grpc.StatusCode.PERMISSION_DENIED, ""),
+            (9, dev, grpc.StatusCode.NOT_FOUND, "")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await delete(version, key)
+        assert err.value.code() == code and words in err.value.details()
+    await s.reg.DeleteAlias(rpb.DeleteAliasRequest(model_name=MODEL, alias="candidate"),
+                            metadata=md(dev))
+    deleted = await delete(2)
+    assert deleted.version == 2 and deleted.deleted_at.endswith("Z")
+
+    # hidden: from the model, the lists, reads, "latest", comparisons and aliases
+    model = await s.reg.GetModel(rpb.GetModelRequest(name=MODEL), metadata=md(dev))
+    assert [v.version for v in model.versions] == [1]
+    [listed] = (await s.reg.ListModels(rpb.ListModelsRequest(), metadata=md(dev))).models
+    assert [v.version for v in listed.versions] == [1]
+    assert (await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL),
+                                   metadata=md(dev))).version == 1
+    for call in (s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, version=2),
+                                  metadata=md(dev)),
+                 s.reg.SetAlias(rpb.SetAliasRequest(model_name=MODEL, alias="champion",
+                                                    version=2), metadata=md(dev)),
+                 s.reg.CompareVersions(rpb.CompareVersionsRequest(model_name=MODEL, a=1, b=2),
+                                       metadata=md(dev)),
+                 delete(2)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # a new job's version takes a new number: 2 is never reused
+    await s.bus.publish(job("job-3", "ds-1", {"max_steps": 80}), tenant="acme", actor="alice")
+
+    async def v3():
+        return await s.reg.GetVersion(rpb.GetVersionRequest(model_name=MODEL, version=3),
+                                      metadata=md(dev))
+
+    assert (await eventually(v3)).lineage.job_id == "job-3"
+    # the deletion is announced once and audited (with its reason), the row kept in the store
+    [record] = await eventually(lambda: promotion._n(
+        s.audit("llmstudio.model.version_deleted"), 1))
+    assert json.loads(record.data_json)["reason"] == "superseded" and record.actor == "dev"
+    verified = await s.gov.VerifyAudit(gpb.VerifyAuditRequest(), metadata=md(ADMIN))
+    assert verified.ok, verified.reason
+
+
+async def test_a_deleted_version_keeps_its_row_and_a_redelivered_job_does_not_revive_it(db_url):
+    from llmstudio.outbox import Outbox
+    from services.registry import store as tables
+    from services.registry.store import RegistryStore
+    from services.registry.usecases import Registry
+    from tests.integration.test_registry_service import FlakyBus, job_completed
+    from tests.support.migrations import rows_of
+
+    store = RegistryStore(db_url)
+    store.migrate()
+    try:
+        registry = Registry(store, Outbox(store, FlakyBus(), defer_failures=True))
+        await registry.register_job("acme", "alice", job_completed("job-1"))
+        gone = await registry.delete_version("acme", "alice", "smol-lora", 1, "bad data")
+        [row] = rows_of(store, tables.versions)
+        assert (row["version"], row["deleted_at"], row["deleted_by"]) == (
+            1, gone.deleted_at, "alice")
+        assert row["lineage"]["job_id"] == "job-1"  # the record is kept whole
+        again = await registry.register_job("acme", "alice", job_completed("job-1"))
+        assert again.version == 1 and len(rows_of(store, tables.versions)) == 1
+        assert (await registry.get_model("acme", "smol-lora")).versions == []
+        with store.unit() as u:
+            assert [p.subject for p in u.pending_events()][-1] == (
+                "llmstudio.model.version_deleted.smol-lora-v1")
+    finally:
+        store.dispose()
