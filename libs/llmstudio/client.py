@@ -322,9 +322,53 @@ class Models(_Api):
     def get(self, name: str) -> registry_pb2.Model:
         return self._stub.GetModel(registry_pb2.GetModelRequest(name=name), timeout=self._timeout)
 
-    def get_version(self, name: str, version: int = 0) -> registry_pb2.ModelVersion:
+    def get_version(self, name: str, version: int = 0,
+                    alias: str = "") -> registry_pb2.ModelVersion:
+        """A version by number (0: the latest), or the one `alias` names."""
         return self._stub.GetVersion(registry_pb2.GetVersionRequest(
+            model_name=name, version=version, alias=alias), timeout=self._timeout)
+
+    def set_alias(self, name: str, alias: str, version: int) -> registry_pb2.Model:
+        """Point `alias` (champion, candidate, ...) at a version; moving it is audited."""
+        return self._stub.SetAlias(registry_pb2.SetAliasRequest(
+            model_name=name, alias=alias, version=version), timeout=self._timeout)
+
+    def delete_alias(self, name: str, alias: str) -> registry_pb2.Model:
+        return self._stub.DeleteAlias(registry_pb2.DeleteAliasRequest(
+            model_name=name, alias=alias), timeout=self._timeout)
+
+    def update(self, name: str, description: str | None = None,
+               set_tags: dict[str, str] | None = None,
+               remove_tags: Sequence[str] | None = None) -> registry_pb2.Model:
+        """A model's description (None: unchanged) and tags (set these, remove those)."""
+        return self._stub.UpdateModel(registry_pb2.UpdateModelRequest(
+            name=name, description=description, set_tags=set_tags or {},
+            remove_tags=remove_tags or []), timeout=self._timeout)
+
+    def update_version(self, name: str, version: int, description: str | None = None,
+                       set_tags: dict[str, str] | None = None,
+                       remove_tags: Sequence[str] | None = None) -> registry_pb2.ModelVersion:
+        """A version's description (None: unchanged) and tags (set these, remove those)."""
+        return self._stub.UpdateVersion(registry_pb2.UpdateVersionRequest(
+            model_name=name, version=version, description=description,
+            set_tags=set_tags or {}, remove_tags=remove_tags or []), timeout=self._timeout)
+
+    def compare(self, name: str, a: int, b: int) -> registry_pb2.VersionComparison:
+        """Versions `a` and `b` side by side: metric deltas (with the evaluation's intervals),
+        differing hyperparameters, training data."""
+        return self._stub.CompareVersions(registry_pb2.CompareVersionsRequest(
+            model_name=name, a=a, b=b), timeout=self._timeout)
+
+    def model_card(self, name: str, version: int = 0) -> registry_pb2.ModelCard:
+        """The version's model card (Markdown), as the registry stores it now."""
+        return self._stub.GetModelCard(registry_pb2.GetModelCardRequest(
             model_name=name, version=version), timeout=self._timeout)
+
+    def delete_version(self, name: str, version: int,
+                       reason: str = "") -> registry_pb2.ModelVersion:
+        """Delete a version (not in production, named by no alias): hidden, its record kept."""
+        return self._stub.DeleteVersion(registry_pb2.DeleteVersionRequest(
+            model_name=name, version=version, reason=reason), timeout=self._timeout)
 
     def set_stage(self, name: str, version: int, stage: str) -> registry_pb2.ModelVersion:
         return self._stub.SetStage(registry_pb2.SetStageRequest(

@@ -336,3 +336,62 @@ async def test_a_deleted_version_keeps_its_row_and_a_redelivered_job_does_not_re
                 "llmstudio.model.version_deleted.smol-lora-v1")
     finally:
         store.dispose()
+
+
+async def test_cli_aliases_tags_compares_cards_and_deletes(stack, tmp_path, monkeypatch, capsys):
+    import asyncio
+
+    from llmstudio.cli import main
+
+    s = stack
+    monkeypatch.setenv("LLMSTUDIO_GOVERNANCE_ADDR", s.gov_addr)
+    monkeypatch.setenv("LLMSTUDIO_REGISTRY_ADDR", s.reg_addr)
+    empty = tmp_path / "no-stack"
+    empty.mkdir()
+    dev = s.keys["dev"].secret
+    await two_versions(s)
+
+    async def cli(*argv: str) -> tuple[int, str]:
+        code = await asyncio.to_thread(main, [*argv, "--data-dir", str(empty), "--api-key", dev])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, out = await cli("models", "alias", f"{MODEL}@1", "champion")
+    assert (code, out) == (0, f"{MODEL}@champion -> v1\n  aliases: champion=v1\n")
+    code, out = await cli("models", "alias", f"{MODEL}@1", "production")
+    assert code == 1 and "INVALID_ARGUMENT" in out and "reserved" in out
+    code, out = await cli("models", "tag", f"{MODEL}@champion", "reviewed=yes", "team=nlp")
+    assert (code, out) == (0, f"{MODEL}@1  reviewed=yes team=nlp\n")
+    code, out = await cli("models", "tag", MODEL, "owner=alice")
+    assert (code, out) == (0, f"{MODEL}  owner=alice\n")
+    code, out = await cli("models", "describe", f"{MODEL}@2", "the longer run")
+    assert (code, out) == (0, f"{MODEL}@2: the longer run\n")
+
+    code, out = await cli("models", "compare", f"{MODEL}@champion", f"{MODEL}@2")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == f"{MODEL}: v1 vs v2"
+    [em] = [line.split() for line in lines if line.strip().startswith("tuned_exact_match ")]
+    assert em == ["tuned_exact_match", "0.5", "0.8", "+0.3", "[0.55,", "0.85]"]
+    [steps] = [line.split() for line in lines if line.strip().startswith("max_steps ")]
+    assert steps == ["max_steps", "80", "120"]
+    [ds] = [line.split() for line in lines if line.strip().startswith("dataset_id ")]
+    assert ds == ["dataset_id", "ds-1", "ds-2", "DIFFERS"]
+    code, out = await cli("models", "compare", f"{MODEL}@1", f"{MODEL}@2", "--json")
+    data = json.loads(out)
+    assert code == 0 and [h["key"] for h in data["hyperparameters"]] == ["max_steps"]
+
+    card = tmp_path / "card.md"
+    code, out = await cli("models", "card", f"{MODEL}@2", "--out", str(card))
+    assert code == 0 and out.strip() == (
+        f"{card} (tenants/acme/models/{MODEL}/v2/MODEL_CARD.md)")
+    assert card.read_text().startswith("---\n") and "the longer run" in card.read_text()
+
+    code, out = await cli("models", "delete", f"{MODEL}@1")
+    assert code == 1 and "FAILED_PRECONDITION" in out and "champion" in out
+    code, out = await cli("models", "alias", MODEL, "champion", "--delete")
+    assert (code, out) == (0, f"{MODEL}@champion removed\n  aliases: none\n")
+    code, out = await cli("models", "delete", f"{MODEL}@1", "--reason", "superseded")
+    assert code == 0 and out.startswith(f"{MODEL}@1 deleted")
+    code, out = await cli("models", "list")
+    assert code == 0 and f"{MODEL}@1 " not in out and f"{MODEL}@2 " in out
