@@ -449,8 +449,9 @@ class Evaluations(_Api):
 
 class Serving(_Api):
     def deploy(self, model: str, name: str = "") -> serving_pb2.Deployment:
-        """Deploy `NAME@VERSION` (that version) or `NAME@STAGE` (whichever version is in the
-        stage, followed as it changes) as `name` (default: the model's name)."""
+        """Deploy `NAME@VERSION` (that version), `NAME@STAGE` or `NAME@ALIAS` (whichever version
+        is in the stage or named by the alias, followed as it changes) as `name` (default: the
+        model's name)."""
         return self._stub.CreateDeployment(
             serving_pb2.CreateDeploymentRequest(model=model, name=name), timeout=self._timeout)
 

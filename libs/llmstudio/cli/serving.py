@@ -65,7 +65,7 @@ def cmd_chat(args):
 def register(sub) -> None:
     d = add_command(sub, "deploy", cmd_deploy,
                     "serve a model version (gRPC Generate and the OpenAI-compatible API)")
-    d.add_argument("model", help="NAME@VERSION, or NAME@STAGE to follow the stage "
+    d.add_argument("model", help="NAME@VERSION, or NAME@STAGE / NAME@ALIAS to follow it "
                    "(e.g. my-model@production: switched when another version is promoted)")
     d.add_argument("--name", default="", help="deployment name, the OpenAI model id "
                    "(default: the model's name)")
