@@ -275,3 +275,38 @@ def test_audit_has_every_event_once_and_detects_tampering(stack, finished_job):
     broken = client.governance.verify_audit()
     assert not broken.ok and broken.first_bad_sequence == target
     assert to_dict(broken)["reason"]
+
+
+def test_two_versions_of_the_demo_model_compare_side_by_side(stack, finished_job):
+    """A second job of the demo's word-reversal task with other hyperparameters registers v2;
+    CompareVersions shows both evaluations' metric deltas and the hyperparameters that differ."""
+    _, model_dir, client = stack
+    ds, first, _ = finished_job
+    spec = {
+        "name": "tiny-reverse", "base_model": str(model_dir), "dataset": ds.id,
+        "lora": {"r": 8, "alpha": 16},
+        "hyperparameters": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-3,
+                            "checkpoint_every": 6, "max_seq_length": 64},
+        "eval": {"max_samples": 8, "max_new_tokens": 8},
+    }
+    second = client.jobs.create(spec)
+    list(client.jobs.watch(second.id, timeout=300))
+
+    def evaluated_versions():
+        versions = client.models.get("tiny-reverse").versions
+        done = [v for v in versions if "tuned_eval_loss" in v.metrics]
+        return done if len(done) >= 2 else None
+
+    v1, v2 = sorted(wait_for(evaluated_versions, 180, "two evaluated versions"),
+                    key=lambda v: v.version)[:2]
+    assert (v1.lineage.job_id, v2.lineage.job_id) == (first.id, second.id)
+    c = client.models.compare("tiny-reverse", v1.version, v2.version)
+    metrics = {m.name: m for m in c.metrics}
+    loss = metrics["tuned_eval_loss"]
+    assert (loss.a, loss.b) == (v1.metrics["tuned_eval_loss"], v2.metrics["tuned_eval_loss"])
+    assert abs(loss.delta - (loss.b - loss.a)) <= 1e-12 * max(1.0, abs(loss.a))
+    differing = {d.key: (d.a, d.b) for d in c.hyperparameters if not d.same}
+    assert differing["max_steps"] == (str(STEPS), "6")
+    assert json.loads(differing["learning_rate"][0]) == 3e-3
+    assert json.loads(differing["learning_rate"][1]) == 1e-3
+    assert all(d.same for d in c.dataset if d.key in ("dataset_id", "dataset_sha256"))
