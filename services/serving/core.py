@@ -16,6 +16,7 @@ from llmstudio.errors import InvalidArgument
 from llmstudio.names import name_error
 
 STAGES = ("development", "staging", "production")  # what a deployment may follow
+DELETED = "deleted"  # a version's state once the registry deleted it: nothing generates from it
 READY, WAITING = "ready", "waiting"
 
 

@@ -11,6 +11,7 @@ from llmstudio.events import (
     JobSucceeded,
     ModelAliasMoved,
     ModelStageChanged,
+    ModelVersionDeleted,
     ModelVersionRegistered,
 )
 
@@ -23,7 +24,8 @@ class ServingHandlers:
 
     def subscribe(self, bus: Bus) -> None:
         bus.subscribe(JobSucceeded, durable="job-succeeded", handler=self.on_job_succeeded)
-        bus.subscribe((ModelVersionRegistered, ModelStageChanged, ModelAliasMoved),
+        bus.subscribe((ModelVersionRegistered, ModelStageChanged, ModelAliasMoved,
+                       ModelVersionDeleted),
                       durable="models",
                       handler=self.on_model_event)
 
@@ -32,10 +34,13 @@ class ServingHandlers:
         await self.serving.job_succeeded(env.tenant, data)
 
     async def on_model_event(
-        self, env: Envelope, data: ModelVersionRegistered | ModelStageChanged | ModelAliasMoved,
+        self, env: Envelope,
+        data: ModelVersionRegistered | ModelStageChanged | ModelAliasMoved | ModelVersionDeleted,
     ) -> None:
         if isinstance(data, ModelVersionRegistered):
             await self.serving.version_registered(env.tenant, data)
+        elif isinstance(data, ModelVersionDeleted):
+            await self.serving.version_deleted(env.tenant, data)
         elif isinstance(data, ModelAliasMoved):
             await self.serving.alias_moved(env.tenant, data, env.actor)
         else:

@@ -21,6 +21,7 @@ from llmstudio.events import (
     JobCompleted,
     ModelAliasMoved,
     ModelStageChanged,
+    ModelVersionDeleted,
     ModelVersionRegistered,
 )
 from llmstudio.outbox import Outbox, now_iso
@@ -108,6 +109,10 @@ class Serving:
                 f"deployment {name} waits for a version in {served.deployment.follows} "
                 f"of {served.deployment.model_name}")
         version = served.version
+        if version.stage == core.DELETED:
+            raise FailedPrecondition(
+                f"deployment {name}: {version.model_name} v{version.version} was deleted from the "
+                "registry (deploy another version)")
         async with self.pool.engine_for(version) as (engine, adapter):
             if prompt.messages:
                 ids = engine.chat_prompt([dict(m) for m in prompt.messages])
@@ -142,6 +147,10 @@ class Serving:
             self._switch(u, tenant, e.model_name, e.version, e.to_stage, actor)
 
         await self.outbox.transact(apply)
+
+    async def version_deleted(self, tenant: str, e: ModelVersionDeleted) -> None:
+        """A deleted version generates nothing more (a deployment pinned to it says so)."""
+        await self.store.in_unit(Unit.set_stage, tenant, e.model_name, e.version, core.DELETED)
 
     async def alias_moved(self, tenant: str, e: ModelAliasMoved, actor: str) -> None:
         """Record the alias; switch the deployments that follow it to the version it names now

@@ -21,6 +21,7 @@ from llmstudio.events import (  # noqa: E402
     JobSucceeded,
     ModelAliasMoved,
     ModelStageChanged,
+    ModelVersionDeleted,
     ModelVersionRegistered,
 )
 from llmstudio.jobspec import JobSpec  # noqa: E402
@@ -365,3 +366,26 @@ async def test_a_full_fine_tune_serves_as_its_own_model(nats_server, tmp_path, m
         out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8,
                              pad_token_id=0)
     assert [t for c in chunks for t in c.token_ids] == out[0, len(ids):].tolist()
+
+
+async def test_a_deleted_version_generates_nothing_more(stack):
+    """The registry deleted v2 (retention): a deployment pinned to it refuses to generate,
+    saying why; the others go on."""
+    settings, port, keys, publish = stack
+    await deploy(port, keys["developer"], "tiny-lora@2", "pinned")
+    assert (await generate(port, keys["viewer"], deployment="pinned", prompt="say",
+                           max_tokens=2, temperature=0.0))[-1].version == 2
+    await publish(ModelVersionDeleted(ref="tiny-lora-v2", model_name="tiny-lora", version=2,
+                                      stage="development", reason="superseded"))
+
+    async def refused():
+        try:
+            await generate(port, keys["viewer"], deployment="pinned", prompt="say", max_tokens=2)
+        except grpc.aio.AioRpcError as e:
+            return e if e.code() == grpc.StatusCode.FAILED_PRECONDITION else None
+        return None
+
+    error = await wait_for_async(refused, 30, "the deleted version to be refused")
+    assert "tiny-lora v2 was deleted" in error.details()
+    with pytest.raises(openai.ConflictError):
+        await client(settings, keys["viewer"]).completions.create(model="pinned", prompt="say")
