@@ -7,7 +7,6 @@ the approver's key id; another tenant's key finds nothing; PROV-JSON has the exp
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import grpc
@@ -32,6 +31,7 @@ from llmstudio.v1 import governance_pb2_grpc, registry_pb2_grpc
 from llmstudio.v1 import registry_pb2 as rpb
 from services.governance.app import build as build_governance
 from services.registry.app import build as build_registry
+from tests.integration.test_promotion import eventually, md
 from tests.support.harness import running
 
 ADMIN = "lls_test-bootstrap-admin-secret-long-enough-for-32-bytes"
@@ -41,24 +41,6 @@ OWN = "tenants/acme"
 REPORT = f"{OWN}/datasets/ds-clean/report.json"
 CKPT = f"{OWN}/jobs/job-1/checkpoints/step-5"
 FINAL = f"{OWN}/jobs/job-1/final"
-
-
-def md(key: str):
-    return (("x-api-key", key),)
-
-
-async def eventually(fn, timeout: float = 30.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            result = await fn()
-            if result:
-                return result
-        except grpc.aio.AioRpcError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
