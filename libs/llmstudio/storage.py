@@ -286,20 +286,20 @@ class S3ArtifactStore(ArtifactStore):
         self.client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
         )
-        if create_bucket and not self._bucket_exists(bucket, S3Error):
+        if create_bucket and not self._bucket_exists(bucket):
             try:
                 self.client.make_bucket(bucket_name=bucket, location=region)
             except S3Error as e:  # another process created it in between
                 if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
-    def _bucket_exists(self, bucket: str, s3_error: type[Exception]) -> bool:
+    def _bucket_exists(self, bucket: str) -> bool:
         try:
             return self.client.bucket_exists(bucket_name=bucket)
-        except s3_error as e:
+        except self._S3Error as e:
             # A least-privilege user may list only its own prefixes, so MinIO refuses the
             # prefix-less HEAD: the operator made the bucket (minio-init) for such users.
-            if getattr(e, "code", "") == "AccessDenied":
+            if e.code == "AccessDenied":
                 return True
             raise
 

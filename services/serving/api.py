@@ -13,8 +13,6 @@ from llmstudio.v1 import serving_pb2_grpc
 from .engine import Overloaded, SamplingParams
 from .usecases import Prompt, Served, Serving
 
-DEFAULT_MAX_TOKENS = 256
-
 
 class ServingApi(serving_pb2_grpc.ServingServiceServicer):
     PERMISSIONS = {
@@ -46,11 +44,11 @@ class ServingApi(serving_pb2_grpc.ServingServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         prompt = Prompt(request.prompt, tuple({"role": m.role, "content": m.content}
                                               for m in request.messages))
-        params = SamplingParams(
-            max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=request.temperature if request.HasField("temperature") else 1.0,
-            top_p=request.top_p if request.HasField("top_p") else 1.0,
-            stop=tuple(request.stop), seed=request.seed if request.HasField("seed") else None)
+        given = {name: getattr(request, name) for name in ("temperature", "top_p", "seed")
+                 if request.HasField(name)}  # unset: SamplingParams's defaults
+        if request.max_tokens:
+            given["max_tokens"] = request.max_tokens
+        params = SamplingParams(stop=tuple(request.stop), **given)
         chunks = self.serving.generate(current_principal().tenant, request.deployment, prompt,
                                        params)
         async with aclosing(chunks):  # a client gone mid-stream ends its generation at once

@@ -30,8 +30,6 @@ from llmstudio.config import Settings
 from .engine import Chunk, Overloaded, SamplingParams
 from .usecases import Prompt, Serving
 
-DEFAULT_MAX_TOKENS = 256
-
 # domain error -> (HTTP status, OpenAI error type)
 HTTP_ERRORS: dict[type[errors.StudioError], tuple[int, str]] = {
     errors.InvalidArgument: (400, "invalid_request_error"),
@@ -80,10 +78,10 @@ class _Sampling(BaseModel):
 
     def params(self, max_tokens: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, stop=tuple(stop), seed=self.seed)
+        given = {name: value for name, value in (
+            ("max_tokens", max_tokens or self.max_tokens), ("temperature", self.temperature),
+            ("top_p", self.top_p)) if value is not None}  # unset: SamplingParams's defaults
+        return SamplingParams(stop=tuple(stop), seed=self.seed, **given)
 
     @property
     def include_usage(self) -> bool:

@@ -58,8 +58,7 @@ class ModelPool:
             local = await asyncio.to_thread(self._checkpoint, v.checkpoint_key)
         full = checkpoint_kind(local) == "full"
         key = f"full:{v.checkpoint_key}" if full else f"base:{v.base_model}"
-        base = self._base_model(v)  # a full fine-tune's tokenizer too: training never changes it
-        loaded = await self._load(key, local if full else Path(base), full, base)
+        loaded = await self._load(key, local if full else Path(v.base_model), full, v.base_model)
         loaded.running += 1
         try:
             with contextlib.ExitStack() as held:
@@ -74,12 +73,6 @@ class ModelPool:
         finally:
             loaded.running -= 1
 
-    def _base_model(self, v: ServedVersion) -> str:
-        # the scheduler checked it at submit; checked again: this process reads the folder
-        check_model_root("base_model", v.base_model, self.settings.model_roots,
-                         "LLMSTUDIO_MODEL_ROOTS")
-        return v.base_model
-
     def _checkpoint(self, key: str) -> Path:
         """The checkpoint's files in the local cache (downloaded and verified once)."""
         dest = self.cache / hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -89,17 +82,22 @@ class ModelPool:
             (dest / ".complete").touch()
         return dest
 
-    async def _load(self, key: str, path: Path, full: bool, tokenizer_dir: str) -> _Loaded:
+    async def _load(self, key: str, path: Path, full: bool, base_model: str) -> _Loaded:
+        """The engine under `key`, loaded from `path` unless it is; `base_model` gives the
+        tokenizer (a full fine-tune's too: training never changes it)."""
         async with self._loading:
             if (loaded := self._engines.get(key)) is not None:
                 self._engines.move_to_end(key)
                 return loaded
+            # the scheduler checked it at submit; checked again: this process reads the folder
+            check_model_root("base_model", base_model, self.settings.model_roots,
+                             "LLMSTUDIO_MODEL_ROOTS")
             await self._make_room()
             s = self.settings
             options = {"max_batch_size": s.serving_max_batch_size,
                        "max_queue": s.serving_max_queue,
                        "adapter_memory_bytes": s.serving_adapter_memory_mb << 20,
-                       "tokenizer_dir": tokenizer_dir}
+                       "tokenizer_dir": base_model}
             log.info("loading %s", key)
             load: Callable[..., Engine] = Engine.for_full_model if full else Engine
             engine = await asyncio.to_thread(load, str(path), **options)

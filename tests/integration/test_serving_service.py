@@ -133,9 +133,11 @@ async def deploy(port: int, key: str, model: str, name: str) -> pb.Deployment:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     return None
                 raise
-            return d if d.status == "ready" else (
-                await svc.DeleteDeployment(pb.DeleteDeploymentRequest(name=name),
-                                           metadata=md(key)) and None)
+            if d.status == "ready":
+                return d
+            # made before serving heard which version the stage holds: again, from scratch
+            await svc.DeleteDeployment(pb.DeleteDeploymentRequest(name=name), metadata=md(key))
+            return None
 
         return await wait_for_async(attempt, 30, f"deployment {name} of {model}")
 
